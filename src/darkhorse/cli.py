@@ -1,0 +1,83 @@
+"""`darkhorse` console script: a thin dispatcher over the subcommand modules in `darkhorse.commands`.
+
+Each subcommand module defines HELP, `add_arguments(parser)` and `run(args) -> int`; heavy imports
+happen inside `run`, so `darkhorse --help` stays fast. User mistakes surface as one line on stderr
+and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from darkhorse.errors import DarkhorseError
+
+# Order is the order shown in `darkhorse --help`: the workflow, then the tools.
+SUBCOMMANDS = [
+    "params",
+]
+
+EPILOG = """workflow:
+  darkhorse demo                                   train and evaluate on the built-in corpus
+  darkhorse train --preset tiny-cpu --data DIR --out runs/tiny
+  darkhorse train --out runs/tiny --resume         continue where it stopped
+  darkhorse generate --checkpoint runs/tiny/final --prompt "Hello"
+  darkhorse --prompt "Hello"                       generate with the most recent run
+
+Run `darkhorse COMMAND --help` for the options of each command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="darkhorse",
+        description="darkhorse: from raw text to a language model you can train, chat with and export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"darkhorse {_version()}")
+    parser.add_argument(
+        "--prompt", help="with no command: generate from the most recent run's final checkpoint"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"darkhorse.commands.{name.replace('-', '_')}")
+        command = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=(module.__doc__ or module.HELP).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def _version() -> str:
+    from darkhorse import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            if args.prompt is None:
+                parser.print_help()
+                return 0
+            from darkhorse.commands.generate import run_latest
+
+            return run_latest(args.prompt)
+        return int(args.handler(args) or 0)
+    except DarkhorseError as exc:
+        print(f"darkhorse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("darkhorse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `darkhorse` subcommand: argument definitions plus a thin `run`."""

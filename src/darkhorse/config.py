@@ -1,0 +1,390 @@
+"""Typed configs, named presets and `key=value` overrides.
+
+A run is described by one `RunConfig` (a `ModelConfig` and a `TrainConfig`). Presets are YAML
+files shipped in `darkhorse/presets/`; a user file and command-line overrides are layered on top,
+and every key is checked against the dataclasses so a typo is an error that names the closest
+valid keys instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from darkhorse.errors import ConfigError
+
+PRESET_ALIASES = {"1b": "genesis-1b", "5b": "genesis-5b", "30b": "genesis-30b", "500b": "genesis-500b"}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass
+class RopeScalingConfig:
+    """YaRN context extension: `factor` x `original_max_seq_len` positions (type 'none' turns it off)."""
+
+    type: str = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("model.rope_scaling.type", self.type, ("none", "yarn"))
+        _require(self.factor >= 1.0, "model.rope_scaling.factor must be >= 1")
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head Latent Attention sizes (DeepSeek-V2/V3 names)."""
+
+    q_lora_rank: int = 0  # 0 = queries are not compressed
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.q_lora_rank >= 0, "model.mla.q_lora_rank must be >= 0")
+        _require(self.kv_lora_rank > 0, "model.mla.kv_lora_rank must be > 0")
+        _require(self.qk_nope_head_dim > 0 and self.v_head_dim > 0, "model.mla head dims must be > 0")
+        _require(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"model.mla.qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}",
+        )
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-style routed + shared experts, balanced by a selection bias (ALF)."""
+
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    experts_per_token: int = 2
+    moe_intermediate_size: int = 256
+    scoring: str = "sigmoid"  # sigmoid (DeepSeek-V3) or softmax (Mixtral)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense: int = 1
+    n_groups: int = 1
+    topk_groups: int = 1
+    capacity_factor: float = 0.0  # 0 = no capacity limit (no dropped tokens)
+    bias_update_rate: float = 1e-3  # ALF gamma; 0 freezes the bias
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss, off by default
+    z_loss_weight: float = 0.0  # router z-loss, off by default
+    domain_prior: bool = False
+    domain_prior_bonus: float = 1.0
+    domain_prior_anneal_steps: int = 200
+    collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
+    collapse_steps: int = 50  # ... for this many logged steps in a row
+
+    def __post_init__(self) -> None:
+        _one_of("model.moe.scoring", self.scoring, ("sigmoid", "softmax"))
+        _require(self.n_routed_experts >= 1, "model.moe.n_routed_experts must be >= 1")
+        _require(
+            1 <= self.experts_per_token <= self.n_routed_experts,
+            f"model.moe.experts_per_token ({self.experts_per_token}) must be between 1 and "
+            f"model.moe.n_routed_experts ({self.n_routed_experts})",
+        )
+        _require(self.n_shared_experts >= 0, "model.moe.n_shared_experts must be >= 0")
+        _require(
+            self.n_groups >= 1 and self.n_routed_experts % self.n_groups == 0,
+            f"model.moe.n_routed_experts ({self.n_routed_experts}) must divide into "
+            f"model.moe.n_groups ({self.n_groups})",
+        )
+        _require(
+            1 <= self.topk_groups <= self.n_groups,
+            f"model.moe.topk_groups ({self.topk_groups}) must be between 1 and n_groups ({self.n_groups})",
+        )
+        _require(
+            self.experts_per_token <= self.topk_groups * (self.n_routed_experts // self.n_groups),
+            "model.moe.experts_per_token exceeds the experts in the top groups",
+        )
+        _require(self.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0")
+
+
+@dataclass
+class MHCConfig:
+    """Manifold-constrained hyper-connections: n residual streams mixed by doubly-stochastic matrices."""
+
+    expansion: int = 4
+    sinkhorn_iters: int = 20
+
+    def __post_init__(self) -> None:
+        _require(self.expansion >= 1, "model.mhc.expansion must be >= 1")
+        _require(self.sinkhorn_iters >= 1, "model.mhc.sinkhorn_iters must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """One decoder-only transformer; attention, FFN and residual are pluggable by name."""
+
+    vocab_size: int = 4096
+    n_layers: int = 4
+    dim: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 1024
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention: str = "gqa"  # gqa | mla
+    ffn: str = "dense"  # dense | moe
+    residual: str = "plain"  # plain | mhc
+    mtp_depth: int = 0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("model.attention", self.attention, ("gqa", "mla"))
+        _one_of("model.ffn", self.ffn, ("dense", "moe"))
+        _one_of("model.residual", self.residual, ("plain", "mhc"))
+        for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name} must be > 0")
+        _require(
+            self.dim % self.n_heads == 0,
+            f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})",
+        )
+        _require(self.attention == "mla" or self.head_dim % 2 == 0, "model head_dim must be even for RoPE")
+        _require(self.mtp_depth >= 0, "model.mtp_depth must be >= 0")
+        if self.ffn == "moe":
+            _require(
+                0 <= self.moe.first_k_dense <= self.n_layers,
+                "model.moe.first_k_dense must be between 0 and model.n_layers",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of 64 so the embedding and head matmuls stay aligned."""
+        return -(-self.vocab_size // 64) * 64
+
+
+@dataclass
+class TrainConfig:
+    """Everything about one training run that is not the model's shape."""
+
+    seq_len: int = 256
+    batch_size: int = 8  # micro-batch, sequences per forward pass
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2
+    optimizer: str = "adamw"  # adamw | muon (Muon on 2-D/3-D matrices)
+    muon_lr: float = 0.02
+    scalar_optimizer: str = "adamw"  # adamw | lion: for embeddings, norms and other non-matrix params
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    eval_interval: int = 100
+    eval_steps: int = 10
+    save_interval: int = 200
+    keep_last: int = 3
+    log_interval: int = 10
+    seed: int = 1337
+    mtp_weight: float = 0.3
+    max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
+        _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
+        _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last"):
+            _require(getattr(self, name) > 0, f"train.{name} must be > 0")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
+        _require(0 < self.wsd_decay_fraction <= 1, "train.wsd_decay_fraction must be in (0, 1]")
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, with type coercion and closest-key errors
+
+
+def _keys_of(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_keys_of(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    valid = _keys_of(RunConfig)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # fall back to matching the last part of a dotted key
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, target: Any, key: str) -> Any:
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(target, "__name__", str(target))
+        raise ConfigError(f"config key '{key}' expects {name}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + key)
+        target = hints[key]
+        if dataclasses.is_dataclass(target):
+            kwargs[key] = _build(target, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, target, prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "model.n_layers=4"]` -> nested dict (values coerced later by type)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=3e-4)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        parsed = yaml.safe_load(value) if value.strip() else value
+        node[parts[-1]] = value if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) else parsed
+    return nested
+
+
+def list_presets() -> list[str]:
+    folder = resources.files("darkhorse") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    name = PRESET_ALIASES.get(name.lower(), name)
+    path = resources.files("darkhorse") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        names = list_presets()
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{name}'. Available: {', '.join(names)}.{hint}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("name", name)
+    return data
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'model' and/or 'train' sections")
+    return data or {}
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data)
+
+
+def load_run_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Layer, in order: `base` (e.g. a checkpoint's config), preset, YAML file, `key=value` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if preset:
+        data = _merge(data, preset_dict(preset))
+    if config_file:
+        data = _merge(data, load_yaml_file(config_file))
+    data = _merge(data, parse_overrides(overrides))
+    return run_config_from_dict(data)

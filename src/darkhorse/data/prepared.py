@@ -1,0 +1,139 @@
+"""The prepared-data directory: the one format that `prepare` writes and `train` reads.
+
+    DIR/tokenizer.json        HF `tokenizers` file
+    DIR/train.bin, val.bin    flat little-endian uint32 token ids
+    DIR/train.domains.bin ... one uint8 domain id per token (optional)
+    DIR/meta.json             {"format", "vocab_size", "tokenizer_sha256", "domains": [names],
+                               "splits": {"train": {"tokens", "documents", "bytes", "domains": {...}}, ...},
+                               "inputs": [{"path", "sha256", "bytes"}]}
+
+Opening a directory checks it against its meta.json so that a truncated or mismatched file is a
+clear error before training starts, not a crash (or silent garbage) mid-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darkhorse.errors import DarkhorseError
+
+FORMAT = "darkhorse-prepared-v1"
+TOKEN_DTYPE = np.dtype("<u4")
+DOMAIN_DTYPE = np.dtype("u1")
+SPLITS = ("train", "val")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class PreparedData:
+    """A validated prepared directory with memory-mapped token (and domain) arrays."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self.meta.get("domains", []))
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return str(self.meta.get("tokenizer_sha256", ""))
+
+    def split_info(self, split: str) -> dict[str, Any]:
+        return dict(self.meta.get("splits", {}).get(split, {}))
+
+    def bytes_per_token(self, split: str) -> float | None:
+        """UTF-8 bytes of source text per token, for bits-per-byte; None when unknown."""
+        info = self.split_info(split)
+        if info.get("bytes") and info.get("tokens"):
+            return info["bytes"] / info["tokens"]
+        return None
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self._maps[split][0]
+
+    def domains(self, split: str) -> np.ndarray | None:
+        return self._maps[split][1]
+
+    @cached_property
+    def _maps(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        maps = {}
+        for split in SPLITS:
+            token_file = self.path / f"{split}.bin"
+            if not token_file.exists():
+                continue
+            tokens = np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
+            domain_file = self.path / f"{split}.domains.bin"
+            domains = np.memmap(domain_file, dtype=DOMAIN_DTYPE, mode="r") if domain_file.exists() else None
+            maps[split] = (tokens, domains)
+        return maps
+
+
+def _fail(path: Path, message: str) -> DarkhorseError:
+    return DarkhorseError(f"{path}: {message}")
+
+
+def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
+    """Open and validate a prepared directory (sizes, counts, and optionally token-id range)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DarkhorseError(f"prepared data directory not found: {path} (create one with `darkhorse prepare`)")
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise _fail(path, "no meta.json: this is not a prepared data directory (see `darkhorse prepare`)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise _fail(meta_file, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or "vocab_size" not in meta:
+        raise _fail(meta_file, "missing 'vocab_size'")
+    if not (path / "train.bin").exists():
+        raise _fail(path, "missing train.bin")
+    for split in SPLITS:
+        token_file = path / f"{split}.bin"
+        if not token_file.exists():
+            continue
+        size = token_file.stat().st_size
+        if size % TOKEN_DTYPE.itemsize:
+            raise _fail(token_file, f"size {size} is not a multiple of 4 (truncated uint32 token file?)")
+        count = size // TOKEN_DTYPE.itemsize
+        expected = meta.get("splits", {}).get(split, {}).get("tokens")
+        if expected is not None and expected != count:
+            raise _fail(token_file, f"holds {count} tokens but meta.json says {expected}")
+        domain_file = path / f"{split}.domains.bin"
+        if domain_file.exists() and domain_file.stat().st_size != count:
+            raise _fail(domain_file, f"holds {domain_file.stat().st_size} domain ids for {count} tokens")
+    data = PreparedData(path=path, meta=meta)
+    if check_ids:
+        for split in SPLITS:
+            if split in data._maps and len(data.tokens(split)):
+                largest = int(data.tokens(split).max())
+                if largest >= data.vocab_size:
+                    raise _fail(
+                        path / f"{split}.bin", f"token id {largest} >= vocab size {data.vocab_size} in meta.json"
+                    )
+    if len(data.tokens("train")) < 2:
+        raise _fail(path, "train.bin holds fewer than 2 tokens")
+    return data

@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints them as one line and exits non-zero, never a traceback."""
+
+
+class DarkhorseError(Exception):
+    """A problem with the user's input, config or files that they can fix."""
+
+
+class ConfigError(DarkhorseError):
+    """A config key, value or combination that cannot work."""

@@ -1,0 +1,92 @@
+"""Small building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from darkhorse.config import ModelConfig, RopeScalingConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as LLaMA and DeepSeek do, then cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature correction for a context stretched by `scale`."""
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inverse_frequencies(
+    rotary_dim: int, theta: float, scaling: RopeScalingConfig
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `rotary_dim` channels and the factor to multiply cos/sin by.
+
+    With YaRN, low-frequency channels (wavelength beyond the original context) are interpolated
+    by `factor`, high-frequency ones are kept, and a linear ramp blends the two.
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.type != "yarn" or scaling.factor <= 1.0:
+        return inv_freq.float(), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return (rotary_dim * math.log(scaling.original_max_seq_len / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta)
+        )
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), rotary_dim - 1)
+    ramp = (torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+    extrapolate_weight = 1.0 - ramp.clamp(0, 1)
+    inv_freq = (inv_freq / scaling.factor) * (1 - extrapolate_weight) + inv_freq * extrapolate_weight
+    attention_factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
+        scaling.factor, scaling.mscale_all_dim
+    )
+    return inv_freq.float(), attention_factor
+
+
+def rope_tables(
+    rotary_dim: int, max_len: int, theta: float, scaling: RopeScalingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, rotary_dim), in the half-split (rotate_half) layout."""
+    inv_freq, attention_factor = rope_inverse_frequencies(rotary_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (..., seq, rotary_dim) by position; channel i pairs with i + rotary_dim/2."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def dense_ffn(config: ModelConfig) -> SwiGLU:
+    return SwiGLU(config.dim, config.ffn_dim)

@@ -13,10 +13,10 @@ import sys
 
 from darkhorse.errors import DarkhorseError
 
-# Order is the order shown in `darkhorse --help`: the workflow, then the tools.
-SUBCOMMANDS = [
-    "params",
-]
+# Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
+SUBCOMMANDS = {
+    "params": "params",
+}
 
 EPILOG = """workflow:
   darkhorse demo                                   train and evaluate on the built-in corpus
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", help="with no command: generate from the most recent run's final checkpoint"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"darkhorse.commands.{name.replace('-', '_')}")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"darkhorse.commands.{module_name}")
         command = sub.add_parser(
             name,
             help=module.HELP,

@@ -114,7 +114,13 @@ class Transformer(nn.Module):
         cache: list | None = None,
         start_pos: int = 0,
         domains: torch.Tensor | None = None,
+        mtp_weight: float = 0.0,
     ) -> ModelOutput:
+        """Logits, and with `targets` the loss to backprop: next-token loss plus block losses.
+
+        `mtp_weight` (train.mtp_weight) scales the multi-token-prediction loss of models that have
+        MTP modules; `domains` (per-token domain ids) reach MoE routers for domain statistics.
+        """
         hidden = self.hidden_states(tokens, cache, start_pos, domains)
         logits = self.lm_head(hidden)
         if targets is None:

@@ -13,10 +13,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
         default=default_preset,
         help=f"named preset ({', '.join(list_presets())}; aliases 1b/5b/30b/500b)",
     )
-    parser.add_argument("--params", dest="preset_alias", metavar="SIZE", help="alias: --params 5b = --preset genesis-5b")
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with model:/train: sections, over the preset")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4 model.n_layers=4"
+        "--params", dest="preset_alias", metavar="SIZE", help="alias: --params 5b = --preset genesis-5b"
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file with model:/train: sections, over the preset"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.lr=3e-4 model.n_layers=4",
     )
 
 

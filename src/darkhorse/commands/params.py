@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("total parameters", f"{total:,} ({_human(total)})")
     table.add_row("active parameters per token", f"{active:,} ({_human(active)})")
     table.add_row("embedding parameters", f"{model.embed.weight.numel():,}")
-    table.add_row(f"training FLOPs per token (seq {config.train.seq_len})", _human(model.flops_per_token(config.train.seq_len)))
+    table.add_row(
+        f"training FLOPs per token (seq {config.train.seq_len})",
+        _human(model.flops_per_token(config.train.seq_len)),
+    )
     table.add_row("KV cache per token (bf16)", f"{kv_values * 2:,} bytes")
     table.add_row(f"KV cache at {args.context:,} tokens (bf16)", _gib(kv_values * 2 * args.context))
     table.add_row("weights (fp32 master)", _gib(memory.weights))

@@ -1,0 +1,138 @@
+"""Generate text from a checkpoint, streaming tokens as they come.
+
+Greedy decoding (--temperature 0, the default) is deterministic; sampling is reproducible with
+--seed. With --chat the prompt is wrapped in darkhorse's chat format as a user turn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from darkhorse.errors import DarkhorseError
+
+HELP = "generate text from a checkpoint (streams tokens; greedy by default)"
+RUNS_DIR = Path("runs")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sampling knobs shared by `generate` and `chat`."""
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1.0 = off)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    if args.max_new_tokens <= 0:
+        raise DarkhorseError("--max-new-tokens must be > 0")
+    if not 0 < args.top_p <= 1:
+        raise DarkhorseError("--top-p must be in (0, 1]")
+    if args.temperature < 0 or args.repetition_penalty <= 0:
+        raise DarkhorseError("--temperature must be >= 0 and --repetition-penalty > 0")
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="checkpoint dir (e.g. runs/NAME/final)"
+    )
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--chat", action="store_true", help="treat the prompt as a user message in the chat format"
+    )
+    parser.add_argument(
+        "--no-think", action="store_true", help="with --chat: ask for an answer without reasoning"
+    )
+    add_sampling_arguments(parser)
+
+
+def load_for_inference(checkpoint: Path, device: str):
+    """Model, config and tokenizer of a checkpoint, with clear errors for the usual mistakes."""
+    from darkhorse.data.tokenizer import Tokenizer
+    from darkhorse.train.checkpoint import load_model
+
+    if not (checkpoint / "model.safetensors").exists():
+        raise DarkhorseError(f"{checkpoint} is not a darkhorse checkpoint (no model.safetensors)")
+    tokenizer_file = checkpoint / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise DarkhorseError(f"{checkpoint} has no tokenizer.json; copy the one from the prepared data dir")
+    model, config, _ = load_model(checkpoint, device=device)
+    return model, config, Tokenizer.from_file(tokenizer_file)
+
+
+def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys.stdout) -> str:
+    """Print the completion as it is generated and return it."""
+    from darkhorse.infer.generate import generate_tokens, stream_text
+
+    ids = generate_tokens(
+        model,
+        tokenizer.encode(prompt_text),
+        vocab_size=tokenizer.vocab_size,
+        stop_ids=[tokenizer.eos_id],
+        **options,
+    )
+    pieces = []
+    for piece in stream_text(tokenizer, ids):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    return "".join(pieces)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = sampling_options(args)
+    model, _, tokenizer = load_for_inference(args.checkpoint, args.device)
+    prompt = args.prompt
+    if args.chat:
+        from darkhorse.data.chat_format import render_prompt
+
+        prompt = render_prompt([{"role": "user", "content": args.prompt}], think=not args.no_think)
+    stream_completion(model, tokenizer, prompt, options)
+    return 0
+
+
+def latest_final_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
+    """The most recently written `final/` checkpoint under runs_dir (depth one or two)."""
+    finals = [p.parent for p in runs_dir.glob("*/final/model.safetensors")]
+    finals += [p.parent for p in runs_dir.glob("*/*/final/model.safetensors")]
+    return max(finals, key=lambda p: (p / "model.safetensors").stat().st_mtime, default=None)
+
+
+def run_latest(prompt: str) -> int:
+    """`darkhorse --prompt ...`: greedy completion from the newest run, as the seeds' CLI does."""
+    checkpoint = latest_final_checkpoint()
+    if checkpoint is None:
+        raise DarkhorseError(
+            f"no trained model found under ./{RUNS_DIR}/*/final; run `darkhorse demo` or "
+            "`darkhorse train --preset tiny-cpu --data DIR --out runs/NAME` first"
+        )
+    print(f"[{checkpoint}]", file=sys.stderr)
+    model, _, tokenizer = load_for_inference(checkpoint, "cpu")
+    defaults = {
+        "max_new_tokens": 128,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "seed": None,
+    }
+    stream_completion(model, tokenizer, prompt, defaults)
+    return 0

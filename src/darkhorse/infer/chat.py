@@ -1,0 +1,78 @@
+"""A multi-turn chat session over darkhorse's chat format (the layout lives in data/chat_format.py)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+COMMANDS_HELP = (
+    "/reset clears the conversation, /think on|off toggles reasoning, /system TEXT sets it, /quit exits"
+)
+
+
+@dataclass
+class ChatSession:
+    model: object
+    tokenizer: object
+    options: dict
+    think: bool = True
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def reply(self, user_text: str, out: TextIO | None = None) -> str:
+        """Generate the assistant's turn (streamed to `out`), keep its answer in the history."""
+        from darkhorse.commands.generate import stream_completion
+        from darkhorse.data.chat_format import parse_reply, render_prompt
+
+        self.history.append({"role": "user", "content": user_text})
+        prompt = render_prompt(self.messages(), think=self.think)
+        completion = stream_completion(self.model, self.tokenizer, prompt, self.options, out or io.StringIO())
+        reasoning, answer = parse_reply(completion if not self.think else "<|think|>" + completion)
+        turn = {"role": "assistant", "content": answer}
+        if reasoning:
+            turn["reasoning"] = reasoning
+        self.history.append(turn)
+        return answer
+
+    def handle(self, line: str, out: TextIO) -> bool:
+        """Run one input line; False means the user asked to quit."""
+        text = line.strip()
+        if not text:
+            return True
+        if text in ("/quit", "/exit"):
+            return False
+        if text == "/reset":
+            self.history.clear()
+            out.write("(conversation cleared)\n")
+        elif text.startswith("/think"):
+            self.think = text.split()[-1] != "off"
+            out.write(f"(reasoning {'on' if self.think else 'off'})\n")
+        elif text.startswith("/system"):
+            self.system = text[len("/system") :].strip() or None
+            self.history.clear()
+            out.write("(system prompt set; conversation cleared)\n")
+        elif text.startswith("/"):
+            out.write(f"(unknown command; {COMMANDS_HELP})\n")
+        else:
+            out.write("assistant> ")
+            self.reply(text, out)
+        return True
+
+
+def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    interactive = stdin.isatty()
+    if interactive:
+        out.write(f"darkhorse chat. {COMMANDS_HELP}\n")
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = stdin.readline()
+        if not line or not session.handle(line, out):
+            return

@@ -15,6 +15,8 @@ from darkhorse.errors import DarkhorseError
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
+    "generate": "generate",
+    "chat": "chat",
     "params": "params",
 }
 

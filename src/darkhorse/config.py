@@ -304,6 +304,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
+            while isinstance(value, dict) and value:  # report `modle.dim`, not just `modle`
+                key, value = f"{key}.{next(iter(value))}", next(iter(value.values()))
             raise _unknown_key(prefix + key)
         target = hints[key]
         if dataclasses.is_dataclass(target):

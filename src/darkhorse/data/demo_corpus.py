@@ -1,0 +1,320 @@
+"""The built-in corpus of `darkhorse demo`: short chat records of skills whose answers can be checked.
+
+Each record is `{"domain", "skill", "messages": [user, assistant], "reasoning"}`: the user asks, the
+reasoning (rendered in the think block) shows the worked steps, and the assistant replies with the
+final answer only, so exact match on the reply is a fair score. Domains (math, lists, code) are what
+a mixture-of-experts router can learn to specialise on.
+
+The held-out split is drawn first and every training record whose problem matches one of its
+problems (same numbers in any order, same code) is rejected, so held-out accuracy measures
+generalisation, not recall. Generation is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Example:
+    """One checkable problem; `key` identifies the problem up to trivial rewording or reordering."""
+
+    domain: str
+    skill: str
+    question: str
+    reasoning: str | None
+    answer: str
+    key: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "skill": self.skill,
+            "messages": [
+                {"role": "user", "content": self.question},
+                {"role": "assistant", "content": self.answer},
+            ],
+            "reasoning": self.reasoning,
+        }
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    domain: str
+    make: Callable[[random.Random], Example]
+    weight: float  # share of the training records, relative to the other skills
+
+
+# ---------------------------------------------------------------------------------------------
+# math
+
+
+def _column_addition_steps(a: int, b: int) -> list[str]:
+    """Right-to-left digit sums with carries, the way it is done on paper."""
+    steps = []
+    carry = 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        steps.append(f"{terms}={total}")
+        carry = total // 10
+    return steps
+
+
+def _column_subtraction_steps(a: int, b: int) -> list[str]:
+    """Right-to-left digit differences with borrows (a >= b)."""
+    steps = []
+    borrow = 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(len(da)):
+        x = int(da[i]) - borrow
+        y = int(db[i]) if i < len(db) else 0
+        borrow = int(x < y)
+        top = x + 10 * borrow
+        steps.append(f"{top}-{y}={top - y}" + (" borrow 1" if borrow else ""))
+    return steps
+
+
+def addition_problem(a: int, b: int) -> Example:
+    steps = _column_addition_steps(a, b)
+    return Example(
+        domain="math",
+        skill="addition",
+        question=f"What is {a} + {b}?",
+        reasoning=", ".join(steps) + f", so {a + b}",
+        answer=str(a + b),
+        key=f"add:{min(a, b)},{max(a, b)}",
+    )
+
+
+def make_addition(rng: random.Random) -> Example:
+    return addition_problem(rng.randint(10, 99), rng.randint(10, 99))
+
+
+def make_multi_digit(rng: random.Random) -> Example:
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    if rng.random() < 0.5:
+        steps, op, result, key = _column_addition_steps(a, b), "+", a + b, f"add:{min(a, b)},{max(a, b)}"
+    else:
+        a, b = max(a, b), min(a, b)
+        steps, op, result, key = _column_subtraction_steps(a, b), "-", a - b, f"sub:{a},{b}"
+    return Example(
+        domain="math",
+        skill="multi_digit",
+        question=f"What is {a} {op} {b}?",
+        reasoning=", ".join(steps) + f", so {result}",
+        answer=str(result),
+        key=key,
+    )
+
+
+NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo")
+ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles")
+
+
+def make_word_problem(rng: random.Random) -> Example:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        expression, result = f"{a} + {b}", a + b
+    elif kind == 1:
+        a = rng.randint(10, 80)
+        b = rng.randint(1, a - 1)
+        question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        expression, result = f"{a} - {b}", a - b
+    elif kind == 2:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        question = f"There are {a} bags with {b} {item} in each bag. How many {item} are there?"
+        expression, result = f"{a} * {b}", a * b
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        question = f"{name} shares {a * b} {item} equally among {b} friends. How many does each friend get?"
+        expression, result = f"{a * b} / {b}", a
+    return Example(
+        domain="math",
+        skill="word_problem",
+        question=question,
+        reasoning=f"{expression} = {result}",
+        answer=str(result),
+        key=f"wp:{expression}",
+    )
+
+
+def make_compare(rng: random.Random) -> Example:
+    digits = rng.choice((2, 3))
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    a, b = rng.sample(range(low, high + 1), 2)
+    larger = rng.random() < 0.5
+    answer = max(a, b) if larger else min(a, b)
+    relation = f"{min(a, b)} < {max(a, b)}"
+    return Example(
+        domain="math",
+        skill="compare",
+        question=f"Which is {'larger' if larger else 'smaller'}: {a} or {b}?",
+        reasoning=relation,
+        answer=str(answer),
+        key=f"cmp:{'max' if larger else 'min'}:{min(a, b)},{max(a, b)}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# lists
+
+
+def sort_problem(numbers: list[int]) -> Example:
+    ordered = sorted(numbers)
+    return Example(
+        domain="lists",
+        skill="sort",
+        question="Sort in ascending order: " + ", ".join(map(str, numbers)),
+        reasoning=None,
+        answer=", ".join(map(str, ordered)),
+        key="sort:" + ",".join(map(str, ordered)),
+    )
+
+
+def make_sort(rng: random.Random) -> Example:
+    return sort_problem([rng.randint(0, 99) for _ in range(5)])
+
+
+# ---------------------------------------------------------------------------------------------
+# code: each snippet's output is worked out here by hand-written logic; the tests run the snippet.
+
+SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
+
+
+def _word(rng: random.Random) -> str:
+    """A made-up pronounceable word, so string snippets come in thousands of variants."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
+
+
+def _snippet(rng: random.Random) -> tuple[str, str, str]:
+    """(code, printed output, trace) for one of several small programs."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        op = rng.choice("+-*")
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"a = {a}\nb = {b}\nprint(a {op} b)", str(result), f"a {op} b = {a} {op} {b} = {result}"
+    if kind == 1:
+        word = _word(rng)
+        return f'print(len("{word}"))', str(len(word)), f'"{word}" has {len(word)} characters'
+    if kind == 2:
+        word = _word(rng)
+        return f'print("{word}"[::-1])', word[::-1], f'"{word}" reversed is {word[::-1]}'
+    if kind == 3:
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+        i = rng.randrange(-len(xs), len(xs))
+        return f"xs = {xs}\nprint(xs[{i}])", str(xs[i]), f"xs[{i}] is {xs[i]}"
+    if kind == 4:
+        start, n = rng.randint(0, 20), rng.randint(2, 5)
+        total = start + n * (n - 1) // 2
+        terms = " + ".join(map(str, [start, *range(n)]))
+        code = f"total = {start}\nfor i in range({n}):\n    total += i\nprint(total)"
+        return code, str(total), f"{terms} = {total}"
+    if kind == 5:
+        x, limit = rng.randint(0, 9), rng.randint(1, 8)
+        word = "big" if x > limit else "small"
+        code = f'x = {x}\nif x > {limit}:\n    print("big")\nelse:\n    print("small")'
+        return code, word, f"{x} > {limit} is {x > limit}"
+    if kind == 6:
+        a, b = rng.randint(10, 40), rng.randint(2, 9)
+        q, r = divmod(a, b)
+        return f"print({a} // {b}, {a} % {b})", f"{q} {r}", f"{a} = {b} * {q} + {r}"
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    fn = rng.choice(("max", "min", "sum"))
+    result = {"max": max, "min": min, "sum": sum}[fn](xs)
+    return f"print({fn}({xs}))", str(result), f"{fn} of {xs} is {result}"
+
+
+def make_python(rng: random.Random) -> Example:
+    code, output, trace = _snippet(rng)
+    return Example(
+        domain="code",
+        skill="python",
+        question=f"What does this Python code print?\n{code}",
+        reasoning=trace,
+        answer=output,
+        key=code,
+    )
+
+
+SKILLS: dict[str, Skill] = {
+    skill.name: skill
+    for skill in (
+        Skill("addition", "math", make_addition, 3.0),
+        Skill("multi_digit", "math", make_multi_digit, 1.5),
+        Skill("word_problem", "math", make_word_problem, 1.0),
+        Skill("compare", "math", make_compare, 1.0),
+        Skill("sort", "lists", make_sort, 3.0),
+        Skill("python", "code", make_python, 1.0),
+    )
+}
+
+
+@dataclass
+class DemoCorpus:
+    train: list[Example]
+    heldout: list[Example]
+
+
+def _unique(skill: Skill, rng: random.Random, count: int, taken: set[str]) -> list[Example]:
+    """`count` examples whose keys are not in `taken` (which grows); gives up if the space runs dry."""
+    examples: list[Example] = []
+    misses = 0
+    while len(examples) < count:
+        example = skill.make(rng)
+        if example.key in taken:
+            misses += 1
+            if misses > 100 * count + 1000:
+                raise ValueError(f"skill {skill.name} cannot produce {count} distinct problems")
+            continue
+        taken.add(example.key)
+        examples.append(example)
+    return examples
+
+
+def build_demo_corpus(seed: int = 0, train_size: int = 40_000, heldout_per_skill: int = 100) -> DemoCorpus:
+    """Held-out problems first (distinct), then training records that never repeat a held-out problem.
+
+    Training problems may repeat among themselves (as in any real corpus); the held-out ones are
+    unique so that each counts once.
+    """
+    rng = random.Random(seed)
+    heldout: list[Example] = []
+    reserved: dict[str, set[str]] = {}
+    for skill in SKILLS.values():
+        reserved[skill.name] = set()
+        heldout.extend(_unique(skill, rng, heldout_per_skill, reserved[skill.name]))
+    total_weight = sum(skill.weight for skill in SKILLS.values())
+    train: list[Example] = []
+    for skill in SKILLS.values():
+        wanted = round(train_size * skill.weight / total_weight)
+        while wanted:
+            example = skill.make(rng)
+            if example.key not in reserved[skill.name]:
+                train.append(example)
+                wanted -= 1
+    rng.shuffle(train)
+    return DemoCorpus(train=train, heldout=heldout)
+
+
+def write_jsonl(examples: Iterable[Example], path: str | Path) -> int:
+    """Write records in the chat form `darkhorse prepare` reads; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example.to_record(), ensure_ascii=False) + "\n")
+            count += 1
+    return count

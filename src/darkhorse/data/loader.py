@@ -1,0 +1,172 @@
+"""Training batches: random windows from memory-mapped prepared directories, mixed by weight.
+
+Every batch is a pure function of (seed, step, micro-step), never of iterator state, so a run
+resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen. With
+several sources, window number i of the run goes to a source by a fixed interleaving whose
+counts track the weights to within one window at every point (exact whenever the weights
+divide the count), and a seeded generator picks where in that source the window starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from darkhorse.data.prepared import PreparedData, open_prepared
+from darkhorse.errors import DarkhorseError
+
+RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (batch, seq_len) int64
+    targets: torch.Tensor  # (batch, seq_len) int64, inputs shifted by one
+    domains: torch.Tensor | None  # (batch, seq_len) uint8 domain ids, when every source has them
+    sources: list[int]  # which source each row came from
+
+
+def parse_data_spec(spec: str) -> tuple[Path, float]:
+    """`PATH` or `PATH:WEIGHT` (a colon that is not followed by a number belongs to the path)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return Path(spec), 1.0
+        if not math.isfinite(weight) or weight <= 0:
+            raise DarkhorseError(f"--data {spec}: the weight after ':' must be a positive number")
+        return Path(head), weight
+    return Path(spec), 1.0
+
+
+def open_sources(specs: list[tuple[Path, float]], vocab_size: int) -> list[tuple[PreparedData, float]]:
+    """Open each source: a prepared dir as is, a raw text file through the cached `prepare` step.
+
+    All sources must share one tokenizer, or their token ids would mean different things.
+    """
+    if not specs:
+        raise DarkhorseError("no training data given: pass --data DIR (a prepared dir) or a .jsonl/.txt file")
+    sources = []
+    for path, weight in specs:
+        path = Path(path)
+        if path.is_file():
+            if path.suffix.lower() not in RAW_SUFFIXES:
+                raise DarkhorseError(
+                    f"--data {path}: expected a prepared dir or a {'/'.join(RAW_SUFFIXES)} file"
+                )
+            from darkhorse.data.prepare import prepare_cached
+
+            path = prepare_cached(path, vocab_size=vocab_size)
+        sources.append((open_prepared(path), float(weight)))
+    first = sources[0][0]
+    for data, _ in sources[1:]:
+        if data.tokenizer_sha256 != first.tokenizer_sha256 or data.vocab_size != first.vocab_size:
+            raise DarkhorseError(
+                f"--data {data.path} uses a different tokenizer than {first.path} (tokenizer_sha256 or "
+                "vocab_size in meta.json differ); prepare all sources with the same tokenizer"
+            )
+    return sources
+
+
+def source_of_window(index: int, weights: list[float]) -> int:
+    """Which source window `index` comes from: a fixed interleaving that tracks `weights`.
+
+    Source 0 takes window n exactly when round(n * p0) steps up, which keeps its count within
+    half a window of n * p0 at all times; the remaining windows are shared among the other
+    sources by the same rule, one source at a time.
+    """
+    remaining = sum(weights)
+    for source, weight in enumerate(weights[:-1]):
+        share = weight / remaining
+        taken_before = math.floor(index * share + 0.5)
+        if math.floor((index + 1) * share + 0.5) > taken_before:
+            return source
+        index -= taken_before
+        remaining -= weight
+    return len(weights) - 1
+
+
+class WindowLoader:
+    """Batches of `seq_len + 1`-token windows, deterministic from (seed, step, micro-step)."""
+
+    def __init__(
+        self,
+        sources: list[tuple[PreparedData, float]],
+        *,
+        seq_len: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.sources = [data for data, _ in sources]
+        self.weights = [weight for _, weight in sources]
+        self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
+        self.device = torch.device(device)
+        for data in self.sources:
+            if len(data.tokens("train")) < seq_len + 1:
+                raise DarkhorseError(
+                    f"{data.path}/train.bin holds {len(data.tokens('train'))} tokens, fewer than one window of "
+                    f"train.seq_len + 1 = {seq_len + 1}; lower train.seq_len or add data"
+                )
+        self.with_domains = all(data.domains("train") is not None for data in self.sources)
+        self.val_sources = [i for i, data in enumerate(self.sources) if self._has_val(data)]
+
+    def _has_val(self, data: PreparedData) -> bool:
+        return (data.path / "val.bin").exists() and len(data.tokens("val")) >= self.seq_len + 1
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(data.tokens("train")) for data in self.sources)
+
+    def batch(self, step: int, micro_step: int) -> Batch:
+        """The micro-batch `micro_step` of optimizer step `step` (both 0-based)."""
+        first_window = (step * self.grad_accum + micro_step) * self.batch_size
+        rows = [source_of_window(first_window + row, self.weights) for row in range(self.batch_size)]
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        return self._gather("train", rows, rng, self.with_domains)
+
+    def val_batches(self, count: int) -> list[Batch]:
+        """`count` fixed validation batches (the same at every evaluation), [] without val splits."""
+        if not self.val_sources:
+            return []
+        weights = [self.weights[i] for i in self.val_sources]
+        with_domains = all(self.sources[i].domains("val") is not None for i in self.val_sources)
+        batches = []
+        for index in range(count):
+            rows = [
+                self.val_sources[source_of_window(index * self.batch_size + row, weights)]
+                for row in range(self.batch_size)
+            ]
+            rng = np.random.default_rng([self.seed, 1 << 31, index])  # a stream no training step uses
+            batches.append(self._gather("val", rows, rng, with_domains))
+        return batches
+
+    def _gather(self, split: str, rows: list[int], rng: np.random.Generator, with_domains: bool) -> Batch:
+        span = self.seq_len + 1
+        windows = np.empty((len(rows), span), dtype=np.int64)
+        domain_windows = np.empty((len(rows), span), dtype=np.uint8) if with_domains else None
+        for row, source in enumerate(rows):
+            data = self.sources[source]
+            tokens = data.tokens(split)
+            start = int(rng.integers(0, len(tokens) - span + 1))
+            windows[row] = tokens[start : start + span]
+            if domain_windows is not None:
+                domain_windows[row] = data.domains(split)[start : start + span]
+        tensor = torch.from_numpy(windows)
+        inputs, targets = tensor[:, :-1], tensor[:, 1:]
+        domains = torch.from_numpy(domain_windows[:, :-1]) if domain_windows is not None else None
+        non_blocking = self.device.type == "cuda"
+        if non_blocking:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return Batch(
+            inputs=inputs.to(self.device, non_blocking=non_blocking),
+            targets=targets.to(self.device, non_blocking=non_blocking),
+            domains=domains.to(self.device) if domains is not None else None,
+            sources=rows,
+        )

@@ -1,0 +1,136 @@
+"""Optimizers: AdamW for everything, or Muon for weight matrices plus AdamW/Lion for the rest.
+
+Muon (orthogonalised momentum) suits hidden weight matrices; embeddings, the output head, norms
+and other 1-D parameters keep an element-wise optimizer, as nanochat and Kimi's Moonlight do.
+Buffers (e.g. a MoE routing bias) are never parameters, so they never reach an optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from darkhorse.config import TrainConfig
+
+LION_BETAS = (0.9, 0.99)  # Chen et al. (2023), as the nanochat-train recipe uses
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023): the sign of an interpolated momentum, so every update has size lr.
+
+    Its lr wants to be about 3-10x smaller than AdamW's for the same parameters; torch has none.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = LION_BETAS,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(param)
+                momentum = state["exp_avg"]
+                update = momentum.lerp(param.grad, 1 - beta1).sign_()
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"])
+                momentum.lerp_(param.grad, 1 - beta2)
+        return loss
+
+
+class ExpertMuon(torch.optim.Muon):
+    """torch's Muon, extended to 3-D expert stacks `[experts, out, in]`, one matrix per expert.
+
+    torch's Muon accepts 2-D parameters only. Each stack is handed to it as per-expert views that
+    share the stack's storage; before every step the views get the matching slices of the
+    stack's gradient, so Muon's in-place updates land in the stack itself.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], **options) -> None:
+        self._stacks: list[tuple[nn.Parameter, list[torch.Tensor]]] = []
+        matrices: list[torch.Tensor] = []
+        for param in params:
+            if param.ndim == 3:
+                views = list(param.detach().unbind(0))
+                self._stacks.append((param, views))
+                matrices.extend(views)
+            else:
+                matrices.append(param)
+        super().__init__(matrices, **options)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        for stack, views in self._stacks:
+            grads = stack.grad.unbind(0) if stack.grad is not None else [None] * len(views)
+            for view, grad in zip(views, grads, strict=True):
+                view.grad = grad
+        return super().step(closure)
+
+
+def _is_embedding_or_head(name: str, param: nn.Parameter, embedding_params: set[int]) -> bool:
+    return id(param) in embedding_params or name.split(".")[-2:] == ["lm_head", "weight"]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices, embedding/head matrices, 1-D params); tied weights appear once."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    hidden, embeddings, vectors = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2:
+            vectors.append(param)
+        elif _is_embedding_or_head(name, param, embedding_params):
+            embeddings.append(param)
+        else:
+            hidden.append(param)
+    return hidden, embeddings, vectors
+
+
+def _adamw(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # fused kernels exist for CUDA, MPS and CPU in recent torch; foreach is the fallback
+    fused = device.type in ("cuda", "cpu", "mps")
+    return torch.optim.AdamW(
+        groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused, foreach=None if fused else True
+    )
+
+
+def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimizers for `train.optimizer`; call after the model is on its device.
+
+    Weight decay applies to matrices only (norm gains and other 1-D params stay undecayed).
+    """
+    hidden, embeddings, vectors = split_parameters(model)
+    decay = {"weight_decay": train.weight_decay}
+    if train.optimizer == "adamw":
+        groups = [{"params": hidden + embeddings, **decay}, {"params": vectors, "weight_decay": 0.0}]
+        return [_adamw([g for g in groups if g["params"]], train, device)]
+
+    optimizers: list[torch.optim.Optimizer] = []
+    if hidden:
+        optimizers.append(
+            ExpertMuon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original")
+        )
+    groups = [g for g in ({"params": embeddings, **decay}, {"params": vectors, "weight_decay": 0.0}) if g["params"]]
+    if groups:
+        if train.scalar_optimizer == "lion":
+            optimizers.append(Lion(groups, lr=train.lr))
+        else:
+            optimizers.append(_adamw(groups, train, device))
+    return optimizers

@@ -1,0 +1,154 @@
+"""The chat layout: the one place that decides how a conversation becomes text.
+
+One turn with reasoning renders as
+
+    <|bos|><|system|>S<|/system|><|user|>U<|/user|><|think|>R<|/think|><|assistant|>A<|/assistant|><|eos|>
+
+The system block is left out when there is no system message, and `<|no_think|>` stands in for the think
+block when a turn has no reasoning. Multi-turn conversations repeat the user/assistant pair; only the
+final assistant turn keeps its reasoning, earlier turns render `<|no_think|>` (as Qwen3 and DeepSeek-R1
+drop old thoughts). That way the training text of a conversation is exactly the prompt a model sees at
+inference for its last turn (`render_prompt(messages[:-1])`) plus the reply, so what is trained is what
+is asked.
+
+Messages are `{"role": "system"|"user"|"assistant", "content": str}`; an assistant message may carry its
+reasoning under "reasoning", "reasoning_content" or "thinking". `jinja_chat_template()` renders the same
+text inside transformers' `apply_chat_template` (and llama.cpp, which reads it from GGUF), with
+`enable_thinking` choosing the generation prompt, as in Qwen3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from darkhorse.data.tokenizer import (
+    ASSISTANT,
+    ASSISTANT_END,
+    BOS,
+    EOS,
+    NO_THINK,
+    SYSTEM,
+    SYSTEM_END,
+    THINK,
+    THINK_END,
+    USER,
+    USER_END,
+)
+from darkhorse.errors import DarkhorseError
+
+Message = Mapping[str, Any]
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+
+
+def message_reasoning(message: Message) -> str | None:
+    """The reasoning an assistant message carries, under any of the names datasets use."""
+    for key in REASONING_KEYS:
+        value = message.get(key)
+        if value:
+            return str(value)
+    return None
+
+
+def _check(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise DarkhorseError("a conversation needs at least one message")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise DarkhorseError(f"message {index} is not an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise DarkhorseError(f"message {index} has role {role!r}; expected system, user or assistant")
+        if role == "system" and index != 0:
+            raise DarkhorseError(f"message {index}: a system message may only come first")
+        if not isinstance(content, str):
+            raise DarkhorseError(f"message {index} ({role}) has no text 'content'")
+
+
+def _render_turns(messages: Sequence[Message], final_reasoning: str | None) -> str:
+    """Everything after <|bos|>; the last assistant message gets `final_reasoning`."""
+    parts = []
+    last = len(messages) - 1
+    for index, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            parts.append(f"{SYSTEM}{content}{SYSTEM_END}")
+        elif role == "user":
+            parts.append(f"{USER}{content}{USER_END}")
+        else:
+            reasoning = final_reasoning if index == last else None
+            think = f"{THINK}{reasoning}{THINK_END}" if reasoning else NO_THINK
+            parts.append(f"{think}{ASSISTANT}{content}{ASSISTANT_END}")
+    return "".join(parts)
+
+
+def render_conversation(messages: Sequence[Message], reasoning: str | None = None) -> str:
+    """Training text for a whole conversation, ending with an assistant reply and <|eos|>.
+
+    `reasoning` (or the final assistant message's own reasoning field) fills its think block."""
+    _check(messages)
+    if messages[-1]["role"] != "assistant":
+        raise DarkhorseError("a conversation must end with an assistant message")
+    if reasoning is None:
+        reasoning = message_reasoning(messages[-1])
+    return f"{BOS}{_render_turns(messages, reasoning)}{EOS}"
+
+
+def render_prompt(messages: Sequence[Message], think: bool = True) -> str:
+    """The prefix a model continues to write the next assistant turn.
+
+    Ends right after <|think|> when `think`, else after <|no_think|><|assistant|>."""
+    _check(messages)
+    if messages[-1]["role"] == "assistant":
+        raise DarkhorseError("a prompt must end with a user (or system) message, not an assistant reply")
+    opening = THINK if think else f"{NO_THINK}{ASSISTANT}"
+    return f"{BOS}{_render_turns(messages, None)}{opening}"
+
+
+def parse_reply(text: str) -> tuple[str | None, str]:
+    """Split generated text into (reasoning, answer); reasoning is None when there is no think block.
+
+    Works on a continuation of `render_prompt` (which may start inside the think block) and on a whole
+    rendered conversation (the last turn is parsed). Text after the answer's end marker is ignored;
+    an unfinished think block (no <|/think|>) is returned as the answer, since it cannot be split."""
+    reasoning = None
+    if THINK_END in text:
+        before, text = text.rsplit(THINK_END, 1)
+        reasoning = before.rsplit(THINK, 1)[-1].strip()
+    if ASSISTANT in text:
+        text = text.rsplit(ASSISTANT, 1)[1]
+    for marker in (ASSISTANT_END, EOS):
+        text = text.split(marker, 1)[0]
+    return reasoning, text.strip()
+
+
+def jinja_chat_template() -> str:
+    """A Jinja2 chat template rendering exactly `render_conversation` / `render_prompt` text."""
+    return (
+        "{{- '" + BOS + "' -}}"
+        "{%- set last_index = messages | length - 1 -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{{- '" + SYSTEM + "' + message['content'] + '" + SYSTEM_END + "' -}}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{- '" + USER + "' + message['content'] + '" + USER_END + "' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{%- set reasoning = message.get('reasoning') or message.get('reasoning_content')"
+        " or message.get('thinking') or '' -%}"
+        "{%- if loop.index0 == last_index and reasoning -%}"
+        "{{- '" + THINK + "' + reasoning + '" + THINK_END + "' -}}"
+        "{%- else -%}"
+        "{{- '" + NO_THINK + "' -}}"
+        "{%- endif -%}"
+        "{{- '" + ASSISTANT + "' + message['content'] + '" + ASSISTANT_END + "' -}}"
+        "{%- if loop.index0 == last_index -%}{{- '" + EOS + "' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{%- if enable_thinking is defined and not enable_thinking -%}"
+        "{{- '" + NO_THINK + ASSISTANT + "' -}}"
+        "{%- else -%}"
+        "{{- '" + THINK + "' -}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+    )

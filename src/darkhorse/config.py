@@ -87,11 +87,12 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # ALF gamma; 0 freezes the bias
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss, off by default
     z_loss_weight: float = 0.0  # router z-loss, off by default
+    n_domains: int = 0  # domains in the training data (the trainer sets it from meta.json); 0 = untagged
     domain_prior: bool = False
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200
     collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
-    collapse_steps: int = 50  # ... for this many logged steps in a row
+    collapse_steps: int = 50  # ... for this many optimizer steps in a row
 
     def __post_init__(self) -> None:
         _one_of("model.moe.scoring", self.scoring, ("sigmoid", "softmax"))
@@ -116,6 +117,13 @@ class MoEConfig:
             "model.moe.experts_per_token exceeds the experts in the top groups",
         )
         _require(self.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0")
+        _require(self.moe_intermediate_size > 0, "model.moe.moe_intermediate_size must be > 0")
+        _require(self.routed_scaling_factor > 0, "model.moe.routed_scaling_factor must be > 0")
+        for name in ("bias_update_rate", "aux_loss_alpha", "z_loss_weight", "domain_prior_anneal_steps"):
+            _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0")
+        _require(0 <= self.n_domains <= 256, "model.moe.n_domains must be between 0 and 256 (domain ids are uint8)")
+        _require(0 < self.collapse_share <= 1, "model.moe.collapse_share must be in (0, 1]")
+        _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 
 
 @dataclass

@@ -3,6 +3,21 @@
 The shared contract: `forward(x, rope, cache=None, start_pos=0)` where `rope` is the (cos, sin)
 pair already sliced to the positions of `x`, and `new_cache(batch, max_len, device, dtype)`
 returns the object that `forward` fills while decoding.
+
+MLA (`model.attention: mla`) uses HF DeepseekV3's tensor names and layouts, so the HF exporter
+renames `layers.{i}.attn.X` to `model.layers.{i}.self_attn.X` and nothing else:
+
+    q_proj [nh*(dn+dr), D]               when q_lora_rank = 0, else
+    q_a_proj [cq, D], q_a_layernorm [cq], q_b_proj [nh*(dn+dr), cq]   rows per head: [nope | rope]
+    kv_a_proj_with_mqa [c+dr, D]         rows: [latent c | shared rope key dr]
+    kv_a_layernorm [c]                   on the latent only
+    kv_b_proj [nh*(dn+dv), c]            rows per head: [k_nope | v]
+    o_proj [D, nh*dv]
+
+The rope rows of `q_b_proj`/`q_proj` and `kv_a_proj_with_mqa` hold interleaved pairs (x0,x1),
+(x2,x3)... as DeepSeek's checkpoints, llama.cpp's deepseek2 and HF's `rope_interleave: true` expect;
+we de-interleave the slice before the half-split `apply_rope`, exactly as transformers does, so
+both exporters copy these rows unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from darkhorse.config import ModelConfig
-from darkhorse.model.layers import apply_rope
+from darkhorse.model.layers import RMSNorm, apply_rope, yarn_mscale
 
 
 class KVCache:
@@ -103,7 +118,115 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
+class LatentCache:
+    """MLA's decoding cache: per token only [kv_norm(c_kv) | roped k_pe], (batch, 1, max_len, c + dr).
+
+    Read as one shared key head, its first c channels are also the shared value head.
+    """
+
+    def __init__(self, batch: int, max_len: int, width: int, device, dtype) -> None:
+        self.entries = torch.zeros(batch, 1, max_len, width, device=device, dtype=dtype)
+
+    def update(self, entries: torch.Tensor, start_pos: int) -> torch.Tensor:
+        end = start_pos + entries.shape[2]
+        if end > self.entries.shape[2]:
+            raise ValueError(f"KV cache holds {self.entries.shape[2]} positions, decoding reached {end}")
+        self.entries[:, :, start_pos:end] = entries
+        return self.entries[:, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.entries.nbytes
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): interleaved RoPE pairs to half-split."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 attention: keys and values rebuilt per head from one small latent.
+
+    Training and cache-free calls use the direct form (decompress K and V). With a cache, W_UK is
+    absorbed into the queries and W_UV applied after attention, so attention runs as one-head
+    MQA over the cached [latent | rope key] entries and the cache never holds per-head K or V.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        mla = config.mla
+        self.n_heads = config.n_heads
+        self.nope_dim, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.latent_dim = mla.kv_lora_rank
+        q_head_dim = self.nope_dim + self.rope_dim
+        if mla.q_lora_rank:
+            self.q_a_proj = nn.Linear(config.dim, mla.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, config.norm_eps)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, self.n_heads * q_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(config.dim, self.n_heads * q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.dim, self.latent_dim + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, config.norm_eps)
+        self.kv_b_proj = nn.Linear(self.latent_dim, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.dim, bias=False)
+        scaling = config.rope_scaling
+        mscale = yarn_mscale(scaling.factor, scaling.mscale_all_dim) if scaling.type == "yarn" else 1.0
+        self.softmax_scale = q_head_dim**-0.5 * mscale**2
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim
+
+    @property
+    def score_dims(self) -> tuple[int, int]:
+        return self.nope_dim + self.rope_dim, self.v_dim
+
+    def cache_values_per_token(self) -> int:
+        return self.latent_dim + self.rope_dim
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
+        return LatentCache(batch, max_len, self.latent_dim + self.rope_dim, device, dtype)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LatentCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        cos, sin = rope
+        q = self._queries(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(deinterleave(q_rope), cos, sin)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (batch, 1, seq, c)
+        k_rope = apply_rope(deinterleave(k_rope.unsqueeze(1)), cos, sin)  # one head shared by all
+        if cache is None:
+            kv = self.kv_b_proj(latent.squeeze(1)).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+            k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
+            out = causal_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, scale=self.softmax_scale)
+        else:
+            entries = cache.update(torch.cat([latent, k_rope], dim=-1), start_pos)
+            w_uk, w_uv = self.kv_b_proj.weight.view(self.n_heads, -1, self.latent_dim).split(
+                [self.nope_dim, self.v_dim], dim=1
+            )
+            q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
+            values = entries[..., : self.latent_dim]
+            out_latent = causal_attention(
+                torch.cat([q_latent, q_rope], dim=-1), entries, values, scale=self.softmax_scale
+            )
+            out = torch.einsum("bhsc,hdc->bhsd", out_latent, w_uv)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
 def build_attention(config: ModelConfig) -> nn.Module:
-    if config.attention == "gqa":
-        return GroupedQueryAttention(config)
-    raise NotImplementedError(f"attention '{config.attention}' is not built yet")
+    if config.attention == "mla":
+        return MultiHeadLatentAttention(config)
+    return GroupedQueryAttention(config)

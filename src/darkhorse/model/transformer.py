@@ -17,6 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from darkhorse.config import ModelConfig
 from darkhorse.model.attention import build_attention
 from darkhorse.model.layers import RMSNorm, dense_ffn, rope_tables
+from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
+from darkhorse.model.moe import MoE
+from darkhorse.model.mtp import MTPModule
 
 IGNORE_INDEX = -100
 
@@ -29,8 +32,18 @@ class ModelOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def build_ffn(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """Dense SwiGLU, or MoE from layer `moe.first_k_dense` on (DeepSeek's first_k_dense_replace)."""
+    if config.ffn == "moe" and layer_idx >= config.moe.first_k_dense:
+        return MoE(config, layer_idx)
+    return dense_ffn(config)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    With `residual: mhc`, x is (batch, seq, n, D) streams and hyper-connections replace the adds.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -38,9 +51,15 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = build_attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = dense_ffn(config)
+        self.ffn = build_ffn(config, layer_idx)
+        if config.residual == "mhc":
+            self.attn_hc = HyperConnection(config)
+            self.ffn_hc = HyperConnection(config)
 
     def forward(self, x, rope, cache=None, start_pos: int = 0, domains=None) -> torch.Tensor:
+        if hasattr(self, "attn_hc"):
+            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, cache, start_pos))
+            return self.ffn_hc(x, lambda h: self.ffn(self.ffn_norm(h), domains=domains))
         x = x + self.attn(self.attn_norm(x), rope, cache, start_pos)
         return x + self.ffn(self.ffn_norm(x), domains=domains)
 
@@ -52,6 +71,11 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Training-only multi-token-prediction modules (layer ids continue after the main stack).
+        self.mtp = nn.ModuleList(
+            MTPModule(config, Block(config, config.n_layers + k)) for k in range(config.mtp_depth)
+        )
+        self.last_mtp_loss: torch.Tensor | None = None
         self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -98,12 +122,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence reaches position {start_pos + seq} > max_seq_len {self.config.max_seq_len}")
         rope = (self.rope_cos[start_pos : start_pos + seq], self.rope_sin[start_pos : start_pos + seq])
         x = self.embed(tokens)
+        if self.config.residual == "mhc":
+            x = expand_streams(x, self.config.mhc.expansion)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, rope, layer_cache, start_pos, domains, use_reentrant=False)
             else:
                 x = layer(x, rope, layer_cache, start_pos, domains)
+        if self.config.residual == "mhc":
+            x = merge_streams(x)
         return self.norm(x)
 
     def forward(
@@ -120,15 +148,44 @@ class Transformer(nn.Module):
 
         `mtp_weight` (train.mtp_weight) scales the multi-token-prediction loss of models that have
         MTP modules; `domains` (per-token domain ids) reach MoE routers for domain statistics.
+        MTP runs only when `targets` are given, so generation never pays for it.
         """
         hidden = self.hidden_states(tokens, cache, start_pos, domains)
         logits = self.lm_head(hidden)
         if targets is None:
             return ModelOutput(logits=logits)
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        lm_loss = self._cross_entropy(logits, targets)
+        loss, losses = lm_loss, {"lm": lm_loss.detach()}
+        if self.mtp:
+            mtp_loss = self._mtp_loss(hidden, tokens, targets, domains)
+            loss = loss + mtp_weight * mtp_loss
+            losses["mtp"] = mtp_loss.detach()
+            self.last_mtp_loss = losses["mtp"]
+        for module in self.modules():
+            if isinstance(module, MoE):
+                for name, term in module.take_losses().items():
+                    loss = loss + term
+                    losses[name] = losses.get(name, 0) + term.detach()
+        return ModelOutput(logits=logits, loss=loss, losses=losses)
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
-        return ModelOutput(logits=logits, loss=loss, losses={"lm": loss.detach()})
+
+    def _mtp_loss(self, hidden, tokens, targets, domains) -> torch.Tensor:
+        """Mean over depths k of the loss on token i+k+1, predicted from position i."""
+        losses = []
+        seq = tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if seq - k < 1:
+                break
+            rope = (self.rope_cos[: seq - k], self.rope_sin[: seq - k])
+            depth_domains = domains[:, k:] if domains is not None else None
+            hidden = module(hidden[:, : seq - k], self.embed(tokens[:, k:]), rope, depth_domains)
+            losses.append(self._cross_entropy(self.lm_head(hidden), targets[:, k:]))
+        return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:
         device = device or self.embed.weight.device
@@ -149,6 +206,12 @@ class Transformer(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "training_metrics"):
                 metrics.update(module.training_metrics())
+        max_loads = [v for k, v in metrics.items() if k.endswith("/load_max_over_mean")]
+        if max_loads:
+            metrics["moe/load_max"] = max(max_loads)
+            metrics["moe/load_min"] = min(v for k, v in metrics.items() if k.endswith("/load_min_over_mean"))
+        if self.last_mtp_loss is not None:
+            metrics["mtp_loss"] = float(self.last_mtp_loss)
         return metrics
 
     # -- accounting -----------------------------------------------------------------------------
@@ -157,19 +220,24 @@ class Transformer(nn.Module):
         """Unique parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def num_active_params(self) -> int:
-        """Parameters one token touches: all of them, minus experts that a MoE layer leaves idle."""
-        idle = sum(m.idle_params_per_token() for m in self.modules() if hasattr(m, "idle_params_per_token"))
-        return self.num_params() - idle
+    def num_active_params(self, include_mtp: bool = False) -> int:
+        """Parameters one token touches: all, minus experts a MoE layer leaves idle, minus the MTP
+        modules unless `include_mtp` (they run in training only)."""
+        def active(module: nn.Module) -> int:
+            idle = sum(m.idle_params_per_token() for m in module.modules() if hasattr(m, "idle_params_per_token"))
+            return sum(p.numel() for p in module.parameters()) - idle
+
+        return active(self) - (0 if include_mtp else active(self.mtp))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x (active matmul params) + attention scores (PaLM appendix B)."""
-        cfg = self.config
-        matmul_params = self.num_active_params() - self.embed.weight.numel()
-        if cfg.tie_embeddings:
-            matmul_params += self.lm_head.weight.numel()
+        """Training FLOPs per token: 6 x (active matmul params) + attention scores (PaLM appendix B).
+
+        Counts the MTP modules too, and the output head once per prediction depth."""
+        head_uses = int(self.config.tie_embeddings) + len(self.mtp)
+        matmul_params = self.num_active_params(include_mtp=True) - self.embed.weight.numel()
+        matmul_params += head_uses * self.lm_head.weight.numel()
         attention = 0
-        for layer in self.layers:
+        for layer in [*self.layers, *(module.block for module in self.mtp)]:
             qk_dim, v_dim = layer.attn.score_dims
             attention += 6 * layer.attn.n_heads * seq_len * (qk_dim + v_dim)
         return 6 * matmul_params + attention

@@ -1,0 +1,305 @@
+"""DeepSeek-style Mixture-of-Experts FFN: routed experts + shared experts, balanced without an aux loss.
+
+Tensors of one MoE layer (`layers.{i}.ffn.` prefix) and what the exporters map them to:
+
+    gate.weight [E, D]                    router     HF mlp.gate.weight          GGUF ffn_gate_inp
+    gate.e_score_correction_bias [E]      ALF bias (fp32 buffer, no grad)        GGUF exp_probs_b.bias
+    experts.gate_proj [E, I, D]           HF mlp.experts.{j}.gate_proj.weight = gate_proj[j]   GGUF ffn_gate_exps
+    experts.up_proj   [E, I, D]           HF mlp.experts.{j}.up_proj.weight   = up_proj[j]     GGUF ffn_up_exps
+    experts.down_proj [E, D, I]           HF mlp.experts.{j}.down_proj.weight = down_proj[j]   GGUF ffn_down_exps
+    shared_experts.{gate,up,down}_proj.weight   SwiGLU of width n_shared * I                GGUF ffn_*_shexp
+    domain_prior_scale []                 only with moe.domain_prior (annealing state; exporters drop it)
+
+(Mixtral: `block_sparse_moe.gate.weight`, `experts.{j}.w1/w3/w2` = gate/up/down_proj[j], no shared experts.)
+
+Routing: selection uses score + bias (+ the annealed domain prior while training); combine weights
+use the plain scores (sigmoid: optionally normalised over the top-k; softmax: softmax over all
+experts, renormalised over the top-k), times `routed_scaling_factor`. Dispatch sorts token slots by
+expert and runs each projection as one grouped matmul (`torch._grouped_mm`), so there is no
+Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from darkhorse.config import ModelConfig, MoEConfig
+from darkhorse.errors import ConfigError
+from darkhorse.model.layers import SwiGLU
+
+log = logging.getLogger("darkhorse")
+
+MAX_DOMAINS = 256  # domain ids are uint8
+
+
+@dataclass
+class Routing:
+    """One forward's routing decision for T tokens."""
+
+    logits: torch.Tensor  # [T, E] router logits (fp32)
+    scores: torch.Tensor  # [T, E] sigmoid or softmax of the logits
+    experts: torch.Tensor  # [T, K] chosen expert ids
+    weights: torch.Tensor  # [T, K] combine weights
+
+
+class Router(nn.Module):
+    """Scores every expert per token and picks the top-k; the ALF bias shifts selection only."""
+
+    def __init__(self, dim: int, moe: MoEConfig, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.moe = moe
+        self.weight = nn.Parameter(torch.randn(moe.n_routed_experts, dim) * init_std)
+        self.register_buffer("e_score_correction_bias", torch.zeros(moe.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, selection_bonus: torch.Tensor | None = None) -> Routing:
+        moe = self.moe
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if moe.scoring == "sigmoid" else logits.softmax(dim=-1)
+        selection = scores.detach() + self.e_score_correction_bias.float()
+        if selection_bonus is not None:
+            selection = selection + selection_bonus
+        if moe.n_groups > 1:
+            selection = _limit_to_top_groups(selection, moe.n_groups, moe.topk_groups)
+        experts = selection.topk(moe.experts_per_token, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(logits, scores, experts, weights * moe.routed_scaling_factor)
+
+
+def _limit_to_top_groups(selection: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """DeepSeek-V3 group-limited routing: keep the experts of the groups with the best top-2 sums."""
+    grouped = selection.view(selection.shape[0], n_groups, -1)
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(selection)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """`torch._grouped_mm` runs on CPU in any float dtype, on CUDA only for bf16 on sm90+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    on_hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return on_hopper and x.dtype == torch.bfloat16
+
+
+def grouped_matmul(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+) -> torch.Tensor:
+    """Rows of `x` sorted by expert (`counts[e]` rows for expert e) times weight[e].T: [N, in] -> [N, out].
+
+    Without grouped_mm support the rows are scattered into a zero-padded [E, max_count, in] batch
+    for one `bmm` (more memory, still no Python loop over experts).
+    """
+    weight = weight.to(x.dtype)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x)
+    if use_grouped_mm:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+    row_in_expert = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
+    padded = x.new_zeros(len(counts), int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded[expert_of_row, row_in_expert] = x
+    return torch.bmm(padded, weight.transpose(-2, -1))[expert_of_row, row_in_expert]
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked [E, out, in] weights."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.randn(n_experts, hidden, dim) * init_std)
+        self.up_proj = nn.Parameter(torch.randn(n_experts, hidden, dim) * init_std)
+        self.down_proj = nn.Parameter(torch.randn(n_experts, dim, hidden) * init_std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
+        """`x` [N, D]: token slots sorted by expert, `counts[e]` of them for expert e."""
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        gate = grouped_matmul(x, self.gate_proj, counts, use_grouped_mm)
+        up = grouped_matmul(x, self.up_proj, counts, use_grouped_mm)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, use_grouped_mm)
+
+
+class MoE(nn.Module):
+    """Routed + shared experts with ALF balancing, load/domain statistics and an optional domain prior."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        moe = config.moe
+        if moe.domain_prior and moe.n_domains < 1:
+            raise ConfigError(
+                "model.moe.domain_prior needs model.moe.n_domains (the number of domains in the prepared data)"
+            )
+        self.moe = moe
+        self.layer_idx = layer_idx
+        self.dim = config.dim
+        self.gate = Router(config.dim, moe, config.init_std)
+        self.experts = RoutedExperts(moe.n_routed_experts, config.dim, moe.moe_intermediate_size, config.init_std)
+        self.shared_experts = (
+            SwiGLU(config.dim, moe.n_shared_experts * moe.moe_intermediate_size) if moe.n_shared_experts else None
+        )
+        n_experts = moe.n_routed_experts
+        # Statistics, not weights: counted while training, reset or read by the hooks below.
+        self.register_buffer("load_since_step", torch.zeros(n_experts), persistent=False)
+        self.register_buffer("load_total", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
+        domain_counts = torch.zeros(MAX_DOMAINS, n_experts, dtype=torch.float64)
+        self.register_buffer("domain_counts", domain_counts, persistent=False)
+        self.register_buffer("dropped_since_step", torch.zeros(()), persistent=False)
+        if moe.domain_prior:
+            self.register_buffer("domain_prior_mask", domain_expert_mask(moe.n_domains, n_experts), persistent=False)
+            self.register_buffer("domain_prior_scale", torch.ones(()))
+        self.pending_losses: dict[str, torch.Tensor] = {}
+        self.last_load: list[float] = []
+        self.last_dropped = 0.0
+        self.count_domains_in_eval = False  # set by routing.measure_domain_routing
+        self.collapse_streak = 0
+        self.collapse_warned = False
+
+    def idle_params_per_token(self) -> int:
+        """Routed experts a token does not visit."""
+        per_expert = sum(p[0].numel() for p in self.experts.parameters())
+        return (self.moe.n_routed_experts - self.moe.experts_per_token) * per_expert
+
+    def _prior_bonus(self, domains: torch.Tensor | None) -> torch.Tensor | None:
+        if not (self.moe.domain_prior and self.training and domains is not None):
+            return None
+        ids = domains.reshape(-1).long().clamp(max=self.moe.n_domains)  # unknown ids get the zero row
+        return self.domain_prior_mask[ids] * (self.moe.domain_prior_bonus * self.domain_prior_scale)
+
+    def forward(
+        self, x: torch.Tensor, domains: torch.Tensor | None = None, use_grouped_mm: bool | None = None
+    ) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        routing = self.gate(flat, self._prior_bonus(domains))
+        n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
+
+        slot_experts = routing.experts.reshape(-1)
+        order = slot_experts.argsort(stable=True)
+        counts = torch.bincount(slot_experts, minlength=n_experts)
+        if self.moe.capacity_factor > 0:
+            order, kept = self._apply_capacity(order, slot_experts, counts, flat.shape[0])
+        else:
+            kept = counts
+        tokens = order // top_k
+        expert_out = self.experts(flat[tokens], kept, use_grouped_mm)
+        slot_weights = routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
+        routed = torch.zeros_like(flat, dtype=expert_out.dtype).index_add_(0, tokens, expert_out * slot_weights)
+        out = routed.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+
+        if self.training:
+            self._record(routing, counts, kept, domains)
+            self._collect_losses(routing, batch, seq)
+        elif self.count_domains_in_eval and domains is not None:
+            self.count_domains(routing.experts, domains)
+        return out.view(batch, seq, dim)
+
+    def _apply_capacity(
+        self, order: torch.Tensor, slot_experts: torch.Tensor, counts: torch.Tensor, n_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep at most capacity = ceil(factor * T * K / E) slots per expert, earliest tokens first."""
+        moe = self.moe
+        capacity = math.ceil(moe.capacity_factor * n_tokens * moe.experts_per_token / moe.n_routed_experts)
+        sorted_experts = slot_experts[order]
+        rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[sorted_experts]
+        return order[rank < capacity], counts.clamp(max=capacity)
+
+    @torch.no_grad()
+    def _record(
+        self, routing: Routing, counts: torch.Tensor, kept: torch.Tensor, domains: torch.Tensor | None
+    ) -> None:
+        self.load_since_step += counts.to(self.load_since_step.dtype)
+        self.dropped_since_step += (counts - kept).sum()
+        if domains is not None:
+            self.count_domains(routing.experts, domains)
+
+    @torch.no_grad()
+    def count_domains(self, experts: torch.Tensor, domains: torch.Tensor) -> None:
+        """Add each token's chosen experts to the domain x expert matrix."""
+        n_experts = self.moe.n_routed_experts
+        rows = domains.reshape(-1, 1).long().expand_as(experts)
+        cells = torch.bincount((rows * n_experts + experts).reshape(-1), minlength=MAX_DOMAINS * n_experts)
+        self.domain_counts += cells.view(MAX_DOMAINS, n_experts).to(self.domain_counts.dtype)
+
+    def _collect_losses(self, routing: Routing, batch: int, seq: int) -> None:
+        """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20) and router z-loss."""
+        moe = self.moe
+        if moe.aux_loss_alpha > 0:
+            n_experts, top_k = moe.n_routed_experts, moe.experts_per_token
+            chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
+            chosen.scatter_(1, routing.experts, 1.0)
+            fraction = chosen.view(batch, seq, n_experts).sum(1) * (n_experts / (top_k * seq))
+            normalised = routing.scores / routing.scores.sum(-1, keepdim=True)
+            probability = normalised.view(batch, seq, n_experts).mean(1)
+            self.pending_losses["aux"] = moe.aux_loss_alpha * (fraction * probability).sum(-1).mean()
+        if moe.z_loss_weight > 0:
+            self.pending_losses["z"] = moe.z_loss_weight * routing.logits.logsumexp(-1).square().mean()
+
+    def take_losses(self) -> dict[str, torch.Tensor]:
+        """Loss terms of the last training forward (cleared so a later forward never reuses them)."""
+        losses, self.pending_losses = self.pending_losses, {}
+        return losses
+
+    # -- hooks the trainer calls (through Transformer) -------------------------------------------
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """ALF: bias += rate * sign(mean_load - load) from this step's counts; anneal the domain prior."""
+        if self.moe.domain_prior:
+            anneal = self.moe.domain_prior_anneal_steps
+            self.domain_prior_scale.fill_(max(0.0, 1.0 - step / anneal) if anneal > 0 else 0.0)
+        load = self.load_since_step
+        total = float(load.sum())
+        if total == 0:
+            return
+        if self.moe.bias_update_rate > 0:
+            self.gate.e_score_correction_bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
+        self.load_total += load.double()
+        self.last_load = (load / load.mean()).tolist()
+        self.last_dropped = float(self.dropped_since_step) / total
+        self._check_collapse(float(load.max()) * self.moe.experts_per_token / total)
+        load.zero_()
+        self.dropped_since_step.zero_()
+
+    def _check_collapse(self, top_share: float) -> None:
+        self.collapse_streak = self.collapse_streak + 1 if top_share >= self.moe.collapse_share else 0
+        if self.collapse_streak >= self.moe.collapse_steps and not self.collapse_warned:
+            self.collapse_warned = True
+            log.warning(
+                "warning: MoE layer %d: one expert has taken >= %.0f%% of the tokens for %d steps in a row "
+                "(expert collapse); raise model.moe.bias_update_rate (now %g) to rebalance faster",
+                self.layer_idx, 100 * self.moe.collapse_share, self.collapse_streak, self.moe.bias_update_rate,
+            )
+
+    def training_metrics(self) -> dict[str, float]:
+        """Last step's load per expert relative to the mean (1.0 = perfectly balanced)."""
+        if not self.last_load:
+            return {}
+        prefix = f"moe/L{self.layer_idx}"
+        metrics = {
+            f"{prefix}/load_max_over_mean": max(self.last_load),
+            f"{prefix}/load_min_over_mean": min(self.last_load),
+        }
+        if self.moe.capacity_factor > 0:
+            metrics[f"{prefix}/dropped_fraction"] = self.last_dropped
+        return metrics
+
+
+def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:
+    """[n_domains + 1, E] with 1 where expert e belongs to domain d (round-robin); last row: untagged."""
+    experts = torch.arange(n_experts)
+    domains = torch.arange(n_domains).unsqueeze(1)
+    mask = experts % n_domains == domains if n_domains <= n_experts else experts == domains % n_experts
+    return torch.cat([mask.float(), torch.zeros(1, n_experts)])

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("total parameters", f"{total:,} ({_human(total)})")
+    if model.mtp:
+        mtp = sum(p.numel() for p in model.mtp.parameters())
+        table.add_row("  of which MTP modules (training only)", f"{mtp:,} ({_human(mtp)})")
     table.add_row("active parameters per token", f"{active:,} ({_human(active)})")
     table.add_row("embedding parameters", f"{model.embed.weight.numel():,}")
     table.add_row(
@@ -57,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     )
     table.add_row("KV cache per token (bf16)", f"{kv_values * 2:,} bytes")
     table.add_row(f"KV cache at {args.context:,} tokens (bf16)", _gib(kv_values * 2 * args.context))
+    if config.model.attention == "mla":
+        full = sum(layer.attn.uncompressed_cache_values_per_token() for layer in model.layers)
+        table.add_row(
+            "  GQA of the same width (n_heads K/V heads)",
+            f"{full * 2:,} bytes, {_gib(full * 2 * args.context)} ({full / kv_values:.1f}x)",
+        )
     table.add_row("weights (fp32 master)", _gib(memory.weights))
     table.add_row("gradients (fp32)", _gib(memory.grads))
     table.add_row(f"optimizer state ({config.train.optimizer})", _gib(memory.optimizer))

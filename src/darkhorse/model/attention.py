@@ -79,10 +79,14 @@ class GroupedQueryAttention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     @property
     def rotary_dim(self) -> int:
@@ -110,6 +114,8 @@ class GroupedQueryAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -183,6 +189,10 @@ class MultiHeadLatentAttention(nn.Module):
 
     def cache_values_per_token(self) -> int:
         return self.latent_dim + self.rope_dim
+
+    def uncompressed_cache_values_per_token(self) -> int:
+        """What caching the decompressed per-head K and V (attention of the same width) would take."""
+        return self.n_heads * (self.nope_dim + self.rope_dim + self.v_dim)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
         return LatentCache(batch, max_len, self.latent_dim + self.rope_dim, device, dtype)

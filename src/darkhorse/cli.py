@@ -15,6 +15,9 @@ from darkhorse.errors import DarkhorseError
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
+    "download": "download",
+    "prepare": "prepare",
+    "train": "train",
     "generate": "generate",
     "chat": "chat",
     "params": "params",

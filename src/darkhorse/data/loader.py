@@ -4,7 +4,8 @@ Every batch is a pure function of (seed, step, micro-step), never of iterator st
 resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen. With
 several sources, window number i of the run goes to a source by a fixed interleaving whose
 counts track the weights to within one window at every point (exact whenever the weights
-divide the count), and a seeded generator picks where in that source the window starts.
+divide the count), and a generator seeded by (seed, split, i) picks where in that source the
+window starts, so the windows do not depend on how a step is cut into micro-batches either.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from darkhorse.data.prepared import PreparedData, open_prepared
+from darkhorse.data.prepared import SPLITS, PreparedData, open_prepared
 from darkhorse.errors import DarkhorseError
 
 RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
@@ -127,9 +128,9 @@ class WindowLoader:
     def batch(self, step: int, micro_step: int) -> Batch:
         """The micro-batch `micro_step` of optimizer step `step` (both 0-based)."""
         first_window = (step * self.grad_accum + micro_step) * self.batch_size
-        rows = [source_of_window(first_window + row, self.weights) for row in range(self.batch_size)]
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        return self._gather("train", rows, rng, self.with_domains)
+        windows = range(first_window, first_window + self.batch_size)
+        rows = [source_of_window(index, self.weights) for index in windows]
+        return self._gather("train", windows, rows, self.with_domains)
 
     def val_batches(self, count: int) -> list[Batch]:
         """`count` fixed validation batches (the same at every evaluation), [] without val splits."""
@@ -139,26 +140,25 @@ class WindowLoader:
         with_domains = all(self.sources[i].domains("val") is not None for i in self.val_sources)
         batches = []
         for index in range(count):
-            rows = [
-                self.val_sources[source_of_window(index * self.batch_size + row, weights)]
-                for row in range(self.batch_size)
-            ]
-            rng = np.random.default_rng([self.seed, 1 << 31, index])  # a stream no training step uses
-            batches.append(self._gather("val", rows, rng, with_domains))
+            windows = range(index * self.batch_size, (index + 1) * self.batch_size)
+            rows = [self.val_sources[source_of_window(window, weights)] for window in windows]
+            batches.append(self._gather("val", windows, rows, with_domains))
         return batches
 
-    def _gather(self, split: str, rows: list[int], rng: np.random.Generator, with_domains: bool) -> Batch:
+    def _gather(self, split: str, windows: range, rows: list[int], with_domains: bool) -> Batch:
         span = self.seq_len + 1
-        windows = np.empty((len(rows), span), dtype=np.int64)
+        split_id = SPLITS.index(split)
+        token_windows = np.empty((len(rows), span), dtype=np.int64)
         domain_windows = np.empty((len(rows), span), dtype=np.uint8) if with_domains else None
-        for row, source in enumerate(rows):
+        for row, (window, source) in enumerate(zip(windows, rows, strict=True)):
             data = self.sources[source]
             tokens = data.tokens(split)
+            rng = np.random.default_rng([self.seed, split_id, window])
             start = int(rng.integers(0, len(tokens) - span + 1))
-            windows[row] = tokens[start : start + span]
+            token_windows[row] = tokens[start : start + span]
             if domain_windows is not None:
                 domain_windows[row] = data.domains(split)[start : start + span]
-        tensor = torch.from_numpy(windows)
+        tensor = torch.from_numpy(token_windows)
         inputs, targets = tensor[:, :-1], tensor[:, 1:]
         domains = torch.from_numpy(domain_windows[:, :-1]) if domain_windows is not None else None
         non_blocking = self.device.type == "cuda"

@@ -68,8 +68,9 @@ def measured_peak(device_type: str, dtype: str, size: int = 512, repeats: int = 
     """Best-of FLOP/s of a square matmul at the training dtype (once per process and dtype)."""
     device = torch.device(device_type)
     torch_dtype = _dtype_of(dtype)
-    a = torch.randn(size, size, device=device, dtype=torch_dtype)
-    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG (training's) untouched
+    a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

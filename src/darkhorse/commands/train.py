@@ -1,0 +1,93 @@
+"""Train a model on prepared data (or raw .jsonl/.txt/.parquet files), with exact resume.
+
+  darkhorse train --preset tiny-cpu --data data/prepared --out runs/tiny
+  darkhorse train --preset d20 --data web/:3 --data code/:1 --out runs/mix train.lr=1e-3
+  darkhorse train --out runs/tiny --resume                 continue from the newest checkpoint
+  darkhorse train --out runs/tiny --resume --max-steps 400 continue, and train for longer
+
+Each --data is PATH or PATH:WEIGHT. A directory is a prepared dir (`darkhorse prepare`); a raw file
+is prepared on the fly into a cache. Several sources are mixed in the given proportions and must
+share one tokenizer. The model's vocab_size comes from the data.
+
+RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/, metrics.jsonl
+(one JSON record per logged step and evaluation) and loss.png. Ctrl-C or SIGTERM finish the
+current step, save a checkpoint and exit; --resume then continues with exactly the same losses.
+A resumed run keeps its config; only max-steps, the intervals, keep_last, device, compile and
+max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
+line per --log-interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from darkhorse.commands.common import add_config_arguments, config_from_args
+
+HELP = "train a model from a preset or config on prepared data, resumable exactly"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="prepared dir or raw file, repeatable; WEIGHT sets its share of the windows (default 1)",
+    )
+    parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps in total (train.max_steps)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="CKPT_DIR",
+        help="continue from the newest checkpoint in RUN_DIR, or from CKPT_DIR",
+    )
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (train.device; auto: cuda > mps > cpu)"
+    )
+    parser.add_argument("--log-interval", type=int, help="steps between log lines (train.log_interval)")
+    parser.add_argument("--logger", choices=["tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    parser.add_argument(
+        "--force", action="store_true", help="start over in a RUN_DIR that holds a run (deletes its checkpoints)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (metrics.jsonl still written)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from darkhorse.data.loader import parse_data_spec
+    from darkhorse.errors import DarkhorseError
+    from darkhorse.train.checkpoint import latest_checkpoint, read_meta
+    from darkhorse.train.trainer import train
+
+    if args.resume and args.force:
+        raise DarkhorseError("--resume and --force contradict each other: choose one")
+    for flag in ("max_steps", "device", "log_interval"):  # shortcuts for train.<flag>
+        value = getattr(args, flag)
+        if value is not None:
+            args.overrides.append(f"train.{flag}={value}")
+    base = None
+    if args.resume:
+        source = latest_checkpoint(args.out) if args.resume is True else args.resume
+        if source is None:
+            raise DarkhorseError(f"--resume: {args.out} holds no checkpoint to resume from")
+        base = read_meta(source)["config"]
+    elif not (args.preset or args.preset_alias or args.config):
+        raise DarkhorseError("train needs --preset NAME or --config FILE.yaml (or --resume to continue a run)")
+    if not args.data and not args.resume:
+        raise DarkhorseError("train needs --data PATH (a prepared dir or a .jsonl/.txt/.parquet file)")
+    config = config_from_args(args, base=base)
+    data = [parse_data_spec(spec) for spec in args.data]
+    train(
+        config,
+        data,
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        logger=args.logger,
+        verbose=not args.quiet,
+    )
+    return 0

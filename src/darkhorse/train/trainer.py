@@ -1,0 +1,562 @@
+"""The one training loop: any `Transformer` config, prepared data in, resumable checkpoints out.
+
+A step is `grad_accum` micro-batches under autocast, one clip, one optimizer step per optimizer,
+one scheduler step each, then the model's `after_optimizer_step` hook. Everything a step depends
+on (weights, optimizer and scheduler state, RNG, data position) is in the checkpoint and the
+batches are a pure function of (seed, step, micro-step), so a resumed run repeats the
+uninterrupted one exactly on CPU. The loop knows nothing about the architecture: models report
+their own loss terms (`out.losses`) and metrics (`training_metrics()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkhorse.config import RunConfig, run_config_from_dict
+from darkhorse.data.loader import Batch, WindowLoader, open_sources
+from darkhorse.errors import DarkhorseError
+from darkhorse.model import Transformer
+from darkhorse.train import checkpoint as ckpt
+from darkhorse.train.dashboard import METRICS_FILE, Dashboard, ExternalLogger
+from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
+from darkhorse.train.optim import build_optimizers, split_parameters
+from darkhorse.train.peak_flops import peak_flops
+from darkhorse.train.reports import write_run_reports
+from darkhorse.train.schedule import build_schedulers, lr_multiplier
+
+# train.* keys a resumed run may change; anything else would make it a different run.
+RESUMABLE_KEYS = (
+    "max_steps",
+    "eval_interval",
+    "eval_steps",
+    "save_interval",
+    "keep_last",
+    "log_interval",
+    "device",
+    "compile",
+    "max_bad_steps",
+)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SAMPLE_PROMPT_TOKENS = 8
+SAMPLE_NEW_TOKENS = 32
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens_seen: int
+    checkpoint: Path | None  # final/ after a full run, the interrupt checkpoint otherwise
+    interrupted: bool = False
+    last_loss: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    bad_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda > mps > cpu; an explicit device that is missing is an error."""
+    has_mps = torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DarkhorseError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if name == "mps" and not has_mps:
+        raise DarkhorseError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DarkhorseError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+
+
+def memory_in_use(device: torch.device) -> float:
+    """GiB: peak allocated on a GPU, peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory() / GIB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / GIB
+
+
+def out_of_memory_advice(config: RunConfig, device: torch.device) -> str:
+    train = config.train
+    knobs = [
+        f"train.batch_size (now {train.batch_size})",
+        f"train.seq_len (now {train.seq_len})",
+        f"train.grad_checkpointing=true (now {str(train.grad_checkpointing).lower()})",
+        f"train.dtype=bf16 (now {train.dtype})",
+        f"train.grad_accum to keep tokens per step while shrinking the micro-batch (now {train.grad_accum})",
+        "a smaller preset",
+    ]
+    return f"out of memory on {device}; turn these knobs, in order: " + ", ".join(knobs)
+
+
+def _check_resume_config(requested: RunConfig, saved: RunConfig, checkpoint: Path) -> RunConfig:
+    """The saved config with the resumable train keys taken from `requested`; other changes are errors."""
+    saved_dict, requested_dict = saved.to_dict(), requested.to_dict()
+    for key in RESUMABLE_KEYS:
+        saved_dict["train"][key] = requested_dict["train"][key]
+    changed = [
+        f"{section}.{key}"
+        for section in ("model", "train")
+        for key in saved_dict[section]
+        if saved_dict[section][key] != requested_dict[section][key]
+    ]
+    if changed:
+        raise DarkhorseError(
+            f"{', '.join(changed)} differ from the checkpoint {checkpoint}; a resumed run keeps its config "
+            f"(only train.{', train.'.join(RESUMABLE_KEYS)} may change)"
+        )
+    return run_config_from_dict(saved_dict)
+
+
+def _find_resume_checkpoint(run_dir: Path, resume: bool | Path) -> Path:
+    if resume is True:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            raise DarkhorseError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        return found
+    folder = Path(resume)
+    if not (folder / ckpt.STATE_FILE).is_file():
+        raise DarkhorseError(f"--resume {folder}: not a resumable checkpoint (no {ckpt.STATE_FILE})")
+    return folder
+
+
+def _start_fresh(run_dir: Path, force: bool) -> None:
+    """Refuse to clobber an earlier run unless forced; when forced, clear its checkpoints and logs."""
+    old = [*ckpt.training_checkpoints(run_dir), run_dir / ckpt.FINAL_NAME]
+    old = [p for p in old if p.exists()]
+    if not old:
+        return
+    if not force:
+        raise DarkhorseError(
+            f"{run_dir} already holds a run ({old[-1].name}); pass --resume to continue it, "
+            "--force to start over (deletes its checkpoints), or choose another --out"
+        )
+    for folder in old:
+        shutil.rmtree(folder)
+    for name in (METRICS_FILE, "loss.png"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """Metrics of a resumed run up to its checkpoint; later records are dropped (they get redone)."""
+    metrics = run_dir / METRICS_FILE
+    if not metrics.exists():
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("step", 0) <= up_to_step]
+    temp = metrics.with_suffix(".jsonl.tmp")
+    temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(temp, metrics)
+    return kept
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals only reach the main thread; a worker thread trains without them
+            return
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run: set up from a fresh start or a checkpoint, then `run()` until max_steps or a signal."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: list[tuple[Path, float]],
+        run_dir: str | Path,
+        resume: bool | Path | None = None,
+        *,
+        force: bool = False,
+        logger: str | None = None,
+        verbose: bool = True,
+        live: bool | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temp_dirs(self.run_dir)
+        resume_from = _find_resume_checkpoint(self.run_dir, resume) if resume else None
+        if resume_from is None:
+            _start_fresh(self.run_dir, force)
+        saved_meta = ckpt.read_meta(resume_from) if resume_from else {}
+        if resume_from and not data:
+            data = [(Path(item["path"]), float(item["weight"])) for item in saved_meta.get("data", [])]
+
+        self.sources = open_sources(data, vocab_size=config.model.vocab_size)
+        first = self.sources[0][0]
+        # the data decides the vocabulary; the preset's vocab_size only sizes a tokenizer `prepare` trains
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=first.vocab_size))
+        if resume_from:
+            config = _check_resume_config(config, run_config_from_dict(saved_meta["config"]), resume_from)
+            saved_sha = saved_meta.get("tokenizer_sha256")
+            if saved_sha and saved_sha != first.tokenizer_sha256:
+                raise DarkhorseError(
+                    f"--data {first.path} uses a different tokenizer than the run in {resume_from} was trained with"
+                )
+        self.config, self.train_cfg = config, config.train
+        self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
+        self.device = resolve_device(self.train_cfg.device)
+
+        torch.manual_seed(self.train_cfg.seed)
+        with torch.device(self.device):
+            self.model = Transformer(config.model)
+        if resume_from:
+            from safetensors.torch import load_model as load_safetensors_into
+
+            load_safetensors_into(self.model, str(resume_from / ckpt.MODEL_FILE), device=str(self.device))
+        self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
+        self.model.train()
+        self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
+
+        self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
+        self.schedulers = build_schedulers(self.optimizers, self.train_cfg)
+        self.lr_multiplier = lr_multiplier(self.train_cfg)
+        fp16 = self.train_cfg.dtype == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(self.train_cfg.dtype)
+
+        self.loader = WindowLoader(
+            self.sources,
+            seq_len=self.train_cfg.seq_len,
+            batch_size=self.train_cfg.batch_size,
+            grad_accum=self.train_cfg.grad_accum,
+            seed=self.train_cfg.seed,
+            device=self.device,
+        )
+        self.tokens_per_step = self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum
+        self.step = self.tokens_seen = self.bad_in_a_row = self.bad_total = 0
+        self.history: list[dict[str, Any]] = []
+        if resume_from:
+            self._load_trainer_state(resume_from)
+            self.history = _read_history(self.run_dir, self.step)
+        self.resumed_from = resume_from
+        self.val_batches = self.loader.val_batches(self.train_cfg.eval_steps) if self.train_cfg.eval_steps else []
+        self.flops_per_token = self.model.flops_per_token(self.train_cfg.seq_len)
+        self.external_logger = ExternalLogger(logger, self.run_dir, config.to_dict()) if logger else None
+        self.dashboard = Dashboard(
+            self.run_dir,
+            max_steps=self.train_cfg.max_steps,
+            start_step=self.step,
+            train_tokens=self.loader.train_tokens,
+            verbose=verbose,
+            live=live,
+            logger=self.external_logger,
+        )
+        self._tokenizer = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "step": self.step,  # the data position too: batches are a function of (seed, step)
+            "tokens_seen": self.tokens_seen,
+            "bad_in_a_row": self.bad_in_a_row,
+            "bad_total": self.bad_total,
+        }
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        state = ckpt.load_trainer_state(folder)
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise DarkhorseError(f"{folder}: optimizer state does not match train.optimizer; cannot resume")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
+
+    def save(self, folder: Path, loss: float | None) -> Path:
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loss": loss,
+            "tokenizer_sha256": self.sources[0][0].tokenizer_sha256,
+            "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
+        }
+        saved = ckpt.save_training_checkpoint(
+            folder, self.model, self.config, self.tokenizer_file, meta, self._trainer_state()
+        )
+        ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
+        return saved
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self) -> tuple[float, dict[str, float], torch.Tensor | None]:
+        """Run one optimizer step; returns (loss, named loss terms, grad norm or None if skipped)."""
+        accum = self.train_cfg.grad_accum
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for micro_step in range(accum):
+            batch = self.loader.batch(self.step, micro_step)
+            with self._autocast():
+                out = self.forward(
+                    batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
+                )
+            self.scaler.scale(out.loss / accum).backward()
+            total += out.loss.detach()
+            for name, value in out.losses.items():
+                terms[name] = terms.get(name, 0) + value.detach().float() / accum
+        loss = (total / accum).item()
+        if not math.isfinite(loss):
+            self._zero_grad()
+            return loss, {}, None
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self._zero_grad()
+        return loss, {name: float(value) for name, value in terms.items()}, grad_norm
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean next-token loss over the fixed val batches and bits per byte of source text."""
+        self.model.eval()
+        nats = tokens = 0.0
+        text_bytes: float | None = 0.0
+        for batch in self.val_batches:
+            with self._autocast():
+                logits = self.forward(batch.inputs, domains=batch.domains).logits
+            per_token = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
+            ).view(batch.targets.shape)
+            nats += float(per_token.sum())
+            tokens += batch.targets.numel()
+            text_bytes = self._add_bytes(text_bytes, batch)
+        self.model.train()
+        val_loss = nats / tokens
+        val_bpb = nats / math.log(2) / text_bytes if text_bytes else None
+        return {"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb}
+
+    def _add_bytes(self, text_bytes: float | None, batch: Batch) -> float | None:
+        if text_bytes is None:
+            return None
+        for source in batch.sources:
+            per_token = self.sources[source][0].bytes_per_token("val")
+            if per_token is None:
+                return None
+            text_bytes += per_token * batch.targets.shape[1]
+        return text_bytes
+
+    def sample(self) -> str | None:
+        """A short continuation of the first val window's opening, to see what the model learned."""
+        if self.tokenizer_file is None or not self.val_batches:
+            return None
+        from darkhorse.data.tokenizer import Tokenizer
+        from darkhorse.infer.generate import generate_text
+
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
+        prompt = self._tokenizer.decode(self.val_batches[0].inputs[0, :SAMPLE_PROMPT_TOKENS].tolist())
+        return generate_text(
+            self.model,
+            self._tokenizer,
+            prompt,
+            max_new_tokens=SAMPLE_NEW_TOKENS,
+            temperature=0.8,
+            top_k=50,
+            seed=self.train_cfg.seed,
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        cfg = self.train_cfg
+        say = self.dashboard.message
+        if self.resumed_from:
+            say(f"resuming from {self.resumed_from} at step {self.step}")
+        say(
+            f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
+            f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
+            f"{cfg.max_steps} steps -> {self.run_dir}"
+        )
+        if not self.val_batches:
+            say("no val split long enough for one window: evaluation is off")
+        hidden, _, _ = split_parameters(self.model)
+        estimate = estimate_training_memory(
+            self.config, self.model.num_params(), sum(p.numel() for p in hidden)
+        )
+        warning = fit_warning(estimate, available_memory(self.device))
+        if warning:
+            say(f"warning: {warning}")
+
+    def _log_record(self, loss: float, terms: dict[str, float], grad_norm, lr_step: int, elapsed: float,
+                    tokens: int) -> dict[str, Any]:
+        tokens_per_s = tokens / max(elapsed, 1e-9)
+        peak = peak_flops(self.device, self.train_cfg.dtype)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.train_cfg.lr * self.lr_multiplier(lr_step),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / peak,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_seen": self.tokens_seen,
+            "epoch": self.tokens_seen / max(self.loader.train_tokens, 1),
+            "memory_gib": memory_in_use(self.device),
+            "bad_steps": self.bad_total,
+        }
+        if self.train_cfg.optimizer == "muon":
+            record["muon_lr"] = self.train_cfg.muon_lr * self.lr_multiplier(lr_step)
+        record.update({f"{name}_loss": value for name, value in terms.items()})
+        record.update(self.model.training_metrics())
+        return record
+
+    def run(self) -> TrainResult:
+        cfg = self.train_cfg
+        stop = _StopRequest()
+        loss: float | None = None
+        last_eval: dict[str, Any] = {}
+        saved: Path | None = None
+        with stop.installed(), self.dashboard:
+            self._announce()
+            window_start, window_tokens = time.perf_counter(), 0
+            try:
+                while self.step < cfg.max_steps and stop.signal_name is None:
+                    lr_step = self.step
+                    loss, terms, grad_norm = self.train_step()
+                    with warnings.catch_warnings():
+                        # a skipped step (NaN loss, or fp16 overflow) still advances the schedule
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        for scheduler in self.schedulers:
+                            scheduler.step()
+                    self.step += 1
+                    self.tokens_seen += self.tokens_per_step
+                    window_tokens += self.tokens_per_step
+                    if grad_norm is None:
+                        self._count_bad_step(loss)
+                    else:
+                        self.bad_in_a_row = 0
+                        self.model.after_optimizer_step(self.step)
+                    last = self.step == cfg.max_steps
+                    if self.step % cfg.log_interval == 0 or last:
+                        record = self._log_record(
+                            loss, terms, grad_norm, lr_step, time.perf_counter() - window_start, window_tokens
+                        )
+                        self.history.append(record)
+                        self.dashboard.log_step(record)
+                        window_start, window_tokens = time.perf_counter(), 0
+                    if self.val_batches and cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or last):
+                        last_eval = self.evaluate()
+                        self.history.append(last_eval)
+                        self.dashboard.log_eval(last_eval, self.sample())
+                    if cfg.save_interval > 0 and self.step % cfg.save_interval == 0:
+                        saved = self.save(self.run_dir / ckpt.step_name(self.step), loss)
+            except torch.OutOfMemoryError:
+                raise DarkhorseError(out_of_memory_advice(self.config, self.device)) from None
+
+            interrupted = stop.signal_name is not None and self.step < cfg.max_steps
+            if interrupted:
+                if self.step > 0 and (saved is None or saved.name != ckpt.step_name(self.step)):
+                    saved = self.save(self.run_dir / ckpt.step_name(self.step), loss)
+                where = f"checkpoint {saved}" if saved else "nothing to save yet"
+                self.dashboard.message(
+                    f"stopped by {stop.signal_name} at step {self.step} ({where}); continue with: "
+                    f"darkhorse train --out {self.run_dir} --resume"
+                )
+            else:
+                saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
+                write_run_reports(self.run_dir, self.model, self.history)
+                self.dashboard.message(f"done: {saved} (loss curve in {self.run_dir / 'loss.png'})")
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            checkpoint=saved,
+            interrupted=interrupted,
+            last_loss=loss,
+            val_loss=last_eval.get("val_loss"),
+            val_bpb=last_eval.get("val_bpb"),
+            bad_steps=self.bad_total,
+            history=self.history,
+        )
+
+    def _count_bad_step(self, loss: float) -> None:
+        self.bad_in_a_row += 1
+        self.bad_total += 1
+        self.dashboard.message(f"warning: step {self.step} loss is {loss}; skipped it (no update)")
+        if self.bad_in_a_row >= self.train_cfg.max_bad_steps:
+            raise DarkhorseError(
+                f"stopping: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps) at step "
+                f"{self.step}; lower train.lr, raise train.warmup_steps, use train.dtype=bf16 instead of fp16, "
+                "or check the data"
+            )
+
+
+def train(
+    config: RunConfig,
+    data: list[tuple[Path, float]],
+    out_dir: str | Path,
+    resume: bool | Path | None = None,
+    *,
+    force: bool = False,
+    logger: str | None = None,
+    verbose: bool = True,
+    live: bool | None = None,
+) -> TrainResult:
+    """Train `config` on `data` ((prepared dir or raw file, weight) pairs) into `out_dir`.
+
+    `resume=True` continues from the newest checkpoint in `out_dir`, a path from that checkpoint
+    (with `data` empty, the run's own sources are reused). `verbose=False` prints nothing;
+    `live` forces the rich view on or off (default: on when stdout is a terminal).
+    """
+    return Trainer(config, data, out_dir, resume, force=force, logger=logger, verbose=verbose, live=live).run()

@@ -1,0 +1,182 @@
+"""The training loop through its Python API: learning, exact resume, NaN skipping, run-dir rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError
+from darkhorse.train import checkpoint as ckpt
+from darkhorse.train.trainer import out_of_memory_advice, train
+
+SMALL = [
+    "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+    "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2",
+    "train.eval_steps=2", "train.log_interval=1",
+]  # fmt: skip
+
+
+def small_config(*overrides: str):
+    return load_run_config("tiny-cpu", overrides=[*SMALL, *overrides])
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_loss_falls_on_a_fixed_corpus(tmp_path, prepared_dir):
+    config = small_config("train.max_steps=40", "train.lr=1e-2", "train.eval_interval=40", "train.save_interval=0")
+    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    curve = losses(tmp_path / "run")
+    assert curve[40] < 0.5 * curve[1]
+    assert result.val_loss is not None and result.val_loss < 0.5 * math.log(64)
+    # bytes per token is 3 in the fixture, so bits per byte is the loss in bits over 3
+    assert result.val_bpb == pytest.approx(result.val_loss / math.log(2) / 3)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    model, loaded_config, meta = ckpt.load_model(tmp_path / "run" / "final")
+    assert meta["step"] == 40 and loaded_config.model.vocab_size == 64  # vocab comes from the data
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, prepared_dir, optimizer):
+    settings = ["train.schedule=constant", "train.save_interval=3", f"train.optimizer={optimizer}",
+                "train.eval_interval=3"]  # fmt: skip
+    train(small_config("train.max_steps=6", *settings), [(prepared_dir, 1.0)], tmp_path / "whole", verbose=False)
+    train(small_config("train.max_steps=3", *settings), [(prepared_dir, 1.0)], tmp_path / "split", verbose=False)
+    resumed = train(
+        small_config("train.max_steps=6", *settings), [], tmp_path / "split", resume=True, verbose=False
+    )
+    assert resumed.step == 6
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert list(split) == [1, 2, 3, 4, 5, 6]
+    assert split == whole  # bit-identical floats, not approximately equal
+    for name in ("model.safetensors",):
+        a = (tmp_path / "whole" / "final" / name).read_bytes()
+        assert a == (tmp_path / "split" / "final" / name).read_bytes()
+
+
+def test_resume_refuses_a_changed_model_or_optimizer_setting(tmp_path, prepared_dir):
+    config = small_config("train.max_steps=2", "train.save_interval=0", "train.eval_interval=0")
+    train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    with pytest.raises(DarkhorseError, match="train.lr"):
+        train(small_config("train.max_steps=4", "train.lr=1e-4"), [], tmp_path / "run", resume=True, verbose=False)
+
+
+def test_existing_run_is_never_clobbered_without_force(tmp_path, prepared_dir):
+    config = small_config("train.max_steps=2", "train.save_interval=0", "train.eval_interval=0")
+    train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    with pytest.raises(DarkhorseError, match="--resume.*--force"):
+        train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", force=True, verbose=False)
+    assert result.step == 2
+    assert len(losses(tmp_path / "run")) == 2  # the old metrics went with the old run
+
+
+def test_nan_losses_are_skipped_counted_and_stop_training(tmp_path, prepared_dir, monkeypatch):
+    from darkhorse.model import Transformer
+
+    original = Transformer.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if out.loss is not None and calls["n"] in (2, 3):  # steps 2 and 3 (grad_accum 1)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", sometimes_nan)
+    config = small_config("train.max_steps=5", "train.save_interval=0", "train.eval_interval=0")
+    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    assert result.bad_steps == 2 and result.step == 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in records] == [0, 1, 2, 2, 2]
+    assert records[1]["grad_norm"] is None and records[3]["grad_norm"] is not None
+
+    calls["n"] = -100  # from now on every step is NaN
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: _all_nan(original(self, *a, **k)))
+    config = small_config("train.max_steps=20", "train.max_bad_steps=3", "train.save_interval=0")
+    with pytest.raises(DarkhorseError, match="3 non-finite losses in a row"):
+        train(config, [(prepared_dir, 1.0)], tmp_path / "run2", verbose=False)
+
+
+def _all_nan(out):
+    if out.loss is not None:
+        out.loss = out.loss * float("nan")
+    return out
+
+
+def test_skipped_step_leaves_the_weights_alone(tmp_path, prepared_dir, monkeypatch):
+    from darkhorse.model import Transformer
+
+    original = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: _all_nan(original(self, *a, **k)))
+    torch.manual_seed(small_config().train.seed)
+    untouched = Transformer(dataclasses.replace(small_config().model, vocab_size=64))
+    config = small_config("train.max_steps=2", "train.max_bad_steps=5", "train.save_interval=0")
+    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    model, _, _ = ckpt.load_model(result.checkpoint)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, untouched.state_dict()[name]), name
+
+
+def test_model_hooks_and_loss_terms_are_logged(tmp_path, prepared_dir, monkeypatch):
+    from darkhorse.model import Transformer
+
+    seen_steps = []
+    monkeypatch.setattr(Transformer, "after_optimizer_step", lambda self, step: seen_steps.append(step))
+    monkeypatch.setattr(Transformer, "training_metrics", lambda self: {"expert_load_max": 0.5})
+    config = small_config("train.max_steps=3", "train.save_interval=0", "train.eval_interval=0")
+    train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    assert seen_steps == [1, 2, 3]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["expert_load_max"] == 0.5
+    assert record["lm_loss"] == pytest.approx(record["loss"])
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu", "memory_gib", "epoch"} <= set(record)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, prepared_dir):
+    # windows are numbered across the step, so 2 micro-batches of 2 rows see the 4 rows of one batch
+    common = ["train.max_steps=2", "train.save_interval=0", "train.eval_interval=0", "train.grad_clip=0"]
+    one = train(small_config(*common, "train.batch_size=4"), [(prepared_dir, 1.0)], tmp_path / "a", verbose=False)
+    accumulated = train(
+        small_config(*common, "train.batch_size=2", "train.grad_accum=2"),
+        [(prepared_dir, 1.0)],
+        tmp_path / "b",
+        verbose=False,
+    )
+    assert accumulated.last_loss == pytest.approx(one.last_loss, rel=1e-5)
+    a, _, _ = ckpt.load_model(one.checkpoint)
+    b, _, _ = ckpt.load_model(accumulated.checkpoint)
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_advice_lists_the_knobs_in_order():
+    advice = out_of_memory_advice(small_config(), torch.device("cpu"))
+    order = ["train.batch_size", "train.seq_len", "train.grad_checkpointing=true", "train.dtype=bf16",
+             "train.grad_accum", "smaller preset"]  # fmt: skip
+    positions = [advice.index(knob) for knob in order]
+    assert positions == sorted(positions)
+    assert "(now 4)" in advice
+
+
+def test_mixed_sources_must_share_a_tokenizer(tmp_path, make_prepared):
+    a = make_prepared(tmp_path / "a")
+    b = make_prepared(tmp_path / "b", tokenizer_sha256="another")
+    with pytest.raises(DarkhorseError, match="different tokenizer"):
+        train(small_config("train.max_steps=1"), [(a, 1.0), (b, 1.0)], tmp_path / "run", verbose=False)
+
+
+def test_bf16_and_grad_checkpointing_train(tmp_path, prepared_dir):
+    config = small_config("train.max_steps=2", "train.dtype=bf16", "train.grad_checkpointing=true",
+                          "train.grad_accum=2", "train.save_interval=0", "train.eval_interval=2")  # fmt: skip
+    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+    assert result.step == 2 and math.isfinite(result.last_loss) and math.isfinite(result.val_loss)

@@ -5,3 +5,112 @@ from __future__ import annotations
 import torch
 
 torch.set_num_threads(1)  # tests run in parallel workers on 2 cores; one thread each avoids thrashing
+
+
+# -- a tiny trained dense checkpoint (interop tests) ----------------------------------------------
+
+import pytest  # noqa: E402
+
+
+TINY_CYCLE = (
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty red orange yellow green blue indigo violet"
+).split()
+
+
+def _tiny_corpus() -> list[str]:
+    """Windows of one fixed word cycle (every word has one successor: confident, tie-free greedy
+    decoding after a few dozen steps) plus a few chat turns so the special tokens appear."""
+    from darkhorse.data.chat_format import render_conversation
+
+    cycle = TINY_CYCLE * 3
+    texts = [" ".join(cycle[k : k + 20 + k % 7]) + "." for k in range(len(TINY_CYCLE)) for _ in range(6)]
+    texts += [
+        render_conversation([{"role": "user", "content": f"after {w}?"}, {"role": "assistant", "content": w2}])
+        for w, w2 in zip(TINY_CYCLE, TINY_CYCLE[1:], strict=False)
+    ]
+    return texts
+
+
+def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 40, seed: int = 0):
+    """Train a 2-layer model (dim 256, so K-quants apply) on `_tiny_corpus` and save a checkpoint."""
+    from darkhorse.config import ModelConfig, RunConfig, TrainConfig
+    from darkhorse.data.tokenizer import Tokenizer
+    from darkhorse.model import Transformer
+    from darkhorse.train.checkpoint import save_model_checkpoint
+
+    torch.manual_seed(seed)
+    texts = _tiny_corpus()
+    tokenizer = Tokenizer.train(texts, vocab_size=400)
+    tokenizer_file = tokenizer.save(out_dir.parent / f"{out_dir.name}-tokenizer.json")
+    stream = torch.tensor([i for text in texts for i in tokenizer.encode(text)])
+    model_config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512,
+        max_seq_len=256, tie_embeddings=tie_embeddings,
+    )  # fmt: skip
+    config = RunConfig(name="tiny-gguf", model=model_config, train=TrainConfig(seq_len=64, batch_size=8))
+    model = Transformer(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - 65, (8,))
+        batch = torch.stack([stream[s : s + 65] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_model_checkpoint(out_dir, model.eval(), config, tokenizer_file, {"step": steps, "loss": loss.item()})
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_checkpoint(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dense") / "final")
+
+
+# -- prepared data dirs written directly in the on-disk format (trainer tests) ----------------------
+
+
+def write_prepared_dir(
+    path, *, vocab_size: int = 64, train_tokens: int = 4096, val_tokens: int = 1024, seed: int = 0,
+    tokenizer_sha256: str = "test-tokenizer", domains: bool = False, period: int = 17,
+):  # fmt: skip
+    """A prepared dir whose tokens repeat a fixed random cycle of `period` ids (easy to learn)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cycle = rng.integers(0, vocab_size, size=period)
+    path.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, count in (("train", train_tokens), ("val", val_tokens)):
+        tokens = np.resize(cycle, count).astype("<u4")
+        tokens.tofile(path / f"{split}.bin")
+        splits[split] = {"tokens": count, "documents": 1, "bytes": 3 * count}
+        if domains:
+            (np.arange(count) % 3).astype("u1").tofile(path / f"{split}.domains.bin")
+    meta = {
+        "format": "darkhorse-prepared-v1",
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": tokenizer_sha256,
+        "domains": ["a", "b", "c"] if domains else [],
+        "splits": splits,
+    }
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture
+def prepared_dir(tmp_path):
+    return write_prepared_dir(tmp_path / "prepared")
+
+
+@pytest.fixture
+def make_prepared():
+    """The `write_prepared_dir` factory, for tests that need several or unusual dirs."""
+    return write_prepared_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_checkpoint(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-untied") / "final", tie_embeddings=False, seed=1)

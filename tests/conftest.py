@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 torch.set_num_threads(1)  # tests run in parallel workers on 2 cores; one thread each avoids thrashing
@@ -9,13 +10,11 @@ torch.set_num_threads(1)  # tests run in parallel workers on 2 cores; one thread
 
 # -- a tiny trained dense checkpoint (interop tests) ----------------------------------------------
 
-import pytest  # noqa: E402
-
-
 TINY_CYCLE = (
-    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty red orange yellow green blue indigo violet"
-).split()
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen",
+    "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+    "red", "orange", "yellow", "green", "blue", "indigo", "violet",
+)  # fmt: skip
 
 
 def _tiny_corpus() -> list[str]:
@@ -23,7 +22,7 @@ def _tiny_corpus() -> list[str]:
     decoding after a few dozen steps) plus a few chat turns so the special tokens appear."""
     from darkhorse.data.chat_format import render_conversation
 
-    cycle = TINY_CYCLE * 3
+    cycle = list(TINY_CYCLE) * 3
     texts = [" ".join(cycle[k : k + 20 + k % 7]) + "." for k in range(len(TINY_CYCLE)) for _ in range(6)]
     texts += [
         render_conversation([{"role": "user", "content": f"after {w}?"}, {"role": "assistant", "content": w2}])

@@ -1,0 +1,327 @@
+"""Write a darkhorse checkpoint as a GGUF file that llama.cpp loads and runs.
+
+Dense GQA models become the `llama` architecture. llama.cpp's llama graph applies RoPE to adjacent
+channel pairs (the original Meta layout) while darkhorse, like HF Llama, rotates channel i with
+i + head_dim/2, so the q and k rows are permuted per head on the way out (the same permutation
+llama.cpp's own `convert_hf_to_gguf.py` applies to HF Llama weights); nothing else changes.
+
+The file is written with the `gguf` package in two passes: first every tensor's name, shape and
+type (computed from the config, no weights loaded), then the weights one tensor at a time, so peak
+memory is about one tensor, never a second copy of the model. It goes to a temporary file beside
+`out_path` and is renamed only when complete, so an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import MODEL_TENSOR as T
+from gguf import GGMLQuantizationType as QType
+from safetensors import safe_open
+
+from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
+from darkhorse.data.tokenizer import LLAMA_CPP_PRE, PRE_TOKENIZER_REGEX
+from darkhorse.errors import DarkhorseError
+from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
+
+OUTTYPES = {
+    "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# HF `tokenizers` Split regexes that llama.cpp re-implements, by the `tokenizer.ggml.pre` name it
+# knows them under (llama-vocab.cpp): darkhorse's own (Qwen2's) and those of imported Llama models.
+# ByteLevel(use_regex=True) alone is GPT-2's regex.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+KNOWN_PRE_TOKENIZERS = {PRE_TOKENIZER_REGEX: LLAMA_CPP_PRE, GPT2_REGEX: "gpt-2", LLAMA3_REGEX: "llama-bpe"}
+
+# Special tokens (data/tokenizer.py) and the GGUF keys that point at them.
+SPECIAL_TOKEN_KEYS = {
+    "<|bos|>": gguf.Keys.Tokenizer.BOS_ID,
+    "<|eos|>": gguf.Keys.Tokenizer.EOS_ID,
+    "<|pad|>": gguf.Keys.Tokenizer.PAD_ID,
+    "<|/assistant|>": gguf.Keys.Tokenizer.EOT_ID,  # end of an assistant turn: llama.cpp chat stops here
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# Reading the checkpoint lazily
+
+
+class CheckpointTensors:
+    """A checkpoint directory's config, tokenizer and weights, each weight read only when asked for."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.path = Path(checkpoint_dir)
+        meta = read_meta(self.path)
+        self.config: RunConfig = run_config_from_dict(meta["config"])
+        self._weights_file = self.path / MODEL_FILE
+        self.tokenizer_file = self.path / TOKENIZER_FILE
+        for required in (self._weights_file, self.tokenizer_file):
+            if not required.is_file():
+                raise DarkhorseError(f"{self.path} is not a complete darkhorse checkpoint (no {required.name})")
+        self._weights = safe_open(str(self._weights_file), framework="pt")
+        self._names = set(self._weights.keys())
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    def get(self, name: str) -> torch.Tensor:
+        """Weight `name` in fp32; a tied head falls back to the embedding it shares storage with."""
+        if name not in self._names and self.model.tie_embeddings:
+            name = {"lm_head.weight": "embed.weight", "embed.weight": "lm_head.weight"}.get(name, name)
+        if name not in self._names:
+            raise DarkhorseError(f"{self._weights_file}: tensor '{name}' is missing")
+        return self._weights.get_tensor(name).float()
+
+
+# -------------------------------------------------------------------------------------------------
+# The tensor plan: what goes into the file, in order, and how to make each tensor
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # torch order ([out, in]); gguf reverses it into ggml's ne order
+    make: Callable[[], torch.Tensor]
+    keep_f32: bool = False  # routers stay F32 whatever the outtype (1-D tensors always do)
+
+
+def gguf_name(tensor: T, layer: int | None = None, suffix: str = "weight") -> str:
+    return gguf.TENSOR_NAMES[tensor].format(bid=layer) + f".{suffix}"
+
+
+def rope_interleave_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from the half-split RoPE layout to llama.cpp's adjacent pairs.
+
+    Row j of a head's first half and row j of its second half rotate together; llama.cpp expects
+    them as rows 2j and 2j+1.
+    """
+    head_dim = weight.shape[0] // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
+    cfg = ckpt.model
+    dim, vocab = cfg.dim, cfg.padded_vocab_size
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+    def tensor(kind: T, layer: int | None, source: str, shape: tuple[int, ...], rope_heads: int = 0) -> PlannedTensor:
+        def make() -> torch.Tensor:
+            weight = ckpt.get(source)
+            return rope_interleave_rows(weight, rope_heads) if rope_heads else weight
+
+        return PlannedTensor(gguf_name(kind, layer), shape, make)
+
+    plan = [tensor(T.TOKEN_EMBD, None, "embed.weight", (vocab, dim))]
+    for i in range(cfg.n_layers):
+        src = f"layers.{i}."
+        plan += [
+            tensor(T.ATTN_NORM, i, src + "attn_norm.weight", (dim,)),
+            tensor(T.ATTN_Q, i, src + "attn.q_proj.weight", (q_rows, dim), rope_heads=cfg.n_heads),
+            tensor(T.ATTN_K, i, src + "attn.k_proj.weight", (kv_rows, dim), rope_heads=cfg.n_kv_heads),
+            tensor(T.ATTN_V, i, src + "attn.v_proj.weight", (kv_rows, dim)),
+            tensor(T.ATTN_OUT, i, src + "attn.o_proj.weight", (dim, q_rows)),
+            tensor(T.FFN_NORM, i, src + "ffn_norm.weight", (dim,)),
+            tensor(T.FFN_GATE, i, src + "ffn.gate_proj.weight", (cfg.ffn_dim, dim)),
+            tensor(T.FFN_UP, i, src + "ffn.up_proj.weight", (cfg.ffn_dim, dim)),
+            tensor(T.FFN_DOWN, i, src + "ffn.down_proj.weight", (dim, cfg.ffn_dim)),
+        ]
+    plan.append(tensor(T.OUTPUT_NORM, None, "norm.weight", (dim,)))
+    if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd as the output head
+        plan.append(tensor(T.OUTPUT, None, "lm_head.weight", (vocab, dim)))
+    return plan
+
+
+def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.padded_vocab_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _pre_tokenizer_name(tokenizer_file: Path, spec: dict) -> str:
+    """The llama.cpp `pre` type whose regex equals this tokenizer's byte-level pre-tokenizer."""
+    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    splits = [s for s in steps if s.get("type") == "Split"]
+    if len(byte_level) != 1 or len(steps) != len(byte_level) + len(splits) or len(splits) > 1:
+        raise DarkhorseError(
+            f"{tokenizer_file}: GGUF export needs a byte-level BPE pre-tokenizer (ByteLevel, optionally after "
+            f"one Split), got {json.dumps(spec)[:200]}"
+        )
+    if byte_level[0].get("add_prefix_space"):
+        raise DarkhorseError(f"{tokenizer_file}: ByteLevel add_prefix_space=true has no llama.cpp equivalent")
+    if byte_level[0].get("use_regex", True):
+        regexes = [GPT2_REGEX] + [s["pattern"].get("Regex") for s in splits]
+    else:
+        regexes = [s["pattern"].get("Regex") for s in splits]
+    if len(regexes) != 1 or regexes[0] not in KNOWN_PRE_TOKENIZERS:
+        raise DarkhorseError(
+            f"{tokenizer_file}: pre-tokenizer regex {regexes} is not one llama.cpp knows; "
+            f"known: {', '.join(KNOWN_PRE_TOKENIZERS.values())} (see darkhorse.data.tokenizer)"
+        )
+    return KNOWN_PRE_TOKENIZERS[regexes[0]]
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_file: Path, n_vocab: int) -> None:
+    """Embed the BPE vocab, merges, token types, special ids and chat template (`gpt2` tokenizer model).
+
+    The token list is padded to the embedding's row count with unused `[PADi]` entries, as llama.cpp
+    requires one token per row.
+    """
+    from darkhorse.data.chat_format import jinja_chat_template
+
+    spec = json.loads(tokenizer_file.read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise DarkhorseError(f"{tokenizer_file}: GGUF export needs a BPE tokenizer, got {model.get('type')}")
+    if spec.get("normalizer"):
+        raise DarkhorseError(f"{tokenizer_file}: a normalizer has no llama.cpp `gpt2` equivalent; remove it")
+    pre = _pre_tokenizer_name(tokenizer_file, spec.get("pre_tokenizer") or {})
+
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    entries = [(text, i, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()]
+    for added in spec.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        entries.append((added["content"], added["id"], kind))
+    for text, token_id, kind in entries:
+        if token_id >= n_vocab:
+            raise DarkhorseError(
+                f"{tokenizer_file}: token {text!r} has id {token_id} but the model has {n_vocab} embedding rows"
+            )
+        tokens[token_id], types[token_id] = text, kind
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    ids = {text: token_id for text, token_id, _ in entries}
+    for text, key in SPECIAL_TOKEN_KEYS.items():
+        if text in ids:
+            writer.add_uint32(key, ids[text])
+    # darkhorse's encode() adds no special tokens; prompts and the chat template carry <|bos|> themselves.
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(jinja_chat_template())
+
+
+# -------------------------------------------------------------------------------------------------
+# Writing
+
+
+def tensor_type(planned: PlannedTensor, outtype: str) -> QType:
+    """GGML type for one tensor: 1-D and router tensors stay F32; Q8_0 needs rows of 32 (else F16)."""
+    wanted = OUTTYPES[outtype][0]
+    if planned.keep_f32 or len(planned.shape) == 1:
+        return QType.F32
+    if wanted == QType.Q8_0 and planned.shape[-1] % gguf.GGML_QUANT_SIZES[QType.Q8_0][0]:
+        return QType.F16
+    return wanted
+
+
+def encode_tensor(tensor: torch.Tensor, qtype: QType) -> np.ndarray:
+    return gguf.quants.quantize(tensor.float().numpy(), qtype)
+
+
+@contextlib.contextmanager
+def atomic_output(out_path: str | Path, force: bool) -> Iterator[Path]:
+    """A temporary path beside `out_path` that replaces it only if the block succeeds."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise DarkhorseError(f"{out_path} is a directory; give a file name such as model.gguf")
+    if out_path.exists() and not force:
+        raise DarkhorseError(f"{out_path} already exists; pass --force to overwrite it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, out_path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+MetadataWriter = Callable[[gguf.GGUFWriter, ModelConfig], None]
+
+
+def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], MetadataWriter]:
+    cfg = ckpt.model
+    if cfg.residual != "plain":
+        raise DarkhorseError(
+            f"{ckpt.path}: model.residual={cfg.residual!r} (hyper-connections) has no llama.cpp architecture; "
+            "GGUF export needs model.residual=plain"
+        )
+    if cfg.rope_scaling.type != "none":
+        raise DarkhorseError(
+            f"{ckpt.path}: model.rope_scaling.type={cfg.rope_scaling.type!r} is not exported to GGUF yet; "
+            "export with model.rope_scaling.type=none"
+        )
+    if cfg.attention == "gqa" and cfg.ffn == "dense":
+        return "llama", llama_plan(ckpt), add_llama_metadata
+    raise DarkhorseError(
+        f"{ckpt.path}: GGUF export supports dense GQA models (llama) and MLA+MoE models (deepseek2); "
+        f"this one has model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"
+    )
+
+
+def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, force: bool = False) -> Path:
+    """Write `checkpoint_dir` as one GGUF file at `out_path` with 2-D weights stored as `outtype`."""
+    if outtype not in OUTTYPES:
+        raise DarkhorseError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    ckpt = CheckpointTensors(checkpoint_dir)
+    arch, plan, add_metadata = _plan_for(ckpt)
+    out_path = Path(out_path)
+    with atomic_output(out_path, force) as temp:
+        writer = gguf.GGUFWriter(temp, arch)
+        writer.add_name(ckpt.config.name or ckpt.path.name)
+        writer.add_file_type(OUTTYPES[outtype][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_metadata(writer, ckpt.model)
+        add_tokenizer_metadata(writer, ckpt.tokenizer_file, ckpt.model.padded_vocab_size)
+        types = [tensor_type(p, outtype) for p in plan]
+        for planned, qtype in zip(plan, types, strict=True):
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(planned.shape, qtype)))
+            writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for planned, qtype in zip(plan, types, strict=True):
+            tensor = planned.make()
+            if tuple(tensor.shape) != planned.shape:
+                raise DarkhorseError(
+                    f"{ckpt.path}: {planned.name} has shape {tuple(tensor.shape)}, the config implies {planned.shape}"
+                )
+            writer.write_tensor_data(encode_tensor(tensor, qtype))
+        writer.close()
+    return out_path

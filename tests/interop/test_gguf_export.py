@@ -1,0 +1,178 @@
+"""GGUF export: llama.cpp (through llama-cpp-python) loads the file and computes what darkhorse computes.
+
+Tolerances are on the largest absolute logit difference over every position and every vocab row of
+a 44-token sequence (logits here span roughly -10..+11, std ~1.7). llama.cpp runs with an F32 KV
+cache so the comparison measures the file's weights, not llama.cpp's default F16 cache. Measured on
+the tiny trained models of conftest.py (tied and untied), then given about 5x headroom:
+
+* f32: measured <= 1.4e-5 (summation order only) -> 1e-4.
+* f16: weights rounded to 11 significant bits (relative error <= 2^-11 ~ 4.9e-4); measured <= 1.8e-3 -> 2e-2.
+* bf16: 8 significant bits, 8x coarser than f16; measured <= 2.2e-2 -> 1e-1.
+* q8_0: 8-bit weights per block of 32 plus llama.cpp quantizing activations to 8 bits inside its
+  matmuls; measured <= 5.5e-2 -> 3e-1.
+
+The greedy check needs no tolerance: the model is trained on a word cycle, so each step's top logit
+leads the runner-up by far more than these differences, and any layout mistake (RoPE row order,
+tied head, vocab padding) breaks it immediately.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
+from darkhorse.data.tokenizer import Tokenizer
+from darkhorse.errors import DarkhorseError
+from darkhorse.infer.generate import generate_tokens
+from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
+from darkhorse.train.checkpoint import load_model
+
+LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
+GREEDY_TOKENS = 40
+PROMPT = "three four five six"
+
+
+def load_llama(path, n_ctx: int = 256) -> llama_cpp.Llama:
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, type_k=f32, type_v=f32, verbose=False
+    )
+
+
+def llama_greedy(llm: llama_cpp.Llama, prompt_ids: list[int], count: int) -> list[int]:
+    tokens = []
+    for token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        tokens.append(token)
+        if len(tokens) == count:
+            return tokens
+    return tokens
+
+
+def check_against_darkhorse(checkpoint, gguf_file, outtype: str) -> None:
+    model, _, _ = load_model(checkpoint)
+    tokenizer = Tokenizer.from_file(checkpoint / "tokenizer.json")
+    prompt = tokenizer.encode(PROMPT)
+    expected = list(generate_tokens(model, prompt, max_new_tokens=GREEDY_TOKENS, vocab_size=tokenizer.vocab_size))
+    assert len(expected) == GREEDY_TOKENS
+
+    llm = load_llama(gguf_file)
+    assert llama_greedy(llm, prompt, GREEDY_TOKENS) == expected
+
+    sequence = prompt + expected
+    llm.reset()
+    llm.eval(sequence)
+    theirs = np.asarray(llm.scores[: len(sequence)])
+    with torch.no_grad():
+        ours = model(torch.tensor([sequence])).logits[0].numpy()
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() < LOGIT_TOLERANCE[outtype]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_llama_gguf_matches_darkhorse(tiny_dense_checkpoint, tmp_path, outtype):
+    out = export_gguf(tiny_dense_checkpoint, tmp_path / f"model-{outtype}.gguf", outtype)
+    check_against_darkhorse(tiny_dense_checkpoint, out, outtype)
+
+
+def test_untied_head_is_written_as_output_tensor(tiny_untied_checkpoint, tmp_path):
+    out = export_gguf(tiny_untied_checkpoint, tmp_path / "untied.gguf", "f32")
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" in names
+    check_against_darkhorse(tiny_untied_checkpoint, out, "f32")
+
+
+def test_tied_model_has_no_output_tensor_and_keeps_norms_f32(tiny_dense_checkpoint, tmp_path):
+    out = export_gguf(tiny_dense_checkpoint, tmp_path / "model.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" not in tensors
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def read_field(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def test_tokenizer_and_chat_template_are_embedded(tiny_dense_checkpoint, tmp_path):
+    out = export_gguf(tiny_dense_checkpoint, tmp_path / "model.gguf", "f16")
+    tokenizer = Tokenizer.from_file(tiny_dense_checkpoint / "tokenizer.json")
+    config = json.loads((tiny_dense_checkpoint / "meta.json").read_text())["config"]["model"]
+    reader = gguf.GGUFReader(out)
+    assert read_field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert read_field(reader, "tokenizer.ggml.pre") == "qwen2"
+    assert read_field(reader, "tokenizer.chat_template") == jinja_chat_template()
+    assert read_field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_id
+    assert read_field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_id
+    assert read_field(reader, "tokenizer.ggml.padding_token_id") == tokenizer.pad_id
+    assert read_field(reader, "llama.rope.dimension_count") == config["dim"] // config["n_heads"]
+    tokens = read_field(reader, "tokenizer.ggml.tokens")
+    types = read_field(reader, "tokenizer.ggml.token_type")
+    padded = -(-tokenizer.vocab_size // 64) * 64
+    assert len(tokens) == len(types) == padded  # one entry per embedding row
+    assert types[tokenizer.bos_id] == gguf.TokenType.CONTROL
+    assert types[tokenizer.vocab_size] == gguf.TokenType.UNUSED
+    assert types[tokenizer.token_to_id("one")] == gguf.TokenType.NORMAL
+
+    # llama.cpp's own tokenizer (from the embedded vocab, merges and `pre` regex) gives darkhorse's ids.
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    conversation = [{"role": "user", "content": "Count: 12345 apples,  don't\tstop!\n\nÜber café 東京"}]
+    texts = [
+        "one two three  four\n\nfive",
+        "x=3.14159; y = x ** 2  # 'tis fine",
+        render_prompt(conversation),
+        render_conversation([*conversation, {"role": "assistant", "content": "ok 42"}]),
+    ]
+    for text in texts:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert ids == tokenizer.encode(text), text
+        assert llm.detokenize(ids, special=True).decode("utf-8") == text
+
+
+def test_rope_row_permutation_pairs_half_split_channels():
+    heads, head_dim = 2, 8
+    weight = torch.arange(heads * head_dim).float().unsqueeze(1)  # row index as value
+    rows = rope_interleave_rows(weight, heads).squeeze(1).long().tolist()
+    # Head 0: channel j pairs with j + 4 -> adjacent rows (0, 4), (1, 5), ...; head 1 likewise.
+    assert rows == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_existing_output_needs_force_and_failed_export_leaves_nothing(tiny_dense_checkpoint, tmp_path):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"precious")
+    with pytest.raises(DarkhorseError, match="--force"):
+        export_gguf(tiny_dense_checkpoint, out, "f16")
+    assert out.read_bytes() == b"precious"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (broken / name).write_bytes((tiny_dense_checkpoint / name).read_bytes())
+    meta = json.loads((tiny_dense_checkpoint / "meta.json").read_text())
+    meta["config"]["model"]["ffn_dim"] = 640  # the weights say 512: fails mid-stream
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DarkhorseError, match="ffn_gate.weight has shape"):
+        export_gguf(broken, tmp_path / "new.gguf", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]
+
+
+def test_bad_inputs_are_one_line_errors(tiny_dense_checkpoint, tmp_path):
+    with pytest.raises(DarkhorseError, match="outtype"):
+        export_gguf(tiny_dense_checkpoint, tmp_path / "m.gguf", "q4_k")
+    with pytest.raises(DarkhorseError, match="not found"):
+        export_gguf(tmp_path / "missing", tmp_path / "m.gguf", "f16")
+    mhc = tmp_path / "mhc"
+    mhc.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (mhc / name).write_bytes((tiny_dense_checkpoint / name).read_bytes())
+    meta = json.loads((tiny_dense_checkpoint / "meta.json").read_text())
+    meta["config"]["model"]["residual"] = "mhc"
+    (mhc / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DarkhorseError, match="hyper-connections"):
+        export_gguf(mhc, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()

@@ -154,6 +154,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention: str = "gqa"  # gqa | mla
+    attention_bias: bool = False  # GQA q/k/v projection biases (Qwen2)
+    qk_norm: bool = False  # GQA RMSNorm on each query/key head before RoPE (Qwen3)
     ffn: str = "dense"  # dense | moe
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0

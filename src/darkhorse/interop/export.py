@@ -1,0 +1,358 @@
+"""Export a darkhorse checkpoint: a Hugging Face directory, a plain state dict, or GGUF.
+
+    hf           config.json, generation_config.json, model.safetensors (or model-0000k-of-0000n shards
+                 with model.safetensors.index.json), tokenizer.json, tokenizer_config.json (with a chat
+                 template rendering darkhorse's chat format) and special_tokens_map.json: a directory
+                 that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` read (see interop/hf.py
+                 for the architectures)
+    safetensors  model.safetensors with our own tensor names, config.json, tokenizer.json
+    pt           the same with model.pt (`torch.save` of tensors only: `torch.load(weights_only=True)`)
+    gguf         one .gguf file for llama.cpp (interop/gguf.py)
+
+Weights stream from the checkpoint's safetensors file one tensor at a time into shards that are
+written as they fill, so peak memory stays near one shard (by default one copy of the model at most).
+Everything is written into a hidden temp dir beside `--out` and renamed into place at the end: an
+interrupted export leaves nothing half-written, and an existing `--out` is replaced only with force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
+from darkhorse.errors import DarkhorseError
+from darkhorse.interop.hf import HFAdapter, SafetensorsDir, SpecialTokens, adapter_for_export
+from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
+
+FORMATS = ("hf", "safetensors", "pt", "gguf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+STATE_DICT_FORMAT = "darkhorse-state-dict-v1"  # config.json marker of --format safetensors|pt
+PT_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (HF's --max-shard-size spelling)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise DarkhorseError(f"--max-shard-size: cannot read '{text}' (use e.g. 5GB, 500MB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] != "B" else 0
+    size = int(number * base**power)
+    if size <= 0:
+        raise DarkhorseError("--max-shard-size must be positive")
+    return size
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """A temp path beside `out` to write into; moved to `out` only if the block finishes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise DarkhorseError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        staged = holder / out.name
+        yield staged
+        if out.exists():
+            out.rename(holder / "replaced")
+        staged.rename(out)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+class ShardWriter:
+    """Safetensors shards written as they fill, named and indexed the way transformers expects."""
+
+    def __init__(self, folder: Path, max_bytes: int, stem: str = "model") -> None:
+        self.folder, self.max_bytes, self.stem = folder, max_bytes, stem
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in shard for shard in self.shards):
+            raise DarkhorseError(f"internal error: tensor {name} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        storage = tensor.untyped_storage()
+        shared = storage.nbytes() != size or any(
+            t.untyped_storage().data_ptr() == storage.data_ptr() for t in self.pending.values()
+        )
+        self.pending[name] = tensor.clone() if shared else tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self.shards) + 1
+        save_file(self.pending, str(self.folder / f"{self.stem}-{index:05d}.safetensors"), {"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give the shards their final names, write the index if sharded."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            final = self.folder / f"{self.stem}.safetensors"
+            (self.folder / f"{self.stem}-00001.safetensors").rename(final)
+            return [final]
+        weight_map, files = {}, []
+        for index, names in enumerate(self.shards, start=1):
+            final = self.folder / f"{self.stem}-{index:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"{self.stem}-{index:05d}.safetensors").rename(final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        index_data = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+        return files
+
+
+class CheckpointSource:
+    """A darkhorse checkpoint's config and its weights, read one tensor at a time."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.path = Path(checkpoint_dir)
+        self.meta = read_meta(self.path)
+        self.config: RunConfig = run_config_from_dict(self.meta["config"])
+        if not (self.path / MODEL_FILE).exists():
+            raise DarkhorseError(f"{self.path} is not a darkhorse checkpoint (no {MODEL_FILE})")
+        self.tensors = SafetensorsDir(self.path, MODEL_FILE)
+        self.expected = expected_shapes(self.config.model)
+        # A tied embedding/head is stored once, under either name.
+        self.aliases = {"embed.weight": "lm_head.weight", "lm_head.weight": "embed.weight"}
+        if not self.config.model.tie_embeddings:
+            self.aliases = {}
+        missing = [name for name in self.expected if self._stored_name(name) is None]
+        if missing:
+            raise DarkhorseError(f"{self.path / MODEL_FILE} lacks tensors its config needs: {', '.join(missing)}")
+
+    def _stored_name(self, name: str) -> str | None:
+        for candidate in (name, self.aliases.get(name)):
+            if candidate and candidate in self.tensors:
+                return candidate
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.tensors.get(self._stored_name(name))
+        if tuple(tensor.shape) != self.expected[name]:
+            raise DarkhorseError(
+                f"{self.path / MODEL_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                f"its config needs {self.expected[name]}"
+            )
+        return tensor
+
+    def tokenizer_file(self) -> Path:
+        path = self.path / TOKENIZER_FILE
+        if not path.exists():
+            raise DarkhorseError(f"{self.path} has no {TOKENIZER_FILE}; copy the one from the prepared data dir")
+        return path
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every persistent tensor of a model with `config`, by name (built on the meta device: no memory)."""
+    from darkhorse.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _special_tokens(tokenizer_file: Path) -> tuple[SpecialTokens, dict[str, str]]:
+    """Ids for config.json and the bos/eos/pad strings for tokenizer_config.json."""
+    from tokenizers import Tokenizer
+
+    from darkhorse.data.tokenizer import BOS, EOS, PAD
+
+    backend = Tokenizer.from_file(str(tokenizer_file))
+    strings = {key: token for key, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD))
+               if backend.token_to_id(token) is not None}  # fmt: skip
+    ids = SpecialTokens(*(backend.token_to_id(token) for token in (BOS, EOS, PAD)))
+    return ids, strings
+
+
+def write_hf_tokenizer(folder: Path, tokenizer_file: Path, special: dict[str, str], max_len: int) -> None:
+    """tokenizer.json plus the two small files transformers reads next to it."""
+    from darkhorse.data.chat_format import jinja_chat_template
+
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "chat_template": jinja_chat_template(),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def write_hf_weights(
+    source: CheckpointSource, adapter: HFAdapter, folder: Path, dtype: torch.dtype | None, max_bytes: int
+) -> list[Path]:
+    """Stream every tensor through the adapter's maps into shards; returns the shard files."""
+    config = source.config.model
+    maps = adapter.tensor_maps(config)
+    mapped = {m.ours for m in maps}
+    skipped = {n for n in source.expected if not adapter.exports_mtp and n.startswith("mtp.")}
+    if config.tie_embeddings:
+        skipped.add("lm_head.weight")
+    unmapped = sorted(set(source.expected) - mapped - skipped)
+    if unmapped:
+        raise DarkhorseError(
+            f"{adapter.architecture} export has no place for these tensors: {', '.join(unmapped)}"
+        )
+    writer = ShardWriter(folder, max_bytes)
+    for tensor_map in maps:
+        tensor = source.get(tensor_map.ours)
+        for name, piece in tensor_map.to_hf(tensor):
+            keep = name.endswith(adapter.keep_fp32)
+            writer.add(name, piece.float() if keep else _cast(piece, dtype))
+        del tensor
+    return writer.close()
+
+
+def export_hf(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write `checkpoint_dir` as a transformers model directory at `out`."""
+    source = CheckpointSource(checkpoint_dir)
+    adapter = adapter_for_export(source.config.model)
+    tokenizer_file = source.tokenizer_file()
+    max_bytes = parse_size(max_shard_size)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    stored = source.tensors.get(source._stored_name("norm.weight")).dtype
+    dtype_name = HF_DTYPE_NAMES.get(torch_dtype or stored, "float32")
+    tokens, special = _special_tokens(tokenizer_file)
+    config = source.config.model
+    with staged_output(Path(out), force) as folder:
+        folder.mkdir()
+        write_hf_weights(source, adapter, folder, torch_dtype, max_bytes)
+        hf_config = adapter.config_to_hf(config, tokens, dtype_name)
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"bos_token_id": tokens.bos_id, "eos_token_id": tokens.eos_id, "pad_token_id": tokens.pad_id}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_hf_tokenizer(folder, tokenizer_file, special, config.max_seq_len)
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain state dicts (AetherMind-style): our own tensor names + config
+
+
+def export_state_dict(
+    checkpoint_dir: str | Path, out: str | Path, fmt: str, *, force: bool = False, dtype: str | None = None
+) -> Path:
+    """`fmt` 'safetensors' or 'pt': our tensors as they are, plus config.json and tokenizer.json."""
+    source = CheckpointSource(checkpoint_dir)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    tokenizer_file = source.tokenizer_file()
+    names = [n for n in source.expected if not (source.config.model.tie_embeddings and n == "lm_head.weight")]
+    record = {
+        "format": STATE_DICT_FORMAT,
+        "weights": MODEL_FILE if fmt == "safetensors" else PT_FILE,
+        **{k: v for k, v in source.meta.items() if k != "format"},
+    }
+    with staged_output(Path(out), force) as folder:
+        folder.mkdir()
+        if fmt == "safetensors":
+            writer = ShardWriter(folder, max_bytes=2**63)
+            for name in names:
+                writer.add(name, _cast(source.get(name), torch_dtype))
+            writer.close()
+        else:
+            torch.save({name: _cast(source.get(name), torch_dtype) for name in names}, folder / PT_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+    return Path(out)
+
+
+def is_state_dict_export(folder: Path) -> bool:
+    try:
+        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("format") == STATE_DICT_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_state_dict_export(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
+    """(model, RunConfig, record) from an `export --format safetensors|pt` directory."""
+    from safetensors.torch import load_file
+
+    from darkhorse.model import Transformer
+
+    folder = Path(folder)
+    record: dict[str, Any] = json.loads((folder / CONFIG_FILE).read_text())
+    config = run_config_from_dict(record["config"])
+    weights = folder / record.get("weights", MODEL_FILE)
+    if not weights.exists():
+        raise DarkhorseError(f"{folder}: {weights.name} is missing")
+    if weights.suffix == ".pt":
+        state = torch.load(weights, map_location=device, weights_only=True)
+    else:
+        state = load_file(str(weights), device=device)
+    with torch.device(device):
+        model = Transformer(config.model)
+    result = model.load_state_dict(state, strict=False)
+    missing = [n for n in result.missing_keys if not (config.model.tie_embeddings and n == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise DarkhorseError(
+            f"{weights} does not match its config: missing {', '.join(missing) or 'none'}; "
+            f"unexpected {', '.join(result.unexpected_keys) or 'none'}"
+        )
+    return model.eval(), config, record
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point for the CLI
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    fmt: str,
+    *,
+    force: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    outtype: str = "f16",
+) -> Path:
+    if fmt == "hf":
+        return export_hf(checkpoint_dir, out, force=force, dtype=dtype, max_shard_size=max_shard_size)
+    if fmt in ("safetensors", "pt"):
+        return export_state_dict(checkpoint_dir, out, fmt, force=force, dtype=dtype)
+    if fmt == "gguf":
+        from darkhorse.interop.gguf import export_gguf
+
+        return export_gguf(checkpoint_dir, out, outtype, force=force)
+    raise DarkhorseError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

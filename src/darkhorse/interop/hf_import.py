@@ -1,0 +1,156 @@
+"""Import a Hugging Face model directory (or a darkhorse state-dict export) as a darkhorse checkpoint.
+
+The architecture's adapter (interop/hf.py) turns config.json into a darkhorse config and names, for
+each of our tensors, the HF tensor(s) to read. The model is allocated once, uninitialised, and each
+tensor is read from the (possibly sharded) safetensors files straight into its place, so peak memory
+is one copy of the model. The result is an ordinary checkpoint (model.safetensors, meta.json,
+tokenizer.json): generate, chat, eval, export and `train --init-from`-style fine-tuning read it like
+one of ours. A foreign tokenizer is copied as it is; meta.json's "import" record says which of
+darkhorse's chat tokens it lacks and keeps the source's own chat template and special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from darkhorse.config import TrainConfig, run_config_from_dict
+from darkhorse.errors import DarkhorseError
+from darkhorse.interop.export import is_state_dict_export, load_state_dict_export, staged_output
+from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
+from darkhorse.train.checkpoint import save_model_checkpoint
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DarkhorseError(f"{path.parent}: no {path.name} (is this a Hugging Face model directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise DarkhorseError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise DarkhorseError(f"{path}: expected a JSON object")
+    return data
+
+
+def _tokenizer_record(hf_dir: Path, tokenizer_file: Path) -> dict[str, Any]:
+    """What chat and generation need to know about a foreign tokenizer."""
+    from tokenizers import Tokenizer
+
+    from darkhorse.data.tokenizer import SPECIAL_TOKENS
+
+    backend = Tokenizer.from_file(str(tokenizer_file))
+    settings = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").exists() else {}
+
+    def token_text(value: Any) -> str | None:
+        return value.get("content") if isinstance(value, dict) else value
+
+    record = {key: token_text(settings.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
+    record["missing_chat_tokens"] = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+    if settings.get("chat_template"):
+        record["chat_template"] = settings["chat_template"]
+    return record
+
+
+def _tokenizer_file(hf_dir: Path, staging: Path) -> Path:
+    """tokenizer.json of the source; converted by transformers when only slow-tokenizer files exist."""
+    if (hf_dir / "tokenizer.json").exists():
+        return hf_dir / "tokenizer.json"
+    try:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=True)
+        converted = staging / "tokenizer.json"
+        fast.backend_tokenizer.save(str(converted))
+        return converted
+    except Exception as exc:  # any loader failure means: no usable tokenizer in this directory
+        raise DarkhorseError(
+            f"{hf_dir}: no tokenizer.json, and transformers could not build one ({type(exc).__name__})"
+        ) from None
+
+
+def load_hf_state(hf_dir: Path, model: torch.nn.Module, adapter, source: SafetensorsDir) -> None:
+    """Fill `model`'s persistent tensors from `source`, one at a time; list every problem at once."""
+    hf_config = _read_json(hf_dir / "config.json")
+    maps = adapter.tensor_maps(model.config)
+    missing = [name for m in maps for name in m.missing(source)]
+    known = {name for m in maps for name in m.known()}
+    unexpected = [n for n in source.names() if n not in known and not adapter.ignored_on_import(n, hf_config)]
+    if missing or unexpected:
+        raise DarkhorseError(
+            f"{hf_dir}: tensors do not match {adapter.architecture} with this config.json; "
+            f"missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(unexpected) or 'none'}"
+        )
+    state = model.state_dict()
+    mismatched = []
+    with torch.no_grad():
+        for tensor_map in maps:
+            target = state[tensor_map.ours]
+            tensor = tensor_map.from_hf(source, target)
+            if tensor.shape != target.shape:
+                shapes = f"{tuple(tensor.shape)} != {tuple(target.shape)}"
+                mismatched.append(f"{tensor_map.ours} <- {tensor_map.hf[0]}: {shapes}")
+                continue
+            target.copy_(tensor)
+    if mismatched:
+        raise DarkhorseError(f"{hf_dir}: tensor shapes do not match config.json: {'; '.join(mismatched)}")
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Convert `hf_dir` into a darkhorse checkpoint at `out`; returns `out`."""
+    from darkhorse.model import Transformer
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise DarkhorseError(f"model directory not found: {hf_dir}")
+    if is_state_dict_export(hf_dir):
+        return _import_state_dict_export(hf_dir, out, force)
+    hf_config = _read_json(hf_dir / "config.json")
+    adapter = adapter_for_import(hf_config, str(hf_dir / "config.json"))
+    source = SafetensorsDir(hf_dir)
+    model_dict = adapter.config_from_hf(hf_config, str(hf_dir / "config.json"), source)
+    train = TrainConfig()
+    run_config = run_config_from_dict(
+        {
+            "name": f"import-{hf_dir.resolve().name}",
+            "description": f"{adapter.architecture} imported from {hf_dir}",
+            "model": model_dict,
+            "train": {"seq_len": min(train.seq_len, model_dict["max_seq_len"])},
+        }
+    )
+    with torch.device("meta"):
+        model = Transformer(run_config.model)
+    model.to_empty(device="cpu")  # allocates without initialising; every tensor is read below
+    if run_config.model.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # to_empty made them two tensors
+    load_hf_state(hf_dir, model, adapter, source)
+    model.init_rope_buffers()
+    with staged_output(out, force) as staging:
+        staging.parent.joinpath("tokenizer").mkdir()
+        tokenizer_file = _tokenizer_file(hf_dir, staging.parent / "tokenizer")
+        meta = {
+            "step": 0,
+            "tokens_seen": 0,
+            "loss": None,
+            "import": {
+                "format": "hf",
+                "architecture": adapter.architecture,
+                "source": str(hf_dir.resolve()),
+                "tokenizer": _tokenizer_record(hf_dir, tokenizer_file),
+            },
+        }
+        save_model_checkpoint(staging, model, run_config, tokenizer_file, meta)
+    return out
+
+
+def _import_state_dict_export(folder: Path, out: Path, force: bool) -> Path:
+    """An `export --format safetensors|pt` directory back into a checkpoint."""
+    model, config, record = load_state_dict_export(folder)
+    meta = {k: v for k, v in record.items() if k not in ("format", "weights", "config", "darkhorse_version")}
+    meta["import"] = {"format": record["weights"], "source": str(folder.resolve())}
+    with staged_output(out, force) as staging:
+        save_model_checkpoint(staging, model, config, folder / "tokenizer.json", meta)
+    return out

@@ -5,7 +5,12 @@
     DIR/train.domains.bin ... one uint8 domain id per token (optional)
     DIR/meta.json             {"format", "vocab_size", "tokenizer_sha256", "domains": [names],
                                "splits": {"train": {"tokens", "documents", "bytes", "domains": {...}}, ...},
-                               "inputs": [{"path", "sha256", "bytes"}]}
+                               "inputs": [{"path", "sha256", "bytes"}],
+                               "special_tokens": {token: id}, "bos_id", "eos_id", "pad_id",
+                               "skipped": [{"path", "count", "examples"}], "settings": {...}}
+
+`tokenizer_sha256` is the sha256 of tokenizer.json's bytes (= `Tokenizer.sha256`); sources mixed in one
+run must share it. Domain ids index `domains`; untagged records are "general".
 
 Opening a directory checks it against its meta.json so that a truncated or mismatched file is a
 clear error before training starts, not a crash (or silent garbage) mid-run.
@@ -109,8 +114,17 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
         raise _fail(meta_file, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(meta, dict) or "vocab_size" not in meta:
         raise _fail(meta_file, "missing 'vocab_size'")
+    if meta.get("format", FORMAT) != FORMAT:
+        raise _fail(meta_file, f"format {meta['format']!r} is not {FORMAT!r}; prepare the data again")
     if not (path / "train.bin").exists():
         raise _fail(path, "missing train.bin")
+    for split in meta.get("splits", {}):
+        if split in SPLITS and not (path / f"{split}.bin").exists():
+            raise _fail(path, f"meta.json lists the {split} split but {split}.bin is missing")
+    tokenizer_file = path / "tokenizer.json"
+    expected_sha = meta.get("tokenizer_sha256")
+    if expected_sha and tokenizer_file.exists() and sha256_file(tokenizer_file) != expected_sha:
+        raise _fail(tokenizer_file, "does not match tokenizer_sha256 in meta.json (replaced or edited?)")
     for split in SPLITS:
         token_file = path / f"{split}.bin"
         if not token_file.exists():
@@ -133,6 +147,14 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
                 if largest >= data.vocab_size:
                     raise _fail(
                         path / f"{split}.bin", f"token id {largest} >= vocab size {data.vocab_size} in meta.json"
+                    )
+            domains = data.domains(split) if split in data._maps else None
+            if domains is not None and len(domains) and data.domain_names:
+                largest = int(domains.max())
+                if largest >= len(data.domain_names):
+                    raise _fail(
+                        path / f"{split}.domains.bin",
+                        f"domain id {largest} but meta.json names only {len(data.domain_names)} domains",
                     )
     if len(data.tokens("train")) < 2:
         raise _fail(path, "train.bin holds fewer than 2 tokens")

@@ -17,8 +17,6 @@ from darkhorse.errors import DarkhorseError
 SUBCOMMANDS = {
     "download": "download",
     "prepare": "prepare",
-    "download": "download",
-    "prepare": "prepare",
     "train": "train",
     "generate": "generate",
     "chat": "chat",

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "params": "params",
+    "export": "export",
+    "import": "import_hf",
 }
 
 EPILOG = """workflow:

@@ -23,15 +23,15 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ModelConfig(vocab_size=300, **DENSE),
     "MixtralForCausalLM": ModelConfig(
         vocab_size=300, tie_embeddings=False, ffn="moe", **DENSE,
-        moe=MoEConfig(**{"n_routed_experts": 4, "n_shared_experts": 0, "experts_per_token": 2, "moe_intermediate_size": 32,
-             "scoring": "softmax", "first_k_dense": 0, "bias_update_rate": 0.0}),
+        moe=MoEConfig(n_routed_experts=4, n_shared_experts=0, experts_per_token=2, moe_intermediate_size=32,
+                      scoring="softmax", first_k_dense=0, bias_update_rate=0.0),
     ),
     "DeepseekV3ForCausalLM": ModelConfig(
         vocab_size=300, n_layers=3, dim=64, n_heads=4, n_kv_heads=4, ffn_dim=96, max_seq_len=64, norm_eps=1e-6,
         tie_embeddings=False, attention="mla", ffn="moe", mtp_depth=1,
-        mla=MLAConfig(**{"q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}),
-        moe=MoEConfig(**{"n_routed_experts": 4, "n_shared_experts": 1, "experts_per_token": 2, "moe_intermediate_size": 32,
-             "first_k_dense": 1, "routed_scaling_factor": 2.5}),
+        mla=MLAConfig(q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+        moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, experts_per_token=2, moe_intermediate_size=32,
+                      first_k_dense=1, routed_scaling_factor=2.5),
     ),
 }  # fmt: skip
 
@@ -41,7 +41,7 @@ def tokenizer_file(tmp_path_factory):
     from darkhorse.data.chat_format import render_conversation
     from darkhorse.data.tokenizer import Tokenizer
 
-    words = "the cat sat on a mat and then ran to see the dog who was very happy today".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "to", "see", "dog", "who", "was", "happy"]
     texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 3
     texts.append(render_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]))
     return Tokenizer.train(texts, vocab_size=300, min_frequency=1).save(tmp_path_factory.mktemp("tok") / "t.json")

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "export": "export",
     "import": "import_hf",
 }
+    "quantize": "quantize",
 
 EPILOG = """workflow:
   darkhorse demo                                   train and evaluate on the built-in corpus

@@ -182,23 +182,32 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 # Hugging Face
 
 
-def _special_tokens(tokenizer_file: Path) -> tuple[SpecialTokens, dict[str, str]]:
-    """Ids for config.json and the bos/eos/pad strings for tokenizer_config.json."""
+def hf_tokenizer_settings(source: CheckpointSource) -> tuple[SpecialTokens, dict[str, str], str | None]:
+    """Special-token ids (config.json), their strings and the chat template (tokenizer_config.json).
+
+    darkhorse tokenizers get darkhorse's chat template; an imported foreign tokenizer that lacks our
+    chat tokens keeps the special tokens and template its source declared (meta.json "import")."""
     from tokenizers import Tokenizer
 
-    from darkhorse.data.tokenizer import BOS, EOS, PAD
-
-    backend = Tokenizer.from_file(str(tokenizer_file))
-    strings = {key: token for key, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD))
-               if backend.token_to_id(token) is not None}  # fmt: skip
-    ids = SpecialTokens(*(backend.token_to_id(token) for token in (BOS, EOS, PAD)))
-    return ids, strings
-
-
-def write_hf_tokenizer(folder: Path, tokenizer_file: Path, special: dict[str, str], max_len: int) -> None:
-    """tokenizer.json plus the two small files transformers reads next to it."""
     from darkhorse.data.chat_format import jinja_chat_template
+    from darkhorse.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
 
+    backend = Tokenizer.from_file(str(source.tokenizer_file()))
+    names = ("bos_token", "eos_token", "pad_token")
+    if all(backend.token_to_id(token) is not None for token in SPECIAL_TOKENS):
+        strings, template = dict(zip(names, (BOS, EOS, PAD), strict=True)), jinja_chat_template()
+    else:
+        record = source.meta.get("import", {}).get("tokenizer", {})
+        strings = {name: record[name] for name in names if record.get(name)}
+        template = record.get("chat_template")
+    ids = SpecialTokens(*(backend.token_to_id(strings[n]) if n in strings else None for n in names))
+    return ids, strings, template
+
+
+def write_hf_tokenizer(
+    folder: Path, tokenizer_file: Path, special: dict[str, str], template: str | None, max_len: int
+) -> None:
+    """tokenizer.json plus the two small files transformers reads next to it."""
     shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -207,8 +216,9 @@ def write_hf_tokenizer(folder: Path, tokenizer_file: Path, special: dict[str, st
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
-        "chat_template": jinja_chat_template(),
     }
+    if template:
+        tokenizer_config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -254,7 +264,7 @@ def export_hf(
     torch_dtype = DTYPES[dtype] if dtype else None
     stored = source.tensors.get(source._stored_name("norm.weight")).dtype
     dtype_name = HF_DTYPE_NAMES.get(torch_dtype or stored, "float32")
-    tokens, special = _special_tokens(tokenizer_file)
+    tokens, special, template = hf_tokenizer_settings(source)
     config = source.config.model
     with staged_output(Path(out), force) as folder:
         folder.mkdir()
@@ -263,7 +273,7 @@ def export_hf(
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": tokens.bos_id, "eos_token_id": tokens.eos_id, "pad_token_id": tokens.pad_id}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_hf_tokenizer(folder, tokenizer_file, special, config.max_seq_len)
+        write_hf_tokenizer(folder, tokenizer_file, special, template, config.max_seq_len)
     return Path(out)
 
 

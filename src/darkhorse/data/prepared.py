@@ -89,11 +89,17 @@ class PreparedData:
             token_file = self.path / f"{split}.bin"
             if not token_file.exists():
                 continue
-            tokens = np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
             domain_file = self.path / f"{split}.domains.bin"
-            domains = np.memmap(domain_file, dtype=DOMAIN_DTYPE, mode="r") if domain_file.exists() else None
-            maps[split] = (tokens, domains)
+            domains = _map(domain_file, DOMAIN_DTYPE) if domain_file.exists() else None
+            maps[split] = (_map(token_file, TOKEN_DTYPE), domains)
         return maps
+
+
+def _map(path: Path, dtype: np.dtype) -> np.ndarray:
+    """Read-only memory map; an empty file (e.g. val.bin with --val-fraction 0) is an empty array."""
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def _fail(path: Path, message: str) -> DarkhorseError:

@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.train.checkpoint import latest_checkpoint, read_meta
     from darkhorse.train.trainer import train
 
+    if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():
+        # `--resume train.max_steps=500`: argparse gave the override to --resume's optional CKPT_DIR
+        args.overrides.insert(0, str(args.resume))
+        args.resume = True
     if args.resume and args.force:
         raise DarkhorseError("--resume and --force contradict each other: choose one")
     for flag in ("max_steps", "device", "log_interval"):  # shortcuts for train.<flag>

@@ -1,0 +1,126 @@
+"""Checkpoint format: atomic saves, keep-last-N, safe loading, RNG state."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError
+from darkhorse.model import Transformer
+from darkhorse.train import checkpoint as ckpt
+
+TINY = ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
+        "model.vocab_size=64"]  # fmt: skip
+
+
+@pytest.fixture
+def model_and_config():
+    config = load_run_config("tiny-cpu", overrides=TINY)
+    torch.manual_seed(0)
+    return Transformer(config.model), config
+
+
+def save(folder, model, config, step):
+    return ckpt.save_training_checkpoint(folder, model, config, None, {"step": step}, {"step": step})
+
+
+def test_tied_weights_are_stored_once_and_load_back(tmp_path, model_and_config):
+    model, config = model_and_config
+    folder = ckpt.save_model_checkpoint(tmp_path / "ckpt", model, config, None, {"step": 7})
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ckpt.MODEL_FILE), "pt") as handle:
+        keys = set(handle.keys())
+    assert ("embed.weight" in keys) != ("lm_head.weight" in keys)
+    loaded, loaded_config, meta = ckpt.load_model(folder)
+    assert loaded_config == config and meta["step"] == 7 and "darkhorse_version" in meta
+    assert loaded.lm_head.weight is loaded.embed.weight
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    assert not (folder / ckpt.STATE_FILE).exists()  # no trainer state: fine-tuning starts fresh
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path, model_and_config, monkeypatch):
+    model, config = model_and_config
+    save(tmp_path / ckpt.step_name(1), model, config, 1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crash)  # dies after model.safetensors and meta.json are written
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    with pytest.raises(OSError, match="simulated"):
+        save(tmp_path / ckpt.step_name(2), model, config, 2)
+    assert not (tmp_path / ckpt.step_name(2)).exists()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_name(1)
+    loaded, _, meta = ckpt.load_model(ckpt.latest_checkpoint(tmp_path))
+    assert meta["step"] == 1 and not torch.equal(loaded.embed.weight, model.embed.weight)
+
+
+def test_a_process_killed_mid_save_leaves_only_a_hidden_temp_dir(tmp_path, model_and_config):
+    model, config = model_and_config
+    save(tmp_path / ckpt.step_name(1), model, config, 1)
+    # what a SIGKILL between writing files and the rename leaves behind
+    half = tmp_path / f"{ckpt.TEMP_PREFIX}{ckpt.step_name(2)}-4242"
+    half.mkdir()
+    (half / ckpt.META_FILE).write_text(json.dumps({"config": config.to_dict(), "step": 2}))
+    assert ckpt.training_checkpoints(tmp_path) == [tmp_path / ckpt.step_name(1)]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_name(1)
+    ckpt.remove_stale_temp_dirs(tmp_path)
+    assert not half.exists()
+
+
+def test_keep_last_n_and_final_survives(tmp_path, model_and_config):
+    model, config = model_and_config
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path / ckpt.step_name(step), model, config, step)
+    save(tmp_path / ckpt.FINAL_NAME, model, config, 6)
+    removed = ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == [ckpt.step_name(s) for s in (1, 2, 3)]
+    assert [p.name for p in ckpt.training_checkpoints(tmp_path)] == [ckpt.step_name(4), ckpt.step_name(5)]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.FINAL_NAME
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path, model_and_config):
+    model, config = model_and_config
+    save(tmp_path / "final", model, config, 1)
+    save(tmp_path / "final", model, config, 2)
+    assert ckpt.read_meta(tmp_path / "final")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_loading_errors_are_one_clear_line(tmp_path, model_and_config):
+    model, config = model_and_config
+    with pytest.raises(DarkhorseError, match="not found"):
+        ckpt.load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DarkhorseError, match="no meta.json"):
+        ckpt.load_model(tmp_path / "empty")
+    folder = ckpt.save_model_checkpoint(tmp_path / "ckpt", model, config, None, {})
+    meta = json.loads((folder / ckpt.META_FILE).read_text())
+    meta["config"]["model"]["n_layers"] = 2
+    (folder / ckpt.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(DarkhorseError, match="does not match"):
+        ckpt.load_model(folder)
+    with pytest.raises(DarkhorseError, match="cannot be resumed"):
+        ckpt.load_trainer_state(folder)
+
+
+def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
+    import numpy as np
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save({"rng": ckpt.capture_rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    ckpt.restore_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected

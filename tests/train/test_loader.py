@@ -1,0 +1,73 @@
+"""Batches: deterministic from (seed, step, micro-step), mixed in exact proportions, with domains."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkhorse.data.loader import WindowLoader, open_sources, parse_data_spec, source_of_window
+from darkhorse.errors import DarkhorseError
+
+
+def loader_for(sources, **overrides):
+    options = {"seq_len": 16, "batch_size": 4, "grad_accum": 2, "seed": 7} | overrides
+    return WindowLoader(sources, **options)
+
+
+def test_batches_are_a_function_of_seed_and_step(make_prepared, tmp_path):
+    sources = open_sources([(make_prepared(tmp_path / "d", period=97), 1.0)], vocab_size=64)
+    first, again = loader_for(sources), loader_for(sources)
+    a = first.batch(5, 1)
+    first.batch(0, 0)  # no hidden iterator state: other batches in between change nothing
+    b = again.batch(5, 1)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert torch.equal(a.inputs[:, 1:], a.targets[:, :-1])  # targets are inputs shifted by one
+    assert not torch.equal(a.inputs, first.batch(5, 0).inputs)
+    assert not torch.equal(a.inputs, loader_for(sources, seed=8).batch(5, 1).inputs)
+    assert a.inputs.dtype == torch.int64 and a.inputs.shape == (4, 16)
+    assert a.domains is None
+
+
+def test_mixture_takes_windows_in_exactly_the_given_proportions(make_prepared, tmp_path):
+    sources = open_sources(
+        [(make_prepared(tmp_path / name, seed=i), weight) for i, (name, weight) in enumerate([("a", 3), ("b", 1)])],
+        vocab_size=64,
+    )
+    loader = loader_for(sources)
+    counts = Counter(source for step in range(25) for micro in range(2) for source in loader.batch(step, micro).sources)
+    assert counts == {0: 150, 1: 50}  # 200 windows, 3:1
+    three = [5.0, 3.0, 2.0]
+    assert Counter(source_of_window(i, three) for i in range(1000)) == {0: 500, 1: 300, 2: 200}
+    for n in range(1, 200):  # and never more than one window off along the way
+        counts = Counter(source_of_window(i, three) for i in range(n))
+        assert all(abs(counts[k] - n * w / 10) < 1 for k, w in enumerate(three))
+
+
+def test_domains_travel_with_their_tokens_and_val_batches_are_fixed(make_prepared, tmp_path):
+    sources = open_sources([(make_prepared(tmp_path / "d", domains=True, period=97), 1.0)], vocab_size=64)
+    loader = loader_for(sources)
+    batch = loader.batch(0, 0)
+    assert batch.domains is not None and batch.domains.dtype == torch.uint8
+    assert batch.domains.shape == batch.inputs.shape
+    val = loader.val_batches(3)
+    assert len(val) == 3
+    assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(val, loader.val_batches(3), strict=True))
+
+
+def test_data_specs_and_source_errors(make_prepared, tmp_path):
+    assert parse_data_spec("web/:3") == (Path("web/"), 3.0)
+    assert parse_data_spec("data/prepared") == (Path("data/prepared"), 1.0)
+    assert parse_data_spec("C:/x:0.5") == (Path("C:/x"), 0.5)
+    with pytest.raises(DarkhorseError, match="positive"):
+        parse_data_spec("web:0")
+    with pytest.raises(DarkhorseError, match="not found"):
+        open_sources([(tmp_path / "nope", 1.0)], vocab_size=64)
+    (tmp_path / "notes.md").write_text("hi")
+    with pytest.raises(DarkhorseError, match="notes.md"):
+        open_sources([(tmp_path / "notes.md", 1.0)], vocab_size=64)
+    short = open_sources([(make_prepared(tmp_path / "short", train_tokens=10), 1.0)], vocab_size=64)
+    with pytest.raises(DarkhorseError, match="train.seq_len"):
+        loader_for(short)

@@ -1,0 +1,129 @@
+"""Learning-rate schedules and the optimizer split (Muon on matrices, incl. 3-D expert stacks)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from darkhorse.config import TrainConfig
+from darkhorse.train.optim import ExpertMuon, Lion, build_optimizers, split_parameters
+from darkhorse.train.schedule import build_schedulers, lr_multiplier
+
+
+def test_wsd_warms_up_holds_for_80_percent_then_decays_to_a_tenth():
+    multiplier = lr_multiplier(TrainConfig(schedule="wsd", max_steps=1000, warmup_steps=50))
+    curve = [multiplier(step) for step in range(1000)]
+    assert curve[0] == pytest.approx(1 / 50) and curve[49] == pytest.approx(1.0)
+    assert all(value == 1.0 for value in curve[50:800])  # stable until the last 20%
+    assert curve[800] == pytest.approx(1.0) and curve[801] < 1.0
+    assert all(a >= b for a, b in zip(curve[800:], curve[801:], strict=False))  # decays monotonically
+    assert curve[-1] == pytest.approx(0.1)
+
+
+def test_cosine_decays_from_the_end_of_warmup_to_min_lr_ratio():
+    multiplier = lr_multiplier(TrainConfig(schedule="cosine", max_steps=200, warmup_steps=20, min_lr_ratio=0.1))
+    assert multiplier(19) == pytest.approx(1.0)
+    assert multiplier(20 + 179 // 2) == pytest.approx(0.55, abs=0.01)  # halfway: midpoint of 1 and 0.1
+    assert multiplier(199) == pytest.approx(0.1)
+    constant = lr_multiplier(TrainConfig(schedule="constant", max_steps=200, warmup_steps=0))
+    assert {constant(s) for s in range(200)} == {1.0}
+
+
+def test_lambda_lr_state_round_trips():
+    train = TrainConfig(schedule="cosine", max_steps=10, warmup_steps=2, lr=1.0)
+    param = nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    (scheduler,) = build_schedulers([optimizer], train)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    restored_optimizer = torch.optim.SGD([param], lr=1.0)
+    (restored,) = build_schedulers([restored_optimizer], train)
+    restored.load_state_dict(scheduler.state_dict())
+    optimizer.step()
+    scheduler.step()
+    restored_optimizer.step()
+    restored.step()
+    assert restored.get_last_lr() == scheduler.get_last_lr() == [lr_multiplier(train)(5)]
+
+
+class ToyMoE(nn.Module):
+    """Embedding, a 2-D matrix, a 3-D expert stack, a norm gain, a buffer and a tied head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.experts = nn.Parameter(torch.randn(3, 8, 8) * 0.1)
+        self.norm = nn.Parameter(torch.ones(8))
+        self.register_buffer("routing_bias", torch.zeros(3))
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.embed(tokens)) * self.norm
+        x = torch.einsum("bd,eod->beo", x, self.experts).sum(1)
+        return self.lm_head(x)
+
+
+def test_parameters_split_into_matrices_embeddings_and_vectors():
+    model = ToyMoE()
+    hidden, embeddings, vectors = split_parameters(model)
+    assert {id(p) for p in hidden} == {id(model.proj.weight), id(model.experts)}
+    assert [id(p) for p in embeddings] == [id(model.embed.weight)]  # the tied head is the same tensor, listed once
+    assert [id(p) for p in vectors] == [id(model.norm)]
+    for optimizer in build_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu")):
+        for group in optimizer.param_groups:
+            assert not any(p is model.routing_bias for p in group["params"])  # buffers are never optimized
+
+
+@pytest.mark.parametrize("scalar_optimizer", ["adamw", "lion"])
+def test_muon_trains_2d_and_3d_matrices(scalar_optimizer):
+    torch.manual_seed(0)
+    model = ToyMoE()
+    train = TrainConfig(optimizer="muon", scalar_optimizer=scalar_optimizer, lr=1e-2, muon_lr=0.02)
+    optimizers = build_optimizers(model, train, torch.device("cpu"))
+    assert isinstance(optimizers[0], ExpertMuon)
+    assert isinstance(optimizers[1], Lion if scalar_optimizer == "lion" else torch.optim.AdamW)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens = torch.randint(0, 16, (32,))
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(tokens), tokens)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for name, param in model.named_parameters():
+        assert not torch.equal(param, before[name]), f"{name} was not updated"
+
+
+def test_expert_muon_orthogonalises_each_expert_on_its_own():
+    torch.manual_seed(0)
+    stack = nn.Parameter(torch.zeros(2, 6, 6))
+    optimizer = ExpertMuon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    # expert 1's gradient is 100x expert 0's: a joint normalisation would leave expert 0 ~unchanged
+    stack.grad = torch.stack([torch.randn(6, 6), 100 * torch.randn(6, 6)])
+    optimizer.step()
+    update_norms = stack.detach().flatten(1).norm(dim=1).tolist()
+    assert update_norms[0] == pytest.approx(update_norms[1], rel=0.2)
+    singular_values = torch.linalg.svdvals(stack.detach()[0])
+    assert singular_values.min() > 0.3 and singular_values.max() < 1.5  # roughly orthogonal (NS, bf16)
+    # its state dict round-trips like any optimizer's (the resume path)
+    restored = ExpertMuon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    restored.load_state_dict(optimizer.state_dict())
+    assert len(restored.state_dict()["state"]) == 2
+
+
+def test_lion_update_is_the_sign_of_the_interpolated_momentum():
+    param = nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
+    optimizer = Lion([param], lr=0.1, weight_decay=0.0)
+    param.grad = torch.tensor([0.3, -2.0, 0.0])
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), torch.tensor([0.9, -0.9, 0.5]))
+    assert math.isclose(optimizer.state[param]["exp_avg"][1].item(), -2.0 * 0.01, rel_tol=1e-6)

@@ -31,8 +31,10 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 40, seed: int = 0):
-    """Train a 2-layer model (dim 256, so K-quants apply) on `_tiny_corpus` and save a checkpoint."""
+def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 40, seed: int = 0, **model):
+    """Train a 2-layer model (dim 256, so K-quants apply) on `_tiny_corpus` and save a checkpoint.
+
+    `model` overrides ModelConfig fields, e.g. the MLA + MoE + MTP settings of `tiny_genesis_checkpoint`."""
     from darkhorse.config import ModelConfig, RunConfig, TrainConfig
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.model import Transformer
@@ -43,20 +45,22 @@ def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 
     tokenizer = Tokenizer.train(texts, vocab_size=400)
     tokenizer_file = tokenizer.save(out_dir.parent / f"{out_dir.name}-tokenizer.json")
     stream = torch.tensor([i for text in texts for i in tokenizer.encode(text)])
-    model_config = ModelConfig(
+    shape = dict(
         vocab_size=tokenizer.vocab_size, n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512,
         max_seq_len=256, tie_embeddings=tie_embeddings,
     )  # fmt: skip
+    model_config = ModelConfig(**{**shape, **model})
     config = RunConfig(name="tiny-gguf", model=model_config, train=TrainConfig(seq_len=64, batch_size=8))
-    model = Transformer(model_config)
+    model = Transformer(model_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(steps):
+    for step in range(steps):
         starts = torch.randint(0, len(stream) - 65, (8,))
         batch = torch.stack([stream[s : s + 65] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        loss = model(batch[:, :-1], batch[:, 1:], mtp_weight=0.3).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        model.after_optimizer_step(step)
     save_model_checkpoint(out_dir, model.eval(), config, tokenizer_file, {"step": steps, "loss": loss.item()})
     return out_dir
 
@@ -113,3 +117,22 @@ def make_prepared():
 @pytest.fixture(scope="session")
 def tiny_untied_checkpoint(tmp_path_factory):
     return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-untied") / "final", tie_embeddings=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_genesis_checkpoint(tmp_path_factory):
+    """MLA (compressed queries) + sigmoid-routed MoE with a shared expert + one MTP module."""
+    from darkhorse.config import MLAConfig, MoEConfig
+
+    return train_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-genesis") / "final",
+        seed=2,
+        dim=128,
+        ffn_dim=256,
+        attention="mla",
+        ffn="moe",
+        mtp_depth=1,
+        norm_eps=1e-6,
+        mla=MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+        moe=MoEConfig(n_routed_experts=4, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=128),
+    )

@@ -11,6 +11,11 @@ the tiny trained models of conftest.py (tied and untied), then given about 5x he
 * q8_0: 8-bit weights per block of 32 plus llama.cpp quantizing activations to 8 bits inside its
   matmuls; measured <= 5.5e-2 -> 3e-1.
 
+MoE (deepseek2) adds one effect: routing is discrete, so where two experts' scores nearly tie, bf16
+or q8_0 rounding can pick the other one and that token's logits move by O(1) (measured: 1 of 44
+positions at 0.67, all others <= 0.04). For MoE models we therefore allow up to 2 positions
+outside the tolerance for bf16 and q8_0, and none for f32 and f16.
+
 The greedy check needs no tolerance: the model is trained on a word cycle, so each step's top logit
 leads the runner-up by far more than these differences, and any layout mistake (RoPE row order,
 tied head, vocab padding) breaks it immediately.
@@ -54,7 +59,7 @@ def llama_greedy(llm: llama_cpp.Llama, prompt_ids: list[int], count: int) -> lis
     return tokens
 
 
-def check_against_darkhorse(checkpoint, gguf_file, outtype: str) -> None:
+def check_against_darkhorse(checkpoint, gguf_file, outtype: str, routing_flips: int = 0) -> None:
     model, _, _ = load_model(checkpoint)
     tokenizer = Tokenizer.from_file(checkpoint / "tokenizer.json")
     prompt = tokenizer.encode(PROMPT)
@@ -71,7 +76,8 @@ def check_against_darkhorse(checkpoint, gguf_file, outtype: str) -> None:
     with torch.no_grad():
         ours = model(torch.tensor([sequence])).logits[0].numpy()
     assert theirs.shape == ours.shape
-    assert np.abs(theirs - ours).max() < LOGIT_TOLERANCE[outtype]
+    worst_per_position = np.abs(theirs - ours).max(axis=1)
+    assert (worst_per_position >= LOGIT_TOLERANCE[outtype]).sum() <= routing_flips
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
@@ -93,6 +99,46 @@ def test_tied_model_has_no_output_tensor_and_keeps_norms_f32(tiny_dense_checkpoi
     assert "output.weight" not in tensors
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_deepseek2_gguf_matches_darkhorse(tiny_genesis_checkpoint, tmp_path, outtype):
+    out = export_gguf(tiny_genesis_checkpoint, tmp_path / f"genesis-{outtype}.gguf", outtype)
+    flips = 2 if outtype in ("bf16", "q8_0") else 0
+    check_against_darkhorse(tiny_genesis_checkpoint, out, outtype, routing_flips=flips)
+
+
+def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path):
+    out = export_gguf(tiny_genesis_checkpoint, tmp_path / "genesis.gguf", "f16")
+    reader = gguf.GGUFReader(out)
+    assert read_field(reader, "general.architecture") == "deepseek2"
+    assert read_field(reader, "deepseek2.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert read_field(reader, "deepseek2.expert_weights_norm") is True
+    assert read_field(reader, "deepseek2.attention.head_count_kv") == 1
+    assert read_field(reader, "deepseek2.attention.key_length") == 64 + 16  # latent + shared rope key
+    assert read_field(reader, "deepseek2.attention.key_length_mla") == 32 + 16
+    assert read_field(reader, "deepseek2.leading_dense_block_count") == 1
+    tensors = {t.name: (tuple(int(n) for n in reversed(t.shape)), t.tensor_type) for t in reader.tensors}
+    assert tensors["blk.1.ffn_gate_exps.weight"][0] == (4, 128, 128)  # [experts, out, in]
+    assert tensors["blk.1.attn_k_b.weight"][0] == (4, 64, 32)  # [heads, latent, nope]
+    assert tensors["blk.1.attn_v_b.weight"][0] == (4, 32, 64)  # [heads, v, latent]
+    assert tensors["blk.1.exp_probs_b.bias"][1] == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.ffn_gate_inp.weight"][1] == gguf.GGMLQuantizationType.F32  # router stays exact
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # dense first layer
+    assert not any(name.startswith("blk.2.") for name in tensors)  # the MTP module is not exported
+
+
+def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint, tmp_path):
+    meta = json.loads((tiny_genesis_checkpoint / "meta.json").read_text())
+    meta["config"]["model"]["mla"]["q_lora_rank"] = 0
+    copy = tmp_path / "no-q-lora"
+    copy.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (copy / name).write_bytes((tiny_genesis_checkpoint / name).read_bytes())
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DarkhorseError, match="q_lora_rank > 0"):
+        export_gguf(copy, tmp_path / "m.gguf", "f16")
 
 
 def read_field(reader: gguf.GGUFReader, key: str):

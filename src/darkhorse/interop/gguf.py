@@ -162,6 +162,111 @@ def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_vocab_size(cfg.padded_vocab_size)
 
 
+def deepseek2_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
+    """MLA + MoE as llama.cpp's `deepseek2`: kv_b split for absorbed attention, experts stacked [E, out, in].
+
+    darkhorse already stores the rope rows interleaved and the experts stacked (model/attention.py,
+    model/moe.py), so only kv_b changes shape. MTP modules are left out: llama.cpp does not run them.
+    """
+    cfg, mla, moe = ckpt.model, ckpt.model.mla, ckpt.model.moe
+    dim, vocab, heads = cfg.dim, cfg.padded_vocab_size, cfg.n_heads
+    q_rows, latent = heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim), mla.kv_lora_rank
+    experts, expert_dim = moe.n_routed_experts, moe.moe_intermediate_size
+    shared_dim = moe.n_shared_experts * moe.moe_intermediate_size
+    nope, v_dim = mla.qk_nope_head_dim, mla.v_head_dim
+
+    def copy(
+        kind: T, layer: int | None, source: str, shape: tuple[int, ...], suffix: str = "weight", keep_f32: bool = False
+    ) -> PlannedTensor:
+        return PlannedTensor(gguf_name(kind, layer, suffix), shape, lambda: ckpt.get(source), keep_f32)
+
+    def kv_b_part(layer: int, part: str) -> PlannedTensor:
+        """W_UK as [heads, latent, nope] (applied to queries) or W_UV as [heads, v, latent]."""
+
+        def make() -> torch.Tensor:
+            per_head = ckpt.get(f"layers.{layer}.attn.kv_b_proj.weight").view(heads, nope + v_dim, latent)
+            k_b, v_b = per_head.split([nope, v_dim], dim=1)
+            return k_b.transpose(1, 2).contiguous() if part == "k" else v_b.contiguous()
+
+        if part == "k":
+            return PlannedTensor(gguf_name(T.ATTN_K_B, layer), (heads, latent, nope), make)
+        return PlannedTensor(gguf_name(T.ATTN_V_B, layer), (heads, v_dim, latent), make)
+
+    plan = [copy(T.TOKEN_EMBD, None, "embed.weight", (vocab, dim))]
+    for i in range(cfg.n_layers):
+        attn, ffn = f"layers.{i}.attn.", f"layers.{i}.ffn."
+        plan.append(copy(T.ATTN_NORM, i, f"layers.{i}.attn_norm.weight", (dim,)))
+        if mla.q_lora_rank:
+            plan += [
+                copy(T.ATTN_Q_A, i, attn + "q_a_proj.weight", (mla.q_lora_rank, dim)),
+                copy(T.ATTN_Q_A_NORM, i, attn + "q_a_layernorm.weight", (mla.q_lora_rank,)),
+                copy(T.ATTN_Q_B, i, attn + "q_b_proj.weight", (q_rows, mla.q_lora_rank)),
+            ]
+        else:
+            plan.append(copy(T.ATTN_Q, i, attn + "q_proj.weight", (q_rows, dim)))
+        plan += [
+            copy(T.ATTN_KV_A_MQA, i, attn + "kv_a_proj_with_mqa.weight", (latent + mla.qk_rope_head_dim, dim)),
+            copy(T.ATTN_KV_A_NORM, i, attn + "kv_a_layernorm.weight", (latent,)),
+            kv_b_part(i, "k"),
+            kv_b_part(i, "v"),
+            copy(T.ATTN_OUT, i, attn + "o_proj.weight", (dim, heads * v_dim)),
+            copy(T.FFN_NORM, i, f"layers.{i}.ffn_norm.weight", (dim,)),
+        ]
+        if i < moe.first_k_dense:
+            plan += [
+                copy(T.FFN_GATE, i, ffn + "gate_proj.weight", (cfg.ffn_dim, dim)),
+                copy(T.FFN_UP, i, ffn + "up_proj.weight", (cfg.ffn_dim, dim)),
+                copy(T.FFN_DOWN, i, ffn + "down_proj.weight", (dim, cfg.ffn_dim)),
+            ]
+            continue
+        plan += [
+            copy(T.FFN_GATE_INP, i, ffn + "gate.weight", (experts, dim), keep_f32=True),
+            copy(T.FFN_EXP_PROBS_B, i, ffn + "gate.e_score_correction_bias", (experts,), suffix="bias"),
+            copy(T.FFN_GATE_EXP, i, ffn + "experts.gate_proj", (experts, expert_dim, dim)),
+            copy(T.FFN_UP_EXP, i, ffn + "experts.up_proj", (experts, expert_dim, dim)),
+            copy(T.FFN_DOWN_EXP, i, ffn + "experts.down_proj", (experts, dim, expert_dim)),
+            copy(T.FFN_GATE_SHEXP, i, ffn + "shared_experts.gate_proj.weight", (shared_dim, dim)),
+            copy(T.FFN_UP_SHEXP, i, ffn + "shared_experts.up_proj.weight", (shared_dim, dim)),
+            copy(T.FFN_DOWN_SHEXP, i, ffn + "shared_experts.down_proj.weight", (dim, shared_dim)),
+        ]
+    plan.append(copy(T.OUTPUT_NORM, None, "norm.weight", (dim,)))
+    if not cfg.tie_embeddings:
+        plan.append(copy(T.OUTPUT, None, "lm_head.weight", (vocab, dim)))
+    return plan
+
+
+def add_deepseek2_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    mla, moe = cfg.mla, cfg.moe
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(1)  # absorbed MLA runs as MQA over the latent cache
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(mla.qk_rope_head_dim)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.padded_vocab_size)
+    if mla.q_lora_rank:
+        writer.add_q_lora_rank(mla.q_lora_rank)
+    writer.add_kv_lora_rank(mla.kv_lora_rank)
+    writer.add_key_length(mla.kv_lora_rank + mla.qk_rope_head_dim)
+    writer.add_value_length(mla.kv_lora_rank)
+    writer.add_key_length_mla(mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+    writer.add_value_length_mla(mla.v_head_dim)
+    writer.add_leading_dense_block_count(moe.first_k_dense)
+    writer.add_expert_count(moe.n_routed_experts)
+    writer.add_expert_used_count(moe.experts_per_token)
+    writer.add_expert_shared_count(moe.n_shared_experts)
+    writer.add_expert_feed_forward_length(moe.moe_intermediate_size)
+    writer.add_expert_weights_scale(moe.routed_scaling_factor)
+    writer.add_expert_weights_norm(moe.norm_topk_prob)
+    writer.add_expert_group_count(moe.n_groups)
+    writer.add_expert_group_used_count(moe.topk_groups)
+    gating = gguf.ExpertGatingFuncType.SIGMOID if moe.scoring == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
+    writer.add_expert_gating_func(gating)
+
+
 # -------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -276,7 +381,7 @@ MetadataWriter = Callable[[gguf.GGUFWriter, ModelConfig], None]
 
 
 def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], MetadataWriter]:
-    cfg = ckpt.model
+    cfg, moe = ckpt.model, ckpt.model.moe
     if cfg.residual != "plain":
         raise DarkhorseError(
             f"{ckpt.path}: model.residual={cfg.residual!r} (hyper-connections) has no llama.cpp architecture; "
@@ -289,6 +394,15 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
         )
     if cfg.attention == "gqa" and cfg.ffn == "dense":
         return "llama", llama_plan(ckpt), add_llama_metadata
+    if cfg.attention == "mla" and cfg.ffn == "moe":
+        if moe.n_shared_experts < 1:
+            raise DarkhorseError(f"{ckpt.path}: llama.cpp's deepseek2 needs model.moe.n_shared_experts >= 1")
+        if not cfg.mla.q_lora_rank and cfg.n_layers not in (26, 27):
+            raise DarkhorseError(
+                f"{ckpt.path}: llama.cpp's deepseek2 takes uncompressed queries (model.mla.q_lora_rank=0) only "
+                "in its 26/27-layer Lite shape; GGUF export needs model.mla.q_lora_rank > 0"
+            )
+        return "deepseek2", deepseek2_plan(ckpt), add_deepseek2_metadata
     raise DarkhorseError(
         f"{ckpt.path}: GGUF export supports dense GQA models (llama) and MLA+MoE models (deepseek2); "
         f"this one has model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"

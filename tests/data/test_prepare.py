@@ -91,6 +91,16 @@ def test_given_tokenizer_is_reused(corpus, tmp_path):
     assert second.meta["settings"]["trained_tokenizer"] is False
 
 
+def test_a_tokenizer_without_darkhorse_specials_is_refused(corpus, tmp_path):
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models
+
+    foreign = tmp_path / "foreign.json"
+    BackendTokenizer(models.BPE()).save(str(foreign))
+    with pytest.raises(DarkhorseError, match="lacks the darkhorse special tokens"):
+        prepare(corpus, tmp_path / "out", tokenizer=foreign, progress=False)
+
+
 def test_existing_output_needs_force(corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -211,9 +211,11 @@ def _check_out_dir(out_dir: Path, files: list[Path], force: bool) -> None:
 
 
 def _resolve_tokenizer(tokenizer: Tokenizer | str | Path | None) -> Tokenizer | None:
-    if tokenizer is None or isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    return Tokenizer.from_file(tokenizer)
+    if tokenizer is None:
+        return None
+    resolved = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
+    resolved.require_special_tokens()
+    return resolved
 
 
 def prepare(

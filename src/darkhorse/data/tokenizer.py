@@ -59,15 +59,18 @@ class Tokenizer:
     """darkhorse's tokenizer: a thin, typed wrapper over a HF `tokenizers.Tokenizer`."""
 
     def __init__(self, backend: BackendTokenizer, path: Path | None = None) -> None:
-        missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
-        if missing:
-            where = path or "tokenizer"
-            raise DarkhorseError(
-                f"{where}: lacks the darkhorse special tokens {', '.join(missing)} "
-                "(train one with `darkhorse prepare` or pass a tokenizer it wrote)"
-            )
         self.backend = backend
         self.path = path
+
+    def require_special_tokens(self) -> None:
+        """Training data and chat need all 12 special tokens; a foreign tokenizer (e.g. an imported
+        model's) still encodes and decodes plain text without them."""
+        missing = [token for token in SPECIAL_TOKENS if self.backend.token_to_id(token) is None]
+        if missing:
+            raise DarkhorseError(
+                f"{self.path or 'tokenizer'}: lacks the darkhorse special tokens {', '.join(missing)} "
+                "(train one with `darkhorse prepare` or pass a tokenizer it wrote)"
+            )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -118,19 +121,26 @@ class Tokenizer:
 
     @cached_property
     def special_tokens(self) -> dict[str, int]:
-        return {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        """The darkhorse special tokens this tokenizer has, by id."""
+        ids = {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        return {token: id_ for token, id_ in ids.items() if id_ is not None}
+
+    def _special_id(self, token: str) -> int:
+        if token not in self.special_tokens:
+            self.require_special_tokens()
+        return self.special_tokens[token]
 
     @property
     def bos_id(self) -> int:
-        return self.special_tokens[BOS]
+        return self._special_id(BOS)
 
     @property
     def eos_id(self) -> int:
-        return self.special_tokens[EOS]
+        return self._special_id(EOS)
 
     @property
     def pad_id(self) -> int:
-        return self.special_tokens[PAD]
+        return self._special_id(PAD)
 
     def to_json(self) -> str:
         return self.backend.to_str()

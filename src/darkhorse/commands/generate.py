@@ -77,19 +77,27 @@ def load_for_inference(checkpoint: Path, device: str):
     return model, config, Tokenizer.from_file(tokenizer_file)
 
 
-def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys.stdout) -> str:
-    """Print the completion as it is generated and return it."""
+def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys.stdout, chat: bool = False) -> str:
+    """Print the completion as it is generated and return it (without the token that ended it).
+
+    Plain text stops at <|eos|>; a chat reply also stops at the end of the assistant turn."""
+    from itertools import takewhile
+
+    from darkhorse.data.tokenizer import ASSISTANT_END
     from darkhorse.infer.generate import generate_tokens, stream_text
 
+    stop_ids = {tokenizer.eos_id}
+    if chat and tokenizer.token_to_id(ASSISTANT_END) is not None:
+        stop_ids.add(tokenizer.token_to_id(ASSISTANT_END))
     ids = generate_tokens(
         model,
         tokenizer.encode(prompt_text),
         vocab_size=tokenizer.vocab_size,
-        stop_ids=[tokenizer.eos_id],
+        stop_ids=stop_ids,
         **options,
     )
     pieces = []
-    for piece in stream_text(tokenizer, ids):
+    for piece in stream_text(tokenizer, takewhile(lambda i: i not in stop_ids, ids)):
         out.write(piece)
         out.flush()
         pieces.append(piece)
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         from darkhorse.data.chat_format import render_prompt
 
         prompt = render_prompt([{"role": "user", "content": args.prompt}], think=not args.no_think)
-    stream_completion(model, tokenizer, prompt, options)
+    stream_completion(model, tokenizer, prompt, options, chat=args.chat)
     return 0
 
 

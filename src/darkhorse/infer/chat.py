@@ -32,8 +32,10 @@ class ChatSession:
 
         self.history.append({"role": "user", "content": user_text})
         prompt = render_prompt(self.messages(), think=self.think)
-        completion = stream_completion(self.model, self.tokenizer, prompt, self.options, out or io.StringIO())
-        reasoning, answer = parse_reply(completion if not self.think else "<|think|>" + completion)
+        completion = stream_completion(
+            self.model, self.tokenizer, prompt, self.options, out or io.StringIO(), chat=True
+        )
+        reasoning, answer = parse_reply(completion)
         turn = {"role": "assistant", "content": answer}
         if reasoning:
             turn["reasoning"] = reasoning

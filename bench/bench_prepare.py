@@ -1,7 +1,7 @@
-"""`prepare` throughput (MB/s) and peak memory, next to the `tokenizers` library encoding the same text.
+"""`prepare` throughput (MiB/s) and peak memory, next to the `tokenizers` library encoding the same text.
 
-A synthetic domain-tagged + chat JSONL corpus is generated in the work dir at each size (default 25 MB
-and 100 MB). Each step runs in a fresh process, so its peak RSS is its own:
+A synthetic domain-tagged + chat JSONL corpus is generated in the work dir at each size (default 25 MiB
+and 100 MiB). Each step runs in a fresh process, so its peak RSS is its own:
 
     prepare (train BPE + tokenize)     full `darkhorse prepare` on each corpus size
     prepare --tokenizer                tokenize-and-write only, with the tokenizer trained above
@@ -106,7 +106,7 @@ def run_step(**args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[25, 100])
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[25, 100], help="corpus sizes in MiB")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--work", type=Path, help="work dir (default: a fresh temp dir, removed afterwards)")
     args = parser.parse_args()
@@ -121,7 +121,7 @@ def main() -> None:
             full = run_step(
                 step="prepare", corpus=str(corpus), out=str(work / f"out-{size:g}"), vocab_size=args.vocab_size
             )
-            rows.append((f"prepare, train BPE + tokenize, {megabytes:.0f} MB", full, megabytes))
+            rows.append((f"prepare, train BPE + tokenize, {megabytes:.0f} MiB", full, megabytes))
         tokenizer = str(work / f"out-{args.sizes_mb[-1]:g}" / "tokenizer.json")
         reuse = run_step(
             step="prepare",
@@ -130,13 +130,13 @@ def main() -> None:
             vocab_size=args.vocab_size,
             tokenizer=tokenizer,
         )
-        rows.append((f"prepare --tokenizer, {megabytes:.0f} MB", reuse, megabytes))
+        rows.append((f"prepare --tokenizer, {megabytes:.0f} MiB", reuse, megabytes))
         for method in ("encode_batch", "encode_batch_fast"):
             peer = run_step(step=method, corpus=str(corpus), tokenizer=tokenizer)
-            rows.append((f"tokenizers {method} (text in memory), {megabytes:.0f} MB", peer, megabytes))
+            rows.append((f"tokenizers {method} (text in memory), {megabytes:.0f} MiB", peer, megabytes))
             assert peer["tokens"] == reuse["tokens"], "the peer must encode exactly the same tokens"
 
-        print(f"{'step':58} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'peak RSS MB':>12}")
+        print(f"{'step':58} {'seconds':>8} {'MiB/s':>7} {'Mtok/s':>7} {'peak RSS MiB':>12}")
         for name, result, megabytes in rows:
             seconds = result["seconds"]
             print(
@@ -149,7 +149,7 @@ def main() -> None:
             print(f"prepare --tokenizer / {peer}: {ratio:.2f}x (goal <= 1.5x)")
         small, large = rows[0][1]["peak_rss_mb"], rows[len(args.sizes_mb) - 1][1]["peak_rss_mb"]
         print(
-            f"peak RSS {args.sizes_mb[-1]:g} MB corpus / {args.sizes_mb[0]:g} MB corpus: "
+            f"peak RSS {args.sizes_mb[-1]:g} MiB corpus / {args.sizes_mb[0]:g} MiB corpus: "
             f"{large / small:.2f}x (goal ~1x)"
         )
     finally:

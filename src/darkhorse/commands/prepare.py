@@ -20,6 +20,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 HELP = "tokenize text, domain-tagged or chat data (.txt/.jsonl/.json/.parquet) into a prepared directory"
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.data.prepare import prepare
 
     console = Console(stderr=True)
+    started = time.perf_counter()
     options = {
         "vocab_size": args.vocab_size,
         "val_fraction": args.val_fraction,
@@ -87,12 +89,14 @@ def run(args: argparse.Namespace) -> int:
         **{name: value for name, value in options.items() if value is not None},
     )
     if not args.quiet:
-        print_summary(console, data.meta, args.out)
+        print_summary(console, data.meta, args.out, time.perf_counter() - started)
     return 0
 
 
-def print_summary(console: Any, meta: dict[str, Any], out: str) -> None:
+def print_summary(console: Any, meta: dict[str, Any], out: str, seconds: float) -> None:
     from rich.table import Table
+
+    megabytes = sum(entry["bytes"] for entry in meta["inputs"]) / 1e6
 
     table = Table(title=f"prepared {out} (vocab {meta['vocab_size']})")
     for column in ("split", "domain", "documents", "tokens"):
@@ -106,4 +110,5 @@ def print_summary(console: Any, meta: dict[str, Any], out: str) -> None:
         console.print(f"[yellow]skipped {skipped['count']} bad records in {skipped['path']}[/yellow]")
         for example in skipped["examples"]:
             console.print(f"  {example}")
+    console.print(f"{megabytes:,.1f} MB of input in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s)")
     console.print(f"next: darkhorse train --preset tiny-cpu --data {out} --out runs/tiny")

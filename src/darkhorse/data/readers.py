@@ -12,6 +12,8 @@ JSON array, `.parquet`; other extensions are sniffed). A record becomes a docume
 * `{"instruction", "input"?, "output"}` (Open-Platypus, Alpaca).
 
 Chat records are rendered by `chat_format.render_conversation`. A record without "domain" is "general".
+Memory holds one record at a time; the exception is `txt_split="file"`, where a whole .txt file is one
+document and so is held whole.
 Errors name `file:line` (JSON Lines) or `file: element N` (JSON arrays); with `skip_bad`, bad records are
 counted and skipped instead.
 """

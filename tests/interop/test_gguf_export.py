@@ -30,13 +30,17 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from darkhorse.config import ModelConfig, RunConfig, TrainConfig
 from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.generate import generate_tokens
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
-from darkhorse.train.checkpoint import load_model
+from darkhorse.model import Transformer
+from darkhorse.train.checkpoint import load_model, save_model_checkpoint
 
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
 GREEDY_TOKENS = 40
@@ -221,4 +225,37 @@ def test_bad_inputs_are_one_line_errors(tiny_dense_checkpoint, tmp_path):
     (mhc / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DarkhorseError, match="hyper-connections"):
         export_gguf(mhc, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def checkpoint_with_tokenizer(tmp_path, backend: BackendTokenizer):
+    """A random tiny model saved with `backend` as its tokenizer (no darkhorse special tokens)."""
+    tokenizer_file = tmp_path / "foreign-tokenizer.json"
+    backend.save(str(tokenizer_file))
+    cfg = ModelConfig(vocab_size=backend.get_vocab_size(), n_layers=1, dim=64, n_heads=2, n_kv_heads=1, ffn_dim=128)
+    config = RunConfig(model=cfg, train=TrainConfig(seq_len=64))
+    return save_model_checkpoint(tmp_path / "foreign", Transformer(cfg), config, tokenizer_file, {})
+
+
+def test_foreign_gpt2_style_tokenizer_exports_without_chat_template(tmp_path):
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own regex
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["it's 2024 and we're testing tokenizers, don't we?"] * 20, trainer=trainer)
+    out = export_gguf(checkpoint_with_tokenizer(tmp_path, backend), tmp_path / "foreign.gguf", "f32")
+    reader = gguf.GGUFReader(out)
+    assert read_field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert "tokenizer.chat_template" not in reader.fields
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    for text in ["it's 2024, don't   we?", "Tokenizers\n\ntesting 123"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == backend.encode(text).ids
+
+
+def test_pre_tokenizer_llama_cpp_does_not_know_is_refused(tmp_path):
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(["some words here"] * 5, trainer=trainers.BpeTrainer(vocab_size=60))
+    with pytest.raises(DarkhorseError, match="byte-level BPE pre-tokenizer"):
+        export_gguf(checkpoint_with_tokenizer(tmp_path, backend), tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()

@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as QType
 from safetensors import safe_open
 
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
-from darkhorse.data.tokenizer import LLAMA_CPP_PRE, PRE_TOKENIZER_REGEX
+from darkhorse.data.tokenizer import LLAMA_CPP_PRE, PRE_TOKENIZER_REGEX, SPECIAL_TOKENS
 from darkhorse.errors import DarkhorseError
 from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
 
@@ -299,7 +299,9 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_file: Path, n_voca
     """Embed the BPE vocab, merges, token types, special ids and chat template (`gpt2` tokenizer model).
 
     The token list is padded to the embedding's row count with unused `[PADi]` entries, as llama.cpp
-    requires one token per row.
+    requires one token per row. The darkhorse chat template goes in only when the tokenizer has the
+    darkhorse special tokens (an imported model's tokenizer may not). An NFC normalizer (Qwen2's) is
+    accepted although llama.cpp does not apply it: both tokenize NFC text, nearly all text, the same.
     """
     from darkhorse.data.chat_format import jinja_chat_template
 
@@ -307,8 +309,11 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_file: Path, n_voca
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise DarkhorseError(f"{tokenizer_file}: GGUF export needs a BPE tokenizer, got {model.get('type')}")
-    if spec.get("normalizer"):
-        raise DarkhorseError(f"{tokenizer_file}: a normalizer has no llama.cpp `gpt2` equivalent; remove it")
+    normalizer = spec.get("normalizer")
+    if normalizer and normalizer.get("type") != "NFC":
+        raise DarkhorseError(
+            f"{tokenizer_file}: normalizer {normalizer.get('type')!r} has no llama.cpp `gpt2` equivalent"
+        )
     pre = _pre_tokenizer_name(tokenizer_file, spec.get("pre_tokenizer") or {})
 
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
@@ -337,7 +342,8 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_file: Path, n_voca
     # darkhorse's encode() adds no special tokens; prompts and the chat template carry <|bos|> themselves.
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(jinja_chat_template())
+    if all(token in ids for token in SPECIAL_TOKENS):
+        writer.add_chat_template(jinja_chat_template())
 
 
 # -------------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def sort_problem(numbers: list[int]) -> Example:
 
 
 def make_sort(rng: random.Random) -> Example:
-    return sort_problem([rng.randint(0, 99) for _ in range(5)])
+    return sort_problem([rng.randint(10, 99) for _ in range(5)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""Exact-match accuracy on chat records with a known final answer, per skill and per domain.
+
+Works on any records shaped like the chat JSONL that `prepare` reads, tagged with `domain` and
+`skill` (the demo's held-out split is one such set): everything before the last assistant turn is
+the prompt, that turn's content is the expected answer. The model answers greedily in darkhorse's
+chat format, and only its final answer (not its reasoning) is compared, after normalising
+whitespace and a trailing full stop, so formatting noise does not count as a wrong answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from darkhorse.errors import DarkhorseError
+
+UNTAGGED = "-"
+
+
+def normalize_answer(text: str) -> str:
+    """One space between words, no surrounding space, no trailing full stop."""
+    return re.sub(r"\s+", " ", text).strip().removesuffix(".").rstrip()
+
+
+def is_exact_match(predicted: str, expected: str) -> bool:
+    return normalize_answer(predicted) == normalize_answer(expected)
+
+
+@dataclass
+class Outcome:
+    domain: str
+    skill: str
+    question: str
+    expected: str
+    predicted: str
+    reasoning: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return is_exact_match(self.predicted, self.expected)
+
+
+@dataclass
+class Tally:
+    correct: int = 0
+    total: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+@dataclass
+class ExactMatchReport:
+    outcomes: list[Outcome]
+
+    def _tally(self, group: Callable[[Outcome], str]) -> dict[str, Tally]:
+        tallies: dict[str, Tally] = {}
+        for outcome in self.outcomes:
+            tally = tallies.setdefault(group(outcome), Tally())
+            tally.total += 1
+            tally.correct += outcome.correct
+        return dict(sorted(tallies.items()))
+
+    def by_skill(self) -> dict[str, Tally]:
+        return self._tally(lambda o: o.skill)
+
+    def by_domain(self) -> dict[str, Tally]:
+        return self._tally(lambda o: o.domain)
+
+    def overall(self) -> Tally:
+        return self._tally(lambda o: "all").get("all", Tally())
+
+    def to_dict(self) -> dict[str, Any]:
+        def table(tallies: Mapping[str, Tally]) -> dict[str, dict[str, float]]:
+            return {k: {"correct": t.correct, "total": t.total, "accuracy": t.accuracy} for k, t in tallies.items()}
+
+        overall = self.overall()
+        return {
+            "overall": {"correct": overall.correct, "total": overall.total, "accuracy": overall.accuracy},
+            "by_skill": table(self.by_skill()),
+            "by_domain": table(self.by_domain()),
+            "outcomes": [asdict(o) | {"correct": o.correct} for o in self.outcomes],
+        }
+
+
+def split_record(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, expected answer): the answer is the content of the last assistant turn."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], Mapping):
+        raise DarkhorseError("eval record has no 'messages' list")
+    last = messages[-1]
+    if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        raise DarkhorseError("eval record must end with an assistant message holding the expected answer")
+    return [dict(m) for m in messages[:-1]], last["content"]
+
+
+def record_question(prompt_messages: Sequence[Mapping[str, str]]) -> str:
+    """The last user turn, which is what a report shows as the question."""
+    users = [m["content"] for m in prompt_messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+@torch.inference_mode()
+def greedy_continuations(
+    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Iterable[int], vocab_size: int
+) -> list[list[int]]:
+    """Greedy continuations of equal-length prompts, decoded together as one batch.
+
+    Equal lengths need no padding or attention mask, and templated eval prompts mostly share a
+    length, so a whole skill decodes in a handful of batched forward passes instead of one per item.
+    Each continuation ends with its first stop id (included).
+    """
+    tokens = torch.tensor(prompts, dtype=torch.long, device=model.embed.weight.device)
+    batch, length = tokens.shape
+    steps = min(max_new_tokens, model.config.max_seq_len - length)
+    if steps <= 0:
+        raise DarkhorseError(f"eval prompts of {length} tokens leave no room in the model's context")
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=tokens.device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(batch, length + steps)
+        generated = torch.empty(batch, 0, dtype=torch.long, device=tokens.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+        position = 0
+        for _ in range(steps):
+            logits = model(tokens, cache=cache, start_pos=position).logits[:, -1, :vocab_size]
+            position += tokens.shape[1]
+            tokens = logits.argmax(dim=-1, keepdim=True)
+            generated = torch.cat([generated, tokens], dim=1)
+            finished |= torch.isin(tokens[:, 0], stop)
+            if bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+    stop_set = set(stop.tolist())
+    continuations = []
+    for row in generated.tolist():
+        ends = [i for i, token in enumerate(row) if token in stop_set]
+        continuations.append(row[: ends[0] + 1] if ends else row)
+    return continuations
+
+
+def evaluate_exact_match(
+    model,
+    tokenizer,
+    records: Iterable[Mapping[str, Any]],
+    *,
+    think: bool | None = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 64,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> ExactMatchReport:
+    """Answer every record greedily in darkhorse's chat format and score the final answers.
+
+    `think=None` follows each record: reason first when its reference has reasoning. Outcomes keep
+    the order of `records`; `on_outcome` sees each as its batch finishes (for progress bars).
+    """
+    from darkhorse.data.chat_format import parse_reply, render_prompt
+    from darkhorse.data.tokenizer import ASSISTANT_END, THINK
+
+    stop_ids = [tokenizer.eos_id, tokenizer.token_to_id(ASSISTANT_END)]
+    items = []
+    for record in records:
+        prompt_messages, expected = split_record(record)
+        use_think = bool(record.get("reasoning")) if think is None else think
+        ids = tokenizer.encode(render_prompt(prompt_messages, think=use_think))
+        items.append((record, prompt_messages, expected, use_think, ids))
+    by_length: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        by_length.setdefault(len(item[4]), []).append(index)
+    outcomes: list[Outcome | None] = [None] * len(items)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            continuations = greedy_continuations(
+                model,
+                [items[i][4] for i in chunk],
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+                vocab_size=tokenizer.vocab_size,
+            )
+            for index, continuation in zip(chunk, continuations, strict=True):
+                record, prompt_messages, expected, use_think, _ = items[index]
+                completion = tokenizer.decode(continuation)
+                # A think-mode prompt already opened the think block, so parse the reply with it.
+                reasoning, answer = parse_reply(THINK + completion if use_think else completion)
+                outcome = Outcome(
+                    domain=str(record.get("domain") or UNTAGGED),
+                    skill=str(record.get("skill") or UNTAGGED),
+                    question=record_question(prompt_messages),
+                    expected=expected,
+                    predicted=answer,
+                    reasoning=reasoning,
+                )
+                outcomes[index] = outcome
+                if on_outcome is not None:
+                    on_outcome(outcome)
+    return ExactMatchReport([o for o in outcomes if o is not None])

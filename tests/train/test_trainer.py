@@ -180,3 +180,19 @@ def test_bf16_and_grad_checkpointing_train(tmp_path, prepared_dir):
                           "train.grad_accum=2", "train.save_interval=0", "train.eval_interval=2")  # fmt: skip
     result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
     assert result.step == 2 and math.isfinite(result.last_loss) and math.isfinite(result.val_loss)
+
+
+def test_raw_text_file_is_prepared_and_evals_print_a_sample(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DARKHORSE_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    texts = (f"doc {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(600))
+    lines = (json.dumps({"text": text}) for text in texts)
+    corpus.write_text("\n".join(lines) + "\n")
+    config = small_config("model.vocab_size=300", "train.max_steps=2", "train.eval_interval=2", "train.save_interval=0")
+    result = train(config, [(corpus, 1.0)], tmp_path / "run", verbose=True, live=False)
+    out = capsys.readouterr().out
+    assert "eval step 2 | val loss" in out and "sample: '" in out
+    assert result.val_bpb is not None
+    model, saved_config, _ = ckpt.load_model(result.checkpoint)
+    assert (result.checkpoint / "tokenizer.json").exists()  # generate and export need it
+    assert saved_config.model.vocab_size <= 300

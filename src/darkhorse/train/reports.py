@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from darkhorse.model.routing import write_routing_reports
+
 
 def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path | None:
     """Train loss per logged step and val loss per evaluation, as a PNG; None without records."""
@@ -37,4 +39,5 @@ def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path | None:
 def write_run_reports(run_dir: Path, model: nn.Module, history: list[dict[str, Any]]) -> list[Path]:
     """Every report for a finished run; returns the files written."""
     written = [write_loss_curve(Path(run_dir) / "loss.png", history)]
+    written += write_routing_reports(run_dir, model)  # MoE: utilization heatmap, domain x expert matrix
     return [path for path in written if path is not None]

@@ -1,0 +1,176 @@
+"""MoE: sparse dispatch against a per-expert loop, routing rules, ALF balancing, statistics."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from darkhorse.config import MoEConfig, load_run_config
+from darkhorse.model.moe import MoE, Router, domain_expert_mask
+
+
+def moe_config(dim: int = 32, **moe):
+    settings = {"n_routed_experts": 8, "experts_per_token": 2, "moe_intermediate_size": 16, "first_k_dense": 0, **moe}
+    overrides = [f"model.moe.{k}={v}" for k, v in settings.items()]
+    return load_run_config(overrides=[f"model.dim={dim}", "model.n_heads=4", "model.ffn=moe", *overrides]).model
+
+
+def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Reference: loop over tokens' chosen experts one by one, with the layer's own routing."""
+    flat = x.reshape(-1, x.shape[-1])
+    routing = layer.gate(flat)
+    out = torch.zeros_like(flat)
+    experts = layer.experts
+    for e in range(layer.moe.n_routed_experts):
+        token_ids, slot = (routing.experts == e).nonzero(as_tuple=True)
+        h = F.silu(flat[token_ids] @ experts.gate_proj[e].T) * (flat[token_ids] @ experts.up_proj[e].T)
+        out = out.index_add(0, token_ids, (h @ experts.down_proj[e].T) * routing.weights[token_ids, slot, None])
+    if layer.shared_experts is not None:
+        out = out + layer.shared_experts(flat)
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize(
+    "moe", [{}, {"scoring": "softmax", "n_shared_experts": 0}, {"n_groups": 4, "topk_groups": 2}],
+    ids=["sigmoid", "softmax", "groups"],
+)
+def test_sparse_dispatch_matches_per_expert_loop(use_grouped_mm, moe):
+    torch.manual_seed(0)
+    layer = MoE(moe_config(**moe), layer_idx=0).eval()
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_()
+    out = layer(x, use_grouped_mm=use_grouped_mm)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ours = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    layer.zero_grad()
+    expected = naive_moe(layer, reference_x)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-5, rtol=1e-5)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_bias_moves_selection_but_not_weights():
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(n_routed_experts=4, experts_per_token=1, norm_topk_prob=False))
+    x = torch.randn(64, 16)
+    router.e_score_correction_bias[2] = 10.0  # every token now picks expert 2 ...
+    routing = router(x)
+    assert (routing.experts == 2).all()
+    expected = torch.sigmoid(x @ router.weight.T)[:, 2:3]  # ... weighted by its unbiased score
+    torch.testing.assert_close(routing.weights, expected)
+
+
+def test_group_limited_routing_stays_inside_top_groups():
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(n_routed_experts=8, experts_per_token=2, n_groups=4, topk_groups=1))
+    routing = router(torch.randn(100, 16))
+    groups = routing.experts // 2
+    assert (groups[:, 0] == groups[:, 1]).all()
+
+
+def test_capacity_factor_drops_overflow_and_counts_it():
+    torch.manual_seed(0)
+    layer = MoE(moe_config(capacity_factor=0.5, n_shared_experts=0), layer_idx=0).train()
+    layer.gate.e_score_correction_bias[:2] = 10.0  # all tokens want experts 0 and 1
+    out = layer(torch.randn(1, 32, 32))
+    layer.after_optimizer_step(1)
+    capacity = 0.5 * 32 * 2 / 8  # 4 slots per expert out of 32 wanted
+    assert layer.training_metrics()["moe/L0/dropped_fraction"] == pytest.approx(1 - 2 * capacity / 64)
+    assert (out.abs().sum(-1) > 0).sum() == capacity  # the earliest tokens were kept, both slots each
+
+
+def skewed_batch(generator: torch.Generator) -> torch.Tensor:
+    """Tokens that share a common offset, so the router's scores favour a few experts for most tokens."""
+    return torch.randn(256, 32, generator=generator) + 1.0
+
+
+def train_router(rate: float, steps: int = 300) -> float:
+    """Train one MoE layer on a regression task; return max/mean expert load on a fresh batch."""
+    torch.manual_seed(0)
+    config = moe_config(bias_update_rate=rate, n_shared_experts=0)
+    layer = MoE(config, layer_idx=0).train()
+    teacher = torch.nn.Linear(32, 32)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        x = skewed_batch(data)
+        loss = F.mse_loss(layer(x.unsqueeze(0)).squeeze(0), teacher(x).detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        layer.after_optimizer_step(step)
+    layer(skewed_batch(data).unsqueeze(0))
+    load = layer.load_since_step
+    return float(load.max() / load.mean())
+
+
+def test_alf_balances_expert_load_where_a_frozen_bias_does_not():
+    balanced, frozen = train_router(rate=1e-2), train_router(rate=0.0)
+    print(f"max/mean expert load after 300 steps: ALF {balanced:.2f}, frozen bias {frozen:.2f}")
+    assert balanced <= 1.5
+    assert frozen > balanced
+
+
+def test_alf_bias_is_a_saved_buffer_outside_autograd():
+    layer = MoE(moe_config(), layer_idx=0)
+    assert "gate.e_score_correction_bias" in layer.state_dict()
+    assert "gate.e_score_correction_bias" not in dict(layer.named_parameters())
+    assert layer.gate.e_score_correction_bias.dtype == torch.float32
+    layer.train()(torch.randn(2, 8, 32))
+    layer.after_optimizer_step(1)
+    bias = layer.gate.e_score_correction_bias
+    assert not bias.requires_grad and bias.abs().sum() > 0
+    assert bias.abs().max() == pytest.approx(layer.moe.bias_update_rate)
+
+
+def test_collapse_warning_names_the_knob_once(caplog):
+    layer = MoE(moe_config(collapse_share=0.5, collapse_steps=3, bias_update_rate=0.0), layer_idx=5).train()
+    layer.gate.e_score_correction_bias[0] = 10.0
+    with caplog.at_level(logging.WARNING, logger="darkhorse"):
+        for step in range(1, 7):
+            layer(torch.randn(1, 16, 32))
+            layer.after_optimizer_step(step)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "layer 5" in warnings[0] and "model.moe.bias_update_rate" in warnings[0]
+
+
+def test_aux_and_z_losses_are_reported_and_differentiable():
+    layer = MoE(moe_config(aux_loss_alpha=0.01, z_loss_weight=1e-3), layer_idx=0).train()
+    layer(torch.randn(2, 8, 32))
+    losses = layer.take_losses()
+    assert set(losses) == {"aux", "z"}
+    sum(losses.values()).backward()
+    assert layer.gate.weight.grad.abs().sum() > 0
+    assert layer.take_losses() == {}
+
+
+def test_domain_counts_and_prior_annealing():
+    config = moe_config(domain_prior=True, n_domains=2, domain_prior_bonus=100.0, domain_prior_anneal_steps=10)
+    layer = MoE(config, layer_idx=0).train()
+    domains = torch.tensor([[0] * 8 + [1] * 8], dtype=torch.uint8)
+    layer(torch.randn(1, 16, 32), domains=domains)
+    counts = layer.domain_counts[:2]
+    assert counts.sum() == 16 * 2
+    assert counts[0, 1::2].sum() == 0 and counts[1, 0::2].sum() == 0  # the prior decides: round-robin groups
+    layer.after_optimizer_step(10)
+    assert float(layer.domain_prior_scale) == 0.0  # annealed away: inference needs no tags
+    assert "domain_prior_scale" in layer.state_dict()
+
+
+def test_domain_mask_round_robin():
+    assert domain_expert_mask(3, 6)[:3].nonzero()[:, 1].tolist() == [0, 3, 1, 4, 2, 5]
+    assert domain_expert_mask(3, 6)[3].sum() == 0  # the untagged row
+
+
+def test_idle_params_make_active_count_right():
+    layer = MoE(moe_config(), layer_idx=0)
+    per_expert = 3 * 32 * 16
+    assert layer.idle_params_per_token() == (8 - 2) * per_expert

@@ -15,6 +15,7 @@ from darkhorse.errors import DarkhorseError
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
+    "demo": "demo",
     "download": "download",
     "prepare": "prepare",
     "train": "train",
@@ -23,8 +24,8 @@ SUBCOMMANDS = {
     "params": "params",
     "export": "export",
     "import": "import_hf",
-}
     "quantize": "quantize",
+}
 
 EPILOG = """workflow:
   darkhorse demo                                   train and evaluate on the built-in corpus

@@ -1,0 +1,288 @@
+"""Train and evaluate a small model end to end on the built-in corpus: no data needed.
+
+  darkhorse demo                          the dense tiny-cpu model, ~5 minutes of training
+  darkhorse demo --preset genesis-tiny    the Genesis model (MLA + MoE + ALF + MTP) instead
+  darkhorse demo --max-steps 300          a fixed step count instead of a time budget
+  darkhorse demo --quick                  seconds, for a smoke test (the model learns little)
+
+Steps: generate a domain-tagged chat corpus of checkable skills (2-digit addition, multi-digit
+arithmetic with worked steps in the think block, word problems, comparing numbers, sorting 5
+numbers, what short Python snippets print) with a held-out split that never shares a problem with
+training; prepare it; train with the live dashboard; then score held-out exact match per skill and
+per domain, show a few chat exchanges and print where everything went.
+
+--minutes turns the time budget into a step count from a measured step time (with 1 thread or all
+cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
+a run repeatable.
+
+OUT (default runs/demo) gets data/ (train.jsonl, heldout.jsonl), prepared/, run/ (checkpoints,
+metrics.jsonl, loss.png), eval.json and demo.json. An earlier demo in OUT is replaced; any other
+existing directory is refused unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from darkhorse.errors import DarkhorseError
+
+HELP = "train and evaluate a small model on a built-in corpus, end to end (no data needed)"
+DEFAULT_PRESET = "tiny-cpu"
+MARKER = "demo.json"
+GOAL_SKILLS = ("addition", "sort")
+GOAL_ACCURACY = 0.9
+DEMO_VOCAB_SIZE = 512  # the corpus is templated text; 512 BPE tokens cover it and keep the head small
+# Demo-specific settings layered over the preset (user overrides still win); see docs/experiments.md.
+DEMO_OVERRIDES = ["train.seq_len=128", "train.save_interval=0", "train.eval_steps=4", "train.log_interval=10"]
+PRESET_OVERRIDES = {
+    "tiny-cpu": ["train.batch_size=8", "train.lr=3e-3"],
+    "genesis-tiny": ["train.batch_size=8", "train.lr=3e-3"],
+}
+FULL = {"train_size": 40_000, "heldout_per_skill": 100, "max_new_tokens": 64}
+QUICK = {"train_size": 2_000, "heldout_per_skill": 2, "max_new_tokens": 32, "max_steps": 6}
+QUICK_OVERRIDES = ["train.batch_size=4", "train.seq_len=64", "train.eval_steps=1"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"model preset (default {DEFAULT_PRESET}; tiny-cpu is dense, genesis-tiny is MLA + MoE)",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    budget.add_argument("--max-steps", type=int, help="train exactly this many steps instead of a time budget")
+    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny corpus and batches, 6 steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the corpus and the training run (default 0)")
+    parser.add_argument("--force", action="store_true", help="write into an existing directory that is not a demo")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3 model.n_layers=4"
+    )
+
+
+def _claim_out_dir(out: Path, force: bool) -> None:
+    """Create OUT, or reuse it if an earlier demo made it; refuse anyone else's directory without --force."""
+    if out.exists() and not out.is_dir():
+        raise DarkhorseError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
+        raise DarkhorseError(
+            f"--out {out} already exists and is not a darkhorse demo directory; choose another --out or pass --force"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "prepared", "run"):  # only what an earlier demo wrote
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "eval.json").unlink(missing_ok=True)
+
+
+def measure_step_seconds(config, repeats: int = 1) -> float:
+    """Seconds per training step of `config` on this machine right now (forward, backward, update)."""
+    import torch
+
+    from darkhorse.model import Transformer
+
+    train = config.train
+    model = Transformer(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, config.model.vocab_size, (train.batch_size, train.seq_len + 1))
+    elapsed = 0.0
+    for attempt in range(repeats + 1):  # the first step warms up allocators and kernels
+        start = time.perf_counter()
+        for _ in range(train.grad_accum):
+            model(tokens[:, :-1], tokens[:, 1:], mtp_weight=train.mtp_weight).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if attempt:
+            elapsed += time.perf_counter() - start
+    return elapsed / repeats
+
+
+def fastest_threads(config, console) -> float:
+    """Use whichever of 1 thread or all cores trains faster now; returns that step time in seconds.
+
+    On a shared machine every extra thread can wait on busy cores, and a step can be several
+    times slower with all cores than with one, so this is measured rather than assumed.
+    """
+    import torch
+
+    timings = {}
+    for threads in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(threads)
+        timings[threads] = measure_step_seconds(config)
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    measured = ", ".join(f"{t} thread{'s' * (t > 1)}: {s:.2f} s" for t, s in timings.items())
+    console.print(f"step time here ({measured}): training with {best}")
+    return timings[best]
+
+
+def _build_config(args: argparse.Namespace, vocab_size: int, console) -> Any:
+    """Preset, then the demo's settings, then the step budget, then the user's KEY=VALUE overrides."""
+    from darkhorse.config import load_run_config, preset_dict
+
+    preset = preset_dict(args.preset)["name"]
+    demo = [*DEMO_OVERRIDES, *PRESET_OVERRIDES.get(preset, []), f"model.vocab_size={vocab_size}"]
+    demo.append(f"train.seed={args.seed}")
+    if args.quick:
+        import torch
+
+        torch.set_num_threads(1)  # a smoke run, often beside other jobs (CI workers): keep it predictable
+        demo += QUICK_OVERRIDES
+        steps = QUICK["max_steps"]
+    else:
+        step_seconds = fastest_threads(load_run_config(preset=args.preset, overrides=demo + args.overrides), console)
+        if args.max_steps is not None:
+            steps = args.max_steps
+        else:
+            steps = max(20, int(args.minutes * 60 / step_seconds))
+            console.print(f"{steps} steps fill {args.minutes:g} minutes")
+    budget = [
+        f"train.max_steps={steps}",
+        f"train.warmup_steps={max(1, steps // 20)}",
+        f"train.eval_interval={max(1, steps // 4)}",
+    ]
+    return load_run_config(preset=args.preset, overrides=demo + budget + args.overrides)
+
+
+def _accuracy_table(report, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in (("", "left"), ("correct", "right"), ("accuracy", "right")):
+        table.add_column(column, justify=justify)
+    for group, tallies in (("domain", report.by_domain()), ("skill", report.by_skill())):
+        for name, tally in tallies.items():
+            table.add_row(f"{group} {name}", f"{tally.correct}/{tally.total}", f"{100 * tally.accuracy:.1f}%")
+        table.add_section()
+    overall = report.overall()
+    table.add_row("all", f"{overall.correct}/{overall.total}", f"{100 * overall.accuracy:.1f}%", style="bold")
+    return table
+
+
+def _show_exchanges(console, report) -> None:
+    """One held-out exchange per skill, reasoning included, marked right or wrong."""
+    shown: set[str] = set()
+    for outcome in report.outcomes:
+        if outcome.skill in shown:
+            continue
+        shown.add(outcome.skill)
+        mark = "[green]right[/]" if outcome.correct else f"[red]wrong[/] (expected {outcome.expected})"
+        console.print(f"[bold]user[/] ({outcome.skill}): {outcome.question}", highlight=False)
+        if outcome.reasoning:
+            console.print(f"  [dim]think: {outcome.reasoning}[/]", highlight=False)
+        console.print(f"  [bold]assistant[/]: {outcome.predicted}  {mark}", highlight=False)
+
+
+def _goal_lines(report) -> list[str]:
+    skills = report.by_skill()
+    lines = []
+    for skill in GOAL_SKILLS:
+        tally = skills.get(skill)
+        if tally is None:
+            continue
+        met = "met" if tally.accuracy >= GOAL_ACCURACY else "not met"
+        lines.append(f"goal >= {GOAL_ACCURACY:.0%} on held-out {skill}: {tally.accuracy:.1%} ({met})")
+    return lines
+
+
+def _next_commands(out: Path, checkpoint: Path, prepared: Path, preset: str) -> list[str]:
+    from darkhorse.cli import SUBCOMMANDS
+
+    other = "tiny-cpu" if preset != "tiny-cpu" else DEFAULT_PRESET
+    candidates = {
+        "chat": f"darkhorse chat --checkpoint {checkpoint}",
+        "generate": f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',
+        "export": f"darkhorse export --checkpoint {checkpoint} --format gguf --out {out}/demo.gguf",
+        "params": f"darkhorse params --preset {preset}",
+        "train": f"darkhorse train --preset {other} --data {prepared} --out {out.parent}/demo-{other} --max-steps 600",
+        "demo": f"darkhorse demo --preset {other} --out {out.parent}/demo-{other}",
+    }
+    return [command for name, command in candidates.items() if name in SUBCOMMANDS]
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
+    from darkhorse.data.prepare import prepare
+    from darkhorse.eval.exact_match import evaluate_exact_match
+    from darkhorse.train.checkpoint import load_model
+    from darkhorse.train.trainer import train
+
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise DarkhorseError("--max-steps must be > 0")
+    if args.minutes <= 0:
+        raise DarkhorseError("--minutes must be > 0")
+    console = Console()
+    sizes = QUICK if args.quick else FULL
+    out: Path = args.out
+    _claim_out_dir(out, args.force)
+    (out / MARKER).write_text(json.dumps({"darkhorse_demo": 1, "preset": args.preset, "seed": args.seed}) + "\n")
+
+    console.rule("1. corpus")
+    corpus = build_demo_corpus(args.seed, sizes["train_size"], sizes["heldout_per_skill"])
+    (out / "data").mkdir()
+    train_file, heldout_file = out / "data" / "train.jsonl", out / "data" / "heldout.jsonl"
+    write_jsonl(corpus.train, train_file)
+    write_jsonl(corpus.heldout, heldout_file)
+    console.print(
+        f"{len(corpus.train):,} training records, {len(corpus.heldout)} held-out problems never seen in training"
+    )
+
+    console.rule("2. prepare")
+    prepared = prepare([train_file], out / "prepared", vocab_size=DEMO_VOCAB_SIZE, force=True, console=console)
+    info = prepared.split_info("train")
+    console.print(f"{info['tokens']:,} training tokens in domains {', '.join(prepared.domain_names)}")
+
+    console.rule("3. train")
+    config = _build_config(args, prepared.vocab_size, console)
+    started = time.perf_counter()
+    result = train(config, [(prepared.path, 1.0)], out / "run", force=True)
+    train_seconds = time.perf_counter() - started
+    if result.interrupted or result.checkpoint is None:
+        raise DarkhorseError(f"training stopped early; continue with: darkhorse train --out {out / 'run'} --resume")
+
+    console.rule("4. held-out evaluation")
+    model, _, _ = load_model(result.checkpoint)
+    from darkhorse.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(result.checkpoint / "tokenizer.json")
+    records = [example.to_record() for example in corpus.heldout]
+    with console.status(f"answering {len(records)} held-out problems greedily"):
+        report = evaluate_exact_match(model, tokenizer, records, max_new_tokens=sizes["max_new_tokens"])
+    title = f"held-out exact match after {result.step} steps ({train_seconds / 60:.1f} min of training)"
+    console.print(_accuracy_table(report, title))
+    goals = _goal_lines(report)
+    for line in goals:
+        console.print(line)
+    _show_exchanges(console, report)
+
+    summary = {
+        "preset": config.name,
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": result.last_loss,
+        "val_loss": result.val_loss,
+        **report.to_dict(),
+    }
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    console.rule("where everything went")
+    for label, path in (
+        ("corpus", out / "data"),
+        ("prepared data", prepared.path),
+        ("run (metrics.jsonl, loss.png)", out / "run"),
+        ("checkpoint", result.checkpoint),
+        ("held-out report", out / "eval.json"),
+    ):
+        console.print(f"{label:>30}: {path}", highlight=False)
+    console.print("\nnext, try:")
+    for command in _next_commands(out, result.checkpoint, prepared.path, config.name):
+        console.print(f"  {command}", highlight=False, markup=False)
+    return 0

@@ -1,0 +1,84 @@
+"""`darkhorse demo`: guards on OUT and the budget, and a --quick run through the real console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from darkhorse.cli import main
+from darkhorse.commands.demo import MARKER, _claim_out_dir
+from darkhorse.data.demo_corpus import SKILLS
+from darkhorse.errors import DarkhorseError
+
+
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--preset", "--minutes", "--max-steps", "--quick", "--seed", "--force", "held-out"):
+        assert option in text
+
+
+def test_refuses_someone_elses_directory_without_force(tmp_path, capsys):
+    precious = tmp_path / "mine" / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(precious.parent)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert precious.read_text() == "keep me" and sorted(precious.parent.iterdir()) == [precious]
+
+
+def test_rejects_a_file_as_out_and_a_bad_budget(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["demo", "--quick", "--out", str(a_file)]) == 2
+    assert main(["demo", "--max-steps", "0", "--out", str(tmp_path / "d")]) == 2
+    assert main(["demo", "--minutes", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert "--minutes" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_earlier_demo_is_replaced_but_other_files_stay(tmp_path):
+    out = tmp_path / "demo"
+    (out / "run" / "final").mkdir(parents=True)
+    (out / "data").mkdir()
+    (out / "eval.json").write_text("{}")
+    (out / MARKER).write_text("{}")
+    (out / "my-notes.txt").write_text("mine")
+    _claim_out_dir(out, force=False)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "my-notes.txt"]
+    with pytest.raises(DarkhorseError, match="not a darkhorse demo"):
+        (out / MARKER).unlink()
+        _claim_out_dir(out, force=False)
+    _claim_out_dir(out, force=True)
+    assert (out / "my-notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_through_the_console_script(tmp_path):
+    script = Path(sys.executable).with_name("darkhorse")
+    completed = subprocess.run(
+        [str(script), "demo", "--quick", "--out", "runs/demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "120", "HOME": str(tmp_path)},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    out = completed.stdout
+    for text in ("held-out exact match", "skill addition", "domain lists", "goal >= 90%", "where everything went"):
+        assert text in out
+    assert "darkhorse chat --checkpoint runs/demo/run/final" in out
+    demo = tmp_path / "runs" / "demo"
+    report = json.loads((demo / "eval.json").read_text())
+    assert set(report["by_skill"]) == set(SKILLS)
+    assert set(report["by_domain"]) == {"math", "lists", "code"}
+    assert report["overall"]["total"] == 2 * len(SKILLS)
+    assert (demo / "run" / "final" / "model.safetensors").is_file()
+    assert (demo / "prepared" / "meta.json").is_file() and (demo / "data" / "heldout.jsonl").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from darkhorse.config import load_run_config
@@ -48,7 +47,6 @@ def test_mtp_changes_the_loss_only_through_its_weight():
 
     weighted = with_mtp(tokens, targets, mtp_weight=0.5)
     torch.testing.assert_close(weighted.loss, weighted.losses["lm"] + 0.5 * weighted.losses["mtp"])
-    assert with_mtp.training_metrics()["mtp_loss"] == pytest.approx(float(weighted.losses["mtp"]))
 
 
 def test_mtp_modules_are_saved_and_skipped_at_inference():

@@ -75,7 +75,6 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(
             MTPModule(config, Block(config, config.n_layers + k)) for k in range(config.mtp_depth)
         )
-        self.last_mtp_loss: torch.Tensor | None = None
         self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -160,7 +159,6 @@ class Transformer(nn.Module):
             mtp_loss = self._mtp_loss(hidden, tokens, targets, domains)
             loss = loss + mtp_weight * mtp_loss
             losses["mtp"] = mtp_loss.detach()
-            self.last_mtp_loss = losses["mtp"]
         for module in self.modules():
             if isinstance(module, MoE):
                 for name, term in module.take_losses().items():
@@ -210,8 +208,6 @@ class Transformer(nn.Module):
         if max_loads:
             metrics["moe/load_max"] = max(max_loads)
             metrics["moe/load_min"] = min(v for k, v in metrics.items() if k.endswith("/load_min_over_mean"))
-        if self.last_mtp_loss is not None:
-            metrics["mtp_loss"] = float(self.last_mtp_loss)
         return metrics
 
     # -- accounting -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Train and evaluate a small model end to end on the built-in corpus: no data needed.
 
-  darkhorse demo                          the dense tiny-cpu model, ~5 minutes of training
-  darkhorse demo --preset genesis-tiny    the Genesis model (MLA + MoE + ALF + MTP) instead
+  darkhorse demo                          Genesis model (MLA + MoE + ALF + MTP), ~5 minutes of training
+  darkhorse demo --preset tiny-cpu        the dense model instead
   darkhorse demo --max-steps 300          a fixed step count instead of a time budget
   darkhorse demo --quick                  seconds, for a smoke test (the model learns little)
 
@@ -9,7 +9,8 @@ Steps: generate a domain-tagged chat corpus of checkable skills (2-digit additio
 arithmetic with worked steps in the think block, word problems, comparing numbers, sorting 5
 numbers, what short Python snippets print) with a held-out split that never shares a problem with
 training; prepare it; train with the live dashboard; then score held-out exact match per skill and
-per domain, show a few chat exchanges and print where everything went.
+per domain, show a few chat exchanges (and, for a MoE model, how each domain's held-out tokens
+spread over the experts) and print where everything went.
 
 --minutes turns the time budget into a step count from a measured step time (with 1 thread or all
 cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
@@ -32,7 +33,7 @@ from typing import Any
 from darkhorse.errors import DarkhorseError
 
 HELP = "train and evaluate a small model on a built-in corpus, end to end (no data needed)"
-DEFAULT_PRESET = "tiny-cpu"
+DEFAULT_PRESET = "genesis-tiny"
 MARKER = "demo.json"
 GOAL_SKILLS = ("addition", "sort")
 GOAL_ACCURACY = 0.9
@@ -178,6 +179,40 @@ def _show_exchanges(console, report) -> None:
         console.print(f"  [bold]assistant[/]: {outcome.predicted}  {mark}", highlight=False)
 
 
+def _routing_table(model, prepared) -> tuple[Any, dict[str, Any]] | None:
+    """Share of each domain's validation tokens sent to each expert, per MoE layer (None if dense)."""
+    import torch
+
+    from darkhorse.model.routing import counting_domains, domain_routing, moe_layers
+
+    if not moe_layers(model) or prepared.domains("val") is None:
+        return None
+    seq_len = model.config.max_seq_len // 2
+    usable = len(prepared.tokens("val")) // seq_len * seq_len
+    tokens = torch.from_numpy(prepared.tokens("val")[:usable].astype("int64")).view(-1, seq_len)
+    domains = torch.from_numpy(prepared.domains("val")[:usable].astype("int64")).view(-1, seq_len)
+    with torch.inference_mode(), counting_domains(model):
+        for start in range(0, len(tokens), 16):
+            model(tokens[start : start + 16], domains=domains[start : start + 16])
+        report = domain_routing(model, prepared.domain_names)
+    from rich.table import Table
+
+    n_experts = model.config.moe.n_routed_experts
+    table = Table(title="routing on validation tokens: % of each domain's tokens per expert")
+    table.add_column("layer / domain")
+    for expert in range(n_experts):
+        table.add_column(f"e{expert}", justify="right")
+    for layer in report["layers"]:
+        if not any(map(sum, layer["counts"])):  # e.g. the MTP block, which plain decoding does not run
+            continue
+        table.add_row(f"layer {layer['layer']}: I(domain; expert) = {layer['mutual_information_bits']:.2f} bits")
+        for name, row in zip(report["domains"], layer["counts"], strict=True):
+            total = max(1, sum(row))
+            table.add_row(f"  {name}", *(f"{100 * c / total:.0f}" for c in row))
+        table.add_section()
+    return table, report
+
+
 def _goal_lines(report) -> list[str]:
     skills = report.by_skill()
     lines = []
@@ -261,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
     for line in goals:
         console.print(line)
     _show_exchanges(console, report)
+    routing = _routing_table(model, prepared)
+    if routing is not None:
+        console.print(routing[0])
 
     summary = {
         "preset": config.name,
@@ -270,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         "final_loss": result.last_loss,
         "val_loss": result.val_loss,
         **report.to_dict(),
+        "routing": routing[1] if routing is not None else None,
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
 

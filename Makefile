@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
+	@echo "installing test extras: llama-cpp-python (GGUF tests) builds from source the first time" \
+		"(~6 min on 2 cores, needs cmake and a C++ compiler); pip caches the wheel for later installs"
 	$(BIN)/python -m pip install -q -e ".[interop,dev,gguf-check]"
 	touch $@
 

@@ -115,8 +115,21 @@ def make_prepared():
 
 
 @pytest.fixture(scope="session")
-def tiny_untied_checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-untied") / "final", tie_embeddings=False, seed=1)
+def tiny_untied_checkpoint(tiny_dense_checkpoint, tmp_path_factory):
+    """The trained dense model with its head untied (a copy of the embedding): same outputs, own tensor."""
+    import dataclasses
+
+    from darkhorse.model import Transformer
+    from darkhorse.train.checkpoint import load_model, save_model_checkpoint
+
+    tied, config, meta = load_model(tiny_dense_checkpoint)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, tie_embeddings=False))
+    untied = Transformer(config.model)
+    state = tied.state_dict()
+    state["lm_head.weight"] = state["embed.weight"].clone()
+    untied.load_state_dict(state)
+    out = tmp_path_factory.mktemp("tiny-untied") / "final"
+    return save_model_checkpoint(out, untied, config, tiny_dense_checkpoint / "tokenizer.json", {"step": meta["step"]})
 
 
 @pytest.fixture(scope="session")

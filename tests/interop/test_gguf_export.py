@@ -259,3 +259,18 @@ def test_pre_tokenizer_llama_cpp_does_not_know_is_refused(tmp_path):
     with pytest.raises(DarkhorseError, match="byte-level BPE pre-tokenizer"):
         export_gguf(checkpoint_with_tokenizer(tmp_path, backend), tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_command_writes_gguf(tiny_dense_checkpoint, tmp_path, capsys):
+    from darkhorse.cli import main
+
+    out = tmp_path / "cli.gguf"
+    argv = ["export", "--checkpoint", str(tiny_dense_checkpoint), "--format", "gguf", "--outtype", "q8_0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert tensor_type_of(out, "blk.0.attn_q.weight") == gguf.GGMLQuantizationType.Q8_0
+    assert main([*argv, "--out", str(out)]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+
+
+def tensor_type_of(path, name: str) -> gguf.GGMLQuantizationType:
+    return next(gguf.GGMLQuantizationType(t.tensor_type) for t in gguf.GGUFReader(path).tensors if t.name == name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -113,45 +114,46 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="darkhorse-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        rows = []
+        print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        smallest, largest = args.sizes_mb[0], args.sizes_mb[-1]
+        corpora = {}
         for size in args.sizes_mb:
-            corpus = work / f"corpus-{size:g}mb.jsonl"
-            make_corpus(corpus, size)
-            megabytes = corpus.stat().st_size / 2**20
-            full = run_step(
-                step="prepare", corpus=str(corpus), out=str(work / f"out-{size:g}"), vocab_size=args.vocab_size
+            corpora[size] = work / f"corpus-{size:g}mib.jsonl"
+            make_corpus(corpora[size], size)
+        full, reuse = {}, {}
+        for size in args.sizes_mb:
+            out = work / f"full-{size:g}"
+            full[size] = run_step(step="prepare", corpus=str(corpora[size]), out=str(out), vocab_size=args.vocab_size)
+        tokenizer = str(work / f"full-{largest:g}" / "tokenizer.json")
+        for size in args.sizes_mb:
+            out = work / f"reuse-{size:g}"
+            reuse[size] = run_step(
+                step="prepare", corpus=str(corpora[size]), out=str(out), vocab_size=args.vocab_size, tokenizer=tokenizer
             )
-            rows.append((f"prepare, train BPE + tokenize, {megabytes:.0f} MiB", full, megabytes))
-        tokenizer = str(work / f"out-{args.sizes_mb[-1]:g}" / "tokenizer.json")
-        reuse = run_step(
-            step="prepare",
-            corpus=str(corpus),
-            out=str(work / "out-reuse"),
-            vocab_size=args.vocab_size,
-            tokenizer=tokenizer,
-        )
-        rows.append((f"prepare --tokenizer, {megabytes:.0f} MiB", reuse, megabytes))
-        for method in ("encode_batch", "encode_batch_fast"):
-            peer = run_step(step=method, corpus=str(corpus), tokenizer=tokenizer)
-            rows.append((f"tokenizers {method} (text in memory), {megabytes:.0f} MiB", peer, megabytes))
-            assert peer["tokens"] == reuse["tokens"], "the peer must encode exactly the same tokens"
+        peers = {
+            method: run_step(step=method, corpus=str(corpora[largest]), tokenizer=tokenizer)
+            for method in ("encode_batch", "encode_batch_fast")
+        }
+        for peer in peers.values():
+            assert peer["tokens"] == reuse[largest]["tokens"], "the peer must encode exactly the same tokens"
 
+        rows = [(f"prepare (train BPE + tokenize), {size:g} MiB", full[size], size) for size in args.sizes_mb]
+        rows += [(f"prepare --tokenizer, {size:g} MiB", reuse[size], size) for size in args.sizes_mb]
+        rows += [(f"tokenizers {m} (text in memory), {largest:g} MiB", peers[m], largest) for m in peers]
         print(f"{'step':58} {'seconds':>8} {'MiB/s':>7} {'Mtok/s':>7} {'peak RSS MiB':>12}")
         for name, result, megabytes in rows:
             seconds = result["seconds"]
             print(
-                f"{name:58} {seconds:8.1f} {megabytes / seconds:7.1f} {result['tokens'] / seconds / 1e6:7.2f} "
+                f"{name:58} {seconds:8.1f} {megabytes / seconds:7.2f} {result['tokens'] / seconds / 1e6:7.2f} "
                 f"{result['peak_rss_mb']:12.0f}"
             )
-        by_name = {name.split(",")[0]: result for name, result, _ in rows}
-        for peer in ("tokenizers encode_batch (text in memory)", "tokenizers encode_batch_fast (text in memory)"):
-            ratio = reuse["seconds"] / by_name[peer]["seconds"]
-            print(f"prepare --tokenizer / {peer}: {ratio:.2f}x (goal <= 1.5x)")
-        small, large = rows[0][1]["peak_rss_mb"], rows[len(args.sizes_mb) - 1][1]["peak_rss_mb"]
-        print(
-            f"peak RSS {args.sizes_mb[-1]:g} MiB corpus / {args.sizes_mb[0]:g} MiB corpus: "
-            f"{large / small:.2f}x (goal ~1x)"
-        )
+        for method, peer in peers.items():
+            ratio = reuse[largest]["seconds"] / peer["seconds"]
+            print(f"time, prepare --tokenizer / tokenizers {method}: {ratio:.2f}x (goal <= 1.5x)")
+        for kind, results in (("prepare", full), ("prepare --tokenizer", reuse)):
+            ratio = results[largest]["peak_rss_mb"] / results[smallest]["peak_rss_mb"]
+            print(f"peak RSS, {kind}, {largest:g} MiB / {smallest:g} MiB corpus: {ratio:.2f}x (goal ~1x)")
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

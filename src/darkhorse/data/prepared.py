@@ -102,6 +102,16 @@ def _map(path: Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _largest(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> int:
+    """Largest value in a flat binary file (-1 if empty), read in chunks: scanning a memmap instead would
+    leave the whole file resident, so peak memory would grow with the corpus."""
+    largest = -1
+    with open(path, "rb") as handle:
+        while (block := np.fromfile(handle, dtype=dtype, count=chunk)).size:
+            largest = max(largest, int(block.max()))
+    return largest
+
+
 def _fail(path: Path, message: str) -> DarkhorseError:
     return DarkhorseError(f"{path}: {message}")
 
@@ -148,20 +158,12 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
     data = PreparedData(path=path, meta=meta)
     if check_ids:
         for split in SPLITS:
-            if split in data._maps and len(data.tokens(split)):
-                largest = int(data.tokens(split).max())
-                if largest >= data.vocab_size:
-                    raise _fail(
-                        path / f"{split}.bin", f"token id {largest} >= vocab size {data.vocab_size} in meta.json"
-                    )
-            domains = data.domains(split) if split in data._maps else None
-            if domains is not None and len(domains) and data.domain_names:
-                largest = int(domains.max())
-                if largest >= len(data.domain_names):
-                    raise _fail(
-                        path / f"{split}.domains.bin",
-                        f"domain id {largest} but meta.json names only {len(data.domain_names)} domains",
-                    )
+            token_file, domain_file = path / f"{split}.bin", path / f"{split}.domains.bin"
+            if token_file.exists() and (largest := _largest(token_file, TOKEN_DTYPE)) >= data.vocab_size:
+                raise _fail(token_file, f"token id {largest} >= vocab size {data.vocab_size} in meta.json")
+            names = data.domain_names
+            if domain_file.exists() and names and (largest := _largest(domain_file, DOMAIN_DTYPE)) >= len(names):
+                raise _fail(domain_file, f"domain id {largest} but meta.json names only {len(names)} domains")
     if len(data.tokens("train")) < 2:
         raise _fail(path, "train.bin holds fewer than 2 tokens")
     return data

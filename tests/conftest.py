@@ -31,7 +31,7 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 40, seed: int = 0, **model):
+def train_tiny_checkpoint(out_dir, *, steps: int = 40, seed: int = 0, **model):
     """Train a 2-layer model (dim 256, so K-quants apply) on `_tiny_corpus` and save a checkpoint.
 
     `model` overrides ModelConfig fields, e.g. the MLA + MoE + MTP settings of `tiny_genesis_checkpoint`."""
@@ -47,7 +47,7 @@ def train_tiny_checkpoint(out_dir, *, tie_embeddings: bool = True, steps: int = 
     stream = torch.tensor([i for text in texts for i in tokenizer.encode(text)])
     shape = dict(
         vocab_size=tokenizer.vocab_size, n_layers=2, dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512,
-        max_seq_len=256, tie_embeddings=tie_embeddings,
+        max_seq_len=256,
     )  # fmt: skip
     model_config = ModelConfig(**{**shape, **model})
     config = RunConfig(name="tiny-gguf", model=model_config, train=TrainConfig(seq_len=64, batch_size=8))

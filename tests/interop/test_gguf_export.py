@@ -23,6 +23,7 @@ tied head, vocab padding) breaks it immediately.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gguf
@@ -33,7 +34,7 @@ import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from darkhorse.config import ModelConfig, RunConfig, TrainConfig
+from darkhorse.config import ModelConfig, RopeScalingConfig, RunConfig, TrainConfig
 from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
@@ -274,3 +275,38 @@ def test_export_command_writes_gguf(tiny_dense_checkpoint, tmp_path, capsys):
 
 def tensor_type_of(path, name: str) -> gguf.GGMLQuantizationType:
     return next(gguf.GGMLQuantizationType(t.tensor_type) for t in gguf.GGUFReader(path).tensors if t.name == name)
+
+
+def with_yarn(checkpoint, out_dir, mscale: float, mscale_all_dim: float):
+    """The same weights under a YaRN config (x4 beyond an original context of 64 positions)."""
+    model, config, _ = load_model(checkpoint)
+    scaling = RopeScalingConfig(
+        type="yarn", factor=4.0, original_max_seq_len=64, mscale=mscale, mscale_all_dim=mscale_all_dim
+    )
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, rope_scaling=scaling))
+    stretched = Transformer(config.model)
+    stretched.load_state_dict(model.state_dict())
+    return save_model_checkpoint(out_dir, stretched.eval(), config, checkpoint / "tokenizer.json", {"step": 0})
+
+
+@pytest.mark.parametrize(
+    ("fixture", "mscale_all_dim"), [("tiny_dense_checkpoint", 0.0), ("tiny_genesis_checkpoint", 1.0)]
+)
+def test_yarn_context_extension_matches(request, tmp_path, fixture, mscale_all_dim):
+    """YaRN changes every position's frequencies; 100 positions also run past the original 64."""
+    checkpoint = with_yarn(request.getfixturevalue(fixture), tmp_path / "yarn", 1.0, mscale_all_dim)
+    out = export_gguf(checkpoint, tmp_path / "yarn.gguf", "f32")
+    model, _, _ = load_model(checkpoint)
+    sequence = list(range(20, 120))
+    llm = load_llama(out)
+    llm.eval(sequence)
+    theirs = np.asarray(llm.scores[: len(sequence)])
+    with torch.no_grad():
+        ours = model(torch.tensor([sequence])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < LOGIT_TOLERANCE["f32"]
+
+
+def test_yarn_settings_llama_cpp_cannot_compute_are_refused(tiny_dense_checkpoint, tmp_path):
+    checkpoint = with_yarn(tiny_dense_checkpoint, tmp_path / "yarn", 1.0, 1.0)
+    with pytest.raises(DarkhorseError, match="mscale=1 and mscale_all_dim=0"):
+        export_gguf(checkpoint, tmp_path / "yarn.gguf", "f32")

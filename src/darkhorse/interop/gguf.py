@@ -4,6 +4,9 @@ Dense GQA models become the `llama` architecture. llama.cpp's llama graph applie
 channel pairs (the original Meta layout) while darkhorse, like HF Llama, rotates channel i with
 i + head_dim/2, so the q and k rows are permuted per head on the way out (the same permutation
 llama.cpp's own `convert_hf_to_gguf.py` applies to HF Llama weights); nothing else changes.
+MLA + MoE models become `deepseek2` (see `deepseek2_plan`). YaRN settings are written as llama.cpp's
+rope-scaling keys when llama.cpp computes the same thing (`_check_yarn`); mHC residual streams,
+which no llama.cpp architecture has, are refused.
 
 The file is written with the `gguf` package in two passes: first every tensor's name, shape and
 type (computed from the config, no weights loaded), then the weights one tensor at a time, so peak
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,6 +35,7 @@ from safetensors import safe_open
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.data.tokenizer import LLAMA_CPP_PRE, PRE_TOKENIZER_REGEX, SPECIAL_TOKENS
 from darkhorse.errors import DarkhorseError
+from darkhorse.model.layers import yarn_mscale
 from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
 
 OUTTYPES = {
@@ -149,6 +154,18 @@ def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
     return plan
 
 
+def add_yarn_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """YaRN context extension keys; llama.cpp derives the same frequency ramp from them."""
+    scaling = cfg.rope_scaling
+    if scaling.type != "yarn":
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_max_seq_len)
+    writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
+
+
 def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
@@ -160,6 +177,7 @@ def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.padded_vocab_size)
+    add_yarn_metadata(writer, cfg)
 
 
 def deepseek2_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
@@ -265,6 +283,9 @@ def add_deepseek2_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_expert_group_used_count(moe.topk_groups)
     gating = gguf.ExpertGatingFuncType.SIGMOID if moe.scoring == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
     writer.add_expert_gating_func(gating)
+    add_yarn_metadata(writer, cfg)
+    if cfg.rope_scaling.type == "yarn":
+        writer.add_rope_scaling_yarn_log_mul(0.1 * cfg.rope_scaling.mscale_all_dim)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -386,6 +407,27 @@ def atomic_output(out_path: str | Path, force: bool) -> Iterator[Path]:
 MetadataWriter = Callable[[gguf.GGUFWriter, ModelConfig], None]
 
 
+def _check_yarn(ckpt: CheckpointTensors) -> None:
+    """llama.cpp fixes YaRN's cos/sin factor per architecture; refuse settings that would compute otherwise.
+
+    Its llama graph scales cos/sin by 1 + 0.1 ln(factor) (our mscale=1, mscale_all_dim=0, as HF Llama);
+    deepseek2 leaves them unscaled and puts mscale_all_dim's correction into the attention scale
+    (our mscale == mscale_all_dim, as DeepSeek-V3).
+    """
+    cfg = ckpt.model
+    scaling = cfg.rope_scaling
+    if scaling.type != "yarn":
+        return
+    ours = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    theirs = 1.0 if cfg.attention == "mla" else yarn_mscale(scaling.factor)
+    if not math.isclose(ours, theirs, rel_tol=1e-6):
+        needed = "mscale == mscale_all_dim" if cfg.attention == "mla" else "mscale=1 and mscale_all_dim=0"
+        raise DarkhorseError(
+            f"{ckpt.path}: model.rope_scaling mscale={scaling.mscale}, mscale_all_dim={scaling.mscale_all_dim} "
+            f"has no llama.cpp equivalent for this architecture; GGUF export needs {needed}"
+        )
+
+
 def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], MetadataWriter]:
     cfg, moe = ckpt.model, ckpt.model.moe
     if cfg.residual != "plain":
@@ -393,11 +435,7 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
             f"{ckpt.path}: model.residual={cfg.residual!r} (hyper-connections) has no llama.cpp architecture; "
             "GGUF export needs model.residual=plain"
         )
-    if cfg.rope_scaling.type != "none":
-        raise DarkhorseError(
-            f"{ckpt.path}: model.rope_scaling.type={cfg.rope_scaling.type!r} is not exported to GGUF yet; "
-            "export with model.rope_scaling.type=none"
-        )
+    _check_yarn(ckpt)
     if cfg.attention == "gqa" and cfg.ffn == "dense":
         return "llama", llama_plan(ckpt), add_llama_metadata
     if cfg.attention == "mla" and cfg.ffn == "moe":

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from darkhorse.cli import main
 from darkhorse.config import load_run_config
 from darkhorse.train.trainer import train
@@ -30,6 +32,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow  # two console-script processes: torch's import dominates on loaded cores
 def test_train_smoke_plain_logs_and_refuses_to_clobber(tmp_path, prepared_dir):
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "tiny-cpu", *SMALL, "--data", str(prepared_dir), "--out", str(run_dir)]
@@ -72,6 +75,7 @@ def test_bad_input_is_one_line_error(tmp_path, prepared_dir, capsys):
         assert error.startswith("darkhorse: error: ") and expected in error and error.count("\n") == 1
 
 
+@pytest.mark.slow  # two console-script processes plus a reference run
 def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path, prepared_dir):
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "tiny-cpu", *SMALL, "--data", str(prepared_dir), "--out", str(run_dir)]

@@ -149,3 +149,15 @@ def tiny_genesis_checkpoint(tmp_path_factory):
         mla=MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
         moe=MoEConfig(n_routed_experts=4, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=128),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_checkpoint(tmp_path_factory):
+    """GQA + softmax-routed MoE in every layer, no shared expert, no selection bias (Mixtral's shape)."""
+    from darkhorse.config import MoEConfig
+
+    moe = MoEConfig(
+        n_routed_experts=4, experts_per_token=2, n_shared_experts=0, moe_intermediate_size=128, scoring="softmax",
+        first_k_dense=0, bias_update_rate=0.0,
+    )  # fmt: skip
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mixtral") / "final", seed=3, dim=128, ffn="moe", moe=moe)

@@ -50,9 +50,7 @@ PROMPT = "three four five six"
 
 def load_llama(path, n_ctx: int = 256) -> llama_cpp.Llama:
     f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, type_k=f32, type_v=f32, verbose=False
-    )
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, type_k=f32, type_v=f32, verbose=False)
 
 
 def llama_greedy(llm: llama_cpp.Llama, prompt_ids: list[int], count: int) -> list[int]:
@@ -62,6 +60,17 @@ def llama_greedy(llm: llama_cpp.Llama, prompt_ids: list[int], count: int) -> lis
         if len(tokens) == count:
             return tokens
     return tokens
+
+
+def copy_with_model_config(checkpoint, out_dir, change):
+    """`checkpoint` copied with `change(model_config_dict)` applied to its meta.json (weights untouched)."""
+    out_dir.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (out_dir / name).write_bytes((checkpoint / name).read_bytes())
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    change(meta["config"]["model"])
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    return out_dir
 
 
 def check_against_darkhorse(checkpoint, gguf_file, outtype: str, routing_flips: int = 0) -> None:
@@ -114,6 +123,16 @@ def test_deepseek2_gguf_matches_darkhorse(tiny_genesis_checkpoint, tmp_path, out
     check_against_darkhorse(tiny_genesis_checkpoint, out, outtype, routing_flips=flips)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_mixtral_style_moe_exports_as_llama_moe(tiny_mixtral_checkpoint, tmp_path, outtype):
+    out = export_gguf(tiny_mixtral_checkpoint, tmp_path / f"mixtral-{outtype}.gguf", outtype)
+    reader = gguf.GGUFReader(out)
+    assert read_field(reader, "general.architecture") == "llama"
+    assert read_field(reader, "llama.expert_count") == 4
+    check_against_darkhorse(tiny_mixtral_checkpoint, out, outtype, routing_flips=2 if outtype == "q8_0" else 0)
+
+
 def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path):
     out = export_gguf(tiny_genesis_checkpoint, tmp_path / "genesis.gguf", "f16")
     reader = gguf.GGUFReader(out)
@@ -135,13 +154,9 @@ def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path)
 
 
 def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint, tmp_path):
-    meta = json.loads((tiny_genesis_checkpoint / "meta.json").read_text())
-    meta["config"]["model"]["mla"]["q_lora_rank"] = 0
-    copy = tmp_path / "no-q-lora"
-    copy.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
-        (copy / name).write_bytes((tiny_genesis_checkpoint / name).read_bytes())
-    (copy / "meta.json").write_text(json.dumps(meta))
+    copy = copy_with_model_config(
+        tiny_genesis_checkpoint, tmp_path / "no-q-lora", lambda m: m["mla"].update(q_lora_rank=0)
+    )
     with pytest.raises(DarkhorseError, match="q_lora_rank > 0"):
         export_gguf(copy, tmp_path / "m.gguf", "f16")
 
@@ -200,13 +215,8 @@ def test_existing_output_needs_force_and_failed_export_leaves_nothing(tiny_dense
         export_gguf(tiny_dense_checkpoint, out, "f16")
     assert out.read_bytes() == b"precious"
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
-        (broken / name).write_bytes((tiny_dense_checkpoint / name).read_bytes())
-    meta = json.loads((tiny_dense_checkpoint / "meta.json").read_text())
-    meta["config"]["model"]["ffn_dim"] = 640  # the weights say 512: fails mid-stream
-    (broken / "meta.json").write_text(json.dumps(meta))
+    # The weights say ffn_dim 512: fails mid-stream, after the header and early tensors are written.
+    broken = copy_with_model_config(tiny_dense_checkpoint, tmp_path / "broken", lambda m: m.update(ffn_dim=640))
     with pytest.raises(DarkhorseError, match="ffn_gate.weight has shape"):
         export_gguf(broken, tmp_path / "new.gguf", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]
@@ -217,13 +227,7 @@ def test_bad_inputs_are_one_line_errors(tiny_dense_checkpoint, tmp_path):
         export_gguf(tiny_dense_checkpoint, tmp_path / "m.gguf", "q4_k")
     with pytest.raises(DarkhorseError, match="not found"):
         export_gguf(tmp_path / "missing", tmp_path / "m.gguf", "f16")
-    mhc = tmp_path / "mhc"
-    mhc.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
-        (mhc / name).write_bytes((tiny_dense_checkpoint / name).read_bytes())
-    meta = json.loads((tiny_dense_checkpoint / "meta.json").read_text())
-    meta["config"]["model"]["residual"] = "mhc"
-    (mhc / "meta.json").write_text(json.dumps(meta))
+    mhc = copy_with_model_config(tiny_dense_checkpoint, tmp_path / "mhc", lambda m: m.update(residual="mhc"))
     with pytest.raises(DarkhorseError, match="hyper-connections"):
         export_gguf(mhc, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
@@ -310,3 +314,16 @@ def test_yarn_settings_llama_cpp_cannot_compute_are_refused(tiny_dense_checkpoin
     checkpoint = with_yarn(tiny_dense_checkpoint, tmp_path / "yarn", 1.0, 1.0)
     with pytest.raises(DarkhorseError, match="mscale=1 and mscale_all_dim=0"):
         export_gguf(checkpoint, tmp_path / "yarn.gguf", "f32")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"scoring": "sigmoid"}, "scoring=sigmoid"), ({"capacity_factor": 1.25}, "drops tokens")],
+)
+def test_moe_settings_llama_cpp_cannot_run_are_refused(tiny_mixtral_checkpoint, tmp_path, changes, message):
+    checkpoint = copy_with_model_config(
+        tiny_mixtral_checkpoint, tmp_path / "changed", lambda m: m["moe"].update(changes)
+    )
+    with pytest.raises(DarkhorseError, match=message):
+        export_gguf(checkpoint, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()

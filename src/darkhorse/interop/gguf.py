@@ -123,16 +123,19 @@ def rope_interleave_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
-    cfg = ckpt.model
+    """Dense GQA, or Mixtral-style GQA + softmax-routed MoE (llama.cpp runs both as `llama`)."""
+    cfg, moe = ckpt.model, ckpt.model.moe
     dim, vocab = cfg.dim, cfg.padded_vocab_size
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
 
-    def tensor(kind: T, layer: int | None, source: str, shape: tuple[int, ...], rope_heads: int = 0) -> PlannedTensor:
+    def tensor(
+        kind: T, layer: int | None, source: str, shape: tuple[int, ...], rope_heads: int = 0, keep_f32: bool = False
+    ) -> PlannedTensor:
         def make() -> torch.Tensor:
             weight = ckpt.get(source)
             return rope_interleave_rows(weight, rope_heads) if rope_heads else weight
 
-        return PlannedTensor(gguf_name(kind, layer), shape, make)
+        return PlannedTensor(gguf_name(kind, layer), shape, make, keep_f32)
 
     plan = [tensor(T.TOKEN_EMBD, None, "embed.weight", (vocab, dim))]
     for i in range(cfg.n_layers):
@@ -144,6 +147,17 @@ def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
             tensor(T.ATTN_V, i, src + "attn.v_proj.weight", (kv_rows, dim)),
             tensor(T.ATTN_OUT, i, src + "attn.o_proj.weight", (dim, q_rows)),
             tensor(T.FFN_NORM, i, src + "ffn_norm.weight", (dim,)),
+        ]
+        if cfg.ffn == "moe":
+            experts, hidden = moe.n_routed_experts, moe.moe_intermediate_size
+            plan += [
+                tensor(T.FFN_GATE_INP, i, src + "ffn.gate.weight", (experts, dim), keep_f32=True),
+                tensor(T.FFN_GATE_EXP, i, src + "ffn.experts.gate_proj", (experts, hidden, dim)),
+                tensor(T.FFN_UP_EXP, i, src + "ffn.experts.up_proj", (experts, hidden, dim)),
+                tensor(T.FFN_DOWN_EXP, i, src + "ffn.experts.down_proj", (experts, dim, hidden)),
+            ]
+            continue
+        plan += [
             tensor(T.FFN_GATE, i, src + "ffn.gate_proj.weight", (cfg.ffn_dim, dim)),
             tensor(T.FFN_UP, i, src + "ffn.up_proj.weight", (cfg.ffn_dim, dim)),
             tensor(T.FFN_DOWN, i, src + "ffn.down_proj.weight", (dim, cfg.ffn_dim)),
@@ -170,7 +184,6 @@ def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn_dim)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_rope_dimension_count(cfg.head_dim)
@@ -178,6 +191,12 @@ def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.padded_vocab_size)
     add_yarn_metadata(writer, cfg)
+    if cfg.ffn == "moe":
+        writer.add_feed_forward_length(cfg.moe.moe_intermediate_size)
+        writer.add_expert_count(cfg.moe.n_routed_experts)
+        writer.add_expert_used_count(cfg.moe.experts_per_token)
+    else:
+        writer.add_feed_forward_length(cfg.ffn_dim)
 
 
 def deepseek2_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
@@ -436,7 +455,15 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
             "GGUF export needs model.residual=plain"
         )
     _check_yarn(ckpt)
+    if cfg.ffn == "moe" and moe.capacity_factor > 0:
+        raise DarkhorseError(
+            f"{ckpt.path}: model.moe.capacity_factor > 0 drops tokens, which llama.cpp never does; "
+            "GGUF export needs capacity_factor=0"
+        )
     if cfg.attention == "gqa" and cfg.ffn == "dense":
+        return "llama", llama_plan(ckpt), add_llama_metadata
+    if cfg.attention == "gqa" and cfg.ffn == "moe":
+        _check_mixtral(ckpt)
         return "llama", llama_plan(ckpt), add_llama_metadata
     if cfg.attention == "mla" and cfg.ffn == "moe":
         if moe.n_shared_experts < 1:
@@ -448,9 +475,35 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
             )
         return "deepseek2", deepseek2_plan(ckpt), add_deepseek2_metadata
     raise DarkhorseError(
-        f"{ckpt.path}: GGUF export supports dense GQA models (llama) and MLA+MoE models (deepseek2); "
-        f"this one has model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"
+        f"{ckpt.path}: GGUF export supports GQA models, dense or Mixtral-style MoE (llama), and MLA+MoE "
+        f"models (deepseek2); this one has model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"
     )
+
+
+def _check_mixtral(ckpt: CheckpointTensors) -> None:
+    """llama.cpp's llama MoE is Mixtral's: softmax over all experts, top-k renormalised, every layer MoE."""
+    moe = ckpt.model.moe
+    reasons = [
+        reason
+        for failed, reason in (
+            (moe.scoring != "softmax", f"model.moe.scoring={moe.scoring} (needs softmax)"),
+            (moe.n_shared_experts > 0, "model.moe.n_shared_experts > 0"),
+            (moe.first_k_dense > 0, "model.moe.first_k_dense > 0 (every layer must be MoE)"),
+            (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false"),
+            (moe.routed_scaling_factor != 1.0, "model.moe.routed_scaling_factor != 1"),
+            (moe.n_groups > 1, "model.moe.n_groups > 1"),
+        )
+        if failed
+    ]
+    for i in range(ckpt.model.n_layers):
+        if ckpt.get(f"layers.{i}.ffn.gate.e_score_correction_bias").abs().max() > 0:
+            reasons.append(f"layer {i} has a nonzero expert selection bias (train with model.moe.bias_update_rate=0)")
+            break
+    if reasons:
+        raise DarkhorseError(
+            f"{ckpt.path}: GQA + MoE exports to GGUF as llama.cpp's Mixtral-style `llama` MoE, which cannot "
+            f"represent: {'; '.join(reasons)}; MLA + MoE models export as deepseek2"
+        )
 
 
 def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, force: bool = False) -> Path:

@@ -253,11 +253,11 @@ def make_python(rng: random.Random) -> Example:
 SKILLS: dict[str, Skill] = {
     skill.name: skill
     for skill in (
-        Skill("addition", "math", make_addition, 3.0),
-        Skill("multi_digit", "math", make_multi_digit, 1.5),
+        Skill("addition", "math", make_addition, 4.0),
+        Skill("multi_digit", "math", make_multi_digit, 1.0),
         Skill("word_problem", "math", make_word_problem, 1.0),
         Skill("compare", "math", make_compare, 1.0),
-        Skill("sort", "lists", make_sort, 3.0),
+        Skill("sort", "lists", make_sort, 4.0),
         Skill("python", "code", make_python, 1.0),
     )
 }

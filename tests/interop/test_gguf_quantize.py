@@ -156,3 +156,17 @@ def test_val_data_from_another_tokenizer_is_refused(f16_gguf, tmp_path):
     argv = ["quantize", str(f16_gguf), "--type", "Q8_0", "--out", str(out), "--data", str(data), "--threads", "1"]
     assert main(argv) == 2
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_deepseek2_quantizes_with_router_kept_f32(tiny_genesis_checkpoint, tmp_path):
+    import llama_cpp
+
+    f16 = export_gguf(tiny_genesis_checkpoint, tmp_path / "genesis-f16.gguf", "f16")
+    report = quantize_gguf(f16, tmp_path / "genesis-q4.gguf", "Q4_K_M", threads=1)
+    by_name = {t.name: t for t in report.tensors}
+    router = by_name["blk.1.ffn_gate_inp.weight"]
+    assert router.type_out == "F32" and not router.fell_back  # llama.cpp keeps routers exact on purpose
+    assert by_name["blk.1.ffn_gate_exps.weight"].fell_back  # dim 128: expert rows cannot take Q4_K
+    assert not by_name["blk.0.ffn_down.weight"].fell_back  # rows of 256 do
+    assert llama_cpp.Llama(str(report.out_path), n_ctx=64, n_threads=1, verbose=False).n_vocab() > 0

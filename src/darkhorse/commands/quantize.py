@@ -68,19 +68,17 @@ def run(args: argparse.Namespace) -> int:
     for pattern, tensors in groups.items():
         counts = Counter(t.type_out for t in tensors)
         types_out = ", ".join(f"{t} x{n}" if len(tensors) > 1 else t for t, n in counts.items())
-        fell_back = [t for t in tensors if t.fell_back]
-        note = f"fallback: rows not a multiple of 256 ({len(fell_back)} tensors)" if fell_back else ""
-        table.add_row(
-            pattern, str(tensors[0].shape[-1]), tensors[0].type_in, types_out, f"[yellow]{note}[/]" if note else ""
-        )
+        fell_back = sum(t.fell_back for t in tensors)
+        note = f"[yellow]fallback x{fell_back}[/]" if fell_back else ""
+        table.add_row(pattern, str(tensors[0].shape[-1]), tensors[0].type_in, types_out, note)
     console.print(table)
     ratio = report.out_bytes / report.in_bytes
     console.print(f"size: {_mib(report.in_bytes)} -> {_mib(report.out_bytes)} ({ratio:.1%} of the input)")
     fallbacks = report.fallbacks
     if fallbacks:
         console.print(
-            f"[yellow]{len(fallbacks)} of {len(report.tensors)} tensors fell back[/] from {report.qtype}: "
-            + ", ".join(f"{t.name} -> {t.type_out}" for t in fallbacks)
+            f"[yellow]{len(fallbacks)} of {len(report.tensors)} tensors fell back[/] from {report.qtype} (their rows "
+            f"are not a multiple of the block size): " + ", ".join(f"{t.name} -> {t.type_out}" for t in fallbacks)
         )
     else:
         console.print(f"no fallbacks: every quantizable tensor took {report.qtype}'s types")

@@ -88,7 +88,8 @@ def _report_tensors(reader_in: gguf.GGUFReader, reader_out: gguf.GGUFReader, qty
     reports = []
     for name, (shape, type_out) in _tensor_types(reader_out).items():
         type_in = before.get(name, (shape, type_out))[1]
-        fell_back = len(shape) >= 2 and type_out not in intended and shape[-1] % block != 0
+        # llama.cpp keeps some matrices F32 on purpose (MoE routers); a fallback is never F32.
+        fell_back = len(shape) >= 2 and type_out not in intended | {QType.F32} and shape[-1] % block != 0
         reports.append(TensorReport(name, shape, type_in.name, type_out.name, fell_back))
     return reports
 

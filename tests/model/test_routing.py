@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
-from darkhorse.model.routing import measure_domain_routing, moe_layers, mutual_information, write_routing_reports
+from darkhorse.model.routing import (
+    compare_domain_prior,
+    measure_domain_routing,
+    moe_layers,
+    mutual_information,
+    write_routing_reports,
+)
 
 
 def test_mutual_information_bounds():
@@ -60,3 +67,24 @@ def test_measure_domain_routing_leaves_training_counts_alone():
     assert set(bits) == {1} and 0 <= bits[1] <= 1
     assert layer.domain_counts[0, 0] == 42.0 and layer.domain_counts.sum() == 42.0
     assert model.training and not layer.count_domains_in_eval
+
+
+@pytest.mark.slow
+def test_compare_domain_prior_trains_both_ways_and_measures_untagged_routing(tmp_path, make_prepared):
+    data = make_prepared(tmp_path / "prepared", domains=True)
+    config = load_run_config("genesis-tiny", overrides=[
+        "model.n_layers=2", "model.mtp_depth=0", "train.seq_len=32", "train.batch_size=4", "train.max_steps=3",
+        "train.eval_interval=0", "train.warmup_steps=0", "model.moe.domain_prior_anneal_steps=2",
+    ])  # fmt: skip
+    result = compare_domain_prior(config, data, tmp_path / "runs", verbose=False)
+    assert result["domains"] == ["a", "b", "c"] and result["max_bits"] == pytest.approx(math.log2(3))
+    for label in ("without_prior", "with_prior"):
+        assert set(result[label]) == {1}
+        assert 0 <= result[label][1] <= result["max_bits"]
+    assert (tmp_path / "runs" / "with_prior" / "domain_routing.json").exists()
+
+
+def test_compare_domain_prior_needs_tagged_data(tmp_path, make_prepared):
+    data = make_prepared(tmp_path / "plain")
+    with pytest.raises(DarkhorseError, match="no domain tags"):
+        compare_domain_prior(load_run_config("genesis-tiny"), data, tmp_path / "runs")

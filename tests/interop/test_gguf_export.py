@@ -327,3 +327,27 @@ def test_moe_settings_llama_cpp_cannot_run_are_refused(tiny_mixtral_checkpoint, 
     with pytest.raises(DarkhorseError, match=message):
         export_gguf(checkpoint, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("extra", "arch"), [({"attention_bias": True}, "qwen2"), ({"qk_norm": True}, "qwen3")])
+def test_qwen_style_attention_exports_as_qwen_architectures(tiny_dense_checkpoint, tmp_path, extra, arch):
+    """q/k/v biases and q/k norms (imported Qwen2/Qwen3 models) with random, non-trivial values."""
+    vocab = Tokenizer.from_file(tiny_dense_checkpoint / "tokenizer.json").vocab_size
+    cfg = ModelConfig(vocab_size=vocab, n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256, **extra)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_norm.weight", ".bias")):
+                param.copy_(1.0 + 0.5 * torch.randn_like(param))
+    config = RunConfig(model=cfg, train=TrainConfig(seq_len=64))
+    tokenizer_file = tiny_dense_checkpoint / "tokenizer.json"
+    checkpoint = save_model_checkpoint(tmp_path / arch, model, config, tokenizer_file, {})
+    out = export_gguf(checkpoint, tmp_path / f"{arch}.gguf", "f32")
+    assert read_field(gguf.GGUFReader(out), "general.architecture") == arch
+    sequence = list(range(20, 84))
+    llm = load_llama(out)
+    llm.eval(sequence)
+    with torch.no_grad():
+        ours = model(torch.tensor([sequence])).logits[0].numpy()
+    assert np.abs(np.asarray(llm.scores[: len(sequence)]) - ours).max() < LOGIT_TOLERANCE["f32"]

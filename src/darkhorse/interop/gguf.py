@@ -123,19 +123,27 @@ def rope_interleave_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
-    """Dense GQA, or Mixtral-style GQA + softmax-routed MoE (llama.cpp runs both as `llama`)."""
+    """GQA models: dense or Mixtral-style MoE (llama.cpp's `llama`), with q/k/v biases (`qwen2`) or
+    q/k norms (`qwen3`). llama.cpp runs qwen2/qwen3 with half-split RoPE, so only `llama` permutes rows."""
     cfg, moe = ckpt.model, ckpt.model.moe
     dim, vocab = cfg.dim, cfg.padded_vocab_size
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    permute = gqa_architecture(cfg) == "llama"
 
     def tensor(
-        kind: T, layer: int | None, source: str, shape: tuple[int, ...], rope_heads: int = 0, keep_f32: bool = False
+        kind: T,
+        layer: int | None,
+        source: str,
+        shape: tuple[int, ...],
+        rope_heads: int = 0,
+        keep_f32: bool = False,
+        suffix: str = "weight",
     ) -> PlannedTensor:
         def make() -> torch.Tensor:
             weight = ckpt.get(source)
-            return rope_interleave_rows(weight, rope_heads) if rope_heads else weight
+            return rope_interleave_rows(weight, rope_heads) if rope_heads and permute else weight
 
-        return PlannedTensor(gguf_name(kind, layer), shape, make, keep_f32)
+        return PlannedTensor(gguf_name(kind, layer, suffix), shape, make, keep_f32)
 
     plan = [tensor(T.TOKEN_EMBD, None, "embed.weight", (vocab, dim))]
     for i in range(cfg.n_layers):
@@ -145,6 +153,19 @@ def llama_plan(ckpt: CheckpointTensors) -> list[PlannedTensor]:
             tensor(T.ATTN_Q, i, src + "attn.q_proj.weight", (q_rows, dim), rope_heads=cfg.n_heads),
             tensor(T.ATTN_K, i, src + "attn.k_proj.weight", (kv_rows, dim), rope_heads=cfg.n_kv_heads),
             tensor(T.ATTN_V, i, src + "attn.v_proj.weight", (kv_rows, dim)),
+        ]
+        if cfg.attention_bias:
+            plan += [
+                tensor(T.ATTN_Q, i, src + "attn.q_proj.bias", (q_rows,), rope_heads=cfg.n_heads, suffix="bias"),
+                tensor(T.ATTN_K, i, src + "attn.k_proj.bias", (kv_rows,), rope_heads=cfg.n_kv_heads, suffix="bias"),
+                tensor(T.ATTN_V, i, src + "attn.v_proj.bias", (kv_rows,), suffix="bias"),
+            ]
+        if cfg.qk_norm:
+            plan += [
+                tensor(T.ATTN_Q_NORM, i, src + "attn.q_norm.weight", (cfg.head_dim,)),
+                tensor(T.ATTN_K_NORM, i, src + "attn.k_norm.weight", (cfg.head_dim,)),
+            ]
+        plan += [
             tensor(T.ATTN_OUT, i, src + "attn.o_proj.weight", (dim, q_rows)),
             tensor(T.FFN_NORM, i, src + "ffn_norm.weight", (dim,)),
         ]
@@ -178,6 +199,12 @@ def add_yarn_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_rope_scaling_orig_ctx_len(scaling.original_max_seq_len)
     writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
     writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
+
+
+def gqa_architecture(cfg: ModelConfig) -> str:
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.attention_bias else "llama"
 
 
 def add_llama_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
@@ -460,9 +487,11 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
             f"{ckpt.path}: model.moe.capacity_factor > 0 drops tokens, which llama.cpp never does; "
             "GGUF export needs capacity_factor=0"
         )
+    if cfg.attention == "gqa" and cfg.attention_bias and cfg.qk_norm:
+        raise DarkhorseError(f"{ckpt.path}: no llama.cpp architecture has both q/k/v biases and q/k norms")
     if cfg.attention == "gqa" and cfg.ffn == "dense":
-        return "llama", llama_plan(ckpt), add_llama_metadata
-    if cfg.attention == "gqa" and cfg.ffn == "moe":
+        return gqa_architecture(cfg), llama_plan(ckpt), add_llama_metadata
+    if cfg.attention == "gqa" and cfg.ffn == "moe" and gqa_architecture(cfg) == "llama":
         _check_mixtral(ckpt)
         return "llama", llama_plan(ckpt), add_llama_metadata
     if cfg.attention == "mla" and cfg.ffn == "moe":
@@ -475,8 +504,9 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
             )
         return "deepseek2", deepseek2_plan(ckpt), add_deepseek2_metadata
     raise DarkhorseError(
-        f"{ckpt.path}: GGUF export supports GQA models, dense or Mixtral-style MoE (llama), and MLA+MoE "
-        f"models (deepseek2); this one has model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"
+        f"{ckpt.path}: GGUF export supports GQA models, dense or Mixtral-style MoE (llama; dense only with "
+        f"attention_bias/qk_norm: qwen2/qwen3), and MLA+MoE models (deepseek2); this one has "
+        f"model.attention={cfg.attention!r}, model.ffn={cfg.ffn!r}"
     )
 
 

@@ -40,10 +40,6 @@ GOAL_ACCURACY = 0.9
 DEMO_VOCAB_SIZE = 512  # the corpus is templated text; 512 BPE tokens cover it and keep the head small
 # Demo-specific settings layered over the preset (user overrides still win); see docs/experiments.md.
 DEMO_OVERRIDES = ["train.seq_len=128", "train.save_interval=0", "train.eval_steps=4", "train.log_interval=10"]
-PRESET_OVERRIDES = {
-    "tiny-cpu": ["train.batch_size=8", "train.lr=3e-3"],
-    "genesis-tiny": ["train.batch_size=8", "train.lr=3e-3"],
-}
 FULL = {"train_size": 40_000, "heldout_per_skill": 100, "max_new_tokens": 64}
 QUICK = {"train_size": 2_000, "heldout_per_skill": 2, "max_new_tokens": 32, "max_steps": 6}
 QUICK_OVERRIDES = ["train.batch_size=4", "train.seq_len=64", "train.eval_steps=1"]
@@ -124,11 +120,9 @@ def fastest_threads(config, console) -> float:
 
 def _build_config(args: argparse.Namespace, vocab_size: int, console) -> Any:
     """Preset, then the demo's settings, then the step budget, then the user's KEY=VALUE overrides."""
-    from darkhorse.config import load_run_config, preset_dict
+    from darkhorse.config import load_run_config
 
-    preset = preset_dict(args.preset)["name"]
-    demo = [*DEMO_OVERRIDES, *PRESET_OVERRIDES.get(preset, []), f"model.vocab_size={vocab_size}"]
-    demo.append(f"train.seed={args.seed}")
+    demo = [*DEMO_OVERRIDES, f"model.vocab_size={vocab_size}", f"train.seed={args.seed}"]
     if args.quick:
         import torch
 
@@ -179,7 +173,7 @@ def _show_exchanges(console, report) -> None:
         console.print(f"  [bold]assistant[/]: {outcome.predicted}  {mark}", highlight=False)
 
 
-def _routing_table(model, prepared) -> tuple[Any, dict[str, Any]] | None:
+def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] | None:
     """Share of each domain's validation tokens sent to each expert, per MoE layer (None if dense)."""
     import torch
 
@@ -187,7 +181,6 @@ def _routing_table(model, prepared) -> tuple[Any, dict[str, Any]] | None:
 
     if not moe_layers(model) or prepared.domains("val") is None:
         return None
-    seq_len = model.config.max_seq_len // 2
     usable = len(prepared.tokens("val")) // seq_len * seq_len
     tokens = torch.from_numpy(prepared.tokens("val")[:usable].astype("int64")).view(-1, seq_len)
     domains = torch.from_numpy(prepared.domains("val")[:usable].astype("int64")).view(-1, seq_len)
@@ -245,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
     from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
     from darkhorse.data.prepare import prepare
+    from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.eval.exact_match import evaluate_exact_match
     from darkhorse.train.checkpoint import load_model
     from darkhorse.train.trainer import train
@@ -283,20 +277,17 @@ def run(args: argparse.Namespace) -> int:
         raise DarkhorseError(f"training stopped early; continue with: darkhorse train --out {out / 'run'} --resume")
 
     console.rule("4. held-out evaluation")
-    model, _, _ = load_model(result.checkpoint)
-    from darkhorse.data.tokenizer import Tokenizer
-
+    model, trained_config, _ = load_model(result.checkpoint)
     tokenizer = Tokenizer.from_file(result.checkpoint / "tokenizer.json")
     records = [example.to_record() for example in corpus.heldout]
     with console.status(f"answering {len(records)} held-out problems greedily"):
         report = evaluate_exact_match(model, tokenizer, records, max_new_tokens=sizes["max_new_tokens"])
     title = f"held-out exact match after {result.step} steps ({train_seconds / 60:.1f} min of training)"
     console.print(_accuracy_table(report, title))
-    goals = _goal_lines(report)
-    for line in goals:
+    for line in _goal_lines(report):
         console.print(line)
     _show_exchanges(console, report)
-    routing = _routing_table(model, prepared)
+    routing = _routing_table(model, prepared, trained_config.train.seq_len)
     if routing is not None:
         console.print(routing[0])
 

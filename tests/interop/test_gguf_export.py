@@ -351,3 +351,15 @@ def test_qwen_style_attention_exports_as_qwen_architectures(tiny_dense_checkpoin
     with torch.no_grad():
         ours = model(torch.tensor([sequence])).logits[0].numpy()
     assert np.abs(np.asarray(llm.scores[: len(sequence)]) - ours).max() < LOGIT_TOLERANCE["f32"]
+
+
+def test_tensors_the_gguf_cannot_hold_are_named(tiny_dense_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = copy_with_model_config(tiny_dense_checkpoint, tmp_path / "extra", lambda m: None)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["layers.0.attn.mystery.weight"] = torch.ones(4)
+    save_file(weights, checkpoint / "model.safetensors")
+    with pytest.raises(DarkhorseError, match=r"no place for layers\.0\.attn\.mystery\.weight"):
+        export_gguf(checkpoint, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()

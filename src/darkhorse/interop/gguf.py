@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +34,15 @@ from gguf import GGMLQuantizationType as QType
 from safetensors import safe_open
 
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
-from darkhorse.data.tokenizer import LLAMA_CPP_PRE, PRE_TOKENIZER_REGEX, SPECIAL_TOKENS
+from darkhorse.data.tokenizer import (
+    ASSISTANT_END,
+    BOS,
+    EOS,
+    LLAMA_CPP_PRE,
+    PAD,
+    PRE_TOKENIZER_REGEX,
+    SPECIAL_TOKENS,
+)
 from darkhorse.errors import DarkhorseError
 from darkhorse.model.layers import yarn_mscale
 from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
@@ -57,11 +66,15 @@ KNOWN_PRE_TOKENIZERS = {PRE_TOKENIZER_REGEX: LLAMA_CPP_PRE, GPT2_REGEX: "gpt-2",
 
 # Special tokens (data/tokenizer.py) and the GGUF keys that point at them.
 SPECIAL_TOKEN_KEYS = {
-    "<|bos|>": gguf.Keys.Tokenizer.BOS_ID,
-    "<|eos|>": gguf.Keys.Tokenizer.EOS_ID,
-    "<|pad|>": gguf.Keys.Tokenizer.PAD_ID,
-    "<|/assistant|>": gguf.Keys.Tokenizer.EOT_ID,  # end of an assistant turn: llama.cpp chat stops here
+    BOS: gguf.Keys.Tokenizer.BOS_ID,
+    EOS: gguf.Keys.Tokenizer.EOS_ID,
+    PAD: gguf.Keys.Tokenizer.PAD_ID,
+    ASSISTANT_END: gguf.Keys.Tokenizer.EOT_ID,  # end of an assistant turn: llama.cpp chat stops here
 }
+
+# Checkpoint tensors llama.cpp has no use for: MTP modules (it does not run them) and the MoE
+# domain-prior annealing state (training only).
+NOT_EXPORTED = re.compile(r"^mtp\.|\.domain_prior_scale$")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -82,6 +95,7 @@ class CheckpointTensors:
                 raise DarkhorseError(f"{self.path} is not a complete darkhorse checkpoint (no {required.name})")
         self._weights = safe_open(str(self._weights_file), framework="pt")
         self._names = set(self._weights.keys())
+        self.used: set[str] = set()
 
     @property
     def model(self) -> ModelConfig:
@@ -93,7 +107,13 @@ class CheckpointTensors:
             name = {"lm_head.weight": "embed.weight", "embed.weight": "lm_head.weight"}.get(name, name)
         if name not in self._names:
             raise DarkhorseError(f"{self._weights_file}: tensor '{name}' is missing")
+        self.used.add(name)
         return self._weights.get_tensor(name).float()
+
+    def unexported(self) -> list[str]:
+        """Tensors no plan read: a model feature the GGUF would silently lose."""
+        tied_copy = {"lm_head.weight", "embed.weight"} if self.model.tie_embeddings else set()
+        return sorted(n for n in self._names - self.used - tied_copy if not NOT_EXPORTED.search(n))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -565,4 +585,6 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str =
                 )
             writer.write_tensor_data(encode_tensor(tensor, qtype))
         writer.close()
+        if left_out := ckpt.unexported():
+            raise DarkhorseError(f"{ckpt.path}: GGUF export has no place for {', '.join(left_out)}")
     return out_path

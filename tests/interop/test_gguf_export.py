@@ -133,6 +133,7 @@ def test_mixtral_style_moe_exports_as_llama_moe(tiny_mixtral_checkpoint, tmp_pat
     check_against_darkhorse(tiny_mixtral_checkpoint, out, outtype, routing_flips=2 if outtype == "q8_0" else 0)
 
 
+@pytest.mark.slow  # the trained MLA+MoE fixture
 def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path):
     out = export_gguf(tiny_genesis_checkpoint, tmp_path / "genesis.gguf", "f16")
     reader = gguf.GGUFReader(out)
@@ -153,6 +154,7 @@ def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path)
     assert not any(name.startswith("blk.2.") for name in tensors)  # the MTP module is not exported
 
 
+@pytest.mark.slow  # the trained MLA+MoE fixture
 def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint, tmp_path):
     copy = copy_with_model_config(
         tiny_genesis_checkpoint, tmp_path / "no-q-lora", lambda m: m["mla"].update(q_lora_rank=0)
@@ -294,7 +296,8 @@ def with_yarn(checkpoint, out_dir, mscale: float, mscale_all_dim: float):
 
 
 @pytest.mark.parametrize(
-    ("fixture", "mscale_all_dim"), [("tiny_dense_checkpoint", 0.0), ("tiny_genesis_checkpoint", 1.0)]
+    ("fixture", "mscale_all_dim"),
+    [("tiny_dense_checkpoint", 0.0), pytest.param("tiny_genesis_checkpoint", 1.0, marks=pytest.mark.slow)],
 )
 def test_yarn_context_extension_matches(request, tmp_path, fixture, mscale_all_dim):
     """YaRN changes every position's frequencies; 100 positions also run past the original 64."""
@@ -316,6 +319,7 @@ def test_yarn_settings_llama_cpp_cannot_compute_are_refused(tiny_dense_checkpoin
         export_gguf(checkpoint, tmp_path / "yarn.gguf", "f32")
 
 
+@pytest.mark.slow  # the trained Mixtral-style fixture
 @pytest.mark.parametrize(
     ("changes", "message"),
     [({"scoring": "sigmoid"}, "scoring=sigmoid"), ({"capacity_factor": 1.25}, "drops tokens")],

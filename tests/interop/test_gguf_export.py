@@ -31,6 +31,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -186,6 +187,16 @@ def test_tokenizer_and_chat_template_are_embedded(tiny_dense_checkpoint, tmp_pat
     assert types[tokenizer.bos_id] == gguf.TokenType.CONTROL
     assert types[tokenizer.vocab_size] == gguf.TokenType.UNUSED
     assert types[tokenizer.token_to_id("one")] == gguf.TokenType.NORMAL
+
+    # llama-cpp-python renders the embedded template exactly as darkhorse renders a prompt.
+    history = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "count"},
+    ]
+    formatter = Jinja2ChatFormatter(read_field(reader, "tokenizer.chat_template"), eos_token="<|eos|>", bos_token="")
+    assert formatter(messages=history).prompt == render_prompt(history)
 
     # llama.cpp's own tokenizer (from the embedded vocab, merges and `pre` regex) gives darkhorse's ids.
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)

@@ -89,4 +89,3 @@ def run(args: argparse.Namespace) -> int:
             f"{report.ppl_out:.4f} ({change:+.2%})"
         )
     return 0
-

@@ -378,3 +378,14 @@ def test_tensors_the_gguf_cannot_hold_are_named(tiny_dense_checkpoint, tmp_path)
     with pytest.raises(DarkhorseError, match=r"no place for layers\.0\.attn\.mystery\.weight"):
         export_gguf(checkpoint, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow  # the trained MLA+MoE fixture
+@pytest.mark.parametrize(("groups", "used"), [(2, 1), (2, 2)])
+def test_deepseek2_group_limited_routing_matches(tiny_genesis_checkpoint, tmp_path, groups, used):
+    """Experts in 2 groups of 2: top-1 group routing, and top-2 of 2 (no limit, written as 1 group)."""
+    checkpoint = copy_with_model_config(
+        tiny_genesis_checkpoint, tmp_path / "grouped", lambda m: m["moe"].update(n_groups=groups, topk_groups=used)
+    )
+    out = export_gguf(checkpoint, tmp_path / "grouped.gguf", "f32")
+    check_against_darkhorse(checkpoint, out, "f32")

@@ -102,7 +102,7 @@ def _map(path: Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _largest(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> int:
+def _largest(path: Path, dtype: np.dtype, chunk: int = 1 << 20) -> int:
     """Largest value in a flat binary file (-1 if empty), read in chunks: scanning a memmap instead would
     leave the whole file resident, so peak memory would grow with the corpus."""
     largest = -1

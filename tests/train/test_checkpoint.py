@@ -124,3 +124,34 @@ def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
     torch.manual_seed(9)
     ckpt.restore_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_streaming_safetensors_writer_reads_back_in_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    tensors = [
+        ("f32", torch.randn(3, 5)),
+        ("bf16", torch.randn(4, 2).to(torch.bfloat16)),
+        ("f16", torch.randn(7).to(torch.float16)),
+        ("transposed", torch.randn(4, 6).t()),  # not contiguous
+        ("i64", torch.arange(5)),
+        ("flags", torch.tensor([True, False, True])),
+        ("scalar", torch.tensor(2.5)),
+        ("empty", torch.zeros(0, 3)),
+    ]
+    path = tmp_path / "w.safetensors"
+    ckpt.write_safetensors(path, tensors, {"format": "pt", "note": "x"})
+    assert path.read_bytes()[8:].index(b"{") == 0 and int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"format": "pt", "note": "x"}
+        assert list(handle.keys()) == sorted(name for name, _ in tensors)
+        for name, tensor in tensors:
+            loaded = handle.get_tensor(name)
+            assert loaded.dtype == tensor.dtype and loaded.shape == tensor.shape
+            assert torch.equal(loaded, tensor), name
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    with pytest.raises(DarkhorseError, match="complex64"):
+        ckpt.write_safetensors(tmp_path / "w.safetensors", [("c", torch.zeros(2, dtype=torch.complex64))])

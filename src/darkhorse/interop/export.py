@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.hf import HFAdapter, SafetensorsDir, SpecialTokens, adapter_for_export
-from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
+from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
 
 FORMATS = ("hf", "safetensors", "pt", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,17 +89,14 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        storage = tensor.untyped_storage()
-        shared = storage.nbytes() != size or any(
-            t.untyped_storage().data_ptr() == storage.data_ptr() for t in self.pending.values()
-        )
-        self.pending[name] = tensor.clone() if shared else tensor.contiguous()
+        self.pending[name] = tensor  # views and shared storage are fine: bytes are written per tensor
         self.pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         index = len(self.shards) + 1
-        save_file(self.pending, str(self.folder / f"{self.stem}-{index:05d}.safetensors"), {"format": "pt"})
+        write_safetensors(self.folder / f"{self.stem}-{index:05d}.safetensors", list(self.pending.items()),
+                          {"format": "pt"})  # fmt: skip
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

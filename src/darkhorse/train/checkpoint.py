@@ -10,6 +10,10 @@ A checkpoint is written into a hidden temp dir next to its target, fsynced, then
 place, so a crash mid-save leaves the previous checkpoints intact and no half-written directory
 under a valid name. Nothing is ever unpickled: weights come from safetensors and the trainer
 state through `torch.load(weights_only=True)`.
+
+Weights are written by `write_safetensors`, which streams one tensor at a time into the file
+(safetensors' own `save_file` first serialises every tensor into one bytes object, a second copy of
+the model), so saving a model costs no memory beyond the model itself.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors_into
-from safetensors.torch import save_model as save_safetensors_from
 from torch import nn
 
 from darkhorse import __version__
@@ -85,10 +89,54 @@ def remove_stale_temp_dirs(run_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(
+    path: str | Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors` in the safetensors layout, one tensor's bytes at a time.
+
+    The layout: an 8-byte little-endian header length, a JSON header (dtype, shape and byte range of
+    each tensor in the data block, plus `__metadata__`) padded with spaces to 8 bytes, then the data.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise DarkhorseError(f"cannot write {name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for _, tensor in tensors:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            handle.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def unique_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The persistent tensors of `model`, a tensor shared under several names (tied embedding and
+    head) once, under its alphabetically first name as safetensors' `save_model` keeps it."""
+    kept: dict[object, tuple[str, torch.Tensor]] = {}
+    for name, tensor in sorted(model.state_dict().items()):
+        shared_key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else name
+        kept.setdefault(shared_key, (name, tensor))
+    return list(kept.values())
+
+
 def _write_model_files(
     folder: Path, model: nn.Module, config: RunConfig, tokenizer_file: Path | None, meta: dict[str, Any]
 ) -> None:
-    save_safetensors_from(model, str(folder / MODEL_FILE))
+    write_safetensors(folder / MODEL_FILE, unique_state(model), {"format": "pt"})
     record = {"config": config.to_dict(), **meta, "darkhorse_version": __version__}
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if tokenizer_file is not None and Path(tokenizer_file).exists():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from darkhorse.cli import main
-from darkhorse.commands.demo import MARKER, _claim_out_dir
+from darkhorse.cli import SUBCOMMANDS, main
+from darkhorse.commands.demo import MARKER, _claim_out_dir, _next_commands
+from darkhorse.config import load_run_config
 from darkhorse.data.demo_corpus import SKILLS
 from darkhorse.errors import DarkhorseError
 
@@ -57,6 +58,18 @@ def test_an_earlier_demo_is_replaced_but_other_files_stay(tmp_path):
         _claim_out_dir(out, force=False)
     _claim_out_dir(out, force=True)
     assert (out / "my-notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("preset", "export"),
+    [("genesis-tiny", "--format hf --out runs/demo/hf"), ("tiny-cpu", "--format gguf --out runs/demo/demo.gguf")],
+)
+def test_next_commands_are_real_commands_that_fit_the_model(preset, export):
+    out, checkpoint = Path("runs/demo"), Path("runs/demo/run/final")
+    commands = _next_commands(out, checkpoint, out / "prepared", load_run_config(preset))
+    assert all(command.split()[1] in SUBCOMMANDS for command in commands)
+    assert any(command.startswith("darkhorse chat --checkpoint runs/demo/run/final") for command in commands)
+    assert f"darkhorse export --checkpoint runs/demo/run/final {export}" in commands
 
 
 @pytest.mark.slow

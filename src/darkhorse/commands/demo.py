@@ -218,14 +218,18 @@ def _goal_lines(report) -> list[str]:
     return lines
 
 
-def _next_commands(out: Path, checkpoint: Path, prepared: Path, preset: str) -> list[str]:
+def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[str]:
     from darkhorse.cli import SUBCOMMANDS
 
+    preset = config.name
     other = "tiny-cpu" if preset != "tiny-cpu" else DEFAULT_PRESET
+    # llama.cpp runs the dense model as llama; the small MLA shape it cannot run goes to Hugging Face format.
+    dense = config.model.attention == "gqa" and config.model.ffn == "dense"
+    export = f"--format gguf --out {out}/demo.gguf" if dense else f"--format hf --out {out}/hf"
     candidates = {
         "chat": f"darkhorse chat --checkpoint {checkpoint}",
         "generate": f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',
-        "export": f"darkhorse export --checkpoint {checkpoint} --format gguf --out {out}/demo.gguf",
+        "export": f"darkhorse export --checkpoint {checkpoint} {export}",
         "params": f"darkhorse params --preset {preset}",
         "train": f"darkhorse train --preset {other} --data {prepared} --out {out.parent}/demo-{other} --max-steps 600",
         "demo": f"darkhorse demo --preset {other} --out {out.parent}/demo-{other}",
@@ -313,6 +317,6 @@ def run(args: argparse.Namespace) -> int:
     ):
         console.print(f"{label:>30}: {path}", highlight=False)
     console.print("\nnext, try:")
-    for command in _next_commands(out, result.checkpoint, prepared.path, config.name):
+    for command in _next_commands(out, result.checkpoint, prepared.path, config):
         console.print(f"  {command}", highlight=False, markup=False)
     return 0

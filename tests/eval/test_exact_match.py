@@ -124,3 +124,22 @@ def test_batched_greedy_eval_scores_right_and_wrong_answers(tokenizer):
     assert report.by_skill()["addition"].accuracy == 0.5 and report.by_domain()["lists"].accuracy == 0.5
     assert len(seen) == 4
     assert model.training  # the evaluator restores the mode it found
+
+
+def test_batched_greedy_matches_one_by_one_generation():
+    """The batched decoder is the same greedy decoding as `infer.generate`, just several rows at once."""
+    from darkhorse.config import ModelConfig
+    from darkhorse.eval.exact_match import greedy_continuations
+    from darkhorse.infer.generate import generate_tokens
+    from darkhorse.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=2, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    prompts = [[1, 5, 9, 12], [3, 3, 40, 7], [60, 2, 2, 2]]
+    batched = greedy_continuations(model, prompts, max_new_tokens=12, stop_ids=[63], vocab_size=64)
+    singles = [list(generate_tokens(model, p, max_new_tokens=12, stop_ids=[63], vocab_size=64)) for p in prompts]
+    assert batched == singles
+    stop = batched[0][3]  # a token the first row writes becomes a stop id: rows end there, or go on
+    cut = greedy_continuations(model, prompts, max_new_tokens=12, stop_ids=[stop], vocab_size=64)
+    assert cut[0] == batched[0][: batched[0].index(stop) + 1]
+    assert cut == [list(generate_tokens(model, p, max_new_tokens=12, stop_ids=[stop], vocab_size=64)) for p in prompts]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from darkhorse.cli import SUBCOMMANDS, main
-from darkhorse.commands.demo import MARKER, _claim_out_dir, _next_commands
+from darkhorse.commands.demo import MARKER, _claim_out_dir, _next_commands, probe_step_seconds
 from darkhorse.config import load_run_config
 from darkhorse.data.demo_corpus import SKILLS
 from darkhorse.errors import DarkhorseError
@@ -70,6 +70,20 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset, export):
     assert all(command.split()[1] in SUBCOMMANDS for command in commands)
     assert any(command.startswith("darkhorse chat --checkpoint runs/demo/run/final") for command in commands)
     assert f"darkhorse export --checkpoint runs/demo/run/final {export}" in commands
+
+
+def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys):
+    import torch
+    from rich.console import Console
+
+    threads = torch.get_num_threads()
+    config = load_run_config("tiny-cpu", overrides=["train.batch_size=2", "train.seq_len=16", "train.device=cpu"])
+    try:
+        assert probe_step_seconds(config, Console()) > 0
+        assert torch.get_num_threads() in {1, threads}
+    finally:
+        torch.set_num_threads(threads)
+    assert "step time here (1 thread:" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ training; prepare it; train with the live dashboard; then score held-out exact m
 per domain, show a few chat exchanges (and, for a MoE model, how each domain's held-out tokens
 spread over the experts) and print where everything went.
 
---minutes turns the time budget into a step count from a measured step time (with 1 thread or all
-cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
+--minutes turns the time budget into a step count from a measured step time (on CPU with 1 thread
+or all cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
 a run repeatable.
 
 OUT (default runs/demo) gets data/ (train.jsonl, heldout.jsonl), prepared/, run/ (checkpoints,
@@ -77,16 +77,17 @@ def _claim_out_dir(out: Path, force: bool) -> None:
     (out / "eval.json").unlink(missing_ok=True)
 
 
-def measure_step_seconds(config, repeats: int = 1) -> float:
-    """Seconds per training step of `config` on this machine right now (forward, backward, update)."""
+def measure_step_seconds(config, device, repeats: int = 1) -> float:
+    """Seconds per training step of `config` on `device` right now (forward, backward, update)."""
     import torch
 
     from darkhorse.model import Transformer
 
     train = config.train
-    model = Transformer(config.model)
+    with torch.device(device):
+        model = Transformer(config.model)
+        tokens = torch.randint(0, config.model.vocab_size, (train.batch_size, train.seq_len + 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, config.model.vocab_size, (train.batch_size, train.seq_len + 1))
     elapsed = 0.0
     for attempt in range(repeats + 1):  # the first step warms up allocators and kernels
         start = time.perf_counter()
@@ -94,23 +95,33 @@ def measure_step_seconds(config, repeats: int = 1) -> float:
             model(tokens[:, :-1], tokens[:, 1:], mtp_weight=train.mtp_weight).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if attempt:
             elapsed += time.perf_counter() - start
     return elapsed / repeats
 
 
-def fastest_threads(config, console) -> float:
-    """Use whichever of 1 thread or all cores trains faster now; returns that step time in seconds.
+def probe_step_seconds(config, console) -> float:
+    """Step time on the device training will use; on CPU, with 1 thread or all cores, whichever is faster.
 
     On a shared machine every extra thread can wait on busy cores, and a step can be several
-    times slower with all cores than with one, so this is measured rather than assumed.
+    times slower with all cores than with one, so this is measured rather than assumed; the
+    faster setting is kept for the run.
     """
     import torch
 
+    from darkhorse.train.trainer import resolve_device
+
+    device = resolve_device(config.train.device)
+    if device.type != "cpu":
+        seconds = measure_step_seconds(config, device, repeats=3)
+        console.print(f"step time on {device}: {seconds:.3f} s")
+        return seconds
     timings = {}
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
-        timings[threads] = measure_step_seconds(config)
+        timings[threads] = measure_step_seconds(config, device)
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     measured = ", ".join(f"{t} thread{'s' * (t > 1)}: {s:.2f} s" for t, s in timings.items())
@@ -130,7 +141,7 @@ def _build_config(args: argparse.Namespace, vocab_size: int, console) -> Any:
         demo += QUICK_OVERRIDES
         steps = QUICK["max_steps"]
     else:
-        step_seconds = fastest_threads(load_run_config(preset=args.preset, overrides=demo + args.overrides), console)
+        step_seconds = probe_step_seconds(load_run_config(preset=args.preset, overrides=demo + args.overrides), console)
         if args.max_steps is not None:
             steps = args.max_steps
         else:

@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-steps", type=int, help="train exactly this many steps instead of a time budget")
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny corpus and batches, 6 steps")
     parser.add_argument("--seed", type=int, default=0, help="seed for the corpus and the training run (default 0)")
-    parser.add_argument("--force", action="store_true", help="write into an existing directory that is not a demo")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="use an existing directory that is not a demo (its data/, prepared/, run/, eval.json are replaced)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3 model.n_layers=4"
     )

@@ -5,7 +5,12 @@ K-quants) is exported to f16 GGUF with `export_gguf`, then quantized with `quant
 quantizer). Each file is loaded in llama.cpp (llama-cpp-python) and decodes greedily; the peer in the
 same run is darkhorse's KV-cache decoder (`generate_tokens`, torch fp32) on the same checkpoint, the
 same prompt and the same thread count. Tokens/s counts decode steps only (the prompt is evaluated
-first and not timed) and is the best of --repeats runs, since the machine is shared and noisy.
+first and not timed). The engines take turns for --repeats rounds and each reports its median, so a
+load spike on the shared machine hits all of them alike instead of whichever ran at the time.
+
+Export memory: `export_gguf` to f16 runs in a fresh process and its peak RSS is compared with a fresh
+process that only loads the same checkpoint as a model (`load_model`, one fp32 copy): the export
+streams one tensor at a time, so it should stay well below that.
 
 Usage: python bench/bench_gguf.py [--presets d20 forge-nano] [--tokens 128] [--threads 2] [--work DIR]
 """
@@ -13,9 +18,14 @@ Usage: python bench/bench_gguf.py [--presets d20 forge-nano] [--tokens 128] [--t
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,16 +46,10 @@ def make_checkpoint(preset: str, work: Path) -> Path:
     return save_model_checkpoint(work / preset, Transformer(config.model), config, tokenizer_file, {"step": 0})
 
 
-def best_rate(run, repeats: int) -> float:
-    """Best tokens/s over `repeats` calls of `run() -> (tokens, seconds)`."""
-    return max(tokens / seconds for tokens, seconds in (run() for _ in range(repeats)))
+Timer = Callable[[], tuple[int, float]]  # one timed decode: (tokens, seconds)
 
 
-def llama_cpp_rate(path: Path, prompt: list[int], tokens: int, threads: int, repeats: int) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=PROMPT_TOKENS + tokens + 8, n_threads=threads, verbose=False)
-
+def llama_cpp_timer(llm, prompt: list[int], tokens: int) -> Timer:
     def run() -> tuple[int, float]:
         llm.reset()
         llm.eval(prompt[:-1])  # the prompt is not part of the decode timing
@@ -56,17 +60,11 @@ def llama_cpp_rate(path: Path, prompt: list[int], tokens: int, threads: int, rep
                 break
         return produced, time.perf_counter() - start
 
-    try:
-        return best_rate(run, repeats)
-    finally:
-        llm.close()
+    return run
 
 
-def darkhorse_rate(checkpoint: Path, prompt: list[int], tokens: int, repeats: int) -> float:
+def darkhorse_timer(model, prompt: list[int], tokens: int) -> Timer:
     from darkhorse.infer.generate import generate_tokens
-    from darkhorse.train.checkpoint import load_model
-
-    model, _, _ = load_model(checkpoint)
 
     def run() -> tuple[int, float]:
         stream = generate_tokens(model, prompt, max_new_tokens=tokens)
@@ -75,35 +73,86 @@ def darkhorse_rate(checkpoint: Path, prompt: list[int], tokens: int, repeats: in
         produced = sum(1 for _ in stream)
         return produced, time.perf_counter() - start
 
-    return best_rate(run, repeats)
+    return run
+
+
+def median_rates(timers: dict[str, Timer], repeats: int) -> dict[str, float]:
+    """Median tokens/s per engine, the engines taking turns so that load spikes hit them all alike."""
+    rates: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            tokens, seconds = timer()
+            rates[name].append(tokens / seconds)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+PEAK_RSS = """
+import json, resource, sys, time
+from pathlib import Path
+checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
+start = time.perf_counter()
+if out.name == "-":
+    from darkhorse.train.checkpoint import load_model
+    load_model(checkpoint)
+else:
+    from darkhorse.interop.gguf import export_gguf
+    export_gguf(checkpoint, out, "f16", force=True)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def peak_rss(checkpoint: Path, out: str) -> dict:
+    """Seconds and peak RSS of one export (or, with out "-", one model load) in a fresh process."""
+    command = [sys.executable, "-c", PEAK_RSS, str(checkpoint), out]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def export_memory_row(preset: str, checkpoint: Path, work: Path) -> str:
+    export = peak_rss(checkpoint, str(work / f"{preset}-memory.gguf"))
+    load = peak_rss(checkpoint, "-")
+    gib = 2**30
+    return (
+        f"| {preset} | {export['seconds']:.1f} s | {export['peak'] / gib:.2f} GiB | {load['peak'] / gib:.2f} GiB "
+        f"| {export['peak'] / load['peak']:.2f}x |"
+    )
 
 
 def bench_preset(preset: str, work: Path, tokens: int, threads: int, repeats: int) -> list[str]:
+    import llama_cpp
+
     from darkhorse.interop.gguf import export_gguf
     from darkhorse.interop.quantize import quantize_gguf
+    from darkhorse.train.checkpoint import load_model
 
     checkpoint = make_checkpoint(preset, work)
     prompt = [(7 * i + 3) % 256 + 12 for i in range(PROMPT_TOKENS)]
     start = time.perf_counter()
-    f16 = export_gguf(checkpoint, work / f"{preset}-f16.gguf", "f16", force=True)
-    export_seconds = time.perf_counter() - start
-    files = {"f16": f16}
-    fallbacks = {}
+    files = {"f16": export_gguf(checkpoint, work / f"{preset}-f16.gguf", "f16", force=True)}
+    notes = {"f16": f"export {time.perf_counter() - start:.1f} s"}
     for qtype in ("Q8_0", "Q4_K_M"):
-        report = quantize_gguf(f16, work / f"{preset}-{qtype}.gguf", qtype, force=True, threads=threads)
-        files[qtype], fallbacks[qtype] = report.out_path, len(report.fallbacks)
+        report = quantize_gguf(files["f16"], work / f"{preset}-{qtype}.gguf", qtype, force=True, threads=threads)
+        files[qtype], notes[qtype] = report.out_path, f"{len(report.fallbacks)} fallbacks"
 
-    peer = darkhorse_rate(checkpoint, prompt, tokens, repeats)
-    rows = [f"| {preset} | darkhorse (torch fp32) | {(checkpoint / 'model.safetensors').stat().st_size / 2**20:.1f} "
-            f"| {peer:.1f} | 1.00x | - |"]  # fmt: skip
+    model, _, _ = load_model(checkpoint)
+    timers = {"darkhorse (torch fp32)": darkhorse_timer(model, prompt, tokens)}
+    engines = {}
     for name, path in files.items():
-        rate = llama_cpp_rate(path, prompt, tokens, threads, repeats)
-        note = f"{fallbacks[name]} fallbacks" if name in fallbacks else f"export {export_seconds:.1f} s"
-        rows.append(
-            f"| {preset} | llama.cpp {name} | {path.stat().st_size / 2**20:.1f} | {rate:.1f} | {rate / peer:.2f}x "
-            f"| {note} |"
-        )
-    return rows
+        engines[name] = llama_cpp.Llama(str(path), n_ctx=PROMPT_TOKENS + tokens + 8, n_threads=threads, verbose=False)
+        timers[f"llama.cpp {name}"] = llama_cpp_timer(engines[name], prompt, tokens)
+    rates = median_rates(timers, repeats)
+    for engine in engines.values():
+        engine.close()
+
+    sizes = {"darkhorse (torch fp32)": checkpoint / "model.safetensors"} | {
+        f"llama.cpp {n}": p for n, p in files.items()
+    }
+    peer = rates["darkhorse (torch fp32)"]
+    return [
+        f"| {preset} | {name} | {sizes[name].stat().st_size / 2**20:.1f} | {rate:.1f} | {rate / peer:.2f}x "
+        f"| {notes.get(name.removeprefix('llama.cpp '), '-')} |"
+        for name, rate in rates.items()
+    ]
 
 
 def main() -> None:
@@ -111,7 +160,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["d20"])
     parser.add_argument("--tokens", type=int, default=128, help="decode steps timed per run")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each engine decodes once per round")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir, removed afterwards)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,6 +172,10 @@ def main() -> None:
         for preset in args.presets:
             for row in bench_preset(preset, work, args.tokens, args.threads, args.repeats):
                 print(row, flush=True)
+        print("\n| model | f16 GGUF export | export peak RSS | load_model peak RSS | export / load |")
+        print("|---|---|---|---|---|")
+        for preset in args.presets:
+            print(export_memory_row(preset, work / preset, work), flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

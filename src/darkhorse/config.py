@@ -34,7 +34,9 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class RopeScalingConfig:
-    """YaRN context extension: `factor` x `original_max_seq_len` positions (type 'none' turns it off)."""
+    """Context extension to `factor` x `original_max_seq_len` positions: 'yarn' (DeepSeek, Qwen) or
+    'llama3' (Llama 3.1+: wavelengths between original/high_freq_factor and original/low_freq_factor
+    are blended); type 'none' turns it off."""
 
     type: str = "none"
     factor: float = 1.0
@@ -43,10 +45,16 @@ class RopeScalingConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
 
     def __post_init__(self) -> None:
-        _one_of("model.rope_scaling.type", self.type, ("none", "yarn"))
+        _one_of("model.rope_scaling.type", self.type, ("none", "yarn", "llama3"))
         _require(self.factor >= 1.0, "model.rope_scaling.factor must be >= 1")
+        _require(
+            0 < self.low_freq_factor < self.high_freq_factor,
+            "model.rope_scaling needs 0 < low_freq_factor < high_freq_factor",
+        )
 
 
 @dataclass
@@ -147,6 +155,7 @@ class ModelConfig:
     dim: int = 256
     n_heads: int = 4
     n_kv_heads: int = 4
+    head_dim: int = 0  # GQA width of one head; 0 = dim // n_heads (set on load, so saved configs hold it)
     ffn_dim: int = 1024
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
@@ -170,10 +179,14 @@ class ModelConfig:
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             _require(getattr(self, name) > 0, f"model.{name} must be > 0")
-        _require(
-            self.dim % self.n_heads == 0,
-            f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})",
-        )
+        _require(self.head_dim >= 0, "model.head_dim must be >= 0 (0 = dim / n_heads)")
+        if self.head_dim == 0:
+            _require(
+                self.dim % self.n_heads == 0,
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}), "
+                "or set model.head_dim",
+            )
+            self.head_dim = self.dim // self.n_heads
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})",
@@ -185,10 +198,6 @@ class ModelConfig:
                 0 <= self.moe.first_k_dense <= self.n_layers,
                 "model.moe.first_k_dense must be between 0 and model.n_layers",
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def padded_vocab_size(self) -> int:

@@ -27,12 +27,16 @@ DEEPSEEK = dict(
     first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
     v_head_dim=16, n_group=2, topk_group=1, max_position_embeddings=64, routed_scaling_factor=2.5,
 )  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
 SOURCES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", SMALL),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {**SMALL, "tie_word_embeddings": True}),
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {**SMALL, "sliding_window": 32}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", SMALL),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**SMALL, "head_dim": 16}),
+    "qwen3-wide-heads": ("Qwen3Config", "Qwen3ForCausalLM", {**SMALL, "head_dim": 32}),  # 4 x 32 != 64
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {**SMALL, "rope_scaling": LLAMA3_ROPE}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**SMALL, **MOE}),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK),
 }
@@ -81,6 +85,23 @@ def test_import_matches_transformers_and_round_trips(tmp_path, name):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(TOKENS).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_and_explicit_head_dim_reach_the_config(tmp_path):
+    build_hf_model(tmp_path / "hf", "llama3-rope")
+    scaling = load_model(import_hf(tmp_path / "hf", tmp_path / "llama3"))[1].model.rope_scaling
+    assert (scaling.type, scaling.factor, scaling.original_max_seq_len) == ("llama3", 4.0, 16)
+    assert (scaling.low_freq_factor, scaling.high_freq_factor) == (1.0, 4.0)
+    with pytest.raises(DarkhorseError, match="rope_scaling.type=llama3 is not written to GGUF"):
+        export_checkpoint(tmp_path / "llama3", tmp_path / "llama3.gguf", "gguf")
+    assert not (tmp_path / "llama3.gguf").exists()
+
+    build_hf_model(tmp_path / "hf-qwen", "qwen3-wide-heads")
+    model, config, _ = load_model(import_hf(tmp_path / "hf-qwen", tmp_path / "qwen"))
+    assert config.model.head_dim == 32 and config.model.dim == 64
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-qwen"))
+    assert model.num_params() == hf_model.num_parameters()
+    assert model.kv_cache_values_per_token() == 2 * 2 * 2 * 32  # layers x (k, v) x kv heads x head_dim
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])

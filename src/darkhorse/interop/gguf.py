@@ -484,6 +484,11 @@ def _check_yarn(ckpt: CheckpointTensors) -> None:
     """
     cfg = ckpt.model
     scaling = cfg.rope_scaling
+    if scaling.type == "llama3":
+        raise DarkhorseError(
+            f"{ckpt.path}: model.rope_scaling.type=llama3 is not written to GGUF yet (llama.cpp needs a "
+            "rope_freqs tensor for it); export with --format hf and convert with llama.cpp's converter"
+        )
     if scaling.type != "yarn":
         return
     ours = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)

@@ -202,11 +202,19 @@ def rope_scaling_from_hf(scaling: dict[str, Any], max_seq_len: int, where: str) 
     kind = scaling.get("rope_type", "default")
     if kind == "default":
         return {"type": "none"}
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "llama3":
+        return {
+            "type": "llama3",
+            "factor": factor,
+            "original_max_seq_len": int(scaling["original_max_position_embeddings"]),
+            "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+            "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+        }
     if kind != "yarn":
         raise DarkhorseError(
-            f"{where}: rope type '{kind}' is not supported by darkhorse (supported: default, yarn)"
+            f"{where}: rope type '{kind}' is not supported by darkhorse (supported: default, yarn, llama3)"
         )
-    factor = float(scaling.get("factor", 1.0))
     return {
         "type": "yarn",
         "factor": factor,
@@ -222,6 +230,14 @@ def rope_scaling_to_hf(config: ModelConfig) -> dict[str, Any] | None:
     scaling = config.rope_scaling
     if scaling.type == "none":
         return None
+    if scaling.type == "llama3":
+        return {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+        }
     return {
         "rope_type": "yarn",
         "type": "yarn",
@@ -305,12 +321,6 @@ class HFAdapter:
     def config_from_hf(self, hf: dict[str, Any], where: str, source: SafetensorsDir) -> dict[str, Any]:
         """A `model:` config dict (validated later by ModelConfig) for the HF config `hf` of `source`."""
         dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim") or dim // heads
-        if head_dim * heads != dim:
-            raise DarkhorseError(
-                f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {dim}; darkhorse attention "
-                "needs num_attention_heads * head_dim == hidden_size"
-            )
         if hf.get("hidden_act", "silu") != "silu":
             raise DarkhorseError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (darkhorse: silu)")
         if hf.get("mlp_bias"):
@@ -323,6 +333,7 @@ class HFAdapter:
             "dim": dim,
             "n_heads": heads,
             "n_kv_heads": int(hf.get("num_key_value_heads") or heads),
+            "head_dim": int(hf.get("head_dim") or dim // heads),  # Qwen3: head_dim x heads may differ from dim
             "ffn_dim": int(hf["intermediate_size"]),
             "max_seq_len": max_seq_len,
             "rope_theta": theta,
@@ -419,8 +430,10 @@ class Qwen2Adapter(MistralAdapter):
 
     def config_to_hf(self, config: ModelConfig, tokens: SpecialTokens, dtype: str) -> dict[str, Any]:
         hf = super().config_to_hf(config, tokens, dtype)
-        for key in ("attention_bias", "mlp_bias", "head_dim"):
+        for key in ("attention_bias", "mlp_bias"):
             del hf[key]
+        if config.head_dim * config.n_heads == config.dim:  # Qwen2's configs leave the default out
+            del hf["head_dim"]
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
         return hf
 

@@ -35,10 +35,16 @@ def rope_inverse_frequencies(
     """Inverse frequencies for `rotary_dim` channels and the factor to multiply cos/sin by.
 
     With YaRN, low-frequency channels (wavelength beyond the original context) are interpolated
-    by `factor`, high-frequency ones are kept, and a linear ramp blends the two.
+    by `factor`, high-frequency ones are kept, and a linear ramp blends the two. Llama 3's scaling
+    does the same with the ramp set by wavelength: channels that turn fewer than `low_freq_factor`
+    times over the original context are interpolated, more than `high_freq_factor` times kept.
     """
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     inv_freq = 1.0 / (theta**exponents)
+    if scaling.type == "llama3":
+        turns = scaling.original_max_seq_len * inv_freq / (2 * math.pi)  # original context / wavelength
+        keep = ((turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+        return (inv_freq / scaling.factor * (1 - keep) + inv_freq * keep).float(), 1.0
     if scaling.type != "yarn" or scaling.factor <= 1.0:
         return inv_freq.float(), 1.0
 

@@ -10,7 +10,8 @@
    active-parameter FLOPs and the measured matmul peak of this device.
 3. MLA KV-cache bytes per token per preset against GQA of the same width.
 
-Runs alternate between the contenders so machine load hits both alike; figures are medians.
+Runs alternate between the contenders so machine load hits both alike; each figure is the best of
+`--repeats` runs (the run least disturbed by other load on a shared machine), on `--threads` threads.
 
     .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --presets genesis-tiny genesis-512
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 
@@ -59,7 +59,7 @@ def copy_into_hf(ours: MoE, theirs: DeepseekV3MoE) -> None:
         theirs.shared_experts.load_state_dict(ours.shared_experts.state_dict())
 
 
-def median_times(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def best_times(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(warmup + repeats):
         for name, run in contenders.items():
@@ -67,7 +67,7 @@ def median_times(contenders: dict[str, Callable[[], None]], repeats: int, warmup
             run()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}
 
 
 def bench_layer(dim: int, hidden: int, tokens: int, dtype: str, repeats: int) -> None:
@@ -98,7 +98,7 @@ def bench_layer(dim: int, hidden: int, tokens: int, dtype: str, repeats: int) ->
 
         return run
 
-    seconds = median_times({"ours": step(ours), **{f"hf {k}": step(v) for k, v in twins.items()}}, repeats)
+    seconds = best_times({"ours": step(ours), **{f"hf {k}": step(v) for k, v in twins.items()}}, repeats)
     print(f"| {dim} x {hidden} | {tokens} | {dtype} | {seconds['ours'] * 1e3:.1f} | {seconds['hf eager'] * 1e3:.1f} | "
           f"{seconds['hf grouped_mm'] * 1e3:.1f} | {seconds['hf eager'] / seconds['ours']:.2f}x | "
           f"{seconds['hf grouped_mm'] / seconds['ours']:.2f}x |")  # fmt: skip
@@ -131,7 +131,7 @@ def bench_training(preset: str, dtype: str, batch: int, seq_len: int, repeats: i
 
         return run
 
-    seconds = median_times({name: step(name) for name in models}, repeats)
+    seconds = best_times({name: step(name) for name in models}, repeats)
     peak = peak_flops(torch.device("cpu"), dtype)
     tok = batch * seq_len
     flops = models["ours"].flops_per_token(seq_len)
@@ -157,8 +157,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--presets", nargs="+", default=["genesis-tiny", "genesis-512"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print("| layer (dim x expert hidden) | tokens | dtype | ours ms | HF eager ms | HF grouped_mm ms | vs eager | "
           "vs grouped_mm |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for dtype in args.dtypes:

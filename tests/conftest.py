@@ -161,3 +161,45 @@ def tiny_mixtral_checkpoint(tmp_path_factory):
         first_k_dense=0, bias_update_rate=0.0,
     )  # fmt: skip
     return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mixtral") / "final", seed=3, dim=128, ffn="moe", moe=moe)
+
+
+# -- a foreign (Llama-3-style) tokenizer, as an imported model brings it ----------------------------
+
+FOREIGN_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+FOREIGN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+    "\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def write_foreign_tokenizer(folder, *, settings: bool = True):
+    """A byte-level BPE with Llama 3's special tokens (none of darkhorse's) as folder/tokenizer.json; with
+    `settings`, a tokenizer_config.json declaring bos/eos (AddedToken dict form) and a chat template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(FOREIGN_SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([" ".join(TINY_CYCLE)] * 20, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    if settings:
+        config = {
+            "bos_token": {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True},
+            "eos_token": "<|eot_id|>",
+            "chat_template": FOREIGN_TEMPLATE,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture
+def foreign_tokenizer():
+    """The `write_foreign_tokenizer` factory."""
+    return write_foreign_tokenizer

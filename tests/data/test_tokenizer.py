@@ -128,4 +128,6 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
     loaded = Tokenizer.from_file(foreign)  # a foreign tokenizer still loads for plain text ...
     assert loaded.special_tokens == {}
     with pytest.raises(DarkhorseError, match=r"foreign\.json: lacks the darkhorse special tokens <\|bos\|>"):
-        _ = loaded.bos_id  # ... but has no chat or document markers
+        loaded.require_special_tokens()  # ... but not for chat
+    with pytest.raises(DarkhorseError, match=r"foreign\.json: no end-of-sequence token found"):
+        _ = loaded.eos_id  # ... nor, without any end token, for documents

@@ -1,7 +1,13 @@
 """Chat with a checkpoint in darkhorse's chat format (system/user/assistant turns, optional thinking).
 
 Interactive in a terminal; with piped input each line is one user turn. Commands: /reset,
-/think on|off, /system TEXT, /quit."""
+/think on|off, /system TEXT, /quit.
+
+An imported model whose tokenizer lacks darkhorse's chat tokens is prompted with its own chat template
+(the chat_template of the tokenizer_config.json it was imported with), rendered with Jinja2 as
+transformers renders it; /think on|off passes enable_thinking to that template (Qwen3 reads it). Its
+replies end at eos or an end-of-turn token (<|eot_id|>, <|im_end|>, ...). Without darkhorse's tokens
+or a template, chat stops with an error (use `darkhorse generate` for plain text)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Generate text from a checkpoint, streaming tokens as they come.
 
 Greedy decoding (--temperature 0, the default) is deterministic; sampling is reproducible with
---seed. With --chat the prompt is wrapped in darkhorse's chat format as a user turn."""
+--seed. With --chat the prompt is wrapped as a user turn in darkhorse's chat format, or, for an imported
+model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument(
-        "--chat", action="store_true", help="treat the prompt as a user message in the chat format"
+        "--chat", action="store_true", help="treat the prompt as a user message in the model's chat format"
     )
     parser.add_argument(
         "--no-think", action="store_true", help="with --chat: ask for an answer without reasoning"
@@ -80,15 +81,13 @@ def load_for_inference(checkpoint: Path, device: str):
 def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys.stdout, chat: bool = False) -> str:
     """Print the completion as it is generated and return it (without the token that ended it).
 
-    Plain text stops at <|eos|>; a chat reply also stops at the end of the assistant turn."""
+    Plain text stops at the tokenizer's eos; a chat reply also stops at the end of the assistant turn."""
     from itertools import takewhile
 
-    from darkhorse.data.tokenizer import ASSISTANT_END
+    from darkhorse.infer.chat import chat_stop_ids
     from darkhorse.infer.generate import generate_tokens, stream_text
 
-    stop_ids = {tokenizer.eos_id}
-    if chat and tokenizer.token_to_id(ASSISTANT_END) is not None:
-        stop_ids.add(tokenizer.token_to_id(ASSISTANT_END))
+    stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
     ids = generate_tokens(
         model,
         tokenizer.encode(prompt_text),
@@ -110,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
     model, _, tokenizer = load_for_inference(args.checkpoint, args.device)
     prompt = args.prompt
     if args.chat:
-        from darkhorse.data.chat_format import render_prompt
+        from darkhorse.infer.chat import render_chat_prompt
 
-        prompt = render_prompt([{"role": "user", "content": args.prompt}], think=not args.no_think)
+        prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], think=not args.no_think)
     stream_completion(model, tokenizer, prompt, options, chat=args.chat)
     return 0
 

@@ -94,12 +94,12 @@ class _SplitWriter:
         }
 
 
-def _frame(text: str) -> str:
-    """Plain text gets <|bos|>/<|eos|>; rendered chat text already has them."""
+def _frame(text: str, bos: str = BOS, eos: str = EOS) -> str:
+    """Plain text gets the tokenizer's bos/eos (a foreign tokenizer's own); rendered chat text has ours."""
     if not text.startswith(BOS):
-        text = BOS + text
-    if not text.endswith(EOS):
-        text += EOS
+        text = bos + text
+    if not text.endswith(eos):
+        text += eos
     return text
 
 
@@ -213,9 +213,7 @@ def _check_out_dir(out_dir: Path, files: list[Path], force: bool) -> None:
 def _resolve_tokenizer(tokenizer: Tokenizer | str | Path | None) -> Tokenizer | None:
     if tokenizer is None:
         return None
-    resolved = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
-    resolved.require_special_tokens()
-    return resolved
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
 
 
 def prepare(
@@ -288,7 +286,9 @@ def _encode_all(
     task = bar.add_task("tokenizing", total=sum(reader.size for reader in readers))
     try:
         for documents, consumed in _prefetched(_chunks(readers, chunk_bytes)):
-            texts = [_frame(document.text) for document in documents]
+            if not tok.has_chat_tokens and any(document.text.startswith(BOS) for document in documents):
+                tok.require_special_tokens("chat records")
+            texts = [_frame(document.text, tok.bos_token or "", tok.eos_token) for document in documents]
             encoded = tok.encode_batch(texts)
             batches: dict[str, tuple[list[list[int]], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
             for document, ids in zip(documents, encoded, strict=True):

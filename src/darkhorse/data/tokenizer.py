@@ -12,11 +12,20 @@ The 12 special tokens take the fixed ids 0..11 in `SPECIAL_TOKENS` order. Any sp
 text encodes to its id (so rendered chat text encodes right); `encode` never adds tokens of its own.
 `sha256` is the hash of the canonical serialization, which is exactly what `save` writes, so the hash of a
 saved `tokenizer.json` file equals `Tokenizer.sha256`.
+
+Any other HF `tokenizers` file (an imported Llama or Qwen model's) loads too, for plain text: its
+bos/eos/pad tokens come from what sits beside a `tokenizer.json` (HF's `tokenizer_config.json`, or the
+"import" record in a checkpoint's `meta.json`), else from the names models commonly use (`<s>`,
+`<|begin_of_text|>`, `<|endoftext|>`, ...); its own chat template comes from `tokenizer_config.json` or
+`chat_template.jinja`. Saving such a tokenizer writes a `tokenizer_config.json` beside it, so prepared
+data dirs and checkpoints carry these settings along. Chat records and darkhorse's chat format need the
+darkhorse special tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -45,6 +54,18 @@ LLAMA_CPP_PRE = "qwen2"  # value for GGUF `tokenizer.ggml.pre`
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials + one token per byte
 _SPECIALS_PATTERN = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
 
+TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "tokenizer_config.json"  # HF's name; bos/eos/pad tokens and chat_template
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template
+SIDECAR_FILES = (SETTINGS_FILE, TEMPLATE_FILE)  # travel with a tokenizer.json (prepare, checkpoints)
+# Names other models give these roles, tried in order when nothing beside the file declares them.
+COMMON_NAMES = {
+    "bos_token": ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[BOS]"),
+    "eos_token": ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "[EOS]"),
+    "pad_token": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "[PAD]"),
+}
+OWN_NAMES = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
@@ -55,25 +76,75 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-class Tokenizer:
-    """darkhorse's tokenizer: a thin, typed wrapper over a HF `tokenizers.Tokenizer`."""
+def _token_text(value: object) -> str | None:
+    """A token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
-    def __init__(self, backend: BackendTokenizer, path: Path | None = None) -> None:
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DarkhorseError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def declared_settings(folder: Path) -> dict[str, str]:
+    """bos/eos/pad token strings and chat template declared beside a tokenizer.json (empty if none).
+
+    Read from HF's tokenizer_config.json and chat_template.jinja, then from a checkpoint meta.json's
+    "import" record (checkpoints imported before they carried tokenizer_config.json)."""
+    settings: dict[str, str] = {}
+    meta = folder / "meta.json"
+    if meta.is_file():
+        record = _read_json_object(meta).get("import", {}).get("tokenizer", {})
+        settings.update({key: value for key, value in record.items() if isinstance(value, str) and value})
+    if (folder / SETTINGS_FILE).is_file():
+        config = _read_json_object(folder / SETTINGS_FILE)
+        for key in OWN_NAMES:
+            if _token_text(config.get(key)):
+                settings[key] = _token_text(config[key])
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            settings["chat_template"] = template
+    if (folder / TEMPLATE_FILE).is_file():
+        settings["chat_template"] = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+    return {key: value for key, value in settings.items() if key in (*OWN_NAMES, "chat_template")}
+
+
+class Tokenizer:
+    """darkhorse's tokenizer: a thin, typed wrapper over a HF `tokenizers.Tokenizer`.
+
+    `settings` holds what a foreign tokenizer's files declare (see `declared_settings`)."""
+
+    def __init__(
+        self, backend: BackendTokenizer, path: Path | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         self.backend = backend
         self.path = path
+        self.settings = settings or {}
 
-    def require_special_tokens(self) -> None:
-        """Training data and chat need all 12 special tokens; a foreign tokenizer (e.g. an imported
-        model's) still encodes and decodes plain text without them."""
-        missing = [token for token in SPECIAL_TOKENS if self.backend.token_to_id(token) is None]
+    @property
+    def has_chat_tokens(self) -> bool:
+        return len(self.special_tokens) == len(SPECIAL_TOKENS)
+
+    def require_special_tokens(self, purpose: str = "") -> None:
+        """Training on chat records and darkhorse's chat format need all 12 special tokens; a foreign
+        tokenizer (e.g. an imported model's) still encodes and decodes plain text without them."""
+        missing = [token for token in SPECIAL_TOKENS if token not in self.special_tokens]
         if missing:
             raise DarkhorseError(
-                f"{self.path or 'tokenizer'}: lacks the darkhorse special tokens {', '.join(missing)} "
-                "(train one with `darkhorse prepare` or pass a tokenizer it wrote)"
+                f"{self.path or 'tokenizer'}: lacks the darkhorse special tokens {', '.join(missing)}"
+                + (f", which {purpose} need" if purpose else " (train one with `darkhorse prepare`)")
             )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
+        """Any HF `tokenizers` file; a file named tokenizer.json also reads the settings beside it."""
         path = Path(path)
         if not path.is_file():
             raise DarkhorseError(f"tokenizer file not found: {path}")
@@ -82,7 +153,8 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for any parse problem
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DarkhorseError(f"{path}: not a valid tokenizer.json ({first_line})") from None
-        return cls(backend, path)
+        settings = declared_settings(path.parent) if path.name == TOKENIZER_FILE else {}
+        return cls(backend, path, settings)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
@@ -125,22 +197,47 @@ class Tokenizer:
         ids = {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
         return {token: id_ for token, id_ in ids.items() if id_ is not None}
 
-    def _special_id(self, token: str) -> int:
-        if token not in self.special_tokens:
-            self.require_special_tokens()
-        return self.special_tokens[token]
+    def _role_token(self, role: str) -> str | None:
+        """The token playing `role` (bos_token, eos_token, pad_token): ours, declared, or a common name."""
+        candidates = (OWN_NAMES[role], self.settings.get(role), *COMMON_NAMES[role])
+        return next((t for t in candidates if t and self.backend.token_to_id(t) is not None), None)
+
+    @cached_property
+    def bos_token(self) -> str | None:
+        """None for tokenizers without one (Qwen's): documents are then only ended by eos."""
+        return self._role_token("bos_token")
+
+    @cached_property
+    def eos_token(self) -> str:
+        token = self._role_token("eos_token")
+        if token is None:
+            raise DarkhorseError(
+                f"{self.path or 'tokenizer'}: no end-of-sequence token found (tried {EOS}, tokenizer_config.json's "
+                f"eos_token, {', '.join(COMMON_NAMES['eos_token'])}); declare eos_token in {SETTINGS_FILE} beside it"
+            )
+        return token
+
+    @cached_property
+    def pad_token(self) -> str:
+        """Padding only fills unused positions, so without a pad token eos serves (as HF recipes do)."""
+        return self._role_token("pad_token") or self.eos_token
 
     @property
-    def bos_id(self) -> int:
-        return self._special_id(BOS)
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
-        return self._special_id(EOS)
+        return self.backend.token_to_id(self.eos_token)
 
     @property
     def pad_id(self) -> int:
-        return self._special_id(PAD)
+        return self.backend.token_to_id(self.pad_token)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The foreign tokenizer's own Jinja chat template, if its files declare one."""
+        return self.settings.get("chat_template")
 
     def to_json(self) -> str:
         return self.backend.to_str()
@@ -150,8 +247,15 @@ class Tokenizer:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
+        """Write the tokenizer; a foreign one also gets its resolved settings in tokenizer_config.json
+        beside it (darkhorse's own tokenizers need none)."""
         path = Path(path)
         path.write_text(self.to_json(), encoding="utf-8")
+        if not self.has_chat_tokens and path.name == TOKENIZER_FILE:
+            settings = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+            if self.chat_template:
+                settings["chat_template"] = self.chat_template
+            path.with_name(SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         self.path = path
         return path
 

@@ -181,22 +181,16 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def hf_tokenizer_settings(source: CheckpointSource) -> tuple[SpecialTokens, dict[str, str], str | None]:
     """Special-token ids (config.json), their strings and the chat template (tokenizer_config.json).
 
-    darkhorse tokenizers get darkhorse's chat template; an imported foreign tokenizer that lacks our
-    chat tokens keeps the special tokens and template its source declared (meta.json "import")."""
-    from tokenizers import Tokenizer
-
+    darkhorse tokenizers get darkhorse's chat template; a foreign tokenizer (an imported model's) keeps
+    the special tokens and template it declares (see `Tokenizer.from_file`)."""
     from darkhorse.data.chat_format import jinja_chat_template
-    from darkhorse.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
+    from darkhorse.data.tokenizer import Tokenizer
 
-    backend = Tokenizer.from_file(str(source.tokenizer_file()))
-    names = ("bos_token", "eos_token", "pad_token")
-    if all(backend.token_to_id(token) is not None for token in SPECIAL_TOKENS):
-        strings, template = dict(zip(names, (BOS, EOS, PAD), strict=True)), jinja_chat_template()
-    else:
-        record = source.meta.get("import", {}).get("tokenizer", {})
-        strings = {name: record[name] for name in names if record.get(name)}
-        template = record.get("chat_template")
-    ids = SpecialTokens(*(backend.token_to_id(strings[n]) if n in strings else None for n in names))
+    tokenizer = Tokenizer.from_file(source.tokenizer_file())
+    template = jinja_chat_template() if tokenizer.has_chat_tokens else tokenizer.chat_template
+    strings = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    strings = {name: token for name, token in strings.items() if token is not None}
+    ids = SpecialTokens(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     return ids, strings, template
 
 

@@ -42,6 +42,15 @@ INDEX_FILE = "model.safetensors.index.json"
 # Reading safetensors lazily (HF directories and darkhorse checkpoints alike)
 
 
+def _open_unmapped(path: Path):
+    """A safetensors handle that reads with pread: with mmap every page read stays mapped into the
+    process until the handle closes, so a conversion's RSS would hold the source file besides the model."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8 has only mmap
+        return safe_open(str(path), framework="pt")
+
+
 class SafetensorsDir:
     """The tensors of a directory (one `.safetensors` file, or shards with an index), read on demand."""
 
@@ -67,7 +76,7 @@ class SafetensorsDir:
         for file in files:
             if not (self.path / file).exists():
                 raise DarkhorseError(f"{self.path / file}: listed in {INDEX_FILE} but missing")
-            handle = safe_open(str(self.path / file), framework="pt")
+            handle = _open_unmapped(self.path / file)
             self._handles[file] = handle
             self._file_of.update(dict.fromkeys(handle.keys(), file))
 

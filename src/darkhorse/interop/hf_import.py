@@ -5,19 +5,22 @@ each of our tensors, the HF tensor(s) to read. The model is allocated once, unin
 tensor is read from the (possibly sharded) safetensors files straight into its place, so peak memory
 is one copy of the model. The result is an ordinary checkpoint (model.safetensors, meta.json,
 tokenizer.json): generate, chat, eval, export and `train --init-from`-style fine-tuning read it like
-one of ours. A foreign tokenizer is copied as it is; meta.json's "import" record says which of
-darkhorse's chat tokens it lacks and keeps the source's own chat template and special tokens.
+one of ours. A foreign tokenizer is copied as it is, with its tokenizer_config.json / chat_template.jinja;
+meta.json's "import" record says which of darkhorse's chat tokens it lacks and which bos/eos/pad tokens and
+chat template it resolved to.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from darkhorse.config import TrainConfig, run_config_from_dict
+from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import is_state_dict_export, load_state_dict_export, staged_output
 from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
@@ -36,22 +39,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _tokenizer_record(hf_dir: Path, tokenizer_file: Path) -> dict[str, Any]:
-    """What chat and generation need to know about a foreign tokenizer."""
-    from tokenizers import Tokenizer
+def _tokenizer_record(tokenizer_file: Path) -> dict[str, Any]:
+    """What chat and generation need to know about a foreign tokenizer (read from the files beside it)."""
+    from darkhorse.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-    from darkhorse.data.tokenizer import SPECIAL_TOKENS
-
-    backend = Tokenizer.from_file(str(tokenizer_file))
-    settings = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").exists() else {}
-
-    def token_text(value: Any) -> str | None:
-        return value.get("content") if isinstance(value, dict) else value
-
-    record = {key: token_text(settings.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
-    record["missing_chat_tokens"] = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
-    if settings.get("chat_template"):
-        record["chat_template"] = settings["chat_template"]
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    record: dict[str, Any] = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "missing_chat_tokens": [t for t in SPECIAL_TOKENS if t not in tokenizer.special_tokens],
+    }
+    if tokenizer.chat_template:
+        record["chat_template"] = tokenizer.chat_template
     return record
 
 
@@ -65,11 +65,14 @@ def _tokenizer_file(hf_dir: Path, staging: Path) -> Path:
         fast = AutoTokenizer.from_pretrained(str(hf_dir), use_fast=True)
         converted = staging / "tokenizer.json"
         fast.backend_tokenizer.save(str(converted))
-        return converted
     except Exception as exc:  # any loader failure means: no usable tokenizer in this directory
         raise DarkhorseError(
             f"{hf_dir}: no tokenizer.json, and transformers could not build one ({type(exc).__name__})"
         ) from None
+    for name in SIDECAR_FILES:  # bos/eos and the chat template stay beside the converted file
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, staging / name)
+    return converted
 
 
 def load_hf_state(hf_dir: Path, model: torch.nn.Module, adapter, source: SafetensorsDir) -> None:
@@ -139,7 +142,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
                 "format": "hf",
                 "architecture": adapter.architecture,
                 "source": str(hf_dir.resolve()),
-                "tokenizer": _tokenizer_record(hf_dir, tokenizer_file),
+                "tokenizer": _tokenizer_record(tokenizer_file),
             },
         }
         save_model_checkpoint(staging, model, run_config, tokenizer_file, meta)

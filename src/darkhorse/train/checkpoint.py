@@ -3,7 +3,8 @@
     RUN_DIR/step-000123/ and RUN_DIR/final/, each holding
         model.safetensors   weights (a tied embedding/head stored once)
         meta.json           {"config", "step", "tokens_seen", "loss", "darkhorse_version", ...}
-        tokenizer.json      copied from the prepared data dir
+        tokenizer.json      copied from the prepared data dir (with a foreign tokenizer's
+                            tokenizer_config.json / chat_template.jinja when it has them)
         trainer_state.pt    optimizer, scheduler, scaler, RNG and data position (training only)
 
 A checkpoint is written into a hidden temp dir next to its target, fsynced, then renamed into
@@ -34,6 +35,7 @@ from torch import nn
 
 from darkhorse import __version__
 from darkhorse.config import RunConfig, run_config_from_dict
+from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
 
 MODEL_FILE = "model.safetensors"
@@ -141,6 +143,10 @@ def _write_model_files(
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if tokenizer_file is not None and Path(tokenizer_file).exists():
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+        if Path(tokenizer_file).name == TOKENIZER_FILE:  # a foreign tokenizer's settings travel with it
+            for name in SIDECAR_FILES:
+                if Path(tokenizer_file).with_name(name).is_file():
+                    shutil.copyfile(Path(tokenizer_file).with_name(name), folder / name)
 
 
 def save_model_checkpoint(

@@ -180,6 +180,9 @@ class MoE(nn.Module):
         self, x: torch.Tensor, domains: torch.Tensor | None = None, use_grouped_mm: bool | None = None
     ) -> torch.Tensor:
         batch, seq, dim = x.shape
+        # A gradient-checkpointing recompute runs this again inside backward: its loss terms must not
+        # leak into the next forward, and its counts double every entry (shares and signs unchanged).
+        self.pending_losses = {}
         flat = x.reshape(-1, dim)
         routing = self.gate(flat, self._prior_bonus(domains))
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token

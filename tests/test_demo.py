@@ -77,7 +77,8 @@ def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys):
     from rich.console import Console
 
     threads = torch.get_num_threads()
-    config = load_run_config("tiny-cpu", overrides=["train.batch_size=2", "train.seq_len=16", "train.device=cpu"])
+    small = ["model.vocab_size=64", "model.n_layers=1", "train.batch_size=2", "train.seq_len=16", "train.device=cpu"]
+    config = load_run_config("tiny-cpu", overrides=small)
     try:
         assert probe_step_seconds(config, Console()) > 0
         assert torch.get_num_threads() in {1, threads}

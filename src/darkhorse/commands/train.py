@@ -4,10 +4,12 @@
   darkhorse train --preset d20 --data web/:3 --data code/:1 --out runs/mix train.lr=1e-3
   darkhorse train --out runs/tiny --resume                 continue from the newest checkpoint
   darkhorse train --out runs/tiny --resume --max-steps 400 continue, and train for longer
+  darkhorse train --init-from runs/llama/final --data data/mine --out runs/ft train.lr=1e-5
+                                                           fine-tune a checkpoint (e.g. an imported one)
 
 Each --data is PATH or PATH:WEIGHT. A directory is a prepared dir (`darkhorse prepare`); a raw file
 is prepared on the fly into a cache. Several sources are mixed in the given proportions and must
-share one tokenizer. The model's vocab_size comes from the data.
+share one tokenizer. The model's vocab_size comes from the data (with --init-from, from the checkpoint).
 
 RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/, metrics.jsonl
 (one JSON record per logged step and evaluation) and loss.png. Ctrl-C or SIGTERM finish the
@@ -15,6 +17,13 @@ current step, save a checkpoint and exit; --resume then continues with exactly t
 A resumed run keeps its config; only max-steps, the intervals, keep_last, device, compile and
 max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.
+
+--init-from CKPT_DIR starts a new run (step 0, new optimizer and schedule) from the model config and
+weights of any checkpoint, including one written by `darkhorse import` (which has no trainer state).
+Train settings start from the checkpoint's train section, with --preset/--config/overrides over it
+(all optional; their model sections are not used, and model.* overrides are refused). The data must
+be prepared with the checkpoint's tokenizer (`darkhorse prepare --tokenizer CKPT_DIR/tokenizer.json`).
+--resume continues such a run like any other.
 """
 
 from __future__ import annotations
@@ -47,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from the newest checkpoint in RUN_DIR, or from CKPT_DIR",
     )
     parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CKPT_DIR",
+        help="start from this checkpoint's model and weights with fresh optimizer state (fine-tuning)",
+    )
+    parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (train.device; auto: cuda > mps > cpu)"
     )
     parser.add_argument("--log-interval", type=int, help="steps between log lines (train.log_interval)")
@@ -69,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
         args.resume = True
     if args.resume and args.force:
         raise DarkhorseError("--resume and --force contradict each other: choose one")
+    if args.resume and args.init_from:
+        raise DarkhorseError("--resume and --init-from contradict each other: a resumed run keeps its weights")
+    if args.init_from:
+        model_overrides = [item for item in args.overrides if item.strip().startswith("model.")]
+        if model_overrides:
+            raise DarkhorseError(
+                f"{', '.join(model_overrides)}: with --init-from the model comes from {args.init_from}; "
+                "only train.* settings apply"
+            )
     for flag in ("max_steps", "device", "log_interval"):  # shortcuts for train.<flag>
         value = getattr(args, flag)
         if value is not None:
@@ -79,8 +103,13 @@ def run(args: argparse.Namespace) -> int:
         if source is None:
             raise DarkhorseError(f"--resume: {args.out} holds no checkpoint to resume from")
         base = read_meta(source)["config"]
-    elif not (args.preset or args.preset_alias or args.config):
-        raise DarkhorseError("train needs --preset NAME or --config FILE.yaml (or --resume to continue a run)")
+    elif args.init_from:
+        base = {"train": read_meta(args.init_from)["config"]["train"]}
+    elif not (args.preset or args.preset_alias or args.config or args.init_from):
+        raise DarkhorseError(
+            "train needs --preset NAME or --config FILE.yaml (or --resume to continue a run, "
+            "or --init-from CKPT_DIR to start from a checkpoint)"
+        )
     if not args.data and not args.resume:
         raise DarkhorseError("train needs --data PATH (a prepared dir or a .jsonl/.txt/.parquet file)")
     config = config_from_args(args, base=base)
@@ -90,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         data,
         args.out,
         resume=args.resume,
+        init_from=args.init_from,
         force=args.force,
         logger=args.logger,
         verbose=not args.quiet,

@@ -230,12 +230,18 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {MODEL_FILE})")
     with torch.device(device):
         model = Transformer(config.model)
-    try:
-        load_safetensors_into(model, str(folder / MODEL_FILE), strict=True, device=str(device))
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise DarkhorseError(f"{folder / MODEL_FILE} does not match its meta.json config: {first_line}") from None
+    load_weights(model, folder, device)
     return model.eval(), config, meta
+
+
+def load_weights(model: nn.Module, folder: str | Path, device: str | torch.device = "cpu") -> None:
+    """Fill `model` from a checkpoint's model.safetensors; names and shapes must match exactly."""
+    path = Path(folder) / MODEL_FILE
+    try:
+        load_safetensors_into(model, str(path), strict=True, device=str(device))
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        raise DarkhorseError(f"{path} does not match its meta.json config: {' '.join(lines[1:3])}") from None
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import torch
 
 from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.data.loader import Batch, WindowLoader, open_sources
+from darkhorse.data.prepared import PreparedData
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train import checkpoint as ckpt
@@ -141,6 +142,30 @@ def _find_resume_checkpoint(run_dir: Path, resume: bool | Path) -> Path:
     return folder
 
 
+def _init_config(config: RunConfig, init_from: Path, data: PreparedData) -> tuple[RunConfig, dict[str, Any]]:
+    """`config` with the model of checkpoint `init_from`, whose tokenizer must be the one of `data`."""
+    from darkhorse.data.tokenizer import Tokenizer
+
+    if not ckpt.is_complete(init_from):
+        raise DarkhorseError(f"--init-from {init_from}: not a darkhorse checkpoint (no meta.json or model.safetensors)")
+    meta = ckpt.read_meta(init_from)
+    model_config = run_config_from_dict(meta["config"]).model
+    tokenizer_file = init_from / ckpt.TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise DarkhorseError(f"--init-from {init_from}: has no {ckpt.TOKENIZER_FILE}, so the data cannot be checked")
+    if Tokenizer.from_file(tokenizer_file).sha256 != data.tokenizer_sha256:
+        raise DarkhorseError(
+            f"--data {data.path} was prepared with another tokenizer than --init-from {init_from} uses; "
+            f"prepare it with `darkhorse prepare --tokenizer {tokenizer_file}`"
+        )
+    if data.vocab_size > model_config.vocab_size:
+        raise DarkhorseError(
+            f"--data {data.path} has vocab_size {data.vocab_size}, more than the model of {init_from} "
+            f"({model_config.vocab_size})"
+        )
+    return dataclasses.replace(config, model=model_config), meta
+
+
 def _start_fresh(run_dir: Path, force: bool) -> None:
     """Refuse to clobber an earlier run unless forced; when forced, clear its checkpoints and logs."""
     old = [*ckpt.training_checkpoints(run_dir), run_dir / ckpt.FINAL_NAME]
@@ -205,11 +230,14 @@ class Trainer:
         run_dir: str | Path,
         resume: bool | Path | None = None,
         *,
+        init_from: Path | None = None,
         force: bool = False,
         logger: str | None = None,
         verbose: bool = True,
         live: bool | None = None,
     ) -> None:
+        if resume and init_from:
+            raise DarkhorseError("--resume and --init-from contradict each other: a resumed run keeps its weights")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temp_dirs(self.run_dir)
@@ -222,8 +250,12 @@ class Trainer:
 
         self.sources = open_sources(data, vocab_size=config.model.vocab_size)
         first = self.sources[0][0]
-        # the data decides the vocabulary; the preset's vocab_size only sizes a tokenizer `prepare` trains
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=first.vocab_size))
+        self.init_from, init_meta = (Path(init_from), {}) if init_from else (None, {})
+        if self.init_from:
+            config, init_meta = _init_config(config, self.init_from, first)
+        elif not resume_from:
+            # the data decides the vocabulary; the preset's vocab_size only sizes a tokenizer `prepare` trains
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=first.vocab_size))
         if resume_from:
             config = _check_resume_config(config, run_config_from_dict(saved_meta["config"]), resume_from)
             saved_sha = saved_meta.get("tokenizer_sha256")
@@ -238,10 +270,9 @@ class Trainer:
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
             self.model = Transformer(config.model)
-        if resume_from:
-            from safetensors.torch import load_model as load_safetensors_into
-
-            load_safetensors_into(self.model, str(resume_from / ckpt.MODEL_FILE), device=str(self.device))
+        weights_from = resume_from or self.init_from
+        if weights_from:
+            ckpt.load_weights(self.model, weights_from, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
         self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
@@ -268,6 +299,9 @@ class Trainer:
             self._load_trainer_state(resume_from)
             self.history = _read_history(self.run_dir, self.step)
         self.resumed_from = resume_from
+        # an init-from run keeps naming its origin in every checkpoint, resumed or not
+        self.origin = str(self.init_from.resolve()) if self.init_from else saved_meta.get("init_from")
+        self.origin_step = init_meta.get("step", 0)
         self.val_batches = self.loader.val_batches(self.train_cfg.eval_steps) if self.train_cfg.eval_steps else []
         self.flops_per_token = self.model.flops_per_token(self.train_cfg.seq_len)
         self.external_logger = ExternalLogger(logger, self.run_dir, config.to_dict()) if logger else None
@@ -318,6 +352,8 @@ class Trainer:
             "tokenizer_sha256": self.sources[0][0].tokenizer_sha256,
             "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
         }
+        if self.origin:
+            meta["init_from"] = self.origin
         saved = ckpt.save_training_checkpoint(
             folder, self.model, self.config, self.tokenizer_file, meta, self._trainer_state()
         )
@@ -424,6 +460,8 @@ class Trainer:
         say = self.dashboard.message
         if self.resumed_from:
             say(f"resuming from {self.resumed_from} at step {self.step}")
+        elif self.init_from:
+            say(f"starting from the weights of {self.init_from} (its step {self.origin_step}); optimizer state is new")
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
             f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
@@ -548,6 +586,7 @@ def train(
     out_dir: str | Path,
     resume: bool | Path | None = None,
     *,
+    init_from: str | Path | None = None,
     force: bool = False,
     logger: str | None = None,
     verbose: bool = True,
@@ -556,7 +595,12 @@ def train(
     """Train `config` on `data` ((prepared dir or raw file, weight) pairs) into `out_dir`.
 
     `resume=True` continues from the newest checkpoint in `out_dir`, a path from that checkpoint
-    (with `data` empty, the run's own sources are reused). `verbose=False` prints nothing;
-    `live` forces the rich view on or off (default: on when stdout is a terminal).
+    (with `data` empty, the run's own sources are reused). `init_from` starts from a checkpoint's
+    model config and weights (e.g. an imported one) with fresh optimizer state at step 0; `config`
+    then only supplies the train section. `verbose=False` prints nothing; `live` forces the rich
+    view on or off (default: on when stdout is a terminal).
     """
-    return Trainer(config, data, out_dir, resume, force=force, logger=logger, verbose=verbose, live=live).run()
+    init = Path(init_from) if init_from else None
+    trainer = Trainer(config, data, out_dir, resume, init_from=init, force=force, logger=logger, verbose=verbose,
+                      live=live)  # fmt: skip
+    return trainer.run()

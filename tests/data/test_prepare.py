@@ -91,7 +91,7 @@ def test_given_tokenizer_is_reused(corpus, tmp_path):
     assert second.meta["settings"]["trained_tokenizer"] is False
 
 
-def test_a_tokenizer_without_darkhorse_specials_is_refused(corpus, tmp_path):
+def test_chat_records_need_a_tokenizer_with_the_darkhorse_specials(corpus, tmp_path):
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers import models
 

@@ -253,9 +253,12 @@ class Trainer:
         self.init_from, init_meta = (Path(init_from), {}) if init_from else (None, {})
         if self.init_from:
             config, init_meta = _init_config(config, self.init_from, first)
-        elif not resume_from:
-            # the data decides the vocabulary; the preset's vocab_size only sizes a tokenizer `prepare` trains
-            config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=first.vocab_size))
+        else:
+            # the data decides the vocabulary (the preset's vocab_size only sizes a tokenizer `prepare` trains);
+            # a resumed run keeps its own, which an --init-from run took from its checkpoint
+            saved_vocab = run_config_from_dict(saved_meta["config"]).model.vocab_size if resume_from else None
+            vocab_size = saved_vocab or first.vocab_size
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
         if resume_from:
             config = _check_resume_config(config, run_config_from_dict(saved_meta["config"]), resume_from)
             saved_sha = saved_meta.get("tokenizer_sha256")

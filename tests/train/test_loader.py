@@ -71,3 +71,11 @@ def test_data_specs_and_source_errors(make_prepared, tmp_path):
     short = open_sources([(make_prepared(tmp_path / "short", train_tokens=10), 1.0)], vocab_size=64)
     with pytest.raises(DarkhorseError, match="train.seq_len"):
         loader_for(short)
+
+
+def test_several_raw_files_share_the_first_ones_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKHORSE_CACHE", str(tmp_path / "cache"))
+    for name, word in (("a.txt", "alpha"), ("b.txt", "beta")):
+        (tmp_path / name).write_text("\n\n".join(f"{word} document number {i} of many" for i in range(200)))
+    sources = open_sources([(tmp_path / "a.txt", 1.0), (tmp_path / "b.txt", 1.0)], vocab_size=300)
+    assert sources[0][0].tokenizer_sha256 == sources[1][0].tokenizer_sha256

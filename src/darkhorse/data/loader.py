@@ -52,6 +52,9 @@ def open_sources(specs: list[tuple[Path, float]], vocab_size: int) -> list[tuple
     """
     if not specs:
         raise DarkhorseError("no training data given: pass --data DIR (a prepared dir) or a .jsonl/.txt file")
+    # Raw files are tokenized with the tokenizer of the first prepared source (a given dir, or the
+    # first raw file's freshly trained one), so several raw files mix without a tokenizer clash.
+    shared_tokenizer = next((Path(p) / "tokenizer.json" for p, _ in specs if Path(p).is_dir()), None)
     sources = []
     for path, weight in specs:
         path = Path(path)
@@ -62,7 +65,8 @@ def open_sources(specs: list[tuple[Path, float]], vocab_size: int) -> list[tuple
                 )
             from darkhorse.data.prepare import prepare_cached
 
-            path = prepare_cached(path, vocab_size=vocab_size)
+            path = prepare_cached(path, vocab_size=vocab_size, tokenizer=shared_tokenizer)
+            shared_tokenizer = shared_tokenizer or path / "tokenizer.json"
         sources.append((open_prepared(path), float(weight)))
     first = sources[0][0]
     for data, _ in sources[1:]:

@@ -196,3 +196,14 @@ def test_raw_text_file_is_prepared_and_evals_print_a_sample(tmp_path, monkeypatc
     model, saved_config, _ = ckpt.load_model(result.checkpoint)
     assert (result.checkpoint / "tokenizer.json").exists()  # generate and export need it
     assert saved_config.model.vocab_size <= 300
+
+
+def test_domain_prior_takes_its_domain_count_from_the_data(tmp_path, make_prepared):
+    data = make_prepared(tmp_path / "tagged", domains=True)
+    config = small_config(
+        "train.max_steps=1", "model.ffn=moe", "model.moe.n_routed_experts=4", "model.moe.moe_intermediate_size=32",
+        "model.moe.domain_prior=true", "model.moe.first_k_dense=0",
+    )  # fmt: skip
+    train(config, [(data, 1.0)], tmp_path / "run", verbose=False)
+    _, saved, _ = ckpt.load_model(tmp_path / "run" / "final")
+    assert saved.model.moe.n_domains == len(json.loads((data / "meta.json").read_text())["domains"]) > 0

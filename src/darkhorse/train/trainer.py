@@ -258,7 +258,12 @@ class Trainer:
             # a resumed run keeps its own, which an --init-from run took from its checkpoint
             saved_vocab = run_config_from_dict(saved_meta["config"]).model.vocab_size if resume_from else None
             vocab_size = saved_vocab or first.vocab_size
-            config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
+            model_config = dataclasses.replace(config.model, vocab_size=vocab_size)
+            if model_config.moe.domain_prior and model_config.moe.n_domains < 1:
+                # the prior's expert groups are one per domain of the data
+                moe = dataclasses.replace(model_config.moe, n_domains=len(first.domain_names))
+                model_config = dataclasses.replace(model_config, moe=moe)
+            config = dataclasses.replace(config, model=model_config)
         if resume_from:
             config = _check_resume_config(config, run_config_from_dict(saved_meta["config"]), resume_from)
             saved_sha = saved_meta.get("tokenizer_sha256")

@@ -36,8 +36,9 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
 
+# Each benchmark runs against its peer in the same process; figures go to docs/benchmarks.md.
 bench: $(TEST_STAMP)
-	$(BIN)/python bench/run_all.py
+	for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

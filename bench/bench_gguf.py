@@ -87,7 +87,7 @@ def median_rates(timers: dict[str, Timer], repeats: int) -> dict[str, float]:
 
 
 PEAK_RSS = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
 start = time.perf_counter()
@@ -97,8 +97,9 @@ if out.name == "-":
 else:
     from darkhorse.interop.gguf import export_gguf
     export_gguf(checkpoint, out, "f16", force=True)
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent bench process.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak": peak}))
 """
 
 
@@ -161,21 +162,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="decode steps timed per run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each engine decodes once per round")
+    parser.add_argument("--measure", choices=("decode", "memory", "both"), default="both")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir, removed afterwards)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print("| model | engine / file | size (MiB) | decode tok/s | vs darkhorse | note |")
-        print("|---|---|---|---|---|---|")
-        for preset in args.presets:
-            for row in bench_preset(preset, work, args.tokens, args.threads, args.repeats):
-                print(row, flush=True)
-        print("\n| model | f16 GGUF export | export peak RSS | load_model peak RSS | export / load |")
-        print("|---|---|---|---|---|")
-        for preset in args.presets:
-            print(export_memory_row(preset, work / preset, work), flush=True)
+        if args.measure in ("decode", "both"):
+            print("| model | engine / file | size (MiB) | decode tok/s | vs darkhorse | note |")
+            print("|---|---|---|---|---|---|")
+            for preset in args.presets:
+                for row in bench_preset(preset, work, args.tokens, args.threads, args.repeats):
+                    print(row, flush=True)
+        if args.measure in ("memory", "both"):
+            print("\n| model | f16 GGUF export | export peak RSS | load_model peak RSS | export / load |")
+            print("|---|---|---|---|---|")
+            for preset in args.presets:
+                checkpoint = work / preset if (work / preset).is_dir() else make_checkpoint(preset, work)
+                print(export_memory_row(preset, checkpoint, work), flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -176,7 +176,9 @@ def main() -> None:
                 for row in bench_preset(preset, work, args.tokens, args.threads, args.repeats):
                     print(row, flush=True)
         if args.measure in ("memory", "both"):
-            print("\n| model | f16 GGUF export | export peak RSS | load_model peak RSS | export / load |")
+            print(
+                "\n| model | f16 GGUF export (with imports) | export peak RSS | load_model peak RSS | export / load |"
+            )
             print("|---|---|---|---|---|")
             for preset in args.presets:
                 checkpoint = work / preset if (work / preset).is_dir() else make_checkpoint(preset, work)

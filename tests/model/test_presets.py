@@ -41,6 +41,7 @@ def test_genesis_presets_are_the_headline_architecture_with_k_quant_sizes(preset
     config = load_run_config(preset).model
     assert (config.attention, config.ffn, config.residual) == ("mla", "moe", "plain")
     assert config.mtp_depth >= 1 and config.moe.bias_update_rate > 0
+    assert config.mla.q_lora_rank > 0  # llama.cpp's deepseek2 takes uncompressed queries only in the Lite shape
     for size in (config.dim, config.ffn_dim, config.moe.moe_intermediate_size, config.mla.q_lora_rank,
                  config.mla.kv_lora_rank, config.n_heads * config.mla.v_head_dim):
         assert size < 256 or size % 256 == 0, (preset, size)

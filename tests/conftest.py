@@ -75,9 +75,11 @@ def tiny_dense_checkpoint(tmp_path_factory):
 
 def write_prepared_dir(
     path, *, vocab_size: int = 64, train_tokens: int = 4096, val_tokens: int = 1024, seed: int = 0,
-    tokenizer_sha256: str = "test-tokenizer", domains: bool = False, period: int = 17,
+    tokenizer_sha256: str = "test-tokenizer", domains: bool = False, period: int = 17, loss_mask: bool = False,
 ):  # fmt: skip
-    """A prepared dir whose tokens repeat a fixed random cycle of `period` ids (easy to learn)."""
+    """A prepared dir whose tokens repeat a fixed random cycle of `period` ids (easy to learn).
+
+    With `loss_mask`, the first third of each cycle is context only (mask 0), like a chat prompt."""
     import json
 
     import numpy as np
@@ -92,11 +94,14 @@ def write_prepared_dir(
         splits[split] = {"tokens": count, "documents": 1, "bytes": 3 * count}
         if domains:
             (np.arange(count) % 3).astype("u1").tofile(path / f"{split}.domains.bin")
+        if loss_mask:
+            (np.arange(count) % period >= period // 3).astype("u1").tofile(path / f"{split}.mask.bin")
     meta = {
         "format": "darkhorse-prepared-v1",
         "vocab_size": vocab_size,
         "tokenizer_sha256": tokenizer_sha256,
         "domains": ["a", "b", "c"] if domains else [],
+        "loss_mask": loss_mask,
         "splits": splits,
     }
     (path / "meta.json").write_text(json.dumps(meta))

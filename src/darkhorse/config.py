@@ -235,6 +235,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     mtp_weight: float = 0.3
+    loss_mask: bool = True  # learn only tokens the data's loss mask marks (chat: the assistant's replies)
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
     device: str = "auto"
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from darkhorse.data.chat_format import jinja_chat_template, parse_reply, render_conversation, render_prompt
+from darkhorse.data.chat_format import (
+    assistant_spans,
+    jinja_chat_template,
+    parse_reply,
+    render_conversation,
+    render_prompt,
+)
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 
@@ -88,6 +94,42 @@ def test_rendered_chat_encodes_with_special_ids():
     special = tokenizer.special_tokens
     assert ids[0] == special["<|bos|>"] and ids[-1] == special["<|eos|>"]
     assert special["<|think|>"] in ids and special["<|/assistant|>"] in ids
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return Tokenizer.train([render_conversation([SYSTEM, ASK, ANSWER], reasoning="7+5=12")] * 5, vocab_size=300)
+
+
+def _assistant_text(tokenizer: Tokenizer, text: str) -> list[str]:
+    ids = tokenizer.encode(text)
+    return [tokenizer.decode(ids[start:end]) for start, end in assistant_spans(ids, tokenizer.special_tokens)]
+
+
+@pytest.mark.parametrize("reasoning", ["7+5=12, carry 1.", None])
+def test_assistant_span_is_exactly_what_follows_the_prompt(chat_tokenizer, reasoning):
+    messages = [SYSTEM, ASK, ANSWER]
+    text = render_conversation(messages, reasoning=reasoning)
+    prompt = render_prompt(messages[:-1], think=reasoning is not None)
+    assert _assistant_text(chat_tokenizer, text) == [text.removeprefix(prompt)]
+    expected = "7+5=12, carry 1.<|/think|><|assistant|>42" if reasoning else "42"
+    assert text.removeprefix(prompt) == f"{expected}<|/assistant|><|eos|>"  # think block included, eos too
+
+
+def test_every_assistant_turn_of_a_conversation_is_a_span(chat_tokenizer):
+    text = render_conversation([SYSTEM, ASK, ANSWER, FOLLOW_UP, SECOND], reasoning="2+2=4")
+    assert _assistant_text(chat_tokenizer, text) == [
+        "42<|/assistant|>",
+        "2+2=4<|/think|><|assistant|>4<|/assistant|><|eos|>",
+    ]
+
+
+def test_a_reply_cut_short_runs_to_the_end_and_a_bare_prompt_has_none(chat_tokenizer):
+    prompt = render_prompt([ASK])
+    assert _assistant_text(chat_tokenizer, prompt + "7+5") == ["7+5"]
+    assert _assistant_text(chat_tokenizer, prompt) == []
+    assert _assistant_text(chat_tokenizer, render_prompt([ASK], think=False)) == []
+    assert _assistant_text(chat_tokenizer, "plain text, no turns") == []
 
 
 CONVERSATIONS = [

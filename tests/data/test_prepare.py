@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from darkhorse.data.chat_format import render_conversation
+from darkhorse.data.chat_format import render_conversation, render_prompt
 from darkhorse.data.prepare import is_validation, prepare, prepare_cached
 from darkhorse.data.prepared import sha256_file
 from darkhorse.data.tokenizer import Tokenizer
@@ -76,11 +76,41 @@ def test_domain_ids_follow_each_token(tmp_path):
     assert set(domains[first_length:].tolist()) == {1} and len(tokens) == len(domains)
 
 
+def test_loss_mask_covers_the_replies_of_chat_records_and_all_of_plain_text(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": CHAT, "reasoning": "3 plus 4"}) + "\n"
+        + json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n"
+        + json.dumps({"domain": "math", "text": "<|user|>looks like chat, but is text"}) + "\n"
+    )  # fmt: skip
+    book = tmp_path / "book.txt"
+    book.write_text("One paragraph.\n\nAnother one.")
+    data = prepare([chat, book], tmp_path / "out", vocab_size=300, val_fraction=0.0, progress=False)
+    tokenizer = Tokenizer.from_file(data.tokenizer_path)
+    tokens, mask = data.tokens("train"), data.loss_mask("train")
+    assert mask is not None and len(mask) == len(tokens) and data.meta["loss_mask"] is True
+    trained = [tokenizer.decode(tokens[start:end]) for start, end in _runs(mask)]
+    assert trained == [
+        "3 plus 4<|/think|><|assistant|>7<|/assistant|><|eos|>",
+        "hi<|/assistant|><|eos|>"  # text records follow, wholly trained on, so the run goes on
+        "<|bos|><|user|>looks like chat, but is text<|eos|><|bos|>One paragraph.<|eos|><|bos|>Another one.<|eos|>",
+    ]
+    prompt_length = len(tokenizer.encode(render_prompt(CHAT[:1])))
+    assert mask[:prompt_length].sum() == 0 and mask[prompt_length] == 1
+    assert data.meta["splits"]["train"]["loss_tokens"] == int(mask.sum())
+
+
+def _runs(mask) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive 1s."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]]).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 def test_output_does_not_depend_on_chunk_size(corpus, tmp_path):
     tokenizer = Tokenizer.train(["item paragraph book"] * 10, vocab_size=300)
     big = prepare(corpus, tmp_path / "big", tokenizer=tokenizer, progress=False)
     small = prepare(corpus, tmp_path / "small", tokenizer=tokenizer, chunk_bytes=64, progress=False)
-    for name in ("train.bin", "val.bin", "train.domains.bin", "val.domains.bin", "tokenizer.json"):
+    for name in ("train.bin", "val.bin", "train.domains.bin", "val.domains.bin", "train.mask.bin", "tokenizer.json"):
         assert (big.path / name).read_bytes() == (small.path / name).read_bytes()
 
 

@@ -65,6 +65,29 @@ def test_domain_file_of_the_wrong_length(copy):
         open_prepared(copy)
 
 
+def test_loss_mask_of_the_wrong_length_missing_or_not_zero_one(copy, tmp_path):
+    shutil.copy(copy / "train.mask.bin", tmp_path / "mask.bin")
+    with open(copy / "train.mask.bin", "ab") as handle:
+        handle.write(b"\x01")
+    with pytest.raises(DarkhorseError, match=r"train\.mask\.bin: holds \d+ loss-mask entries for \d+ tokens"):
+        open_prepared(copy)
+    (copy / "train.mask.bin").unlink()
+    with pytest.raises(DarkhorseError, match="meta.json says loss_mask but train.mask.bin is missing"):
+        open_prepared(copy)
+    mask = np.fromfile(tmp_path / "mask.bin", dtype="u1")
+    mask[3] = 2
+    mask.tofile(copy / "train.mask.bin")
+    with pytest.raises(DarkhorseError, match=r"train\.mask\.bin: holds the value 2; a loss mask is 0 or 1"):
+        open_prepared(copy)
+
+
+def test_data_prepared_without_a_loss_mask_counts_every_token(copy):
+    (copy / "train.mask.bin").unlink()
+    (copy / "val.mask.bin").unlink()
+    _edit_meta(copy, lambda meta: meta.pop("loss_mask"))
+    assert open_prepared(copy).loss_mask("train") is None
+
+
 def test_domain_id_without_a_name(copy):
     _edit_meta(copy, lambda meta: meta.update(domains=["a"]))
     with pytest.raises(DarkhorseError, match="domain id 1 but meta.json names only 1 domains"):

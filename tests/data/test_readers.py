@@ -29,7 +29,8 @@ def test_text_and_domain_records(tmp_path):
 
 def test_messages_with_reasoning_on_the_record(tmp_path):
     _jsonl(tmp_path / "m.jsonl", [{"messages": [USER, ASSISTANT], "reasoning": "because"}])
-    assert _read(tmp_path / "m.jsonl") == [Document(render_conversation([USER, ASSISTANT], reasoning="because"))]
+    expected = render_conversation([USER, ASSISTANT], reasoning="because")
+    assert _read(tmp_path / "m.jsonl") == [Document(expected, chat=True)]
 
 
 def test_sharegpt_openhermes_record(tmp_path):
@@ -43,7 +44,7 @@ def test_sharegpt_openhermes_record(tmp_path):
     }
     _jsonl(tmp_path / "h.jsonl", [record])
     expected = render_conversation([{"role": "system", "content": "Sys."}, USER, ASSISTANT])
-    assert _read(tmp_path / "h.jsonl") == [Document(expected)]
+    assert _read(tmp_path / "h.jsonl") == [Document(expected, chat=True)]
 
 
 def test_openthoughts_record_splits_thought_from_solution(tmp_path):
@@ -57,7 +58,7 @@ def test_openthoughts_record_splits_thought_from_solution(tmp_path):
     }
     _jsonl(tmp_path / "t.jsonl", [record])
     expected = render_conversation([{"role": "system", "content": "Think first."}, USER, ASSISTANT], "Let me add.")
-    assert _read(tmp_path / "t.jsonl") == [Document(expected)]
+    assert _read(tmp_path / "t.jsonl") == [Document(expected, chat=True)]
 
 
 def test_split_thought_passes_plain_answers_and_keeps_unfinished_thoughts():

@@ -10,6 +10,7 @@ import torch
 
 from darkhorse.data.loader import WindowLoader, open_sources, parse_data_spec, source_of_window
 from darkhorse.errors import DarkhorseError
+from darkhorse.model.transformer import IGNORE_INDEX
 
 
 def loader_for(sources, **overrides):
@@ -55,6 +56,24 @@ def test_domains_travel_with_their_tokens_and_val_batches_are_fixed(make_prepare
     val = loader.val_batches(3)
     assert len(val) == 3
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(val, loader.val_batches(3), strict=True))
+
+
+def test_masked_targets_are_ignored_and_the_inputs_keep_the_prompt(make_prepared, tmp_path):
+    masked = open_sources([(make_prepared(tmp_path / "m", loss_mask=True), 1.0)], vocab_size=64)
+    plain = open_sources([(make_prepared(tmp_path / "p"), 1.0)], vocab_size=64)
+    mask = masked[0][0].loss_mask("train")
+    tokens = masked[0][0].tokens("train")
+    for batch in (loader_for(masked).batch(3, 1), *loader_for(masked).val_batches(2)):
+        ignored = batch.targets == IGNORE_INDEX
+        assert 0 < ignored.float().mean() < 1
+        assert torch.equal(batch.inputs[:, 1:][~ignored[:, :-1]], batch.targets[:, :-1][~ignored[:, :-1]])
+    batch = loader_for(masked).batch(3, 1)
+    for row in range(batch.inputs.shape[0]):  # find the window's start, then compare with the mask file
+        start = next(s for s in range(len(tokens) - 16) if tokens[s : s + 16].tolist() == batch.inputs[row].tolist())
+        assert torch.equal(batch.targets[row] == IGNORE_INDEX, torch.from_numpy(mask[start + 1 : start + 17] == 0))
+    unmasked = loader_for(masked, loss_mask=False).batch(3, 1)
+    assert torch.equal(unmasked.inputs, batch.inputs) and not (unmasked.targets == IGNORE_INDEX).any()
+    assert not (loader_for(plain).batch(3, 1).targets == IGNORE_INDEX).any()  # no mask file: every token counts
 
 
 def test_data_specs_and_source_errors(make_prepared, tmp_path):

@@ -44,8 +44,9 @@ def test_loss_falls_on_a_fixed_corpus(tmp_path, prepared_dir):
     assert meta["step"] == 40 and loaded_config.model.vocab_size == 64  # vocab comes from the data
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, prepared_dir, optimizer):
+@pytest.mark.parametrize(("optimizer", "loss_mask"), [("adamw", False), ("muon", False), ("adamw", True)])
+def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, make_prepared, optimizer, loss_mask):
+    prepared_dir = make_prepared(tmp_path / "data", loss_mask=loss_mask)
     settings = ["train.schedule=constant", "train.save_interval=3", f"train.optimizer={optimizer}",
                 "train.eval_interval=3"]  # fmt: skip
     train(small_config("train.max_steps=6", *settings), [(prepared_dir, 1.0)], tmp_path / "whole", verbose=False)
@@ -60,6 +61,16 @@ def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, prepared_dir,
     for name in ("model.safetensors",):
         a = (tmp_path / "whole" / "final" / name).read_bytes()
         assert a == (tmp_path / "split" / "final" / name).read_bytes()
+
+
+def test_masked_data_trains_on_marked_targets_and_reports_no_bits_per_byte(tmp_path, make_prepared):
+    data = make_prepared(tmp_path / "data", loss_mask=True)
+    settings = ["train.max_steps=2", "train.eval_interval=2", "train.save_interval=0"]
+    masked = train(small_config(*settings), [(data, 1.0)], tmp_path / "masked", verbose=False)
+    assert masked.val_bpb is None  # the bytes behind the masked tokens are unknown
+    unmasked = train(small_config(*settings, "train.loss_mask=false"), [(data, 1.0)], tmp_path / "all", verbose=False)
+    assert unmasked.val_bpb == pytest.approx(unmasked.val_loss / math.log(2) / 3)
+    assert masked.val_loss != unmasked.val_loss
 
 
 def test_resume_refuses_a_changed_model_or_optimizer_setting(tmp_path, prepared_dir):

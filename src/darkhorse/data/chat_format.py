@@ -15,12 +15,19 @@ Messages are `{"role": "system"|"user"|"assistant", "content": str}`; an assista
 reasoning under "reasoning", "reasoning_content" or "thinking". `jinja_chat_template()` renders the same
 text inside transformers' `apply_chat_template` (and llama.cpp, which reads it from GGUF), with
 `enable_thinking` choosing the generation prompt, as in Qwen3.
+
+`assistant_spans` finds, in the token ids of a rendered conversation, the part each assistant turn writes
+(what response-only training puts its loss on): everything after the prompt's opening through the end
+marker, i.e. `R<|/think|><|assistant|>A<|/assistant|>` after `<|think|>`, or `A<|/assistant|>` after
+`<|no_think|><|assistant|>`, plus the final `<|eos|>`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from darkhorse.data.tokenizer import (
     ASSISTANT,
@@ -120,6 +127,33 @@ def parse_reply(text: str) -> tuple[str | None, str]:
     for marker in (ASSISTANT_END, EOS):
         text = text.split(marker, 1)[0]
     return reasoning, text.strip()
+
+
+def assistant_spans(ids: Sequence[int] | np.ndarray, special_ids: Mapping[str, int]) -> list[tuple[int, int]]:
+    """Half-open [start, end) token ranges the assistant writes in a rendered conversation's `ids`.
+
+    A turn's span starts right after the prompt's opening (`<|think|>`, or `<|no_think|><|assistant|>`:
+    exactly where `render_prompt` hands over to the model) and ends after its `<|/assistant|>`, taking a
+    following `<|eos|>` too, since the model must learn to stop. A reply cut off before its end marker runs
+    to the end of `ids`. `special_ids` maps the special tokens to ids (`Tokenizer.special_tokens`)."""
+    ids = np.asarray(ids)
+    think, no_think = special_ids[THINK], special_ids[NO_THINK]
+    assistant, assistant_end, eos = special_ids[ASSISTANT], special_ids[ASSISTANT_END], special_ids[EOS]
+    spans: list[tuple[int, int]] = []
+    start = None
+    for position in np.flatnonzero(np.isin(ids, (think, no_think, assistant_end))).tolist():
+        token = ids[position]
+        if start is None and token == think:
+            start = position + 1
+        elif start is None and token == no_think and position + 1 < len(ids) and ids[position + 1] == assistant:
+            start = position + 2
+        elif start is not None and token == assistant_end:
+            end = position + 2 if position + 1 < len(ids) and ids[position + 1] == eos else position + 1
+            spans.append((start, end))
+            start = None
+    if start is not None and start < len(ids):
+        spans.append((start, len(ids)))
+    return spans
 
 
 def jinja_chat_template() -> str:

@@ -6,6 +6,10 @@ several sources, window number i of the run goes to a source by a fixed interlea
 counts track the weights to within one window at every point (exact whenever the weights
 divide the count), and a generator seeded by (seed, split, i) picks where in that source the
 window starts, so the windows do not depend on how a step is cut into micro-batches either.
+
+With `loss_mask` (train.loss_mask), a target whose token the source's loss mask marks 0 (a chat prompt,
+see `prepared.py`) becomes IGNORE_INDEX, which the model's cross-entropy skips: the window still shows
+the prompt as context, but only the replies are learned. Sources without a mask file count every token.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from darkhorse.data.prepared import SPLITS, PreparedData, open_prepared
 from darkhorse.errors import DarkhorseError
+from darkhorse.model.transformer import IGNORE_INDEX
 
 RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
@@ -26,7 +31,7 @@ RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 @dataclass
 class Batch:
     inputs: torch.Tensor  # (batch, seq_len) int64
-    targets: torch.Tensor  # (batch, seq_len) int64, inputs shifted by one
+    targets: torch.Tensor  # (batch, seq_len) int64, inputs shifted by one; IGNORE_INDEX where masked
     domains: torch.Tensor | None  # (batch, seq_len) uint8 domain ids, when every source has them
     sources: list[int]  # which source each row came from
 
@@ -107,11 +112,13 @@ class WindowLoader:
         batch_size: int,
         grad_accum: int,
         seed: int,
+        loss_mask: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
+        self.loss_mask = loss_mask
         self.device = torch.device(device)
         for data in self.sources:
             if len(data.tokens("train")) < seq_len + 1:
@@ -154,16 +161,20 @@ class WindowLoader:
         split_id = SPLITS.index(split)
         token_windows = np.empty((len(rows), span), dtype=np.int64)
         domain_windows = np.empty((len(rows), span), dtype=np.uint8) if with_domains else None
+        target_windows = np.empty((len(rows), span - 1), dtype=np.int64)
         for row, (window, source) in enumerate(zip(windows, rows, strict=True)):
             data = self.sources[source]
             tokens = data.tokens(split)
             rng = np.random.default_rng([self.seed, split_id, window])
             start = int(rng.integers(0, len(tokens) - span + 1))
             token_windows[row] = tokens[start : start + span]
+            target_windows[row] = token_windows[row, 1:]
+            mask = data.loss_mask(split) if self.loss_mask else None
+            if mask is not None:
+                target_windows[row, mask[start + 1 : start + span] == 0] = IGNORE_INDEX
             if domain_windows is not None:
                 domain_windows[row] = data.domains(split)[start : start + span]
-        tensor = torch.from_numpy(token_windows)
-        inputs, targets = tensor[:, :-1], tensor[:, 1:]
+        inputs, targets = torch.from_numpy(token_windows[:, :-1]), torch.from_numpy(target_windows)
         domains = torch.from_numpy(domain_windows[:, :-1]) if domain_windows is not None else None
         non_blocking = self.device.type == "cuda"
         if non_blocking:

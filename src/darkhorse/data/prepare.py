@@ -8,7 +8,9 @@ corpus size. Everything is written into a hidden temp directory that is renamed 
 
 Each document is one training sequence framed as `<|bos|>...<|eos|>` (chat records are rendered with both
 already; plain text gets them added). Whether a document is validation data is decided by a hash of its
-text, so the split is deterministic and identical documents never straddle train and val.
+text, so the split is deterministic and identical documents never straddle train and val. Each token also
+gets a loss-mask byte: 1 for the assistant's part of a chat record (`chat_format.assistant_spans`) and for
+all of plain text, 0 for the prompt (`<|bos|>`, system and user turns), so chat SFT learns the replies.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from darkhorse.data.prepared import DOMAIN_DTYPE, FORMAT, SPLITS, TOKEN_DTYPE, PreparedData, open_prepared, sha256_file
+from darkhorse.data.chat_format import assistant_spans
+from darkhorse.data.prepared import (
+    DOMAIN_DTYPE,
+    FORMAT,
+    MASK_DTYPE,
+    SPLITS,
+    TOKEN_DTYPE,
+    PreparedData,
+    open_prepared,
+    sha256_file,
+)
 from darkhorse.data.readers import Document, InputReader, expand_inputs
 from darkhorse.data.tokenizer import BOS, EOS, Tokenizer
 from darkhorse.errors import DarkhorseError
@@ -47,23 +59,35 @@ def is_validation(text_bytes: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
+def loss_mask(ids: list[int], chat: bool, special_ids: dict[str, int]) -> np.ndarray:
+    """1 where a token is a training target: the assistant's part of a conversation, all of plain text."""
+    if not chat:
+        return np.ones(len(ids), dtype=MASK_DTYPE)
+    mask = np.zeros(len(ids), dtype=MASK_DTYPE)
+    for start, end in assistant_spans(ids, special_ids):
+        mask[start:end] = 1
+    return mask
+
+
 @dataclass
 class _SplitWriter:
-    """Appends one split's tokens and domain ids to disk and keeps its counts."""
+    """Appends one split's tokens, domain ids and loss mask to disk and keeps its counts."""
 
     directory: Path
     name: str
     tokens: int = 0
     documents: int = 0
     bytes: int = 0
+    loss_tokens: int = 0
     domain_tokens: dict[int, int] = field(default_factory=dict)
     domain_documents: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.token_file = open(self.directory / f"{self.name}.bin", "wb")  # noqa: SIM115 (closed in close())
         self.domain_file = open(self.directory / f"{self.name}.domains.bin", "wb")  # noqa: SIM115
+        self.mask_file = open(self.directory / f"{self.name}.mask.bin", "wb")  # noqa: SIM115
 
-    def write(self, ids: list[list[int]], domains: list[int], text_bytes: int) -> None:
+    def write(self, ids: list[list[int]], domains: list[int], masks: list[np.ndarray], text_bytes: int) -> None:
         if not ids:
             return
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -71,6 +95,9 @@ class _SplitWriter:
         np.fromiter(itertools.chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=total).tofile(self.token_file)
         domain_ids = np.asarray(domains, dtype=DOMAIN_DTYPE)
         np.repeat(domain_ids, lengths).tofile(self.domain_file)
+        mask = np.concatenate(masks)
+        mask.tofile(self.mask_file)
+        self.loss_tokens += int(np.count_nonzero(mask))
         self.tokens += total
         self.documents += len(ids)
         self.bytes += text_bytes
@@ -81,12 +108,14 @@ class _SplitWriter:
     def close(self) -> None:
         self.token_file.close()
         self.domain_file.close()
+        self.mask_file.close()
 
     def summary(self, domain_names: list[str]) -> dict[str, Any]:
         return {
             "tokens": self.tokens,
             "documents": self.documents,
             "bytes": self.bytes,
+            "loss_tokens": self.loss_tokens,
             "domains": {
                 domain_names[domain]: {"tokens": self.domain_tokens[domain], "documents": documents}
                 for domain, documents in sorted(self.domain_documents.items())
@@ -290,19 +319,22 @@ def _encode_all(
                 tok.require_special_tokens("chat records")
             texts = [_frame(document.text, tok.bos_token or "", tok.eos_token) for document in documents]
             encoded = tok.encode_batch(texts)
-            batches: dict[str, tuple[list[list[int]], list[int], list[int]]] = {s: ([], [], []) for s in SPLITS}
+            batches: dict[str, tuple[list[list[int]], list[int], list[np.ndarray], list[int]]] = {
+                s: ([], [], [], []) for s in SPLITS
+            }
             for document, ids in zip(documents, encoded, strict=True):
                 text_bytes = document.text.encode("utf-8")
                 domain = domain_ids.setdefault(document.domain, len(domain_ids))
                 if domain >= MAX_DOMAINS:
                     raise DarkhorseError(f"more than {MAX_DOMAINS} distinct domains (domain {document.domain!r})")
                 split = "val" if is_validation(text_bytes, val_fraction) else "train"
-                split_ids, split_domains, split_bytes = batches[split]
+                split_ids, split_domains, split_masks, split_bytes = batches[split]
                 split_ids.append(ids)
                 split_domains.append(domain)
+                split_masks.append(loss_mask(ids, document.chat, tok.special_tokens))
                 split_bytes.append(len(text_bytes))
-            for split, (split_ids, split_domains, split_bytes) in batches.items():
-                writers[split].write(split_ids, split_domains, sum(split_bytes))
+            for split, (split_ids, split_domains, split_masks, split_bytes) in batches.items():
+                writers[split].write(split_ids, split_domains, split_masks, sum(split_bytes))
             bar.advance(task, consumed)
     finally:
         for writer in writers.values():
@@ -323,6 +355,7 @@ def _encode_all(
     ]
     return {
         "domains": domain_names,
+        "loss_mask": True,
         "splits": {split: writer.summary(domain_names) for split, writer in writers.items()},
         "skipped": skipped,
     }
@@ -364,6 +397,7 @@ def prepare_cached(
         "input": sha256_file(path),
         "tokenizer": tok.sha256 if tok else f"bpe-{vocab_size}",
         "val_fraction": val_fraction,
+        "loss_mask": True,  # entries prepared before loss masks existed are prepared again
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = default_cache_dir() / f"{path.stem}-{key}"

@@ -3,14 +3,20 @@
     DIR/tokenizer.json        HF `tokenizers` file
     DIR/train.bin, val.bin    flat little-endian uint32 token ids
     DIR/train.domains.bin ... one uint8 domain id per token (optional)
-    DIR/meta.json             {"format", "vocab_size", "tokenizer_sha256", "domains": [names],
-                               "splits": {"train": {"tokens", "documents", "bytes", "domains": {...}}, ...},
+    DIR/train.mask.bin ...    one uint8 per token: 1 = trained on, 0 = context only (optional; "loss_mask")
+    DIR/meta.json             {"format", "vocab_size", "tokenizer_sha256", "domains": [names], "loss_mask",
+                               "splits": {"train": {"tokens", "documents", "bytes", "loss_tokens",
+                                                    "domains": {...}}, ...},
                                "inputs": [{"path", "sha256", "bytes"}],
                                "special_tokens": {token: id}, "bos_id", "eos_id", "pad_id",
                                "skipped": [{"path", "count", "examples"}], "settings": {...}}
 
 `tokenizer_sha256` is the sha256 of tokenizer.json's bytes (= `Tokenizer.sha256`); sources mixed in one
 run must share it. Domain ids index `domains`; untagged records are "general".
+
+The loss mask marks the tokens a model learns to produce: in a chat record the assistant's part (see
+`chat_format.assistant_spans`), in plain text every token. `loss_tokens` counts the 1s; a token whose
+mask is 0 is still seen as context, it just is not a prediction target.
 
 Opening a directory checks it against its meta.json so that a truncated or mismatched file is a
 clear error before training starts, not a crash (or silent garbage) mid-run.
@@ -32,6 +38,7 @@ from darkhorse.errors import DarkhorseError
 FORMAT = "darkhorse-prepared-v1"
 TOKEN_DTYPE = np.dtype("<u4")
 DOMAIN_DTYPE = np.dtype("u1")
+MASK_DTYPE = np.dtype("u1")
 SPLITS = ("train", "val")
 
 
@@ -82,16 +89,21 @@ class PreparedData:
     def domains(self, split: str) -> np.ndarray | None:
         return self._maps[split][1]
 
+    def loss_mask(self, split: str) -> np.ndarray | None:
+        """1 where a token is a training target, 0 where it is context only; None when all tokens count."""
+        return self._maps[split][2]
+
     @cached_property
-    def _maps(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    def _maps(self) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
         maps = {}
         for split in SPLITS:
             token_file = self.path / f"{split}.bin"
             if not token_file.exists():
                 continue
-            domain_file = self.path / f"{split}.domains.bin"
+            domain_file, mask_file = self.path / f"{split}.domains.bin", self.path / f"{split}.mask.bin"
             domains = _map(domain_file, DOMAIN_DTYPE) if domain_file.exists() else None
-            maps[split] = (_map(token_file, TOKEN_DTYPE), domains)
+            mask = _map(mask_file, MASK_DTYPE) if mask_file.exists() else None
+            maps[split] = (_map(token_file, TOKEN_DTYPE), domains, mask)
         return maps
 
 
@@ -152,9 +164,13 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
         expected = meta.get("splits", {}).get(split, {}).get("tokens")
         if expected is not None and expected != count:
             raise _fail(token_file, f"holds {count} tokens but meta.json says {expected}")
-        domain_file = path / f"{split}.domains.bin"
+        domain_file, mask_file = path / f"{split}.domains.bin", path / f"{split}.mask.bin"
         if domain_file.exists() and domain_file.stat().st_size != count:
             raise _fail(domain_file, f"holds {domain_file.stat().st_size} domain ids for {count} tokens")
+        if meta.get("loss_mask") and not mask_file.exists():
+            raise _fail(path, f"meta.json says loss_mask but {mask_file.name} is missing")
+        if mask_file.exists() and mask_file.stat().st_size != count:
+            raise _fail(mask_file, f"holds {mask_file.stat().st_size} loss-mask entries for {count} tokens")
     data = PreparedData(path=path, meta=meta)
     if check_ids:
         for split in SPLITS:
@@ -164,6 +180,9 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
             names = data.domain_names
             if domain_file.exists() and names and (largest := _largest(domain_file, DOMAIN_DTYPE)) >= len(names):
                 raise _fail(domain_file, f"domain id {largest} but meta.json names only {len(names)} domains")
+            mask_file = path / f"{split}.mask.bin"
+            if mask_file.exists() and (largest := _largest(mask_file, MASK_DTYPE)) > 1:
+                raise _fail(mask_file, f"holds the value {largest}; a loss mask is 0 or 1 per token")
     if len(data.tokens("train")) < 2:
         raise _fail(path, "train.bin holds fewer than 2 tokens")
     return data

@@ -48,6 +48,7 @@ _READ_CHUNK = 1 << 20
 class Document:
     text: str
     domain: str = DEFAULT_DOMAIN
+    chat: bool = False  # a rendered conversation: its loss mask covers only the assistant's part
 
 
 class RecordError(ValueError):
@@ -143,7 +144,7 @@ def record_to_document(record: Any) -> Document:
         )
     messages, reasoning = chat
     try:
-        return Document(render_conversation(messages, reasoning), domain.strip())
+        return Document(render_conversation(messages, reasoning), domain.strip(), chat=True)
     except DarkhorseError as exc:
         raise RecordError(str(exc)) from None
 

@@ -168,9 +168,12 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        """Mean over the targets that count; 0, not NaN, when a loss mask leaves none in the batch."""
+        flat = targets.reshape(-1)
+        total = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX, reduction="sum"
         )
+        return total / flat.ne(IGNORE_INDEX).sum().clamp(min=1)
 
     def _mtp_loss(self, hidden, tokens, targets, domains) -> torch.Tensor:
         """Mean over depths k of the loss on token i+k+1, predicted from position i."""

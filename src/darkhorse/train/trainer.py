@@ -34,6 +34,7 @@ from darkhorse.data.loader import Batch, WindowLoader, open_sources
 from darkhorse.data.prepared import PreparedData
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
+from darkhorse.model.transformer import IGNORE_INDEX
 from darkhorse.train import checkpoint as ckpt
 from darkhorse.train.dashboard import METRICS_FILE, Dashboard, ExternalLogger
 from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
@@ -298,6 +299,7 @@ class Trainer:
             batch_size=self.train_cfg.batch_size,
             grad_accum=self.train_cfg.grad_accum,
             seed=self.train_cfg.seed,
+            loss_mask=self.train_cfg.loss_mask,
             device=self.device,
         )
         self.tokens_per_step = self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum
@@ -413,7 +415,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean next-token loss over the fixed val batches and bits per byte of source text."""
+        """Mean next-token loss over the fixed val batches' targets and bits per byte of source text.
+
+        The loss counts the same targets as training (masked ones are skipped). Bits per byte needs
+        every token's loss, since the bytes behind masked tokens are not known, so it is None whenever
+        a loss mask removed targets."""
         self.model.eval()
         nats = tokens = 0.0
         text_bytes: float | None = 0.0
@@ -421,13 +427,14 @@ class Trainer:
             with self._autocast():
                 logits = self.forward(batch.inputs, domains=batch.domains).logits
             per_token = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
+                logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
             ).view(batch.targets.shape)
             nats += float(per_token.sum())
-            tokens += batch.targets.numel()
-            text_bytes = self._add_bytes(text_bytes, batch)
+            counted = int(batch.targets.ne(IGNORE_INDEX).sum())
+            tokens += counted
+            text_bytes = self._add_bytes(text_bytes, batch) if counted == batch.targets.numel() else None
         self.model.train()
-        val_loss = nats / tokens
+        val_loss = nats / tokens if tokens else math.nan
         val_bpb = nats / math.log(2) / text_bytes if text_bytes else None
         return {"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb}
 

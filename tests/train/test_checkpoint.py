@@ -155,3 +155,12 @@ def test_streaming_safetensors_writer_reads_back_in_safetensors(tmp_path):
 def test_unsupported_dtype_is_named(tmp_path):
     with pytest.raises(DarkhorseError, match="complex64"):
         ckpt.write_safetensors(tmp_path / "w.safetensors", [("c", torch.zeros(2, dtype=torch.complex64))])
+
+
+def test_meta_cannot_override_the_saved_config(tmp_path):
+    config = load_run_config("tiny-cpu", overrides=["model.n_layers=1", "model.dim=48", "model.n_heads=4"])
+    model = Transformer(config.model)
+    stale = load_run_config("tiny-cpu").to_dict()
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, None, {"step": 3, "config": stale})
+    _, loaded, meta = ckpt.load_model(folder)
+    assert loaded.model.n_layers == 1 and meta["step"] == 3

@@ -139,7 +139,7 @@ def _write_model_files(
     folder: Path, model: nn.Module, config: RunConfig, tokenizer_file: Path | None, meta: dict[str, Any]
 ) -> None:
     write_safetensors(folder / MODEL_FILE, unique_state(model), {"format": "pt"})
-    record = {"config": config.to_dict(), **meta, "darkhorse_version": __version__}
+    record = {**meta, "config": config.to_dict(), "darkhorse_version": __version__}  # the model saved decides
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if tokenizer_file is not None and Path(tokenizer_file).exists():
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)

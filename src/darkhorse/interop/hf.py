@@ -426,46 +426,55 @@ class MistralAdapter(HFAdapter):
         return model
 
 
-class Qwen2Adapter(MistralAdapter):
-    """Llama with q/k/v biases (always present in Qwen2)."""
+class QwenAdapter(MistralAdapter):
+    """Qwen2/Qwen3: Llama plus one attention feature the architecture always has (`required_flag`),
+    exported without a sliding window."""
 
-    architecture = "Qwen2ForCausalLM"
-    model_type = "qwen2"
+    required_flag = ""  # the ModelConfig flag the architecture always sets
+    required_reason = ""
+    dropped_hf_keys: tuple[str, ...] = ()  # Llama config keys the architecture does not know
 
     def export_refusals(self, config: ModelConfig) -> list[str]:
-        reasons = [r for r in super().export_refusals(config) if not r.startswith("model.attention_bias")]
-        _refuse(not config.attention_bias, reasons, "model.attention_bias=false (Qwen2 always has q/k/v biases)")
+        flag = f"model.{self.required_flag}"
+        reasons = [r for r in super().export_refusals(config) if not r.startswith(flag)]
+        _refuse(not getattr(config, self.required_flag), reasons, f"{flag}=false ({self.required_reason})")
         return reasons
 
     def config_to_hf(self, config: ModelConfig, tokens: SpecialTokens, dtype: str) -> dict[str, Any]:
         hf = super().config_to_hf(config, tokens, dtype)
-        for key in ("attention_bias", "mlp_bias"):
+        for key in self.dropped_hf_keys:
             del hf[key]
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+        return hf
+
+
+class Qwen2Adapter(QwenAdapter):
+    """Llama with q/k/v biases (always present in Qwen2)."""
+
+    architecture = "Qwen2ForCausalLM"
+    model_type = "qwen2"
+    required_flag = "attention_bias"
+    required_reason = "Qwen2 always has q/k/v biases"
+    dropped_hf_keys = ("attention_bias", "mlp_bias")
+
+    def config_to_hf(self, config: ModelConfig, tokens: SpecialTokens, dtype: str) -> dict[str, Any]:
+        hf = super().config_to_hf(config, tokens, dtype)
         if config.head_dim * config.n_heads == config.dim:  # Qwen2's configs leave the default out
             del hf["head_dim"]
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
         return hf
 
     def _attention_bias(self, hf: dict[str, Any], where: str) -> bool:
         return True
 
 
-class Qwen3Adapter(MistralAdapter):
+class Qwen3Adapter(QwenAdapter):
     """Llama with RMSNorm on each query and key head before RoPE."""
 
     architecture = "Qwen3ForCausalLM"
     model_type = "qwen3"
-
-    def export_refusals(self, config: ModelConfig) -> list[str]:
-        reasons = [r for r in super().export_refusals(config) if not r.startswith("model.qk_norm")]
-        _refuse(not config.qk_norm, reasons, "model.qk_norm=false (Qwen3 always normalises q and k)")
-        return reasons
-
-    def config_to_hf(self, config: ModelConfig, tokens: SpecialTokens, dtype: str) -> dict[str, Any]:
-        hf = super().config_to_hf(config, tokens, dtype)
-        del hf["mlp_bias"]
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
-        return hf
+    required_flag = "qk_norm"
+    required_reason = "Qwen3 always normalises q and k"
+    dropped_hf_keys = ("mlp_bias",)
 
     def config_from_hf(self, hf: dict[str, Any], where: str, source: SafetensorsDir) -> dict[str, Any]:
         return {**super().config_from_hf(hf, where, source), "qk_norm": True}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from darkhorse.config import MoEConfig, load_run_config
-from darkhorse.model.moe import MoE, Router, domain_expert_mask
+from darkhorse.model.moe import MoE, Router, domain_expert_mask, grouped_mm_supported
 
 
 def moe_config(dim: int = 32, **moe):
@@ -54,6 +54,29 @@ def test_sparse_dispatch_matches_per_expert_loop(use_grouped_mm, moe):
     torch.testing.assert_close(x.grad, reference_x.grad, atol=1e-5, rtol=1e-5)
     for name, p in layer.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_grouped_mm_only_where_its_kernels_accept_the_shapes(monkeypatch):
+    cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda", 0), torch.bfloat16
+    assert grouped_mm_supported(cpu, torch.float32, 20, 36) and grouped_mm_supported(cpu, bf16, 24, 40)
+    assert not grouped_mm_supported(cpu, torch.float32, 30, 36)  # 120-byte rows: torch raises
+    assert not grouped_mm_supported(cpu, bf16, 20, 40)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert grouped_mm_supported(cuda, bf16, 512, 1024)
+    assert not grouped_mm_supported(cuda, torch.float32, 512, 1024)  # CUDA kernels are bf16 only
+    assert not grouped_mm_supported(cuda, bf16, 20, 1024) and not grouped_mm_supported(cuda, bf16, 512, 36)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not grouped_mm_supported(cuda, bf16, 512, 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_expert_sizes_fall_back_to_padded_bmm(dtype):
+    torch.manual_seed(0)
+    layer = MoE(moe_config(dim=40, moe_intermediate_size=30), layer_idx=0).to(dtype)  # 60- or 120-byte rows
+    x = torch.randn(2, 5, 40, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()  # grouped_mm would raise "strides should be multiple of 16 bytes"
+    expected = naive_moe(layer.float(), x.detach().float())
+    torch.testing.assert_close(layer(x.detach().float()), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bias_moves_selection_but_not_weights():

@@ -82,14 +82,21 @@ def _limit_to_top_groups(selection: torch.Tensor, n_groups: int, topk_groups: in
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(selection)
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """`torch._grouped_mm` runs on CPU in any float dtype, on CUDA only for bf16 on sm90+."""
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether `torch._grouped_mm` can multiply by [E, out_features, in_features] expert weights.
+
+    It raises unless every row of both operands is 16-byte aligned, on CPU too (the gate/up
+    input rows hold `in_features` values, the down projection's hold `out_features`), so both sizes
+    must fill whole 16-byte units. On CPU it then runs in any float dtype; on CUDA its kernels take
+    bf16 only, on sm90+. Anything else takes the padded-bmm path.
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cpu":
+    if (out_features * dtype.itemsize) % 16 or (in_features * dtype.itemsize) % 16:
+        return False
+    if device.type == "cpu":
         return True
-    on_hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return on_hopper and x.dtype == torch.bfloat16
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def grouped_matmul(
@@ -102,7 +109,7 @@ def grouped_matmul(
     """
     weight = weight.to(x.dtype)
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_supported(x)
+        use_grouped_mm = grouped_mm_supported(x.device, x.dtype, *weight.shape[-2:])
     if use_grouped_mm:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)

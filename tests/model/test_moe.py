@@ -79,6 +79,29 @@ def test_unaligned_expert_sizes_fall_back_to_padded_bmm(dtype):
     torch.testing.assert_close(layer(x.detach().float()), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_autocast_keeps_the_residual_dtype_and_the_fp32_result():
+    torch.manual_seed(0)
+    layer = MoE(moe_config(capacity_factor=0.8), layer_idx=0)
+    layer.gate.e_score_correction_bias.copy_(torch.arange(8.0))  # fixed choices, so bf16 picks the same
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    expected = layer(x)
+    expected.sum().backward()
+    expected_grad, x.grad = x.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.sum().backward()
+    assert out.dtype == x.grad.dtype == torch.float32
+    assert (out - expected).norm() / expected.norm() < 2e-2
+    assert (x.grad - expected_grad).norm() / expected_grad.norm() < 2e-2
+
+
+def test_moe_layer_traces_as_one_graph():
+    """No data-dependent shapes on the default path: torch.compile sees one graph, CUDA needs no host sync."""
+    layer = MoE(moe_config(), layer_idx=0).to(torch.bfloat16)  # the grouped_mm meta kernel is bf16-only
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 8, 32, dtype=torch.bfloat16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_bias_moves_selection_but_not_weights():
     torch.manual_seed(0)
     router = Router(16, MoEConfig(n_routed_experts=4, experts_per_token=1, norm_topk_prob=False))

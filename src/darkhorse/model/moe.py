@@ -191,21 +191,28 @@ class MoE(nn.Module):
         # leak into the next forward, and its counts double every entry (shares and signs unchanged).
         self.pending_losses = {}
         flat = x.reshape(-1, dim)
+        if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
+            flat = flat.to(torch.get_autocast_dtype(x.device.type))
         routing = self.gate(flat, self._prior_bonus(domains))
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
 
         slot_experts = routing.experts.reshape(-1)
-        order = slot_experts.argsort(stable=True)
-        counts = torch.bincount(slot_experts, minlength=n_experts)
+        sorted_experts, order = slot_experts.sort(stable=True)
+        # Slots per expert from the sorted ids: a fixed shape, where bincount's depends on the data
+        # (a host sync on CUDA, and a graph break in every MoE layer under torch.compile).
+        bounds = torch.arange(n_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
+        counts = torch.searchsorted(sorted_experts, bounds).diff()
         if self.moe.capacity_factor > 0:
-            order, kept = self._apply_capacity(order, slot_experts, counts, flat.shape[0])
+            order, kept = self._apply_capacity(order, sorted_experts, counts, flat.shape[0])
         else:
             kept = counts
         tokens = order // top_k
         expert_out = self.experts(flat[tokens], kept, use_grouped_mm)
         slot_weights = routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
-        routed = torch.zeros_like(flat, dtype=expert_out.dtype).index_add_(0, tokens, expert_out * slot_weights)
-        out = routed.to(x.dtype)
+        # Back to (token, slot) order, then a sum over the k slots: no atomic adds, so deterministic on
+        # GPUs and one bf16 rounding instead of k (as fast as index_add_ on an H100). Dropped slots stay 0.
+        slots = expert_out.new_zeros(flat.shape[0] * top_k, dim).index_copy(0, order, expert_out * slot_weights)
+        out = slots.view(-1, top_k, dim).sum(1).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
@@ -217,12 +224,11 @@ class MoE(nn.Module):
         return out.view(batch, seq, dim)
 
     def _apply_capacity(
-        self, order: torch.Tensor, slot_experts: torch.Tensor, counts: torch.Tensor, n_tokens: int
+        self, order: torch.Tensor, sorted_experts: torch.Tensor, counts: torch.Tensor, n_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep at most capacity = ceil(factor * T * K / E) slots per expert, earliest tokens first."""
         moe = self.moe
         capacity = math.ceil(moe.capacity_factor * n_tokens * moe.experts_per_token / moe.n_routed_experts)
-        sorted_experts = slot_experts[order]
         rank = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[sorted_experts]
         return order[rank < capacity], counts.clamp(max=capacity)
 

@@ -13,9 +13,13 @@ preset in which darkhorse runs with train.compile=true against transformers both
 torch.compile, and reports each compiled model's warm-up (its first step, compilation included).
 `--clock cpu` times steps in process CPU time, which a loaded machine disturbs far less than wall
 time; it only means tokens/s with --threads 1 (more threads add their spin-waits to it).
+`--device cuda` trains both on the GPU (each step ends with a device synchronisation, so its time
+is the whole step's). Gradient checkpointing is off for both, as transformers' twin has none.
+`--profile FILE` appends torch.profiler's operator table of two more steps of each model.
 
     .venv/bin/python bench/bench_train.py --presets tiny-cpu d20 --dtypes fp32 bf16
     .venv/bin/python bench/bench_train.py --presets tiny-cpu --dtypes fp32 --threads 1 --clock cpu --compile
+    python bench/bench_train.py --device cuda --presets genesis-1b --dtypes bf16 --batch-size 8 --seq-len 2048
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ def write_random_prepared(folder: Path, vocab_size: int, tokens: int) -> Path:
     return folder
 
 
-def hf_twin(config: RunConfig) -> LlamaForCausalLM | DeepseekV3ForCausalLM:
-    """transformers' model with exactly our model's shape: DeepseekV3 for Genesis, else Llama."""
+def hf_twin(config: RunConfig, experts: str = "eager") -> LlamaForCausalLM | DeepseekV3ForCausalLM:
+    """transformers' model with exactly our model's shape: DeepseekV3 for Genesis (with the `experts`
+    implementation), else Llama."""
     model = config.model
     if model.attention == "mla" or model.ffn == "moe":
-        return DeepseekV3ForCausalLM(deepseek_config(model))
+        return DeepseekV3ForCausalLM(deepseek_config(model, experts_implementation=experts))
     hf_config = LlamaConfig(
         vocab_size=model.padded_vocab_size,
         hidden_size=model.dim,
@@ -71,20 +76,34 @@ def hf_twin(config: RunConfig) -> LlamaForCausalLM | DeepseekV3ForCausalLM:
 
 
 def bench(
-    preset: str, dtype: str, batch_size: int, seq_len: int, steps: int, warmup: int, work: Path, *,
-    compile: bool = False, clock: Callable[[], float] = time.perf_counter,
+    preset: str,
+    dtype: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    work: Path,
+    *,
+    compile: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+    device: str = "cpu",
+    hf_experts: str = "eager",
+    profile: Path | None = None,
 ) -> dict:
     overrides = [
         f"train.dtype={dtype}", f"train.batch_size={batch_size}", f"train.seq_len={seq_len}", "model.mtp_depth=0",
         "train.optimizer=adamw", "train.grad_accum=1", "train.eval_steps=0", f"train.max_steps={steps + warmup}",
-        f"train.compile={str(compile).lower()}",
+        f"train.compile={str(compile).lower()}", f"train.device={device}", "train.grad_checkpointing=false",
     ]  # fmt: skip
     config = load_run_config(preset, overrides=overrides)
-    data = write_random_prepared(work / f"{preset}-data", config.model.vocab_size, 200_000)
+    tokens_needed = 2 * (steps + warmup) * batch_size * (seq_len + 1)
+    data = write_random_prepared(work / f"{preset}-data", config.model.vocab_size, max(200_000, tokens_needed))
     ours = Trainer(config, [(data, 1.0)], work / f"{preset}-{dtype}-run", force=True, verbose=False)
+    if ours.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ours.device)
 
     torch.manual_seed(0)
-    theirs = hf_twin(ours.config)
+    theirs = hf_twin(ours.config, hf_experts).to(ours.device)
     assert sum(p.numel() for p in theirs.parameters()) == ours.model.num_params(), "models differ in size"
     theirs_optimizer = torch.optim.AdamW(
         theirs.parameters(), lr=config.train.lr, betas=(config.train.beta1, config.train.beta2), fused=True
@@ -107,16 +126,27 @@ def bench(
         contenders["transformers_compiled"] = their_step(torch.compile(theirs))
     timings: dict[str, list[float]] = {name: [] for name in contenders}
     first_step: dict[str, float] = {}
+
+    def synchronize() -> None:
+        if ours.device.type == "cuda":
+            torch.cuda.synchronize(ours.device)
+
     for step in range(warmup + steps):
         for name, run_step in contenders.items():
+            synchronize()
             start, wall_start = clock(), time.perf_counter()
             run_step(step)
+            synchronize()
             timings[name].append(clock() - start)
             first_step.setdefault(name, time.perf_counter() - wall_start)  # wall: compilation runs in workers
+    if profile is not None:
+        write_profile(profile, contenders, ours.device, f"{preset} {dtype} {batch_size}x{seq_len}", synchronize)
 
     tokens = batch_size * seq_len
     peak = peak_flops(ours.device, dtype)
     result = {"preset": preset, "dtype": dtype, "batch": batch_size, "seq_len": seq_len, "steps": steps}
+    if ours.device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(ours.device) / 2**30
     for name, times in timings.items():
         rate = tokens / statistics.median(times[warmup:])
         result[f"{name}_tok_s"] = rate
@@ -126,6 +156,27 @@ def bench(
     if compile:
         result["ratio_vs_compiled"] = result["darkhorse_tok_s"] / result["transformers_compiled_tok_s"]
     return result
+
+
+def write_profile(
+    path: Path, contenders: dict[str, Callable[[int], None]], device: torch.device, title: str, sync: Callable
+) -> None:
+    """Append each contender's operator table (sorted by self device time) over two more steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with path.open("a") as out:
+        for name, run_step in contenders.items():
+            sync()
+            start = time.perf_counter()
+            with torch.profiler.profile(activities=activities) as profiler:
+                for step in range(2):
+                    run_step(step)
+                sync()
+            wall = time.perf_counter() - start
+            out.write(f"## {name}: {title}, 2 steps, {wall * 1e3:.0f} ms wall under the profiler\n")
+            out.write(profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90) + "\n\n")
 
 
 def main() -> None:
@@ -139,11 +190,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time")
     parser.add_argument("--compile", action="store_true", help="also a train.compile=true row per preset and dtype")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models train there)")
+    parser.add_argument("--profile", type=Path, help="append operator tables of two profiled steps per model here")
+    parser.add_argument(
+        "--hf-experts", default="eager", choices=["eager", "grouped_mm"], help="transformers' MoE experts code"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {args.clock} clock")
     header = f"{'preset':<14}{'dtype':<6}{'tokens':>8}{'darkhorse tok/s':>17}{'HF tok/s':>10}{'ratio':>7}{'MFU':>7}"
     print(header)
     with tempfile.TemporaryDirectory() as work:
@@ -151,11 +208,14 @@ def main() -> None:
             for dtype in args.dtypes:
                 for compile in (False, True) if args.compile else (False,):
                     r = bench(preset, dtype, args.batch_size, args.seq_len, args.steps, args.warmup, Path(work),
-                              compile=compile, clock=clock)  # fmt: skip
+                              compile=compile, clock=clock, device=args.device, hf_experts=args.hf_experts,
+                              profile=args.profile)  # fmt: skip
                     name = f"{preset}{'+compile' if compile else ''}"
                     print(
                         f"{name:<14}{dtype:<6}{args.batch_size * args.seq_len:>8}{r['darkhorse_tok_s']:>17.0f}"
-                        f"{r['transformers_tok_s']:>10.0f}{r['ratio']:>6.2f}x{100 * r['darkhorse_mfu']:>6.1f}%",
+                        f"{r['transformers_tok_s']:>10.0f}{r['ratio']:>6.2f}x{100 * r['darkhorse_mfu']:>6.1f}%"
+                        + (f"  (HF MFU {100 * r['transformers_mfu']:.1f}%)" if args.device != "cpu" else "")
+                        + (f"  peak {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else ""),
                         flush=True,
                     )
                     if compile:

@@ -102,6 +102,11 @@ def test_moe_layer_traces_as_one_graph():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_fp32_layer_compiles_on_cpu():
+    """grouped_mm's shape-inference kernel is bf16-only, so a compiled fp32 layer takes padded bmm."""
+    torch._dynamo.explain(MoE(moe_config(), layer_idx=0))(torch.randn(2, 8, 32))  # raised before
+
+
 def test_bias_moves_selection_but_not_weights():
     torch.manual_seed(0)
     router = Router(16, MoEConfig(n_routed_experts=4, experts_per_token=1, norm_topk_prob=False))

@@ -87,15 +87,16 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, out_features:
 
     It raises unless every row of both operands is 16-byte aligned, on CPU too (the gate/up
     input rows hold `in_features` values, the down projection's hold `out_features`), so both sizes
-    must fill whole 16-byte units. On CPU it then runs in any float dtype; on CUDA its kernels take
-    bf16 only, on sm90+. Anything else takes the padded-bmm path.
+    must fill whole 16-byte units. On CPU it then runs in any float dtype, except under torch.compile,
+    whose shape-inference kernel for it accepts bf16 only; on CUDA its kernels take bf16 only, on
+    sm90+. Anything else takes the padded-bmm path.
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
     if (out_features * dtype.itemsize) % 16 or (in_features * dtype.itemsize) % 16:
         return False
     if device.type == "cpu":
-        return True
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 

@@ -1,4 +1,4 @@
-"""Demo accuracy: Genesis (genesis-tiny) vs the dense demo-cpu model (the demo default), same run.
+"""Demo accuracy: Genesis (genesis-demo, the demo default) vs the dense demo-cpu model, same run.
 
 Each preset runs the whole `darkhorse demo` pipeline (same corpus seed, same step count, so the
 same number of training tokens) and the script prints held-out exact match per skill for both,
@@ -48,7 +48,7 @@ def markdown(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["genesis-tiny", "demo-cpu"])
+    parser.add_argument("--presets", nargs="+", default=["genesis-demo", "demo-cpu"])
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-demo"))

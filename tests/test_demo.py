@@ -60,7 +60,7 @@ def test_an_earlier_demo_is_replaced_but_other_files_stay(tmp_path):
     assert (out / "my-notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("preset", ["genesis-tiny", "demo-cpu"])
+@pytest.mark.parametrize("preset", ["genesis-demo", "demo-cpu"])
 def test_next_commands_are_real_commands_that_fit_the_model(preset):
     out, checkpoint = Path("runs/demo"), Path("runs/demo/run/final")
     commands = _next_commands(out, checkpoint, out / "prepared", load_run_config(preset))
@@ -99,11 +99,13 @@ def test_quick_demo_runs_end_to_end_through_the_console_script(tmp_path):
     out = completed.stdout
     for text in ("held-out exact match", "skill addition", "domain lists", "goal >= 90%", "where everything went"):
         assert text in out
+    assert "I(domain; expert)" in out, "the default demo model is Genesis: its routing table is shown"
     assert "darkhorse chat --checkpoint runs/demo/run/final" in out
     demo = tmp_path / "runs" / "demo"
     report = json.loads((demo / "eval.json").read_text())
     assert set(report["by_skill"]) == set(SKILLS)
     assert set(report["by_domain"]) == {"math", "lists", "code"}
     assert report["overall"]["total"] == 2 * len(SKILLS)
+    assert report["preset"] == "genesis-demo" and set(report["routing"]["domains"]) == {"math", "lists", "code"}
     assert (demo / "run" / "final" / "model.safetensors").is_file()
     assert (demo / "prepared" / "meta.json").is_file() and (demo / "data" / "heldout.jsonl").is_file()

@@ -1,7 +1,7 @@
 """Train and evaluate a small model end to end on the built-in corpus: no data needed.
 
-  darkhorse demo                          small dense model (demo-cpu), ~5 minutes of training
-  darkhorse demo --preset genesis-tiny    the Genesis model (MLA + MoE + ALF + MTP) instead
+  darkhorse demo                          a small Genesis model (genesis-demo), ~5 minutes of training
+  darkhorse demo --preset demo-cpu        the small dense (LLaMA-style) model instead
   darkhorse demo --max-steps 300          a fixed step count instead of a time budget
   darkhorse demo --quick                  seconds, for a smoke test (the model learns little)
 
@@ -9,14 +9,14 @@ Steps: generate a domain-tagged chat corpus of checkable skills (2-digit additio
 arithmetic with worked steps in the think block, word problems, comparing numbers, sorting 5
 numbers, what short Python snippets print) with a held-out split that never shares a problem with
 training; prepare it; train with the live dashboard; then score held-out exact match per skill and
-per domain, show a few chat exchanges (and, for a MoE model, how each domain's held-out tokens
-spread over the experts) and print where everything went. The loss is on the assistant's part of
+per domain, show a few chat exchanges and how each domain's held-out tokens spread over the
+experts (for a MoE model), and print where everything went. The loss is on the assistant's part of
 each record only (train.loss_mask): the random numbers in the questions cannot be learned, the
 worked steps and answers can.
 
-The default is the dense demo-cpu model, not Genesis: on 2 CPU cores the toy Genesis model trains on
-3-4x fewer tokens per second, and skills appear here only after ~1.5M tokens, which demo-cpu reaches
-in 5 minutes (it learns 2-digit addition) and genesis-tiny does not (docs/benchmarks.md, "Demo accuracy").
+The default is the headline architecture at toy size: genesis-demo is MLA + an 8-expert MoE (top-1 +
+a shared expert, balanced by ALF) + MTP, sized so a token costs about what it costs in the dense
+demo-cpu model (docs/benchmarks.md, "Demo accuracy", has both side by side).
 
 --minutes turns the time budget into a step count from a measured step time (on CPU with 1 thread
 or all cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
@@ -39,8 +39,8 @@ from typing import Any
 from darkhorse.errors import DarkhorseError
 
 HELP = "train and evaluate a small model on a built-in corpus, end to end (no data needed)"
-DEFAULT_PRESET = "demo-cpu"
-GENESIS_PRESET = "genesis-tiny"
+DEFAULT_PRESET = "genesis-demo"
+DENSE_PRESET = "demo-cpu"
 MARKER = "demo.json"
 GOAL_SKILLS = ("addition", "sort")
 GOAL_ACCURACY = 0.9
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help=f"model preset (default {DEFAULT_PRESET}, a small dense model; {GENESIS_PRESET} is MLA + MoE + MTP)",
+        help=f"model preset (default {DEFAULT_PRESET}: MLA + MoE + ALF + MTP; {DENSE_PRESET} is a small dense model)",
     )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
@@ -88,11 +88,14 @@ def _claim_out_dir(out: Path, force: bool) -> None:
     (out / "eval.json").unlink(missing_ok=True)
 
 
-def measure_step_seconds(config, device, repeats: int = 1) -> float:
-    """Seconds per training step of `config` on `device` right now (forward, backward, update).
+def measure_step_seconds(config, device, repeats: int = 1, warmup: int = 2) -> float:
+    """Median seconds per training step of `config` on `device` right now (forward, backward, update).
 
     The update uses the run's own optimizers: timed with a plain (unfused) AdamW instead, a small
-    model's step looked ~25% slower than in training, and a 5-minute budget trained for 4."""
+    model's step looked ~25% slower than in training, and a 5-minute budget trained for 4. The first
+    steps warm up allocators and kernels; a median ignores the odd step another process delays."""
+    import statistics
+
     import torch
 
     from darkhorse.model import Transformer
@@ -103,8 +106,8 @@ def measure_step_seconds(config, device, repeats: int = 1) -> float:
         model = Transformer(config.model)
         tokens = torch.randint(0, config.model.vocab_size, (train.batch_size, train.seq_len + 1))
     optimizers = build_optimizers(model, train, device)
-    elapsed = 0.0
-    for attempt in range(repeats + 1):  # the first step warms up allocators and kernels
+    timings = []
+    for attempt in range(warmup + repeats):
         start = time.perf_counter()
         for _ in range(train.grad_accum):
             model(tokens[:, :-1], tokens[:, 1:], mtp_weight=train.mtp_weight).loss.backward()
@@ -113,9 +116,9 @@ def measure_step_seconds(config, device, repeats: int = 1) -> float:
             optimizer.zero_grad()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if attempt:
-            elapsed += time.perf_counter() - start
-    return elapsed / repeats
+        if attempt >= warmup:
+            timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
 
 
 def probe_step_seconds(config, console) -> float:
@@ -131,13 +134,13 @@ def probe_step_seconds(config, console) -> float:
 
     device = resolve_device(config.train.device)
     if device.type != "cpu":
-        seconds = measure_step_seconds(config, device, repeats=3)
+        seconds = measure_step_seconds(config, device, repeats=5)
         console.print(f"step time on {device}: {seconds:.3f} s")
         return seconds
     timings = {}
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
-        timings[threads] = measure_step_seconds(config, device, repeats=3)  # one step alone is noisy
+        timings[threads] = measure_step_seconds(config, device, repeats=5)  # one step alone is noisy
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     measured = ", ".join(f"{t} thread{'s' * (t > 1)}: {s:.2f} s" for t, s in timings.items())
@@ -249,7 +252,7 @@ def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[
     from darkhorse.cli import SUBCOMMANDS
 
     preset = config.name
-    other = GENESIS_PRESET if preset != GENESIS_PRESET else DEFAULT_PRESET
+    other = DENSE_PRESET if preset == DEFAULT_PRESET else DEFAULT_PRESET
     # llama.cpp runs the dense demo model as `llama` and the Genesis presets as `deepseek2`
     export = f"--format gguf --out {out}/demo.gguf"
     candidates = {
@@ -316,11 +319,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(_accuracy_table(report, title))
     for line in _goal_lines(report):
         console.print(line)
-    if config.name == DEFAULT_PRESET:
-        console.print(
-            f"(a dense model: the Genesis model, {GENESIS_PRESET}, trains on 3-4x fewer tokens per second on CPU, "
-            f"too few for these skills in 5 minutes; compare with --preset {GENESIS_PRESET})"
-        )
     _show_exchanges(console, report)
     routing = _routing_table(model, prepared, trained_config.train.seq_len)
     if routing is not None:

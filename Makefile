@@ -35,6 +35,7 @@ test: $(TEST_STAMP)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 # Each benchmark runs against its peer in the same process; figures go to docs/benchmarks.md.
 bench: $(TEST_STAMP)

@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"darkhorse {_version()}")
-    parser.add_argument(
-        "--prompt", help="with no command: generate from the most recent run's final checkpoint"
-    )
+    parser.add_argument("--prompt", help="with no command: generate from the most recent run's final checkpoint")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"darkhorse.commands.{module_name}")

@@ -183,8 +183,7 @@ class ModelConfig:
         if self.head_dim == 0:
             _require(
                 self.dim % self.n_heads == 0,
-                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}), "
-                "or set model.head_dim",
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}), or set model.head_dim",
             )
             self.head_dim = self.dim // self.n_heads
         _require(

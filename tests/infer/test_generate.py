@@ -14,9 +14,7 @@ from darkhorse.model import Transformer
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=100, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64
-    )
+    config = ModelConfig(vocab_size=100, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
     model = Transformer(config)
     with torch.no_grad():  # sharper logits so greedy choices are not near-ties
         model.embed.weight.mul_(8)
@@ -42,9 +40,7 @@ def test_greedy_is_deterministic_and_top_k_one_is_greedy(model):
     prompt = [1, 2, 3]
     first = list(generate_tokens(model, prompt, max_new_tokens=10, vocab_size=100))
     assert first == list(generate_tokens(model, prompt, max_new_tokens=10, vocab_size=100))
-    sampled = list(
-        generate_tokens(model, prompt, max_new_tokens=10, temperature=1.0, top_k=1, seed=3, vocab_size=100)
-    )
+    sampled = list(generate_tokens(model, prompt, max_new_tokens=10, temperature=1.0, top_k=1, seed=3, vocab_size=100))
     assert sampled == first
 
 
@@ -54,9 +50,7 @@ def test_sampling_is_reproducible_with_seed(model):
 
 
 def test_stops_at_stop_id_and_respects_vocab_limit(model):
-    ids = list(
-        generate_tokens(model, [9], max_new_tokens=30, temperature=2.0, seed=1, vocab_size=10, stop_ids=[3])
-    )
+    ids = list(generate_tokens(model, [9], max_new_tokens=30, temperature=2.0, seed=1, vocab_size=10, stop_ids=[3]))
     assert all(i < 10 for i in ids)
     assert 3 not in ids[:-1]
 
@@ -72,14 +66,8 @@ def test_context_limits(model):
 def test_repetition_penalty_pushes_seen_tokens_down():
     logits = torch.tensor([2.0, 1.9, -1.0])
     seen = torch.tensor([0])
-    assert (
-        sample_next(logits, seen, temperature=0, top_k=0, top_p=1, repetition_penalty=1.0, generator=None)
-        == 0
-    )
-    assert (
-        sample_next(logits, seen, temperature=0, top_k=0, top_p=1, repetition_penalty=1.5, generator=None)
-        == 1
-    )
+    assert sample_next(logits, seen, temperature=0, top_k=0, top_p=1, repetition_penalty=1.0, generator=None) == 0
+    assert sample_next(logits, seen, temperature=0, top_k=0, top_p=1, repetition_penalty=1.5, generator=None) == 1
 
 
 def test_top_p_keeps_only_the_nucleus():

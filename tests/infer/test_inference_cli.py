@@ -46,8 +46,25 @@ def test_greedy_generate_is_deterministic(workdir):
 
 
 def test_sampled_generate_reproducible_with_seed(workdir):
-    args = ("generate", "--checkpoint", "runs/tiny/final", "--prompt", "Héllo", "--temperature", "1.0",
-            "--top-p", "0.9", "--top-k", "50", "--repetition-penalty", "1.1", "--seed", "3", "--max-new-tokens", "10")
+    args = (
+        "generate",
+        "--checkpoint",
+        "runs/tiny/final",
+        "--prompt",
+        "Héllo",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "10",
+    )
     assert run_cli(*args, cwd=workdir).stdout == run_cli(*args, cwd=workdir).stdout
 
 

@@ -16,15 +16,35 @@ torch.manual_seed(0)
 
 
 def small_config(*overrides: str):
-    base = ["model.vocab_size=256", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.ffn_dim=128", "model.max_seq_len=64", "train.seq_len=32"]
+    base = [
+        "model.vocab_size=256",
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.ffn_dim=128",
+        "model.max_seq_len=64",
+        "train.seq_len=32",
+    ]
     return load_run_config(overrides=[*base, *overrides]).model
 
 
-MLA = ("model.attention=mla", "model.mla.kv_lora_rank=32", "model.mla.qk_nope_head_dim=16",
-       "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=12")
-MLA_MOE = (*MLA, "model.mla.q_lora_rank=24", "model.ffn=moe", "model.moe.n_routed_experts=4",
-           "model.moe.moe_intermediate_size=32", "model.moe.first_k_dense=1", "model.mtp_depth=1")
+MLA = (
+    "model.attention=mla",
+    "model.mla.kv_lora_rank=32",
+    "model.mla.qk_nope_head_dim=16",
+    "model.mla.qk_rope_head_dim=8",
+    "model.mla.v_head_dim=12",
+)
+MLA_MOE = (
+    *MLA,
+    "model.mla.q_lora_rank=24",
+    "model.ffn=moe",
+    "model.moe.n_routed_experts=4",
+    "model.moe.moe_intermediate_size=32",
+    "model.moe.first_k_dense=1",
+    "model.mtp_depth=1",
+)
 
 
 def reference_mha(x, attn: GroupedQueryAttention, cos, sin):
@@ -67,8 +87,11 @@ def test_future_tokens_do_not_change_past_logits(extra):
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-@pytest.mark.parametrize("extra", [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2")],
-                         ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2")],
+    ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc"],
+)
 def test_cached_decoding_matches_full_forward(extra):
     model = Transformer(small_config(*extra)).eval()
     tokens = torch.randint(0, 256, (2, 24))
@@ -115,16 +138,37 @@ def test_mla_matches_transformers_deepseek_v3_attention():
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as modeling
 
-    yarn = ("model.rope_scaling.type=yarn", "model.rope_scaling.factor=4", "model.rope_scaling.original_max_seq_len=16",
-            "model.rope_scaling.mscale=1.0", "model.rope_scaling.mscale_all_dim=1.0")
+    yarn = (
+        "model.rope_scaling.type=yarn",
+        "model.rope_scaling.factor=4",
+        "model.rope_scaling.original_max_seq_len=16",
+        "model.rope_scaling.mscale=1.0",
+        "model.rope_scaling.mscale_all_dim=1.0",
+    )
     config = small_config(*MLA, "model.mla.q_lora_rank=24", *yarn)
     ours = MultiHeadLatentAttention(config).eval()
     hf_config = DeepseekV3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=64, rms_norm_eps=1e-5,
-        rope_interleave=True, attention_bias=False,
-        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
-                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_interleave=True,
+        attention_bias=False,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     )
     hf_config._attn_implementation = "eager"
     theirs = modeling.DeepseekV3Attention(hf_config, layer_idx=0).eval()

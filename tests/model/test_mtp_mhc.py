@@ -10,11 +10,25 @@ from darkhorse.model.mhc import HyperConnection, sinkhorn_knopp
 
 
 def tiny(*overrides: str):
-    base = ["model.vocab_size=128", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
-            "model.ffn_dim=64", "model.max_seq_len=32", "train.seq_len=16", "model.attention=mla",
-            "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8", "model.mla.qk_rope_head_dim=4",
-            "model.mla.v_head_dim=8", "model.ffn=moe", "model.moe.n_routed_experts=4",
-            "model.moe.moe_intermediate_size=16", "model.moe.first_k_dense=1"]
+    base = [
+        "model.vocab_size=128",
+        "model.dim=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.n_kv_heads=2",
+        "model.ffn_dim=64",
+        "model.max_seq_len=32",
+        "train.seq_len=16",
+        "model.attention=mla",
+        "model.mla.kv_lora_rank=16",
+        "model.mla.qk_nope_head_dim=8",
+        "model.mla.qk_rope_head_dim=4",
+        "model.mla.v_head_dim=8",
+        "model.ffn=moe",
+        "model.moe.n_routed_experts=4",
+        "model.moe.moe_intermediate_size=16",
+        "model.moe.first_k_dense=1",
+    ]
     return load_run_config(overrides=[*base, *overrides]).model
 
 

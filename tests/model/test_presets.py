@@ -35,15 +35,22 @@ def test_genesis_5b_activates_about_1_2b():
     assert abs(model.num_active_params() / 1.2e9 - 1) <= 0.10
 
 
-@pytest.mark.parametrize("preset", ["genesis-tiny", "genesis-512", "genesis-1b", "genesis-5b", "genesis-30b",
-                                    "genesis-500b"])
+@pytest.mark.parametrize(
+    "preset", ["genesis-tiny", "genesis-512", "genesis-1b", "genesis-5b", "genesis-30b", "genesis-500b"]
+)
 def test_genesis_presets_are_the_headline_architecture_with_k_quant_sizes(preset):
     config = load_run_config(preset).model
     assert (config.attention, config.ffn, config.residual) == ("mla", "moe", "plain")
     assert config.mtp_depth >= 1 and config.moe.bias_update_rate > 0
     assert config.mla.q_lora_rank > 0  # llama.cpp's deepseek2 takes uncompressed queries only in the Lite shape
-    for size in (config.dim, config.ffn_dim, config.moe.moe_intermediate_size, config.mla.q_lora_rank,
-                 config.mla.kv_lora_rank, config.n_heads * config.mla.v_head_dim):
+    for size in (
+        config.dim,
+        config.ffn_dim,
+        config.moe.moe_intermediate_size,
+        config.mla.q_lora_rank,
+        config.mla.kv_lora_rank,
+        config.n_heads * config.mla.v_head_dim,
+    ):
         assert size < 256 or size % 256 == 0, (preset, size)
     if config.max_seq_len > 4096:
         assert config.rope_scaling.type == "yarn"
@@ -54,8 +61,14 @@ def test_params_alias_prints_total_active_and_mla_cache(capsys):
     assert main(["params", "--params", "5b"]) == 0
     out = capsys.readouterr().out
     assert "genesis-5b" in out
-    for row in ("total parameters", "active parameters per token", "training FLOPs per token", "KV cache per token",
-                "GQA of the same width", "training memory per device"):
+    for row in (
+        "total parameters",
+        "active parameters per token",
+        "training FLOPs per token",
+        "KV cache per token",
+        "GQA of the same width",
+        "training memory per device",
+    ):
         assert row in out
     assert re.search(r"active parameters per token.*\(1\.2\dB\)", out)
 

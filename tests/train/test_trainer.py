@@ -51,9 +51,7 @@ def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, make_prepared
                 "train.eval_interval=3"]  # fmt: skip
     train(small_config("train.max_steps=6", *settings), [(prepared_dir, 1.0)], tmp_path / "whole", verbose=False)
     train(small_config("train.max_steps=3", *settings), [(prepared_dir, 1.0)], tmp_path / "split", verbose=False)
-    resumed = train(
-        small_config("train.max_steps=6", *settings), [], tmp_path / "split", resume=True, verbose=False
-    )
+    resumed = train(small_config("train.max_steps=6", *settings), [], tmp_path / "split", resume=True, verbose=False)
     assert resumed.step == 6
     whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert list(split) == [1, 2, 3, 4, 5, 6]

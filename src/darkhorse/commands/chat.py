@@ -20,9 +20,7 @@ HELP = "interactive multi-turn chat with a checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="checkpoint dir (e.g. runs/NAME/final)"
-    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint dir (e.g. runs/NAME/final)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--no-think", action="store_true", help="start with reasoning off (<|no_think|>)")
     add_sampling_arguments(parser)

@@ -16,9 +16,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
     parser.add_argument(
         "--params", dest="preset_alias", metavar="SIZE", help="alias: --params 5b = --preset genesis-5b"
     )
-    parser.add_argument(
-        "--config", metavar="FILE.yaml", help="YAML file with model:/train: sections, over the preset"
-    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with model:/train: sections, over the preset")
     parser.add_argument(
         "overrides",
         nargs="*",

@@ -18,17 +18,11 @@ RUNS_DIR = Path("runs")
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampling knobs shared by `generate` and `chat`."""
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample"
-    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    parser.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1.0 = off)"
-    )
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1.0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
 
@@ -51,16 +45,12 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="checkpoint dir (e.g. runs/NAME/final)"
-    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint dir (e.g. runs/NAME/final)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument(
         "--chat", action="store_true", help="treat the prompt as a user message in the model's chat format"
     )
-    parser.add_argument(
-        "--no-think", action="store_true", help="with --chat: ask for an answer without reasoning"
-    )
+    parser.add_argument("--no-think", action="store_true", help="with --chat: ask for an answer without reasoning")
     add_sampling_arguments(parser)
 
 

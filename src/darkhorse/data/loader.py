@@ -65,9 +65,7 @@ def open_sources(specs: list[tuple[Path, float]], vocab_size: int) -> list[tuple
         path = Path(path)
         if path.is_file():
             if path.suffix.lower() not in RAW_SUFFIXES:
-                raise DarkhorseError(
-                    f"--data {path}: expected a prepared dir or a {'/'.join(RAW_SUFFIXES)} file"
-                )
+                raise DarkhorseError(f"--data {path}: expected a prepared dir or a {'/'.join(RAW_SUFFIXES)} file")
             from darkhorse.data.prepare import prepare_cached
 
             path = prepare_cached(path, vocab_size=vocab_size, tokenizer=shared_tokenizer)

@@ -15,9 +15,7 @@ from typing import Any, TextIO
 from darkhorse.data.tokenizer import ASSISTANT_END, Tokenizer
 from darkhorse.errors import DarkhorseError
 
-COMMANDS_HELP = (
-    "/reset clears the conversation, /think on|off toggles reasoning, /system TEXT sets it, /quit exits"
-)
+COMMANDS_HELP = "/reset clears the conversation, /think on|off toggles reasoning, /system TEXT sets it, /quit exits"
 # Tokens that end an assistant turn in other models' chat formats (Llama 3, ChatML/Qwen, Phi, Gemma, ...).
 END_OF_TURN_TOKENS = (
     "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
@@ -44,9 +42,7 @@ def render_template(template: str, messages: Sequence[dict], **variables: Any) -
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     environment.filters["tojson"] = _tojson
-    environment.globals.update(
-        raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt)
-    )
+    environment.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         return environment.from_string(template).render(messages=list(messages), **variables)
     except TemplateError as exc:

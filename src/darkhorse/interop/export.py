@@ -225,9 +225,7 @@ def write_hf_weights(
         skipped.add("lm_head.weight")
     unmapped = sorted(set(source.expected) - mapped - skipped)
     if unmapped:
-        raise DarkhorseError(
-            f"{adapter.architecture} export has no place for these tensors: {', '.join(unmapped)}"
-        )
+        raise DarkhorseError(f"{adapter.architecture} export has no place for these tensors: {', '.join(unmapped)}")
     writer = ShardWriter(folder, max_bytes)
     for tensor_map in maps:
         tensor = source.get(tensor_map.ours)

@@ -492,9 +492,7 @@ def moe_router_maps(config: ModelConfig, ours: str, router: str, bias_refusal: s
     return maps
 
 
-def expert_maps(
-    config: ModelConfig, ours: str, names: dict[str, str], fused_prefix: str
-) -> list[TensorMap]:
+def expert_maps(config: ModelConfig, ours: str, names: dict[str, str], fused_prefix: str) -> list[TensorMap]:
     """Our stacked expert weights <-> per-expert HF names (`names[proj]` has a `{j}` field)."""
     size = config.moe.moe_intermediate_size
     experts = range(config.moe.n_routed_experts)
@@ -772,9 +770,7 @@ def adapter_for_import(hf_config: dict[str, Any], where: str) -> HFAdapter:
         if name in IMPORT_ADAPTERS:
             return IMPORT_ADAPTERS[name]()
     found = ", ".join(architectures) or f"none (model_type {hf_config.get('model_type')!r})"
-    raise DarkhorseError(
-        f"{where}: architecture {found} is not supported; supported: {', '.join(IMPORT_ADAPTERS)}"
-    )
+    raise DarkhorseError(f"{where}: architecture {found} is not supported; supported: {', '.join(IMPORT_ADAPTERS)}")
 
 
 def adapter_for_export(config: ModelConfig) -> HFAdapter:

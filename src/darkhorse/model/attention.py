@@ -37,9 +37,7 @@ class KVCache:
         self.keys = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.values = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
 
-    def update(
-        self, keys: torch.Tensor, values: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start_pos + keys.shape[2]
         if end > self.keys.shape[2]:
             raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, decoding reached {end}")
@@ -52,9 +50,7 @@ class KVCache:
         return self.keys.nbytes + self.values.nbytes
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """SDPA over (batch, heads, seq, dim) where the last q position lines up with the last k one.
 
     During decoding q covers the newest positions only, so the causal mask is offset by the

@@ -29,9 +29,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_inverse_frequencies(
-    rotary_dim: int, theta: float, scaling: RopeScalingConfig
-) -> tuple[torch.Tensor, float]:
+def rope_inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScalingConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for `rotary_dim` channels and the factor to multiply cos/sin by.
 
     With YaRN, low-frequency channels (wavelength beyond the original context) are interpolated
@@ -49,18 +47,14 @@ def rope_inverse_frequencies(
         return inv_freq.float(), 1.0
 
     def correction_dim(rotations: float) -> float:
-        return (rotary_dim * math.log(scaling.original_max_seq_len / (rotations * 2 * math.pi))) / (
-            2 * math.log(theta)
-        )
+        return (rotary_dim * math.log(scaling.original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
 
     low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
     high = min(math.ceil(correction_dim(scaling.beta_slow)), rotary_dim - 1)
     ramp = (torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
     extrapolate_weight = 1.0 - ramp.clamp(0, 1)
     inv_freq = (inv_freq / scaling.factor) * (1 - extrapolate_weight) + inv_freq * extrapolate_weight
-    attention_factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
-        scaling.factor, scaling.mscale_all_dim
-    )
+    attention_factor = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
     return inv_freq.float(), attention_factor
 
 

@@ -234,9 +234,7 @@ class MoE(nn.Module):
         return order[rank < capacity], counts.clamp(max=capacity)
 
     @torch.no_grad()
-    def _record(
-        self, routing: Routing, counts: torch.Tensor, kept: torch.Tensor, domains: torch.Tensor | None
-    ) -> None:
+    def _record(self, routing: Routing, counts: torch.Tensor, kept: torch.Tensor, domains: torch.Tensor | None) -> None:
         self.load_since_step += counts.to(self.load_since_step.dtype)
         self.dropped_since_step += (counts - kept).sum()
         if domains is not None:
@@ -297,7 +295,10 @@ class MoE(nn.Module):
             log.warning(
                 "warning: MoE layer %d: one expert has taken >= %.0f%% of the tokens for %d steps in a row "
                 "(expert collapse); raise model.moe.bias_update_rate (now %g) to rebalance faster",
-                self.layer_idx, 100 * self.moe.collapse_share, self.collapse_streak, self.moe.bias_update_rate,
+                self.layer_idx,
+                100 * self.moe.collapse_share,
+                self.collapse_streak,
+                self.moe.bias_update_rate,
             )
 
     def training_metrics(self) -> dict[str, float]:

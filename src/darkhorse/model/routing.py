@@ -52,8 +52,11 @@ def domain_routing(model: nn.Module, domain_names: list[str] | None = None) -> d
     for layer in layers:
         counts = layer.domain_counts.cpu()[seen]
         report_layers.append(
-            {"layer": layer.layer_idx, "mutual_information_bits": mutual_information(counts),
-             "counts": counts.long().tolist()}
+            {
+                "layer": layer.layer_idx,
+                "mutual_information_bits": mutual_information(counts),
+                "counts": counts.long().tolist(),
+            }
         )
     return {"domains": names, "domain_ids": seen, "layers": report_layers}
 
@@ -94,8 +97,11 @@ def write_routing_reports(run_dir: str | Path, model: nn.Module, domain_names: l
         counts = torch.tensor(layer["counts"], dtype=torch.float64)
         axes.imshow((counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy(), aspect="auto", cmap="magma")
         axes.set_yticks(range(len(report["domains"])), report["domains"])
-        axes.set_title(f"layer {layer['layer']}: share of each domain's tokens per expert, "
-                       f"I(domain; expert) = {layer['mutual_information_bits']:.3f} bits", fontsize=9)
+        axes.set_title(
+            f"layer {layer['layer']}: share of each domain's tokens per expert, "
+            f"I(domain; expert) = {layer['mutual_information_bits']:.3f} bits",
+            fontsize=9,
+        )
     grid[-1, 0].set_xlabel("expert")
     figure.tight_layout()
     figure.savefig(run_dir / "domain_routing.png")
@@ -134,8 +140,10 @@ def measure_domain_routing(
     model.eval()
     with counting_domains(model) as layers:
         for start in range(0, len(windows), batch_size):
-            model(windows[start : start + batch_size].to(device),
-                  domains=window_domains[start : start + batch_size].to(device))
+            model(
+                windows[start : start + batch_size].to(device),
+                domains=window_domains[start : start + batch_size].to(device),
+            )
         # MoE blocks that saw no tokens (MTP modules, which inference skips) have nothing to report
         result = {
             layer.layer_idx: mutual_information(layer.domain_counts.cpu())

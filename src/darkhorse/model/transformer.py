@@ -72,9 +72,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Training-only multi-token-prediction modules (layer ids continue after the main stack).
-        self.mtp = nn.ModuleList(
-            MTPModule(config, Block(config, config.n_layers + k)) for k in range(config.mtp_depth)
-        )
+        self.mtp = nn.ModuleList(MTPModule(config, Block(config, config.n_layers + k)) for k in range(config.mtp_depth))
         self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -222,6 +220,7 @@ class Transformer(nn.Module):
     def num_active_params(self, include_mtp: bool = False) -> int:
         """Parameters one token touches: all, minus experts a MoE layer leaves idle, minus the MTP
         modules unless `include_mtp` (they run in training only)."""
+
         def active(module: nn.Module) -> int:
             idle = sum(m.idle_params_per_token() for m in module.modules() if hasattr(m, "idle_params_per_token"))
             return sum(p.numel() for p in module.parameters()) - idle

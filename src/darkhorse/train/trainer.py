@@ -485,15 +485,14 @@ class Trainer:
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
         hidden, _, _ = split_parameters(self.model)
-        estimate = estimate_training_memory(
-            self.config, self.model.num_params(), sum(p.numel() for p in hidden)
-        )
+        estimate = estimate_training_memory(self.config, self.model.num_params(), sum(p.numel() for p in hidden))
         warning = fit_warning(estimate, available_memory(self.device))
         if warning:
             say(f"warning: {warning}")
 
-    def _log_record(self, loss: float, terms: dict[str, float], grad_norm, lr_step: int, elapsed: float,
-                    tokens: int) -> dict[str, Any]:
+    def _log_record(
+        self, loss: float, terms: dict[str, float], grad_norm, lr_step: int, elapsed: float, tokens: int
+    ) -> dict[str, Any]:
         tokens_per_s = tokens / max(elapsed, 1e-9)
         peak = peak_flops(self.device, self.train_cfg.dtype)
         record: dict[str, Any] = {

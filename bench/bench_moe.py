@@ -31,10 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import CONFIG_MAPPING, DeepseekV3ForCausalLM, PretrainedConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from darkhorse.config import ModelConfig, load_run_config
+from darkhorse.interop.hf import SpecialTokens, adapter_for_export
 from darkhorse.model import Transformer
 from darkhorse.model.moe import MoE, grouped_mm_supported
 from darkhorse.train.peak_flops import peak_flops
@@ -42,19 +43,11 @@ from darkhorse.train.peak_flops import peak_flops
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def hf_config(model: ModelConfig, **extra) -> DeepseekV3Config:
-    moe, mla = model.moe, model.mla
-    return DeepseekV3Config(
-        vocab_size=model.padded_vocab_size, hidden_size=model.dim, intermediate_size=model.ffn_dim,
-        moe_intermediate_size=moe.moe_intermediate_size, num_hidden_layers=model.n_layers,
-        num_attention_heads=model.n_heads, num_key_value_heads=model.n_heads, n_routed_experts=moe.n_routed_experts,
-        n_shared_experts=moe.n_shared_experts, num_experts_per_tok=moe.experts_per_token, n_group=moe.n_groups,
-        topk_group=moe.topk_groups, norm_topk_prob=moe.norm_topk_prob, routed_scaling_factor=moe.routed_scaling_factor,
-        first_k_dense_replace=moe.first_k_dense, q_lora_rank=mla.q_lora_rank or None, kv_lora_rank=mla.kv_lora_rank,
-        qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
-        max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=model.tie_embeddings, attn_implementation="sdpa", **extra,
-    )  # fmt: skip
+def hf_config(model: ModelConfig, **extra) -> PretrainedConfig:
+    """transformers' config for exactly our model's shape: the one `darkhorse export --format hf` writes
+    (Llama for dense presets, DeepseekV3 for Genesis), so the twin is the model the export tests match."""
+    fields = adapter_for_export(model).config_to_hf(model, SpecialTokens(), "float32")
+    return CONFIG_MAPPING[fields["model_type"]](**fields, attn_implementation="sdpa", **extra)
 
 
 def copy_into_hf(ours: MoE, theirs: DeepseekV3MoE) -> None:
@@ -102,8 +95,9 @@ def bench_layer(
     warmup: int = 1,
     profile: Path | None = None,
 ) -> None:
+    # MLA only so the HF config is DeepseekV3's; the layer timed here is the MoE block alone
     config = load_run_config(overrides=[
-        f"model.dim={dim}", "model.n_heads=8", "model.ffn=moe", "model.moe.n_routed_experts=64",
+        f"model.dim={dim}", "model.n_heads=8", "model.attention=mla", "model.ffn=moe", "model.moe.n_routed_experts=64",
         "model.moe.experts_per_token=4", "model.moe.n_shared_experts=1", f"model.moe.moe_intermediate_size={hidden}",
         "model.moe.routed_scaling_factor=2.5", "model.moe.bias_update_rate=0",
     ]).model  # fmt: skip

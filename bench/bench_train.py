@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_moe import hf_config as deepseek_config
-from transformers import DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
+from bench_moe import hf_config
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from darkhorse.config import RunConfig, load_run_config
 from darkhorse.train.peak_flops import peak_flops
@@ -51,28 +51,11 @@ def write_random_prepared(folder: Path, vocab_size: int, tokens: int) -> Path:
     return folder
 
 
-def hf_twin(config: RunConfig, experts: str = "eager") -> LlamaForCausalLM | DeepseekV3ForCausalLM:
+def hf_twin(config: RunConfig, experts: str = "eager") -> PreTrainedModel:
     """transformers' model with exactly our model's shape: DeepseekV3 for Genesis (with the `experts`
     implementation), else Llama."""
-    model = config.model
-    if model.attention == "mla" or model.ffn == "moe":
-        return DeepseekV3ForCausalLM(deepseek_config(model, experts_implementation=experts))
-    hf_config = LlamaConfig(
-        vocab_size=model.padded_vocab_size,
-        hidden_size=model.dim,
-        intermediate_size=model.ffn_dim,
-        num_hidden_layers=model.n_layers,
-        num_attention_heads=model.n_heads,
-        num_key_value_heads=model.n_kv_heads,
-        max_position_embeddings=model.max_seq_len,
-        rope_theta=model.rope_theta,
-        rms_norm_eps=model.norm_eps,
-        tie_word_embeddings=model.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(hf_config)
+    extra = {"experts_implementation": experts} if config.model.ffn == "moe" else {}
+    return AutoModelForCausalLM.from_config(hf_config(config.model, **extra))
 
 
 def bench(

@@ -37,7 +37,7 @@ def make_checkpoint(preset: str, work: Path) -> Path:
     from darkhorse.config import load_run_config
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.model import Transformer
-    from darkhorse.train.checkpoint import save_model_checkpoint
+    from darkhorse.checkpoint import save_model_checkpoint
 
     config = load_run_config(preset=preset)
     tokenizer = Tokenizer.train(["alpha beta gamma delta epsilon"] * 20, vocab_size=300)
@@ -92,7 +92,7 @@ from pathlib import Path
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])
 start = time.perf_counter()
 if out.name == "-":
-    from darkhorse.train.checkpoint import load_model
+    from darkhorse.checkpoint import load_model
     load_model(checkpoint)
 else:
     from darkhorse.interop.gguf import export_gguf
@@ -124,7 +124,7 @@ def bench_preset(preset: str, work: Path, tokens: int, threads: int, repeats: in
 
     from darkhorse.interop.gguf import export_gguf
     from darkhorse.interop.quantize import quantize_gguf
-    from darkhorse.train.checkpoint import load_model
+    from darkhorse.checkpoint import load_model
 
     checkpoint = make_checkpoint(preset, work)
     prompt = [(7 * i + 3) % 256 + 12 for i in range(PROMPT_TOKENS)]

@@ -31,7 +31,7 @@ import torch
 from darkhorse.config import load_run_config
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.model import Transformer
-from darkhorse.train.checkpoint import save_model_checkpoint
+from darkhorse.checkpoint import save_model_checkpoint
 config = load_run_config(preset=PRESET)
 tok = Tokenizer.train(["alpha beta gamma delta"] * 10, vocab_size=300).save(WORK / "tokenizer.json")
 model = Transformer(config.model)

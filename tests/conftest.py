@@ -38,7 +38,7 @@ def train_tiny_checkpoint(out_dir, *, steps: int = 40, seed: int = 0, **model):
     from darkhorse.config import ModelConfig, RunConfig, TrainConfig
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.model import Transformer
-    from darkhorse.train.checkpoint import save_model_checkpoint
+    from darkhorse.checkpoint import save_model_checkpoint
 
     torch.manual_seed(seed)
     texts = _tiny_corpus()
@@ -125,7 +125,7 @@ def tiny_untied_checkpoint(tiny_dense_checkpoint, tmp_path_factory):
     import dataclasses
 
     from darkhorse.model import Transformer
-    from darkhorse.train.checkpoint import load_model, save_model_checkpoint
+    from darkhorse.checkpoint import load_model, save_model_checkpoint
 
     tied, config, meta = load_model(tiny_dense_checkpoint)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, tie_embeddings=False))

@@ -13,7 +13,7 @@ import torch
 from darkhorse.config import load_run_config
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.model import Transformer
-from darkhorse.train.checkpoint import save_model_checkpoint
+from darkhorse.checkpoint import save_model_checkpoint
 
 DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
 

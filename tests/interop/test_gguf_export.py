@@ -42,7 +42,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.infer.generate import generate_tokens
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
 from darkhorse.model import Transformer
-from darkhorse.train.checkpoint import load_model, save_model_checkpoint
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
 GREEDY_TOKENS = 40

@@ -18,7 +18,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.interop.gguf import export_gguf
 from darkhorse.interop.quantize import gguf_perplexity, quantize_gguf
 from darkhorse.model import Transformer
-from darkhorse.train.checkpoint import load_model, save_model_checkpoint
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 QType = gguf.GGMLQuantizationType
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"

@@ -12,7 +12,7 @@ from darkhorse.config import MLAConfig, ModelConfig, MoEConfig, RunConfig, Train
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import export_checkpoint, load_state_dict_export
 from darkhorse.model import Transformer
-from darkhorse.train.checkpoint import load_model, save_model_checkpoint
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

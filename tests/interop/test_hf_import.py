@@ -13,7 +13,7 @@ from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import export_checkpoint
 from darkhorse.interop.hf_import import import_hf
-from darkhorse.train.checkpoint import load_model
+from darkhorse.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 

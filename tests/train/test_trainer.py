@@ -11,7 +11,7 @@ import torch
 
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
-from darkhorse.train import checkpoint as ckpt
+from darkhorse import checkpoint as ckpt
 from darkhorse.train.trainer import out_of_memory_advice, train
 
 SMALL = [

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.data.prepare import prepare
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.eval.exact_match import evaluate_exact_match
-    from darkhorse.train.checkpoint import load_model
+    from darkhorse.checkpoint import load_model
     from darkhorse.train.trainer import train
 
     if args.max_steps is not None and args.max_steps <= 0:

@@ -45,7 +45,7 @@ from darkhorse.data.tokenizer import (
 )
 from darkhorse.errors import DarkhorseError
 from darkhorse.model.layers import yarn_mscale
-from darkhorse.train.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
 
 OUTTYPES = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),

@@ -24,7 +24,7 @@ from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import is_state_dict_export, load_state_dict_export, staged_output
 from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
-from darkhorse.train.checkpoint import save_model_checkpoint
+from darkhorse.checkpoint import save_model_checkpoint
 
 
 def _read_json(path: Path) -> dict[str, Any]:

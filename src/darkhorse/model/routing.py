@@ -162,7 +162,7 @@ def compare_domain_prior(config, data_dir: str | Path, out_dir: str | Path, **tr
     from darkhorse.config import load_run_config
     from darkhorse.data.prepared import open_prepared
     from darkhorse.errors import DarkhorseError
-    from darkhorse.train.checkpoint import load_model
+    from darkhorse.checkpoint import load_model
     from darkhorse.train.trainer import train
 
     data = open_prepared(data_dir)

@@ -35,7 +35,7 @@ from darkhorse.data.prepared import PreparedData
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.model.transformer import IGNORE_INDEX
-from darkhorse.train import checkpoint as ckpt
+from darkhorse import checkpoint as ckpt
 from darkhorse.train.dashboard import METRICS_FILE, Dashboard, ExternalLogger
 from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters

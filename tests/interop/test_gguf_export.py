@@ -35,6 +35,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 from darkhorse.config import ModelConfig, RopeScalingConfig, RunConfig, TrainConfig
 from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
 from darkhorse.data.tokenizer import Tokenizer
@@ -42,7 +43,6 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.infer.generate import generate_tokens
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
 GREEDY_TOKENS = 40

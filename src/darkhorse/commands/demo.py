@@ -271,11 +271,11 @@ def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from darkhorse.checkpoint import load_model
     from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
     from darkhorse.data.prepare import prepare
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.eval.exact_match import evaluate_exact_match
-    from darkhorse.checkpoint import load_model
     from darkhorse.train.trainer import train
 
     if args.max_steps is not None and args.max_steps <= 0:

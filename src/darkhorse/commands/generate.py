@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(checkpoint: Path, device: str):
     """Model, config and tokenizer of a checkpoint, with clear errors for the usual mistakes."""
-    from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.checkpoint import load_model
+    from darkhorse.data.tokenizer import Tokenizer
 
     if not (checkpoint / "model.safetensors").exists():
         raise DarkhorseError(f"{checkpoint} is not a darkhorse checkpoint (no model.safetensors)")

@@ -73,9 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from darkhorse.checkpoint import latest_checkpoint, read_meta
     from darkhorse.data.loader import parse_data_spec
     from darkhorse.errors import DarkhorseError
-    from darkhorse.checkpoint import latest_checkpoint, read_meta
     from darkhorse.train.trainer import train
 
     if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():

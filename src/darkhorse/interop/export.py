@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.hf import HFAdapter, SafetensorsDir, SpecialTokens, adapter_for_export
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
 
 FORMATS = ("hf", "safetensors", "pt", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

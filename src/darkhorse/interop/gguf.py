@@ -33,6 +33,7 @@ from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QType
 from safetensors import safe_open
 
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.data.tokenizer import (
     ASSISTANT_END,
@@ -45,7 +46,6 @@ from darkhorse.data.tokenizer import (
 )
 from darkhorse.errors import DarkhorseError
 from darkhorse.model.layers import yarn_mscale
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
 
 OUTTYPES = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),

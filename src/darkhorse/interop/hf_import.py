@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
+from darkhorse.checkpoint import save_model_checkpoint
 from darkhorse.config import TrainConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import is_state_dict_export, load_state_dict_export, staged_output
 from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
-from darkhorse.checkpoint import save_model_checkpoint
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -159,10 +159,10 @@ def compare_domain_prior(config, data_dir: str | Path, out_dir: str | Path, **tr
     I(domain; expert) per layer on the val split with tags withheld from routing (the prior is
     annealed away by the end). Returns {"without_prior": {layer: bits}, "with_prior": {...},
     "domains": names, "max_bits": log2(n_domains)}; `train_options` go to `train()`."""
+    from darkhorse.checkpoint import load_model
     from darkhorse.config import load_run_config
     from darkhorse.data.prepared import open_prepared
     from darkhorse.errors import DarkhorseError
-    from darkhorse.checkpoint import load_model
     from darkhorse.train.trainer import train
 
     data = open_prepared(data_dir)

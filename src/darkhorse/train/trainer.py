@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
+from darkhorse import checkpoint as ckpt
 from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.data.loader import Batch, WindowLoader, open_sources
 from darkhorse.data.prepared import PreparedData
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.model.transformer import IGNORE_INDEX
-from darkhorse import checkpoint as ckpt
 from darkhorse.train.dashboard import METRICS_FILE, Dashboard, ExternalLogger
 from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters

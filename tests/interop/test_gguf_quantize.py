@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import gguf
 import numpy as np
@@ -11,14 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 from darkhorse.cli import main
 from darkhorse.config import ModelConfig, RunConfig, TrainConfig
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.gguf import export_gguf
+from darkhorse.interop.llama_cpp_child import llama_cpp_version
 from darkhorse.interop.quantize import gguf_perplexity, quantize_gguf
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 QType = gguf.GGMLQuantizationType
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
@@ -170,3 +172,41 @@ def test_deepseek2_quantizes_with_router_kept_f32(tiny_genesis_checkpoint, tmp_p
     assert by_name["blk.1.ffn_gate_exps.weight"].fell_back  # dim 128: expert rows cannot take Q4_K
     assert not by_name["blk.0.ffn_down.weight"].fell_back  # rows of 256 do
     assert llama_cpp.Llama(str(report.out_path), n_ctx=64, n_threads=1, verbose=False).n_vocab() > 0
+
+
+CRASHING_LLAMA_CPP = """
+import os, signal
+
+def llama_model_quantize_default_params():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+def Llama(*args, **kwargs):
+    print("/src/ggml-backend.cpp:1294: GGML_ASSERT(*cur_backend_id != -1) failed", file=__import__("sys").stderr)
+    os.abort()
+"""
+
+
+@pytest.fixture
+def crashing_llama_cpp(tmp_path, monkeypatch):
+    """Child processes import a llama_cpp that dies by a signal, as llama.cpp does on AMX Xeons."""
+    fake = tmp_path / "fake-llama-cpp"
+    fake.mkdir()
+    (fake / "llama_cpp.py").write_text(CRASHING_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+
+
+def test_a_llama_cpp_crash_in_quantize_is_one_error_line_and_writes_nothing(
+    f16_gguf, tmp_path, crashing_llama_cpp, capsys
+):
+    out = tmp_path / "q8.gguf"
+    assert main(["quantize", str(f16_gguf), "--type", "Q8_0", "--out", str(out), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"(llama-cpp-python {llama_cpp_version()}) crashed with SIGSEGV during quantize of {f16_gguf}" in err
+    assert "CMAKE_ARGS=-DGGML_NATIVE=OFF" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake-llama-cpp"]  # no output, no temp file
+
+
+def test_a_llama_cpp_abort_in_perplexity_names_the_assertion(f16_gguf, crashing_llama_cpp):
+    with pytest.raises(DarkhorseError, match=r"crashed with SIGABRT \(ggml-backend.cpp:1294: GGML_ASSERT"):
+        gguf_perplexity(f16_gguf, np.arange(40), context=16, threads=1)

@@ -8,12 +8,13 @@ another type (Q4_K -> Q5_0, Q6_K -> Q8_0, ...). The report reads the written fil
 `gguf.GGUFReader` and names every such tensor.
 
 Perplexity is computed from llama.cpp's own logits on windows of a prepared val split, so the
-original and the quantized file are measured by the same engine on the same tokens.
+original and the quantized file are measured by the same engine on the same tokens. Both run
+llama.cpp in a child process (interop/llama_cpp_child.py): a llama.cpp crash is an error line, not
+the end of the command.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from gguf import GGMLQuantizationType as QType
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.gguf import atomic_output
+from darkhorse.interop.llama_cpp_child import run_llama_cpp
 
 # llama_ftype values (llama.h) and the tensor types each one is meant to produce.
 QUANT_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15}
@@ -97,9 +99,7 @@ def _report_tensors(reader_in: gguf.GGUFReader, reader_out: gguf.GGUFReader, qty
 def quantize_gguf(
     in_path: str | Path, out_path: str | Path, qtype: str, *, force: bool = False, threads: int = 0
 ) -> QuantizeReport:
-    """Quantize `in_path` (an f32/f16/bf16 GGUF) to `qtype` at `out_path` with llama.cpp."""
-    import llama_cpp
-
+    """Quantize `in_path` (an f32/f16/bf16 GGUF) to `qtype` at `out_path` with llama.cpp (in a child process)."""
     if qtype not in QUANT_TYPES:
         raise DarkhorseError(f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
     in_path, out_path = Path(in_path), Path(out_path)
@@ -112,14 +112,8 @@ def quantize_gguf(
         )
     if out_path.resolve() == in_path.resolve():
         raise DarkhorseError(f"--out {out_path} is the input file; choose another path")
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # libllama's per-tensor log lines
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[qtype]
-    params.nthread = threads
     with atomic_output(out_path, force) as temp:
-        status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(temp).encode(), params)
-        if status != 0:
-            raise DarkhorseError(f"llama.cpp could not quantize {in_path} to {qtype} (status {status}; see above)")
+        run_llama_cpp("quantize", in_path, out=str(temp), ftype=QUANT_TYPES[qtype], threads=threads)
     return QuantizeReport(
         in_path=in_path,
         out_path=out_path,
@@ -152,46 +146,21 @@ def check_same_tokenizer(gguf_path: Path, tokenizer_file: Path) -> None:
             )
 
 
-def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    peak = logits.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
-    return log_norm - logits[np.arange(len(targets)), targets]
-
-
 def gguf_perplexity(path: str | Path, tokens: np.ndarray, *, context: int = 256, threads: int = 0) -> float:
     """exp(mean next-token NLL) of `tokens` under llama.cpp, in non-overlapping windows of `context`.
 
     Each window starts from an empty cache, so every prediction sees between 1 and context-1 tokens
     of history (the same protocol as llama.cpp's `llama-perplexity` without its half-window skip).
     """
-    import llama_cpp
-
     if len(tokens) < 2:
         raise DarkhorseError("perplexity needs at least 2 val tokens")
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=context,
-        n_batch=context,
-        n_ubatch=context,
-        logits_all=True,
-        n_threads=threads or os.cpu_count() or 1,
-        verbose=False,
-    )
-    try:
-        total, count = 0.0, 0
-        for start in range(0, len(tokens) - 1, context):
-            window = [int(t) for t in tokens[start : start + context]]
-            if len(window) < 2:
-                break
-            llm.reset()
-            llm.eval(window)
-            logits = np.asarray(llm.scores[: len(window) - 1])
-            nll = _log_softmax_nll(logits, np.asarray(window[1:]))
-            total, count = total + float(nll.sum()), count + len(nll)
-    finally:
-        llm.close()
-    return float(np.exp(total / count))
+    starts = range(0, len(tokens) - 1, context)
+    windows = [[int(t) for t in tokens[start : start + context]] for start in starts]
+    result = run_llama_cpp(
+        "perplexity", path, context=context, threads=threads or os.cpu_count() or 1,
+        windows=[window for window in windows if len(window) >= 2],
+    )  # fmt: skip
+    return float(np.exp(result["nll_sum"] / result["count"]))
 
 
 def load_val_tokens(data_dir: str | Path, gguf_path: str | Path, max_tokens: int) -> np.ndarray:

@@ -8,6 +8,15 @@ import torch
 torch.set_num_threads(1)  # tests run in parallel workers on 2 cores; one thread each avoids thrashing
 
 
+def pytest_configure(config):
+    """`make test` sets DARKHORSE_REQUIRE_GGUF_CHECK: there the GGUF tests must run, not skip."""
+    import importlib.util
+    import os
+
+    if os.environ.get("DARKHORSE_REQUIRE_GGUF_CHECK") and importlib.util.find_spec("llama_cpp") is None:
+        raise pytest.UsageError("llama-cpp-python is not installed but the GGUF tests must run: make install-test")
+
+
 # -- a tiny trained dense checkpoint (interop tests) ----------------------------------------------
 
 TINY_CYCLE = (

@@ -27,11 +27,9 @@ import dataclasses
 import json
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 import torch
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -42,7 +40,11 @@ from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.generate import generate_tokens
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
+from darkhorse.interop.llama_cpp_child import LLAMA_CPP_MISSING
 from darkhorse.model import Transformer
+
+llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
 
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
 GREEDY_TOKENS = 40

@@ -18,10 +18,11 @@ from darkhorse.config import ModelConfig, RunConfig, TrainConfig
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.gguf import export_gguf
-from darkhorse.interop.llama_cpp_child import llama_cpp_version
+from darkhorse.interop.llama_cpp_child import LLAMA_CPP_MISSING, llama_cpp_version
 from darkhorse.interop.quantize import gguf_perplexity, quantize_gguf
 from darkhorse.model import Transformer
 
+pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
 QType = gguf.GGMLQuantizationType
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from darkhorse.errors import DarkhorseError
 
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make install-test` builds it (or pip install llama-cpp-python)"
 WORKAROUND = (
     "on AVX-512/AMX CPUs reinstall llama-cpp-python built without llama.cpp's AMX path: "
     "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall --no-cache-dir llama-cpp-python "
@@ -42,7 +43,7 @@ def llama_cpp_version() -> str:
 def run_llama_cpp(task: str, path: str | Path, **request: Any) -> dict[str, Any]:
     """Run `task` on the GGUF file `path` in a child process and return its JSON answer."""
     if llama_cpp_version() == "not installed":
-        raise DarkhorseError("llama-cpp-python is not installed; `make install-test` (or pip install llama-cpp-python)")
+        raise DarkhorseError(LLAMA_CPP_MISSING)
     payload = json.dumps({"task": task, "path": str(path), **request})
     child = subprocess.run(
         [sys.executable, "-m", "darkhorse.interop.llama_cpp_child"],

@@ -34,10 +34,10 @@ PROMPT_TOKENS = 16
 
 
 def make_checkpoint(preset: str, work: Path) -> Path:
+    from darkhorse.checkpoint import save_model_checkpoint
     from darkhorse.config import load_run_config
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.model import Transformer
-    from darkhorse.checkpoint import save_model_checkpoint
 
     config = load_run_config(preset=preset)
     tokenizer = Tokenizer.train(["alpha beta gamma delta epsilon"] * 20, vocab_size=300)
@@ -122,9 +122,9 @@ def export_memory_row(preset: str, checkpoint: Path, work: Path) -> str:
 def bench_preset(preset: str, work: Path, tokens: int, threads: int, repeats: int) -> list[str]:
     import llama_cpp
 
+    from darkhorse.checkpoint import load_model
     from darkhorse.interop.gguf import export_gguf
     from darkhorse.interop.quantize import quantize_gguf
-    from darkhorse.checkpoint import load_model
 
     checkpoint = make_checkpoint(preset, work)
     prompt = [(7 * i + 3) % 256 + 12 for i in range(PROMPT_TOKENS)]

@@ -35,10 +35,10 @@ def train_tiny_checkpoint(out_dir, *, steps: int = 40, seed: int = 0, **model):
     """Train a 2-layer model (dim 256, so K-quants apply) on `_tiny_corpus` and save a checkpoint.
 
     `model` overrides ModelConfig fields, e.g. the MLA + MoE + MTP settings of `tiny_genesis_checkpoint`."""
+    from darkhorse.checkpoint import save_model_checkpoint
     from darkhorse.config import ModelConfig, RunConfig, TrainConfig
     from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.model import Transformer
-    from darkhorse.checkpoint import save_model_checkpoint
 
     torch.manual_seed(seed)
     texts = _tiny_corpus()
@@ -124,8 +124,8 @@ def tiny_untied_checkpoint(tiny_dense_checkpoint, tmp_path_factory):
     """The trained dense model with its head untied (a copy of the embedding): same outputs, own tensor."""
     import dataclasses
 
-    from darkhorse.model import Transformer
     from darkhorse.checkpoint import load_model, save_model_checkpoint
+    from darkhorse.model import Transformer
 
     tied, config, meta = load_model(tiny_dense_checkpoint)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, tie_embeddings=False))

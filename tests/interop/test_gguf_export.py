@@ -35,6 +35,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 from darkhorse.config import ModelConfig, RopeScalingConfig, RunConfig, TrainConfig
 from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
 from darkhorse.data.tokenizer import Tokenizer
@@ -42,7 +43,6 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.infer.generate import generate_tokens
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 LOGIT_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1, "q8_0": 3e-1}
 GREEDY_TOKENS = 40
@@ -230,7 +230,7 @@ def test_existing_output_needs_force_and_failed_export_leaves_nothing(tiny_dense
 
     # The weights say ffn_dim 512: fails mid-stream, after the header and early tensors are written.
     broken = copy_with_model_config(tiny_dense_checkpoint, tmp_path / "broken", lambda m: m.update(ffn_dim=640))
-    with pytest.raises(DarkhorseError, match="ffn_gate.weight has shape"):
+    with pytest.raises(DarkhorseError, match=r"gate_proj.weight has shape \(512, 256\), its config needs \(640"):
         export_gguf(broken, tmp_path / "new.gguf", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]
 

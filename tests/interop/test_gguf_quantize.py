@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 from darkhorse.cli import main
 from darkhorse.config import ModelConfig, RunConfig, TrainConfig
 from darkhorse.data.tokenizer import Tokenizer
@@ -18,7 +19,6 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.interop.gguf import export_gguf
 from darkhorse.interop.quantize import gguf_perplexity, quantize_gguf
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 QType = gguf.GGMLQuantizationType
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from darkhorse import checkpoint as ckpt
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
-from darkhorse import checkpoint as ckpt
 from darkhorse.train.trainer import out_of_memory_advice, train
 
 SMALL = [

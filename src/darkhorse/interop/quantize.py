@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from darkhorse.errors import DarkhorseError
-from darkhorse.interop.gguf import atomic_output
+from darkhorse.files import atomic_file
 
 # llama_ftype values (llama.h) and the tensor types each one is meant to produce.
 QUANT_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15}
@@ -116,7 +116,7 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = threads
-    with atomic_output(out_path, force) as temp:
+    with atomic_file(out_path, force=force) as temp:
         status = llama_cpp.llama_model_quantize(str(in_path).encode(), str(temp).encode(), params)
         if status != 0:
             raise DarkhorseError(f"llama.cpp could not quantize {in_path} to {qtype} (status {status}; see above)")

@@ -7,10 +7,14 @@
                             tokenizer_config.json / chat_template.jinja when it has them)
         trainer_state.pt    optimizer, scheduler, scaler, RNG and data position (training only)
 
-A checkpoint is written into a hidden temp dir next to its target, fsynced, then renamed into
-place, so a crash mid-save leaves the previous checkpoints intact and no half-written directory
-under a valid name. Nothing is ever unpickled: weights come from safetensors and the trainer
-state through `torch.load(weights_only=True)`.
+A checkpoint is written with `files.atomic_dir` (a hidden temp dir beside its target, fsynced, then
+renamed into place), so a crash mid-save leaves the previous checkpoints intact and no half-written
+directory under a valid name. Nothing is ever unpickled: weights come from safetensors and the
+trainer state through `torch.load(weights_only=True)`.
+
+Three ways to read one, all here: `load_model` (model, RunConfig, meta) for training code,
+`load_for_inference` (model, tokenizer, meta) for generate, chat, eval and the demo, and
+`CheckpointTensors`, one tensor at a time without building the model, for export and GGUF.
 
 Weights are written by `write_safetensors`, which streams one tensor at a time into the file
 (safetensors' own `save_file` first serialises every tensor into one bytes object, a second copy of
@@ -20,75 +24,39 @@ the model), so saving a model costs no memory beyond the model itself.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model as load_safetensors_into
 from torch import nn
 
 from darkhorse import __version__
-from darkhorse.config import RunConfig, run_config_from_dict
-from darkhorse.data.tokenizer import SIDECAR_FILES
+from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
+from darkhorse.data.tokenizer import SIDECAR_FILES, TOKENIZER_FILE, Tokenizer
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import atomic_dir, read_json_object, remove_partial_writes
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.pt"
 FINAL_NAME = "final"
 STEP_PREFIX = "step-"
-TEMP_PREFIX = ".tmp-"
 
 
 def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(temp_dir)`, then move the finished dir to `target` (replacing an old one)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f"{TEMP_PREFIX}{target.name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
-    try:
-        write(temp)
-        for file in temp.iterdir():
-            _fsync(file)
-        _fsync(temp)
-        if target.exists():
-            retired = target.parent / f"{TEMP_PREFIX}old-{target.name}-{os.getpid()}"
-            target.rename(retired)
-            temp.rename(target)
-            shutil.rmtree(retired)
-        else:
-            temp.rename(target)
-        _fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return target
-
-
 def remove_stale_temp_dirs(run_dir: Path) -> None:
     """Temp dirs left by a save that was killed; they never hold a checkpoint anyone can use."""
-    for stale in Path(run_dir).glob(f"{TEMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_partial_writes(run_dir)
 
 
 SAFETENSORS_DTYPES = {
@@ -156,7 +124,9 @@ def save_model_checkpoint(
 
     Replaces `folder` if it exists: callers decide whether that is allowed (--force).
     """
-    return write_atomically(Path(folder), lambda temp: _write_model_files(temp, model, config, tokenizer_file, meta))
+    with atomic_dir(folder, force=True) as temp:
+        _write_model_files(temp, model, config, tokenizer_file, meta)
+    return Path(folder)
 
 
 def save_training_checkpoint(
@@ -168,12 +138,10 @@ def save_training_checkpoint(
     trainer_state: dict[str, Any],
 ) -> Path:
     """A resumable checkpoint: the model files plus `trainer_state.pt`."""
-
-    def write(temp: Path) -> None:
+    with atomic_dir(folder, force=True) as temp:
         _write_model_files(temp, model, config, tokenizer_file, meta)
         torch.save(trainer_state, temp / STATE_FILE)
-
-    return write_atomically(folder, write)
+    return Path(folder)
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -183,11 +151,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     meta_file = folder / META_FILE
     if not meta_file.exists():
         raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DarkhorseError(f"{meta_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(meta, dict) or "config" not in meta:
+    meta = read_json_object(meta_file)
+    if "config" not in meta:
         raise DarkhorseError(f"{meta_file}: missing 'config'")
     return meta
 
@@ -219,6 +184,20 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def _weights_file(folder: Path) -> Path:
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {MODEL_FILE})")
+    return path
+
+
+def _tokenizer_file(folder: Path) -> Path:
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise DarkhorseError(f"{folder} has no {TOKENIZER_FILE}; copy the one from the prepared data dir")
+    return path
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig, dict]:
     """(model in eval mode, its RunConfig, meta.json) from any darkhorse checkpoint."""
     from darkhorse.model import Transformer
@@ -226,12 +205,23 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     folder = Path(folder)
     meta = read_meta(folder)
     config = run_config_from_dict(meta["config"])
-    if not (folder / MODEL_FILE).exists():
-        raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {MODEL_FILE})")
+    _weights_file(folder)
     with torch.device(device):
         model = Transformer(config.model)
     load_weights(model, folder, device)
     return model.eval(), config, meta
+
+
+def load_for_inference(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
+    """(model in eval mode, its tokenizer, meta) for generate, chat and eval; meta["config"] is the RunConfig.
+
+    Every file is checked before the weights are read, so a wrong path fails at once."""
+    folder = Path(folder)
+    read_meta(folder)
+    _weights_file(folder)
+    tokenizer = Tokenizer.from_file(_tokenizer_file(folder))
+    model, config, meta = load_model(folder, device)
+    return model, tokenizer, {**meta, "config": config}
 
 
 def load_weights(model: nn.Module, folder: str | Path, device: str | torch.device = "cpu") -> None:
@@ -249,6 +239,73 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     if not state_file.exists():
         raise DarkhorseError(f"{folder} has no {STATE_FILE}: it cannot be resumed (only fine-tuned from)")
     return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def open_safetensors(path: str | Path):
+    """A safetensors handle that reads with pread: with mmap every page read stays mapped into the
+    process until the handle closes, so streaming a whole model out would hold the file in RSS."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8 has only mmap
+        return safe_open(str(path), framework="pt")
+
+
+class CheckpointTensors:
+    """A checkpoint's meta, config and tokenizer file, and its weights read one tensor at a time.
+
+    What export and GGUF read: no model is built, so peak memory is one tensor. `get` checks each
+    tensor against the config (present, a tied head under either name since the weights store it
+    once, and the shape the config implies): a checkpoint `load_model` refuses fails here too, at the
+    first tensor that is wrong, and exporters refuse what they cannot write before reading any.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder)
+        self.meta = read_meta(self.path)
+        self.config: RunConfig = run_config_from_dict(self.meta["config"])
+        self.weights_file = _weights_file(self.path)
+        self.tokenizer_file = _tokenizer_file(self.path)
+        self._weights = open_safetensors(self.weights_file)
+        self.names = set(self._weights.keys())
+        self.expected = expected_shapes(self.config.model)
+        tied = {"embed.weight", "lm_head.weight"}
+        self._tied = tied if self.model.tie_embeddings else set()
+        self.used: set[str] = set()
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model's config (`config.model`)."""
+        return self.config.model
+
+    def _stored_name(self, name: str) -> str | None:
+        candidates = [name, *sorted(self._tied - {name})] if name in self._tied else [name]
+        return next((candidate for candidate in candidates if candidate in self.names), None)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` as stored (dtype included); a tied head reads the embedding it shares."""
+        stored = self._stored_name(name)
+        if stored is None:
+            raise DarkhorseError(f"{self.weights_file}: tensor '{name}' is missing")
+        tensor = self._weights.get_tensor(stored)
+        if name in self.expected and tuple(tensor.shape) != self.expected[name]:
+            raise DarkhorseError(
+                f"{self.weights_file}: {name} has shape {tuple(tensor.shape)}, its config needs {self.expected[name]}"
+            )
+        self.used |= self._tied if name in self._tied else {name}
+        return tensor
+
+    def unread(self) -> list[str]:
+        """Stored tensors no `get` asked for: what an export would silently leave out."""
+        return sorted(self.names - self.used)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every persistent tensor of a model with `config`, by name (built on the meta device: no memory)."""
+    from darkhorse.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -20,6 +20,7 @@ import yaml
 
 from darkhorse.errors import ConfigError
 
+MAX_DOMAINS = 256  # domain ids are stored as uint8 (prepared data, MoE routing statistics)
 PRESET_ALIASES = {"1b": "genesis-1b", "5b": "genesis-5b", "30b": "genesis-30b", "500b": "genesis-500b"}
 
 
@@ -129,7 +130,10 @@ class MoEConfig:
         _require(self.routed_scaling_factor > 0, "model.moe.routed_scaling_factor must be > 0")
         for name in ("bias_update_rate", "aux_loss_alpha", "z_loss_weight", "domain_prior_anneal_steps"):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0")
-        _require(0 <= self.n_domains <= 256, "model.moe.n_domains must be between 0 and 256 (domain ids are uint8)")
+        _require(
+            0 <= self.n_domains <= MAX_DOMAINS,
+            f"model.moe.n_domains must be between 0 and {MAX_DOMAINS} (domain ids are uint8)",
+        )
         _require(0 < self.collapse_share <= 1, "model.moe.collapse_share must be in (0, 1]")
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 

@@ -232,7 +232,7 @@ def test_existing_output_needs_force_and_failed_export_leaves_nothing(tiny_dense
 
     # The weights say ffn_dim 512: fails mid-stream, after the header and early tensors are written.
     broken = copy_with_model_config(tiny_dense_checkpoint, tmp_path / "broken", lambda m: m.update(ffn_dim=640))
-    with pytest.raises(DarkhorseError, match="ffn_gate.weight has shape"):
+    with pytest.raises(DarkhorseError, match=r"gate_proj.weight has shape \(512, 256\), its config needs \(640"):
         export_gguf(broken, tmp_path / "new.gguf", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "model.gguf"]
 

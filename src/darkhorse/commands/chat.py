@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from darkhorse.commands.generate import add_sampling_arguments, load_for_inference, sampling_options
+from darkhorse.commands.generate import add_sampling_arguments, sampling_options
 
 HELP = "interactive multi-turn chat with a checkpoint"
 
@@ -28,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from darkhorse.checkpoint import load_for_inference
     from darkhorse.infer.chat import ChatSession, run_repl
 
     options = sampling_options(args)
-    model, _, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
     session = ChatSession(model, tokenizer, options, think=not args.no_think, system=args.system)
     run_repl(session)
     return 0

@@ -271,10 +271,9 @@ def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from darkhorse.checkpoint import load_model
+    from darkhorse.checkpoint import load_for_inference
     from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
     from darkhorse.data.prepare import prepare
-    from darkhorse.data.tokenizer import Tokenizer
     from darkhorse.eval.exact_match import evaluate_exact_match
     from darkhorse.train.trainer import train
 
@@ -312,8 +311,7 @@ def run(args: argparse.Namespace) -> int:
         raise DarkhorseError(f"training stopped early; continue with: darkhorse train --out {out / 'run'} --resume")
 
     console.rule("4. held-out evaluation")
-    model, trained_config, _ = load_model(result.checkpoint)
-    tokenizer = Tokenizer.from_file(result.checkpoint / "tokenizer.json")
+    model, tokenizer, meta = load_for_inference(result.checkpoint)
     records = [example.to_record() for example in corpus.heldout]
     with console.status(f"answering {len(records)} held-out problems greedily"):
         report = evaluate_exact_match(model, tokenizer, records, max_new_tokens=sizes["max_new_tokens"])
@@ -322,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     for line in _goal_lines(report):
         console.print(line)
     _show_exchanges(console, report)
-    routing = _routing_table(model, prepared, trained_config.train.seq_len)
+    routing = _routing_table(model, prepared, meta["config"].train.seq_len)
     if routing is not None:
         console.print(routing[0])
 

@@ -54,20 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def load_for_inference(checkpoint: Path, device: str):
-    """Model, config and tokenizer of a checkpoint, with clear errors for the usual mistakes."""
-    from darkhorse.checkpoint import load_model
-    from darkhorse.data.tokenizer import Tokenizer
-
-    if not (checkpoint / "model.safetensors").exists():
-        raise DarkhorseError(f"{checkpoint} is not a darkhorse checkpoint (no model.safetensors)")
-    tokenizer_file = checkpoint / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise DarkhorseError(f"{checkpoint} has no tokenizer.json; copy the one from the prepared data dir")
-    model, config, _ = load_model(checkpoint, device=device)
-    return model, config, Tokenizer.from_file(tokenizer_file)
-
-
 def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=None, chat: bool = False) -> str:
     """Print the completion as it is generated and return it (without the token that ended it).
 
@@ -96,8 +82,10 @@ def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from darkhorse.checkpoint import load_for_inference
+
     options = sampling_options(args)
-    model, _, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
     prompt = args.prompt
     if args.chat:
         from darkhorse.infer.chat import render_chat_prompt
@@ -116,6 +104,8 @@ def latest_final_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
 
 def run_latest(prompt: str) -> int:
     """`darkhorse --prompt ...`: greedy completion from the newest run, as the seeds' CLI does."""
+    from darkhorse.checkpoint import load_for_inference
+
     checkpoint = latest_final_checkpoint()
     if checkpoint is None:
         raise DarkhorseError(
@@ -123,7 +113,7 @@ def run_latest(prompt: str) -> int:
             "`darkhorse train --preset tiny-cpu --data DIR --out runs/NAME` first"
         )
     print(f"[{checkpoint}]", file=sys.stderr)
-    model, _, tokenizer = load_for_inference(checkpoint, "cpu")
+    model, tokenizer, _ = load_for_inference(checkpoint)
     defaults = {
         "max_new_tokens": 128,
         "temperature": 0.0,

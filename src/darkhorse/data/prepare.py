@@ -21,8 +21,6 @@ import itertools
 import json
 import os
 import queue
-import secrets
-import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from darkhorse.config import MAX_DOMAINS
 from darkhorse.data.chat_format import assistant_spans
 from darkhorse.data.prepared import (
     DOMAIN_DTYPE,
@@ -45,12 +44,12 @@ from darkhorse.data.prepared import (
 from darkhorse.data.readers import Document, InputReader, expand_inputs
 from darkhorse.data.tokenizer import BOS, EOS, Tokenizer
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import atomic_dir
 
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 128 << 20  # BPE merges for a small vocab settle long before this
 CHUNK_BYTES = 4 << 20  # text per encode_batch call: big enough to keep all cores busy
-MAX_DOMAINS = 256  # domain ids are uint8
 
 
 def is_validation(text_bytes: bytes, val_fraction: float) -> bool:
@@ -273,11 +272,7 @@ def prepare(
     given_tokenizer = _resolve_tokenizer(tokenizer)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-    target = out_dir.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    work_dir.mkdir()
-    try:
+    with atomic_dir(out_dir.resolve(), force=True) as work_dir:  # _check_out_dir applied --force
         with _progress(progress, console) as bar:
             if given_tokenizer is None:
                 tok = _train_tokenizer(readers, vocab_size, val_fraction, tokenizer_sample_bytes, bar)
@@ -301,9 +296,6 @@ def prepare(
             },
         )
         (work_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(work_dir, target)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
     return open_prepared(out_dir)
 
 
@@ -359,17 +351,6 @@ def _encode_all(
         "splits": {split: writer.summary(domain_names) for split, writer in writers.items()},
         "skipped": skipped,
     }
-
-
-def _move_into_place(work_dir: Path, out_dir: Path) -> None:
-    """Rename the finished temp dir to `out_dir`; an old `out_dir` (allowed by --force) goes only after."""
-    if not out_dir.exists():
-        work_dir.rename(out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    out_dir.rename(old)
-    work_dir.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def default_cache_dir() -> Path:

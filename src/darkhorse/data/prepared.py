@@ -25,7 +25,6 @@ clear error before training starts, not a crash (or silent garbage) mid-run.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import read_json_object
 
 FORMAT = "darkhorse-prepared-v1"
 TOKEN_DTYPE = np.dtype("<u4")
@@ -136,11 +136,8 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
     meta_file = path / "meta.json"
     if not meta_file.exists():
         raise _fail(path, "no meta.json: this is not a prepared data directory (see `darkhorse prepare`)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise _fail(meta_file, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(meta, dict) or "vocab_size" not in meta:
+    meta = read_json_object(meta_file)
+    if "vocab_size" not in meta:
         raise _fail(meta_file, "missing 'vocab_size'")
     if meta.get("format", FORMAT) != FORMAT:
         raise _fail(meta_file, f"format {meta['format']!r} is not {FORMAT!r}; prepare the data again")

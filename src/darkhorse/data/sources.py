@@ -9,8 +9,6 @@ dump of the same dataset prepare identically. Downloads stream (`datasets` with 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 from darkhorse.data.readers import RecordError, record_to_chat
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import atomic_file
 
 
 @dataclass(frozen=True)
@@ -99,35 +98,27 @@ def download(
         raise DarkhorseError(f"--max-samples must be >= 1, got {max_samples}")
     out_dir = Path(out_dir)
     out_file = out_dir / f"{source.name}.jsonl"
-    if out_file.exists() and not force:
-        raise DarkhorseError(f"{out_file} already exists; pass --force to replace it")
     for path in data_files or []:
         if not Path(path).is_file():
             raise DarkhorseError(f"--from-file {path}: file not found")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temp_file = out_dir / f".{out_file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     skipped: list[str] = []
     written = 0
-    try:
-        with open(temp_file, "w", encoding="utf-8") as handle:
-            try:
-                stream = _load_stream(source, data_files)
-                if max_samples is not None:
-                    stream = stream.take(max_samples)
-                for record in convert_records(stream, skipped):
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    written += 1
-            except DarkhorseError:
-                raise
-            except Exception as exc:  # network, hub and file-format errors all end the same way for the user
-                where = ", ".join(data_files) if data_files else f"{source.repo} on the Hugging Face Hub"
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise DarkhorseError(
-                    f"could not read {where} ({type(exc).__name__}{': ' + detail[:200] if detail else ''})"
-                ) from None
+    with atomic_file(out_file, force=force) as temp_file, open(temp_file, "w", encoding="utf-8") as handle:
+        try:
+            stream = _load_stream(source, data_files)
+            if max_samples is not None:
+                stream = stream.take(max_samples)
+            for record in convert_records(stream, skipped):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+        except DarkhorseError:
+            raise
+        except Exception as exc:  # network, hub and file-format errors all end the same way for the user
+            where = ", ".join(data_files) if data_files else f"{source.repo} on the Hugging Face Hub"
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DarkhorseError(
+                f"could not read {where} ({type(exc).__name__}{': ' + detail[:200] if detail else ''})"
+            ) from None
         if written == 0:
             raise DarkhorseError(f"no usable records from {source.repo}")
-        temp_file.replace(out_file)
-    finally:
-        temp_file.unlink(missing_ok=True)
     return out_file, written, skipped

@@ -35,6 +35,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import read_json_object
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, SYSTEM_END = "<|system|>", "<|/system|>"
@@ -83,14 +84,6 @@ def _token_text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DarkhorseError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def declared_settings(folder: Path) -> dict[str, str]:
     """bos/eos/pad token strings and chat template declared beside a tokenizer.json (empty if none).
 
@@ -99,10 +92,10 @@ def declared_settings(folder: Path) -> dict[str, str]:
     settings: dict[str, str] = {}
     meta = folder / "meta.json"
     if meta.is_file():
-        record = _read_json_object(meta).get("import", {}).get("tokenizer", {})
+        record = read_json_object(meta).get("import", {}).get("tokenizer", {})
         settings.update({key: value for key, value in record.items() if isinstance(value, str) and value})
     if (folder / SETTINGS_FILE).is_file():
-        config = _read_json_object(folder / SETTINGS_FILE)
+        config = read_json_object(folder / SETTINGS_FILE)
         for key in OWN_NAMES:
             if _token_text(config.get(key)):
                 settings[key] = _token_text(config[key])

@@ -17,21 +17,19 @@ interrupted export leaves nothing half-written, and an existing `--out` is repla
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
-from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, CheckpointTensors, write_safetensors
+from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.errors import DarkhorseError
-from darkhorse.interop.hf import HFAdapter, SafetensorsDir, SpecialTokens, adapter_for_export
+from darkhorse.files import atomic_dir
+from darkhorse.interop.hf import HFAdapter, SpecialTokens, adapter_for_export
 
 FORMATS = ("hf", "safetensors", "pt", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,24 +51,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise DarkhorseError("--max-shard-size must be positive")
     return size
-
-
-@contextlib.contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """A temp path beside `out` to write into; moved to `out` only if the block finishes."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise DarkhorseError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        staged = holder / out.name
-        yield staged
-        if out.exists():
-            out.rename(holder / "replaced")
-        staged.rename(out)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
 
 
 class ShardWriter:
@@ -120,56 +100,6 @@ class ShardWriter:
         return files
 
 
-class CheckpointSource:
-    """A darkhorse checkpoint's config and its weights, read one tensor at a time."""
-
-    def __init__(self, checkpoint_dir: str | Path) -> None:
-        self.path = Path(checkpoint_dir)
-        self.meta = read_meta(self.path)
-        self.config: RunConfig = run_config_from_dict(self.meta["config"])
-        if not (self.path / MODEL_FILE).exists():
-            raise DarkhorseError(f"{self.path} is not a darkhorse checkpoint (no {MODEL_FILE})")
-        self.tensors = SafetensorsDir(self.path, MODEL_FILE)
-        self.expected = expected_shapes(self.config.model)
-        # A tied embedding/head is stored once, under either name.
-        self.aliases = {"embed.weight": "lm_head.weight", "lm_head.weight": "embed.weight"}
-        if not self.config.model.tie_embeddings:
-            self.aliases = {}
-        missing = [name for name in self.expected if self._stored_name(name) is None]
-        if missing:
-            raise DarkhorseError(f"{self.path / MODEL_FILE} lacks tensors its config needs: {', '.join(missing)}")
-
-    def _stored_name(self, name: str) -> str | None:
-        for candidate in (name, self.aliases.get(name)):
-            if candidate and candidate in self.tensors:
-                return candidate
-        return None
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self.tensors.get(self._stored_name(name))
-        if tuple(tensor.shape) != self.expected[name]:
-            raise DarkhorseError(
-                f"{self.path / MODEL_FILE}: {name} has shape {tuple(tensor.shape)}, "
-                f"its config needs {self.expected[name]}"
-            )
-        return tensor
-
-    def tokenizer_file(self) -> Path:
-        path = self.path / TOKENIZER_FILE
-        if not path.exists():
-            raise DarkhorseError(f"{self.path} has no {TOKENIZER_FILE}; copy the one from the prepared data dir")
-        return path
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every persistent tensor of a model with `config`, by name (built on the meta device: no memory)."""
-    from darkhorse.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
@@ -178,7 +108,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 # Hugging Face
 
 
-def hf_tokenizer_settings(source: CheckpointSource) -> tuple[SpecialTokens, dict[str, str], str | None]:
+def hf_tokenizer_settings(source: CheckpointTensors) -> tuple[SpecialTokens, dict[str, str], str | None]:
     """Special-token ids (config.json), their strings and the chat template (tokenizer_config.json).
 
     darkhorse tokenizers get darkhorse's chat template; a foreign tokenizer (an imported model's) keeps
@@ -186,7 +116,7 @@ def hf_tokenizer_settings(source: CheckpointSource) -> tuple[SpecialTokens, dict
     from darkhorse.data.chat_format import jinja_chat_template
     from darkhorse.data.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_file(source.tokenizer_file())
+    tokenizer = Tokenizer.from_file(source.tokenizer_file)
     template = jinja_chat_template() if tokenizer.has_chat_tokens else tokenizer.chat_template
     strings = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
     strings = {name: token for name, token in strings.items() if token is not None}
@@ -214,7 +144,7 @@ def write_hf_tokenizer(
 
 
 def write_hf_weights(
-    source: CheckpointSource, adapter: HFAdapter, folder: Path, dtype: torch.dtype | None, max_bytes: int
+    source: CheckpointTensors, adapter: HFAdapter, folder: Path, dtype: torch.dtype | None, max_bytes: int
 ) -> list[Path]:
     """Stream every tensor through the adapter's maps into shards; returns the shard files."""
     config = source.config.model
@@ -245,17 +175,16 @@ def export_hf(
     max_shard_size: str = "5GB",
 ) -> Path:
     """Write `checkpoint_dir` as a transformers model directory at `out`."""
-    source = CheckpointSource(checkpoint_dir)
+    source = CheckpointTensors(checkpoint_dir)
     adapter = adapter_for_export(source.config.model)
-    tokenizer_file = source.tokenizer_file()
+    tokenizer_file = source.tokenizer_file
     max_bytes = parse_size(max_shard_size)
     torch_dtype = DTYPES[dtype] if dtype else None
-    stored = source.tensors.get(source._stored_name("norm.weight")).dtype
+    stored = source.get("norm.weight").dtype
     dtype_name = HF_DTYPE_NAMES.get(torch_dtype or stored, "float32")
     tokens, special, template = hf_tokenizer_settings(source)
     config = source.config.model
-    with staged_output(Path(out), force) as folder:
-        folder.mkdir()
+    with atomic_dir(out, force=force) as folder:
         write_hf_weights(source, adapter, folder, torch_dtype, max_bytes)
         hf_config = adapter.config_to_hf(config, tokens, dtype_name)
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -273,17 +202,16 @@ def export_state_dict(
     checkpoint_dir: str | Path, out: str | Path, fmt: str, *, force: bool = False, dtype: str | None = None
 ) -> Path:
     """`fmt` 'safetensors' or 'pt': our tensors as they are, plus config.json and tokenizer.json."""
-    source = CheckpointSource(checkpoint_dir)
+    source = CheckpointTensors(checkpoint_dir)
     torch_dtype = DTYPES[dtype] if dtype else None
-    tokenizer_file = source.tokenizer_file()
+    tokenizer_file = source.tokenizer_file
     names = [n for n in source.expected if not (source.config.model.tie_embeddings and n == "lm_head.weight")]
     record = {
         "format": STATE_DICT_FORMAT,
         "weights": MODEL_FILE if fmt == "safetensors" else PT_FILE,
         **{k: v for k, v in source.meta.items() if k != "format"},
     }
-    with staged_output(Path(out), force) as folder:
-        folder.mkdir()
+    with atomic_dir(out, force=force) as folder:
         if fmt == "safetensors":
             writer = ShardWriter(folder, max_bytes=2**63)
             for name in names:

@@ -16,13 +16,10 @@ memory is about one tensor, never a second copy of the model. It goes to a tempo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +28,9 @@ import numpy as np
 import torch
 from gguf import MODEL_TENSOR as T
 from gguf import GGMLQuantizationType as QType
-from safetensors import safe_open
 
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta
-from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
+from darkhorse.checkpoint import CheckpointTensors
+from darkhorse.config import ModelConfig
 from darkhorse.data.tokenizer import (
     ASSISTANT_END,
     BOS,
@@ -45,6 +41,7 @@ from darkhorse.data.tokenizer import (
     SPECIAL_TOKENS,
 )
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import atomic_file
 from darkhorse.model.layers import yarn_mscale
 
 OUTTYPES = {
@@ -75,45 +72,6 @@ SPECIAL_TOKEN_KEYS = {
 # Checkpoint tensors llama.cpp has no use for: MTP modules (it does not run them) and the MoE
 # domain-prior annealing state (training only).
 NOT_EXPORTED = re.compile(r"^mtp\.|\.domain_prior_scale$")
-
-
-# -------------------------------------------------------------------------------------------------
-# Reading the checkpoint lazily
-
-
-class CheckpointTensors:
-    """A checkpoint directory's config, tokenizer and weights, each weight read only when asked for."""
-
-    def __init__(self, checkpoint_dir: str | Path) -> None:
-        self.path = Path(checkpoint_dir)
-        meta = read_meta(self.path)
-        self.config: RunConfig = run_config_from_dict(meta["config"])
-        self._weights_file = self.path / MODEL_FILE
-        self.tokenizer_file = self.path / TOKENIZER_FILE
-        for required in (self._weights_file, self.tokenizer_file):
-            if not required.is_file():
-                raise DarkhorseError(f"{self.path} is not a complete darkhorse checkpoint (no {required.name})")
-        self._weights = safe_open(str(self._weights_file), framework="pt")
-        self._names = set(self._weights.keys())
-        self.used: set[str] = set()
-
-    @property
-    def model(self) -> ModelConfig:
-        return self.config.model
-
-    def get(self, name: str) -> torch.Tensor:
-        """Weight `name` in fp32; a tied head falls back to the embedding it shares storage with."""
-        if name not in self._names and self.model.tie_embeddings:
-            name = {"lm_head.weight": "embed.weight", "embed.weight": "lm_head.weight"}.get(name, name)
-        if name not in self._names:
-            raise DarkhorseError(f"{self._weights_file}: tensor '{name}' is missing")
-        self.used.add(name)
-        return self._weights.get_tensor(name).float()
-
-    def unexported(self) -> list[str]:
-        """Tensors no plan read: a model feature the GGUF would silently lose."""
-        tied_copy = {"lm_head.weight", "embed.weight"} if self.model.tie_embeddings else set()
-        return sorted(n for n in self._names - self.used - tied_copy if not NOT_EXPORTED.search(n))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -453,25 +411,6 @@ def encode_tensor(tensor: torch.Tensor, qtype: QType) -> np.ndarray:
     return gguf.quants.quantize(tensor.float().numpy(), qtype)
 
 
-@contextlib.contextmanager
-def atomic_output(out_path: str | Path, force: bool) -> Iterator[Path]:
-    """A temporary path beside `out_path` that replaces it only if the block succeeds."""
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise DarkhorseError(f"{out_path} is a directory; give a file name such as model.gguf")
-    if out_path.exists() and not force:
-        raise DarkhorseError(f"{out_path} already exists; pass --force to overwrite it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        yield temp
-        os.replace(temp, out_path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 MetadataWriter = Callable[[gguf.GGUFWriter, ModelConfig], None]
 
 
@@ -570,7 +509,7 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str =
     ckpt = CheckpointTensors(checkpoint_dir)
     arch, plan, add_metadata = _plan_for(ckpt)
     out_path = Path(out_path)
-    with atomic_output(out_path, force) as temp:
+    with atomic_file(out_path, force=force) as temp:
         writer = gguf.GGUFWriter(temp, arch)
         writer.add_name(ckpt.config.name or ckpt.path.name)
         writer.add_file_type(OUTTYPES[outtype][1])
@@ -592,6 +531,6 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str =
                 )
             writer.write_tensor_data(encode_tensor(tensor, qtype))
         writer.close()
-        if left_out := ckpt.unexported():
+        if left_out := [name for name in ckpt.unread() if not NOT_EXPORTED.search(name)]:
             raise DarkhorseError(f"{ckpt.path}: GGUF export has no place for {', '.join(left_out)}")
     return out_path

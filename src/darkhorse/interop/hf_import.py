@@ -12,7 +12,6 @@ chat template it resolved to.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,15 @@ from darkhorse.checkpoint import save_model_checkpoint
 from darkhorse.config import TrainConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
-from darkhorse.interop.export import is_state_dict_export, load_state_dict_export, staged_output
+from darkhorse.files import atomic_dir, read_json_object
+from darkhorse.interop.export import is_state_dict_export, load_state_dict_export
 from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DarkhorseError(f"{path.parent}: no {path.name} (is this a Hugging Face model directory?)") from None
-    except json.JSONDecodeError as exc:
-        raise DarkhorseError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise DarkhorseError(f"{path}: expected a JSON object")
-    return data
+    if not path.is_file():
+        raise DarkhorseError(f"{path.parent}: no {path.name} (is this a Hugging Face model directory?)")
+    return read_json_object(path)
 
 
 def _tokenizer_record(tokenizer_file: Path) -> dict[str, Any]:
@@ -131,7 +125,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
         model.lm_head.weight = model.embed.weight  # to_empty made them two tensors
     load_hf_state(hf_dir, model, adapter, source)
     model.init_rope_buffers()
-    with staged_output(out, force) as staging:
+    with atomic_dir(out, force=force) as staging:
         staging.parent.joinpath("tokenizer").mkdir()
         tokenizer_file = _tokenizer_file(hf_dir, staging.parent / "tokenizer")
         meta = {
@@ -154,6 +148,6 @@ def _import_state_dict_export(folder: Path, out: Path, force: bool) -> Path:
     model, config, record = load_state_dict_export(folder)
     meta = {k: v for k, v in record.items() if k not in ("format", "weights", "config", "darkhorse_version")}
     meta["import"] = {"format": record["weights"], "source": str(folder.resolve())}
-    with staged_output(out, force) as staging:
+    with atomic_dir(out, force=force) as staging:
         save_model_checkpoint(staging, model, config, folder / "tokenizer.json", meta)
     return out

@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from darkhorse.errors import DarkhorseError
-from darkhorse.interop.gguf import atomic_output
+from darkhorse.files import atomic_file
 from darkhorse.interop.llama_cpp_child import run_llama_cpp
 
 # llama_ftype values (llama.h) and the tensor types each one is meant to produce.
@@ -112,7 +112,7 @@ def quantize_gguf(
         )
     if out_path.resolve() == in_path.resolve():
         raise DarkhorseError(f"--out {out_path} is the input file; choose another path")
-    with atomic_output(out_path, force) as temp:
+    with atomic_file(out_path, force=force) as temp:
         run_llama_cpp("quantize", in_path, out=str(temp), ftype=QUANT_TYPES[qtype], threads=threads)
     return QuantizeReport(
         in_path=in_path,

@@ -29,13 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from darkhorse.config import ModelConfig, MoEConfig
+from darkhorse.config import MAX_DOMAINS, ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
 from darkhorse.model.layers import SwiGLU
 
 log = logging.getLogger("darkhorse")
-
-MAX_DOMAINS = 256  # domain ids are uint8
 
 
 @dataclass

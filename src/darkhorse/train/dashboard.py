@@ -19,7 +19,6 @@ from darkhorse.errors import DarkhorseError
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 METRICS_FILE = "metrics.jsonl"
-GIB = 1024**3
 
 
 def sparkline(values: list[float], width: int = 40) -> str:

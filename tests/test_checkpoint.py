@@ -11,6 +11,7 @@ import torch
 from darkhorse import checkpoint as ckpt
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import PARTIAL_MARK
 from darkhorse.model import Transformer
 
 TINY = ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
@@ -66,13 +67,13 @@ def test_a_process_killed_mid_save_leaves_only_a_hidden_temp_dir(tmp_path, model
     model, config = model_and_config
     save(tmp_path / ckpt.step_name(1), model, config, 1)
     # what a SIGKILL between writing files and the rename leaves behind
-    half = tmp_path / f"{ckpt.TEMP_PREFIX}{ckpt.step_name(2)}-4242"
-    half.mkdir()
-    (half / ckpt.META_FILE).write_text(json.dumps({"config": config.to_dict(), "step": 2}))
+    half = tmp_path / f".{ckpt.step_name(2)}{PARTIAL_MARK}4242"
+    (half / ckpt.step_name(2)).mkdir(parents=True)
+    (half / ckpt.step_name(2) / ckpt.META_FILE).write_text(json.dumps({"config": config.to_dict(), "step": 2}))
     assert ckpt.training_checkpoints(tmp_path) == [tmp_path / ckpt.step_name(1)]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / ckpt.step_name(1)
     ckpt.remove_stale_temp_dirs(tmp_path)
-    assert not half.exists()
+    assert not half.exists() and (tmp_path / ckpt.step_name(1)).exists()
 
 
 def test_keep_last_n_and_final_survives(tmp_path, model_and_config):
@@ -164,3 +165,74 @@ def test_meta_cannot_override_the_saved_config(tmp_path):
     folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, None, {"step": 3, "config": stale})
     _, loaded, meta = ckpt.load_model(folder)
     assert loaded.model.n_layers == 1 and meta["step"] == 3
+
+
+# -- reading: the lazy tensor reader (export, GGUF) and load_for_inference (generate, chat, eval) -----
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from darkhorse.data.tokenizer import Tokenizer
+
+    texts = ["one two three four five six seven eight nine ten"] * 4
+    return Tokenizer.train(texts, vocab_size=300).save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lazy_reader_gives_the_tensors_load_model_gives(tmp_path, tokenizer_file, tied):
+    config = load_run_config("tiny-cpu", overrides=[*TINY, f"model.tie_embeddings={str(tied).lower()}"])
+    torch.manual_seed(0)
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", Transformer(config.model), config, tokenizer_file, {"step": 1})
+    model, loaded_config, meta = ckpt.load_model(folder)
+    reader = ckpt.CheckpointTensors(folder)
+    assert reader.config == loaded_config and reader.meta == meta and reader.tokenizer_file == folder / "tokenizer.json"
+    assert ("lm_head.weight" in reader.names) != tied  # a tied head is stored once, read under either name
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reader.get(name), tensor), name
+    assert reader.unread() == []
+
+
+def test_the_lazy_reader_names_what_is_missing_or_wrong(tmp_path, model_and_config, tokenizer_file):
+    from safetensors.torch import load_file
+
+    model, config = model_and_config
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, None, {})
+    with pytest.raises(DarkhorseError, match="has no tokenizer.json"):
+        ckpt.CheckpointTensors(folder)
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, tokenizer_file, {})
+    tensors = {name: t.clone() for name, t in load_file(folder / ckpt.MODEL_FILE).items()}  # unmapped: rewritten below
+    ckpt.write_safetensors(folder / ckpt.MODEL_FILE, [(n, t) for n, t in tensors.items() if n != "norm.weight"])
+    with pytest.raises(DarkhorseError, match="model.safetensors: tensor 'norm.weight' is missing"):
+        ckpt.CheckpointTensors(folder).get("norm.weight")
+    tensors["norm.weight"] = torch.ones(3)
+    ckpt.write_safetensors(folder / ckpt.MODEL_FILE, list(tensors.items()))
+    with pytest.raises(DarkhorseError, match=r"norm.weight has shape \(3,\), its config needs \(32,\)"):
+        ckpt.CheckpointTensors(folder).get("norm.weight")
+    (folder / ckpt.MODEL_FILE).unlink()
+    with pytest.raises(DarkhorseError, match="is not a darkhorse checkpoint \\(no model.safetensors\\)"):
+        ckpt.CheckpointTensors(folder)
+
+
+def test_load_for_inference_gives_model_tokenizer_and_meta(tmp_path, model_and_config, tokenizer_file):
+    from darkhorse.data.tokenizer import Tokenizer
+
+    model, config = model_and_config
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, tokenizer_file, {"step": 5})
+    loaded, tokenizer, meta = ckpt.load_for_inference(folder)
+    assert not loaded.training and isinstance(tokenizer, Tokenizer)
+    assert tokenizer.sha256 == Tokenizer.from_file(tokenizer_file).sha256
+    assert meta["config"] == config and meta["step"] == 5
+    assert torch.equal(loaded.embed.weight, model.embed.weight)
+
+
+def test_load_for_inference_checks_every_file_first(tmp_path, model_and_config, monkeypatch):
+    model, config = model_and_config
+    with pytest.raises(DarkhorseError, match="checkpoint directory not found"):
+        ckpt.load_for_inference(tmp_path / "missing")
+    folder = ckpt.save_model_checkpoint(tmp_path / "c", model, config, None, {})
+    monkeypatch.setattr(ckpt, "load_weights", lambda *args: pytest.fail("weights read before the files were checked"))
+    with pytest.raises(DarkhorseError, match="has no tokenizer.json; copy the one from the prepared data dir"):
+        ckpt.load_for_inference(folder)
+    (folder / ckpt.META_FILE).write_text('{"config": {}\n,,')
+    with pytest.raises(DarkhorseError, match=r"meta.json:2: invalid JSON"):
+        ckpt.load_for_inference(folder)

@@ -1,0 +1,102 @@
+"""Writing outputs so a crash never leaves half a file, and reading JSON with errors a user can act on.
+
+Every output darkhorse writes (checkpoints, prepared data, downloads, exports, GGUF files) is built
+under a hidden temp dir beside its target, `.NAME.partial-XXXXXXXX/NAME`, fsynced, then renamed onto
+the target and the parent dir fsynced: after a crash the target is either the old one or the new one,
+and what is left over is a `.partial-` dir that `remove_partial_writes` clears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from darkhorse.errors import DarkhorseError
+
+PARTIAL_MARK = ".partial-"  # in the name of every temp dir an atomic write stages in
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a file, or a dir with everything under it, to disk before it is renamed into place."""
+    if path.is_dir():
+        for child in sorted(path.rglob("*"), reverse=True):  # files before the dirs that list them
+            _fsync(child)
+    _fsync(path)
+
+
+@contextlib.contextmanager
+def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
+    target = Path(target)
+    if target.exists() and not force:
+        raise DarkhorseError(f"{target} already exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent))
+    staged = holder / target.name
+    try:
+        if is_dir:
+            staged.mkdir()
+        yield staged
+        _fsync_tree(staged)
+        if is_dir and target.exists():
+            target.rename(holder / "replaced")  # a dir cannot be renamed over; the old one goes with the holder
+        os.replace(staged, target)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, *, force: bool) -> Iterator[Path]:
+    """A path to write the file into; it becomes `target` only if the block finishes.
+
+    An existing `target` is replaced only with `force` (the CLI's --force). The path's parent is a
+    private temp dir, removed afterwards whatever happens.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise DarkhorseError(f"{target} is a directory; give a file name")
+    with _staged(target, force=force, is_dir=False) as staged:
+        yield staged
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *, force: bool) -> Iterator[Path]:
+    """An empty dir to fill; it becomes `target` (replacing an old one) only if the block finishes.
+
+    An existing `target` is replaced only with `force` (the CLI's --force). The dir's parent is a
+    private temp dir, removed afterwards whatever happens: scratch files may go there.
+    """
+    with _staged(target, force=force, is_dir=True) as staged:
+        yield staged
+
+
+def remove_partial_writes(folder: str | Path) -> None:
+    """Temp dirs left in `folder` by an atomic write that was killed; they never hold anything usable."""
+    for stale in Path(folder).glob(f".*{PARTIAL_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`; invalid JSON is a DarkhorseError naming file:line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DarkhorseError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise DarkhorseError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

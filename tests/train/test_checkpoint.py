@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
+from darkhorse import checkpoint as ckpt
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
-from darkhorse import checkpoint as ckpt
 
 TINY = ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
         "model.vocab_size=64"]  # fmt: skip

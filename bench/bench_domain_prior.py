@@ -11,12 +11,41 @@ not the (annealed-away) prior bonus itself. Prints a markdown table for docs/ben
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Any
 
-from darkhorse.config import load_run_config
+import torch
+
+from darkhorse.checkpoint import load_model
+from darkhorse.config import RunConfig, load_run_config
 from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
 from darkhorse.data.prepare import prepare
-from darkhorse.model.routing import compare_domain_prior
+from darkhorse.data.prepared import open_prepared
+from darkhorse.errors import DarkhorseError
+from darkhorse.train.routing import route_windows
+from darkhorse.train.trainer import train
+
+
+def compare_domain_prior(config: RunConfig, data_dir: Path, out_dir: Path, **train_options: Any) -> dict[str, Any]:
+    """Train `config` on the prepared `data_dir` without and with `moe.domain_prior`, then measure
+    I(domain; expert) per layer on the val split with tags withheld from routing (the prior is
+    annealed away by the end). Returns {"without_prior": {layer: bits}, "with_prior": {...},
+    "domains": names, "max_bits": log2(n_domains)}; `train_options` go to `train()`."""
+    data = open_prepared(data_dir)
+    if data.domains("val") is None or not data.domain_names:
+        raise DarkhorseError(f"{data_dir}: the prepared data has no domain tags, so there is no routing to compare")
+    tokens = torch.from_numpy(data.tokens("val").astype("int64"))
+    domains = torch.from_numpy(data.domains("val").astype("int64"))
+    results: dict[str, Any] = {"domains": data.domain_names, "max_bits": math.log2(len(data.domain_names))}
+    for label, prior in (("without_prior", False), ("with_prior", True)):
+        overrides = [f"model.moe.n_domains={len(data.domain_names)}", f"model.moe.domain_prior={prior}"]
+        run_config = load_run_config(base=config.to_dict(), overrides=overrides)
+        result = train(run_config, [(data_dir, 1.0)], out_dir / label, **train_options)
+        model, _, _ = load_model(result.checkpoint, "cpu")
+        routing = route_windows(model, tokens, domains, run_config.train.seq_len, batch_size=8)
+        results[label] = routing.mutual_information_by_layer()
+    return results
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from darkhorse.config import RunConfig, load_run_config
 from darkhorse.train.peak_flops import peak_flops
+from darkhorse.train.run_dir import plan_run
 from darkhorse.train.trainer import Trainer
 
 
@@ -81,7 +82,7 @@ def bench(
     config = load_run_config(preset, overrides=overrides)
     tokens_needed = 2 * (steps + warmup) * batch_size * (seq_len + 1)
     data = write_random_prepared(work / f"{preset}-data", config.model.vocab_size, max(200_000, tokens_needed))
-    ours = Trainer(config, [(data, 1.0)], work / f"{preset}-{dtype}-run", force=True, verbose=False)
+    ours = Trainer(plan_run(config, [(data, 1.0)], work / f"{preset}-{dtype}-run", force=True), verbose=False)
     if ours.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ours.device)
 

@@ -69,7 +69,7 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset):
     assert "darkhorse export --checkpoint runs/demo/run/final --format gguf --out runs/demo/demo.gguf" in commands
 
 
-def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys):
+def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys, prepared_dir):
     import torch
     from rich.console import Console
 
@@ -77,7 +77,7 @@ def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys):
     small = ["model.vocab_size=64", "model.n_layers=1", "train.batch_size=2", "train.seq_len=16", "train.device=cpu"]
     config = load_run_config("tiny-cpu", overrides=small)
     try:
-        assert probe_step_seconds(config, Console()) > 0
+        assert probe_step_seconds(config, prepared_dir, Console()) > 0
         assert torch.get_num_threads() in {1, threads}
     finally:
         torch.set_num_threads(threads)

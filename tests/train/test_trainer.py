@@ -12,7 +12,8 @@ import torch
 from darkhorse import checkpoint as ckpt
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
-from darkhorse.train.trainer import out_of_memory_advice, train
+from darkhorse.train.device import out_of_memory_advice
+from darkhorse.train.trainer import train
 
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",

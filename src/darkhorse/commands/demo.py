@@ -90,59 +90,52 @@ def _claim_out_dir(out: Path, force: bool) -> None:
     (out / "eval.json").unlink(missing_ok=True)
 
 
-def measure_step_seconds(config, device, repeats: int = 1, warmup: int = 2) -> float:
-    """Median seconds per training step of `config` on `device` right now (forward, backward, update).
+def measure_step_seconds(trainer, repeats: int = 1, warmup: int = 2) -> float:
+    """Median seconds per training step of `trainer` right now, timed through its own `train_step`
+    (autocast, scaler, clipping and the run's optimizers, exactly as in training).
 
-    The update uses the run's own optimizers: timed with a plain (unfused) AdamW instead, a small
-    model's step looked ~25% slower than in training, and a 5-minute budget trained for 4. The first
-    steps warm up allocators and kernels; a median ignores the odd step another process delays."""
+    The first steps warm up allocators and kernels; a median ignores the odd step another process
+    delays. The trainer's step counter does not move, so every timed step reads the same batch."""
     import statistics
 
     import torch
 
-    from darkhorse.model import Transformer
-    from darkhorse.train.optim import build_optimizers
-
-    train = config.train
-    with torch.device(device):
-        model = Transformer(config.model)
-        tokens = torch.randint(0, config.model.vocab_size, (train.batch_size, train.seq_len + 1))
-    optimizers = build_optimizers(model, train, device)
     timings = []
     for attempt in range(warmup + repeats):
         start = time.perf_counter()
-        for _ in range(train.grad_accum):
-            model(tokens[:, :-1], tokens[:, 1:], mtp_weight=train.mtp_weight).loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        trainer.train_step()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
         if attempt >= warmup:
             timings.append(time.perf_counter() - start)
     return statistics.median(timings)
 
 
-def probe_step_seconds(config, console) -> float:
-    """Step time on the device training will use; on CPU, with 1 thread or all cores, whichever is faster.
+def probe_step_seconds(config, data: Path, console) -> float:
+    """Step time of `config` on the prepared `data`, on the device training will use; on CPU, with
+    1 thread or all cores, whichever is faster.
 
     On a shared machine every extra thread can wait on busy cores, and a step can be several
     times slower with all cores than with one, so this is measured rather than assumed; the
     faster setting is kept for the run.
     """
+    import tempfile
+
     import torch
 
-    from darkhorse.train.trainer import resolve_device
+    from darkhorse.train.run_dir import plan_run
+    from darkhorse.train.trainer import Trainer
 
-    device = resolve_device(config.train.device)
-    if device.type != "cpu":
-        seconds = measure_step_seconds(config, device, repeats=5)
-        console.print(f"step time on {device}: {seconds:.3f} s")
-        return seconds
-    timings = {}
-    for threads in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(threads)
-        timings[threads] = measure_step_seconds(config, device, repeats=5)  # one step alone is noisy
+    with tempfile.TemporaryDirectory(prefix="darkhorse-probe-") as run_dir:
+        trainer = Trainer(plan_run(config, [(data, 1.0)], run_dir), verbose=False)
+        if trainer.device.type != "cpu":
+            seconds = measure_step_seconds(trainer, repeats=5)
+            console.print(f"step time on {trainer.device}: {seconds:.3f} s")
+            return seconds
+        timings = {}
+        for threads in sorted({1, torch.get_num_threads()}):
+            torch.set_num_threads(threads)
+            timings[threads] = measure_step_seconds(trainer, repeats=5)  # one step alone is noisy
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     measured = ", ".join(f"{t} thread{'s' * (t > 1)}: {s:.2f} s" for t, s in timings.items())
@@ -150,11 +143,11 @@ def probe_step_seconds(config, console) -> float:
     return timings[best]
 
 
-def _build_config(args: argparse.Namespace, vocab_size: int, console) -> Any:
+def _build_config(args: argparse.Namespace, prepared, console) -> Any:
     """Preset, then the demo's settings, then the step budget, then the user's KEY=VALUE overrides."""
     from darkhorse.config import load_run_config
 
-    demo = [*DEMO_OVERRIDES, f"model.vocab_size={vocab_size}", f"train.seed={args.seed}"]
+    demo = [*DEMO_OVERRIDES, f"model.vocab_size={prepared.vocab_size}", f"train.seed={args.seed}"]
     if args.quick:
         import torch
 
@@ -162,7 +155,8 @@ def _build_config(args: argparse.Namespace, vocab_size: int, console) -> Any:
         demo += QUICK_OVERRIDES
         steps = QUICK["max_steps"]
     else:
-        step_seconds = probe_step_seconds(load_run_config(preset=args.preset, overrides=demo + args.overrides), console)
+        probe_config = load_run_config(preset=args.preset, overrides=demo + args.overrides)
+        step_seconds = probe_step_seconds(probe_config, prepared.path, console)
         if args.max_steps is not None:
             steps = args.max_steps
         else:
@@ -209,17 +203,14 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
     """Share of each domain's validation tokens sent to each expert, per MoE layer (None if dense)."""
     import torch
 
-    from darkhorse.model.routing import counting_domains, domain_routing, moe_layers
+    from darkhorse.train.routing import moe_layers, route_windows
 
     if not moe_layers(model) or prepared.domains("val") is None:
         return None
-    usable = len(prepared.tokens("val")) // seq_len * seq_len
-    tokens = torch.from_numpy(prepared.tokens("val")[:usable].astype("int64")).view(-1, seq_len)
-    domains = torch.from_numpy(prepared.domains("val")[:usable].astype("int64")).view(-1, seq_len)
-    with torch.inference_mode(), counting_domains(model):
-        for start in range(0, len(tokens), 16):
-            model(tokens[start : start + 16], domains=domains[start : start + 16])
-        report = domain_routing(model, prepared.domain_names)
+    tokens = torch.from_numpy(prepared.tokens("val").astype("int64"))
+    domains = torch.from_numpy(prepared.domains("val").astype("int64"))
+    with torch.inference_mode():
+        report = route_windows(model, tokens, domains, seq_len).domain_report(prepared.domain_names)
     from rich.table import Table
 
     n_experts = model.config.moe.n_routed_experts
@@ -251,21 +242,18 @@ def _goal_lines(report) -> list[str]:
 
 
 def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[str]:
-    from darkhorse.cli import SUBCOMMANDS
-
     preset = config.name
     other = DENSE_PRESET if preset == DEFAULT_PRESET else DEFAULT_PRESET
     # llama.cpp runs the dense demo model as `llama` and the Genesis presets as `deepseek2`
     export = f"--format gguf --out {out}/demo.gguf"
-    candidates = {
-        "chat": f"darkhorse chat --checkpoint {checkpoint}",
-        "generate": f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',
-        "export": f"darkhorse export --checkpoint {checkpoint} {export}",
-        "params": f"darkhorse params --preset {preset}",
-        "train": f"darkhorse train --preset {other} --data {prepared} --out {out.parent}/demo-{other} --max-steps 600",
-        "demo": f"darkhorse demo --preset {other} --out {out.parent}/demo-{other}",
-    }
-    return [command for name, command in candidates.items() if name in SUBCOMMANDS]
+    return [
+        f"darkhorse chat --checkpoint {checkpoint}",
+        f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',
+        f"darkhorse export --checkpoint {checkpoint} {export}",
+        f"darkhorse params --preset {preset}",
+        f"darkhorse train --preset {other} --data {prepared} --out {out.parent}/demo-{other} --max-steps 600",
+        f"darkhorse demo --preset {other} --out {out.parent}/demo-{other}",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{info['tokens']:,} training tokens in domains {', '.join(prepared.domain_names)}")
 
     console.rule("3. train")
-    config = _build_config(args, prepared.vocab_size, console)
+    config = _build_config(args, prepared, console)
     started = time.perf_counter()
     result = train(config, [(prepared.path, 1.0)], out / "run", force=True)
     train_seconds = time.perf_counter() - started

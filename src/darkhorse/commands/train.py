@@ -73,19 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from darkhorse.checkpoint import latest_checkpoint, read_meta
     from darkhorse.data.loader import parse_data_spec
     from darkhorse.errors import DarkhorseError
+    from darkhorse.train.run_dir import base_config
     from darkhorse.train.trainer import train
 
     if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():
         # `--resume train.max_steps=500`: argparse gave the override to --resume's optional CKPT_DIR
         args.overrides.insert(0, str(args.resume))
         args.resume = True
-    if args.resume and args.force:
-        raise DarkhorseError("--resume and --force contradict each other: choose one")
-    if args.resume and args.init_from:
-        raise DarkhorseError("--resume and --init-from contradict each other: a resumed run keeps its weights")
     if args.init_from:
         model_overrides = [item for item in args.overrides if item.strip().startswith("model.")]
         if model_overrides:
@@ -97,15 +93,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"train.{flag}={value}")
-    base = None
-    if args.resume:
-        source = latest_checkpoint(args.out) if args.resume is True else args.resume
-        if source is None:
-            raise DarkhorseError(f"--resume: {args.out} holds no checkpoint to resume from")
-        base = read_meta(source)["config"]
-    elif args.init_from:
-        base = {"train": read_meta(args.init_from)["config"]["train"]}
-    elif not (args.preset or args.preset_alias or args.config or args.init_from):
+    base = base_config(args.out, args.resume, args.init_from, args.force)
+    if base is None and not (args.preset or args.preset_alias or args.config):
         raise DarkhorseError(
             "train needs --preset NAME or --config FILE.yaml (or --resume to continue a run, "
             "or --init-from CKPT_DIR to start from a checkpoint)"

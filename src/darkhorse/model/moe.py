@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from darkhorse.config import MAX_DOMAINS, ModelConfig, MoEConfig
+from darkhorse.config import ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
 from darkhorse.model.layers import SwiGLU
 
@@ -137,7 +137,10 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed + shared experts with ALF balancing, load/domain statistics and an optional domain prior."""
+    """Routed + shared experts with ALF balancing and an optional domain prior.
+
+    The layer keeps only what balancing needs (this step's load); routing statistics for reports are
+    counted from outside by a forward hook on `gate`, whose output is the `Routing` decision."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -155,11 +158,8 @@ class MoE(nn.Module):
             SwiGLU(config.dim, moe.n_shared_experts * moe.moe_intermediate_size) if moe.n_shared_experts else None
         )
         n_experts = moe.n_routed_experts
-        # Statistics, not weights: counted while training, reset or read by the hooks below.
+        # Balancing state, not weights: counted while training, read and reset after each optimizer step.
         self.register_buffer("load_since_step", torch.zeros(n_experts), persistent=False)
-        self.register_buffer("load_total", torch.zeros(n_experts, dtype=torch.float64), persistent=False)
-        domain_counts = torch.zeros(MAX_DOMAINS, n_experts, dtype=torch.float64)
-        self.register_buffer("domain_counts", domain_counts, persistent=False)
         self.register_buffer("dropped_since_step", torch.zeros(()), persistent=False)
         if moe.domain_prior:
             self.register_buffer("domain_prior_mask", domain_expert_mask(moe.n_domains, n_experts), persistent=False)
@@ -167,7 +167,6 @@ class MoE(nn.Module):
         self.pending_losses: dict[str, torch.Tensor] = {}
         self.last_load: list[float] = []
         self.last_dropped = 0.0
-        self.count_domains_in_eval = False  # set by routing.measure_domain_routing
         self.collapse_streak = 0
         self.collapse_warned = False
 
@@ -185,9 +184,10 @@ class MoE(nn.Module):
     def forward(
         self, x: torch.Tensor, domains: torch.Tensor | None = None, use_grouped_mm: bool | None = None
     ) -> torch.Tensor:
+        """`domains` (per-token ids) matter only with a domain prior, and only while training."""
         batch, seq, dim = x.shape
         # A gradient-checkpointing recompute runs this again inside backward: its loss terms must not
-        # leak into the next forward, and its counts double every entry (shares and signs unchanged).
+        # leak into the next forward, and its load counts double (shares and signs unchanged).
         self.pending_losses = {}
         flat = x.reshape(-1, dim)
         if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
@@ -216,10 +216,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
 
         if self.training:
-            self._record(routing, counts, kept, domains)
+            self._record(counts, kept)
             self._collect_losses(routing, batch, seq)
-        elif self.count_domains_in_eval and domains is not None:
-            self.count_domains(routing.experts, domains)
         return out.view(batch, seq, dim)
 
     def _apply_capacity(
@@ -232,19 +230,9 @@ class MoE(nn.Module):
         return order[rank < capacity], counts.clamp(max=capacity)
 
     @torch.no_grad()
-    def _record(self, routing: Routing, counts: torch.Tensor, kept: torch.Tensor, domains: torch.Tensor | None) -> None:
+    def _record(self, counts: torch.Tensor, kept: torch.Tensor) -> None:
         self.load_since_step += counts.to(self.load_since_step.dtype)
         self.dropped_since_step += (counts - kept).sum()
-        if domains is not None:
-            self.count_domains(routing.experts, domains)
-
-    @torch.no_grad()
-    def count_domains(self, experts: torch.Tensor, domains: torch.Tensor) -> None:
-        """Add each token's chosen experts to the domain x expert matrix."""
-        n_experts = self.moe.n_routed_experts
-        rows = domains.reshape(-1, 1).long().expand_as(experts)
-        cells = torch.bincount((rows * n_experts + experts).reshape(-1), minlength=MAX_DOMAINS * n_experts)
-        self.domain_counts += cells.view(MAX_DOMAINS, n_experts).to(self.domain_counts.dtype)
 
     def _collect_losses(self, routing: Routing, batch: int, seq: int) -> None:
         """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20) and router z-loss."""
@@ -279,7 +267,6 @@ class MoE(nn.Module):
             return
         if self.moe.bias_update_rate > 0:
             self.gate.e_score_correction_bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
-        self.load_total += load.double()
         self.last_load = (load / load.mean()).tolist()
         self.last_dropped = float(self.dropped_since_step) / total
         self._check_collapse(float(load.max()) * self.moe.experts_per_token / total)
@@ -311,6 +298,14 @@ class MoE(nn.Module):
         if self.moe.capacity_factor > 0:
             metrics[f"{prefix}/dropped_fraction"] = self.last_dropped
         return metrics
+
+    @staticmethod
+    def summary_metrics(layers: list[MoE]) -> dict[str, float]:
+        """The most and least loaded expert over all MoE layers (relative to each layer's mean)."""
+        loads = [layer.last_load for layer in layers if layer.last_load]
+        if not loads:
+            return {}
+        return {"moe/load_max": max(map(max, loads)), "moe/load_min": min(map(min, loads))}
 
 
 def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:

@@ -52,16 +52,22 @@ class Block(nn.Module):
         self.attn = build_attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = build_ffn(config, layer_idx)
+        # only a MoE with a domain prior routes by the tokens' domains; every other FFN sees hidden states only
+        self.ffn_takes_domains = isinstance(self.ffn, MoE) and config.moe.domain_prior
         if config.residual == "mhc":
             self.attn_hc = HyperConnection(config)
             self.ffn_hc = HyperConnection(config)
 
+    def _ffn(self, h: torch.Tensor, domains: torch.Tensor | None) -> torch.Tensor:
+        h = self.ffn_norm(h)
+        return self.ffn(h, domains) if self.ffn_takes_domains else self.ffn(h)
+
     def forward(self, x, rope, cache=None, start_pos: int = 0, domains=None) -> torch.Tensor:
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, cache, start_pos))
-            return self.ffn_hc(x, lambda h: self.ffn(self.ffn_norm(h), domains=domains))
+            return self.ffn_hc(x, lambda h: self._ffn(h, domains))
         x = x + self.attn(self.attn_norm(x), rope, cache, start_pos)
-        return x + self.ffn(self.ffn_norm(x), domains=domains)
+        return x + self._ffn(x, domains)
 
 
 class Transformer(nn.Module):
@@ -144,7 +150,8 @@ class Transformer(nn.Module):
         """Logits, and with `targets` the loss to backprop: next-token loss plus block losses.
 
         `mtp_weight` (train.mtp_weight) scales the multi-token-prediction loss of models that have
-        MTP modules; `domains` (per-token domain ids) reach MoE routers for domain statistics.
+        MTP modules; `domains` (per-token domain ids) reach the MoE layers that have a domain prior
+        (and forward hooks, e.g. the trainer's routing statistics, can read them from the call).
         MTP runs only when `targets` are given, so generation never pays for it.
         """
         hidden = self.hidden_states(tokens, cache, start_pos, domains)
@@ -200,15 +207,17 @@ class Transformer(nn.Module):
                 module.after_optimizer_step(step)
 
     def training_metrics(self) -> dict[str, float]:
-        """Scalars that blocks report for the dashboard and metrics.jsonl (e.g. expert load)."""
+        """Scalars that blocks report for the dashboard and metrics.jsonl (e.g. expert load): each
+        module's own, plus what a module class sums up over all its layers (`summary_metrics`)."""
         metrics: dict[str, float] = {}
+        by_kind: dict[type, list[nn.Module]] = {}
         for module in self.modules():
             if module is not self and hasattr(module, "training_metrics"):
                 metrics.update(module.training_metrics())
-        max_loads = [v for k, v in metrics.items() if k.endswith("/load_max_over_mean")]
-        if max_loads:
-            metrics["moe/load_max"] = max(max_loads)
-            metrics["moe/load_min"] = min(v for k, v in metrics.items() if k.endswith("/load_min_over_mean"))
+                by_kind.setdefault(type(module), []).append(module)
+        for kind, modules in by_kind.items():
+            if hasattr(kind, "summary_metrics"):
+                metrics.update(kind.summary_metrics(modules))
         return metrics
 
     # -- accounting -----------------------------------------------------------------------------

@@ -1,13 +1,34 @@
-"""End-of-run reports written next to the checkpoints (the loss curve; blocks may add more)."""
+"""End-of-run reports written next to the checkpoints: the loss curve, and for MoE models the
+expert utilization heatmap and the domain x expert matrices (PNG and JSON)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 
-from darkhorse.model.routing import write_routing_reports
+from darkhorse.train.routing import RoutingCounter
+
+
+@contextmanager
+def _figure(path: Path, figsize: tuple[float, float], rows: int = 1) -> Iterator[tuple[Any, list[Any]]]:
+    """A matplotlib figure with `rows` stacked axes (no display needed), saved to `path` and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, grid = plt.subplots(rows, 1, figsize=figsize, dpi=100, squeeze=False)
+    try:
+        yield figure, list(grid[:, 0])
+        figure.tight_layout()
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
 
 
 def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path | None:
@@ -16,28 +37,58 @@ def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path | None:
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
-    if val:
-        axes.plot(*zip(*val, strict=True), "o-", label="val loss", linewidth=1.2)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with _figure(path, (7, 4)) as (_, [axes]):
+        if train:
+            axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
+        if val:
+            axes.plot(*zip(*val, strict=True), "o-", label="val loss", linewidth=1.2)
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss (nats/token)")
+        axes.grid(alpha=0.3)
+        axes.legend()
     return path
 
 
-def write_run_reports(run_dir: Path, model: nn.Module, history: list[dict[str, Any]]) -> list[Path]:
+def write_routing_reports(run_dir: Path, routing: RoutingCounter, domain_names: list[str] | None = None) -> list[Path]:
+    """`expert_utilization.png`, and with domain-tagged data `domain_routing.{png,json}`; [] for dense models."""
+    layer_ids, shares = routing.utilization()
+    if not layer_ids or shares.sum() == 0:
+        return []
+    n_experts = shares.shape[1]
+    width = min(3 + 0.25 * n_experts, 20)
+    utilization = run_dir / "expert_utilization.png"
+    with _figure(utilization, (width, 1.5 + 0.35 * len(layer_ids))) as (figure, [axes]):
+        image = axes.imshow((shares * n_experts).numpy(), aspect="auto", cmap="viridis")
+        axes.set_yticks(range(len(layer_ids)), [f"layer {i}" for i in layer_ids])
+        axes.set_xlabel("expert")
+        axes.set_title("expert load / mean load over the run (1 = balanced)")
+        figure.colorbar(image, ax=axes)
+    written = [utilization]
+
+    report = routing.domain_report(domain_names)
+    if not report["domains"]:
+        return written
+    (run_dir / "domain_routing.json").write_text(json.dumps(report, indent=1))
+    written.append(run_dir / "domain_routing.json")
+    rows = len(report["layers"])
+    height = 1 + rows * (0.8 + 0.3 * len(report["domains"]))
+    with _figure(run_dir / "domain_routing.png", (width, height), rows) as (_, grid):
+        for axes, layer in zip(grid, report["layers"], strict=True):
+            counts = torch.tensor(layer["counts"], dtype=torch.float64)
+            axes.imshow((counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy(), aspect="auto", cmap="magma")
+            axes.set_yticks(range(len(report["domains"])), report["domains"])
+            axes.set_title(
+                f"layer {layer['layer']}: share of each domain's tokens per expert, "
+                f"I(domain; expert) = {layer['mutual_information_bits']:.3f} bits",
+                fontsize=9,
+            )
+        grid[-1].set_xlabel("expert")
+    written.append(run_dir / "domain_routing.png")
+    return written
+
+
+def write_run_reports(run_dir: Path, history: list[dict[str, Any]], routing: RoutingCounter) -> list[Path]:
     """Every report for a finished run; returns the files written."""
     written = [write_loss_curve(Path(run_dir) / "loss.png", history)]
-    written += write_routing_reports(run_dir, model)  # MoE: utilization heatmap, domain x expert matrix
+    written += write_routing_reports(Path(run_dir), routing)  # MoE: utilization heatmap, domain x expert matrix
     return [path for path in written if path is not None]

@@ -11,14 +11,8 @@ their own loss terms (`out.losses`) and metrics (`training_metrics()`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
-import resource
-import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -30,31 +24,21 @@ from typing import Any
 import torch
 
 from darkhorse import checkpoint as ckpt
-from darkhorse.config import RunConfig, run_config_from_dict
-from darkhorse.data.loader import Batch, WindowLoader, open_sources
-from darkhorse.data.prepared import PreparedData
+from darkhorse.config import RunConfig
+from darkhorse.data.loader import WindowLoader
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
-from darkhorse.model.transformer import IGNORE_INDEX
-from darkhorse.train.dashboard import METRICS_FILE, Dashboard, ExternalLogger
-from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
+from darkhorse.train.dashboard import Dashboard, ExternalLogger
+from darkhorse.train.device import memory_in_use, out_of_memory_advice, resolve_device
+from darkhorse.train.evaluate import evaluate
+from darkhorse.train.memory import available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
 from darkhorse.train.peak_flops import peak_flops
 from darkhorse.train.reports import write_run_reports
+from darkhorse.train.routing import RoutingCounter
+from darkhorse.train.run_dir import RunPlan, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 
-# train.* keys a resumed run may change; anything else would make it a different run.
-RESUMABLE_KEYS = (
-    "max_steps",
-    "eval_interval",
-    "eval_steps",
-    "save_interval",
-    "keep_last",
-    "log_interval",
-    "device",
-    "compile",
-    "max_bad_steps",
-)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
 SAMPLE_NEW_TOKENS = 32
@@ -72,129 +56,6 @@ class TrainResult:
     val_bpb: float | None = None
     bad_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda > mps > cpu; an explicit device that is missing is an error."""
-    has_mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DarkhorseError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu or auto")
-    if name == "mps" and not has_mps:
-        raise DarkhorseError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DarkhorseError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-
-
-def memory_in_use(device: torch.device) -> float:
-    """GiB: peak allocated on a GPU, peak resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GIB
-    if device.type == "mps":
-        return torch.mps.current_allocated_memory() / GIB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024) / GIB
-
-
-def out_of_memory_advice(config: RunConfig, device: torch.device) -> str:
-    train = config.train
-    knobs = [
-        f"train.batch_size (now {train.batch_size})",
-        f"train.seq_len (now {train.seq_len})",
-        f"train.grad_checkpointing=true (now {str(train.grad_checkpointing).lower()})",
-        f"train.dtype=bf16 (now {train.dtype})",
-        f"train.grad_accum to keep tokens per step while shrinking the micro-batch (now {train.grad_accum})",
-        "a smaller preset",
-    ]
-    return f"out of memory on {device}; turn these knobs, in order: " + ", ".join(knobs)
-
-
-def _check_resume_config(requested: RunConfig, saved: RunConfig, checkpoint: Path) -> RunConfig:
-    """The saved config with the resumable train keys taken from `requested`; other changes are errors."""
-    saved_dict, requested_dict = saved.to_dict(), requested.to_dict()
-    for key in RESUMABLE_KEYS:
-        saved_dict["train"][key] = requested_dict["train"][key]
-    changed = [
-        f"{section}.{key}"
-        for section in ("model", "train")
-        for key in saved_dict[section]
-        if saved_dict[section][key] != requested_dict[section][key]
-    ]
-    if changed:
-        raise DarkhorseError(
-            f"{', '.join(changed)} differ from the checkpoint {checkpoint}; a resumed run keeps its config "
-            f"(only train.{', train.'.join(RESUMABLE_KEYS)} may change)"
-        )
-    return run_config_from_dict(saved_dict)
-
-
-def _find_resume_checkpoint(run_dir: Path, resume: bool | Path) -> Path:
-    if resume is True:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise DarkhorseError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        return found
-    folder = Path(resume)
-    if not (folder / ckpt.STATE_FILE).is_file():
-        raise DarkhorseError(f"--resume {folder}: not a resumable checkpoint (no {ckpt.STATE_FILE})")
-    return folder
-
-
-def _init_config(config: RunConfig, init_from: Path, data: PreparedData) -> tuple[RunConfig, dict[str, Any]]:
-    """`config` with the model of checkpoint `init_from`, whose tokenizer must be the one of `data`."""
-    from darkhorse.data.tokenizer import Tokenizer
-
-    if not ckpt.is_complete(init_from):
-        raise DarkhorseError(f"--init-from {init_from}: not a darkhorse checkpoint (no meta.json or model.safetensors)")
-    meta = ckpt.read_meta(init_from)
-    model_config = run_config_from_dict(meta["config"]).model
-    tokenizer_file = init_from / ckpt.TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        raise DarkhorseError(f"--init-from {init_from}: has no {ckpt.TOKENIZER_FILE}, so the data cannot be checked")
-    if Tokenizer.from_file(tokenizer_file).sha256 != data.tokenizer_sha256:
-        raise DarkhorseError(
-            f"--data {data.path} was prepared with another tokenizer than --init-from {init_from} uses; "
-            f"prepare it with `darkhorse prepare --tokenizer {tokenizer_file}`"
-        )
-    if data.vocab_size > model_config.vocab_size:
-        raise DarkhorseError(
-            f"--data {data.path} has vocab_size {data.vocab_size}, more than the model of {init_from} "
-            f"({model_config.vocab_size})"
-        )
-    return dataclasses.replace(config, model=model_config), meta
-
-
-def _start_fresh(run_dir: Path, force: bool) -> None:
-    """Refuse to clobber an earlier run unless forced; when forced, clear its checkpoints and logs."""
-    old = [*ckpt.training_checkpoints(run_dir), run_dir / ckpt.FINAL_NAME]
-    old = [p for p in old if p.exists()]
-    if not old:
-        return
-    if not force:
-        raise DarkhorseError(
-            f"{run_dir} already holds a run ({old[-1].name}); pass --resume to continue it, "
-            "--force to start over (deletes its checkpoints), or choose another --out"
-        )
-    for folder in old:
-        shutil.rmtree(folder)
-    for name in (METRICS_FILE, "loss.png"):
-        (run_dir / name).unlink(missing_ok=True)
-
-
-def _read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
-    """Metrics of a resumed run up to its checkpoint; later records are dropped (they get redone)."""
-    metrics = run_dir / METRICS_FILE
-    if not metrics.exists():
-        return []
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r.get("step", 0) <= up_to_step]
-    temp = metrics.with_suffix(".jsonl.tmp")
-    temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(temp, metrics)
-    return kept
 
 
 class _StopRequest:
@@ -222,69 +83,30 @@ class _StopRequest:
 
 
 class Trainer:
-    """One run: set up from a fresh start or a checkpoint, then `run()` until max_steps or a signal."""
+    """One run, set up from a `RunPlan` (a fresh start or a checkpoint); `run()` trains until
+    max_steps or a signal. `train()` plans and runs in one call."""
 
     def __init__(
-        self,
-        config: RunConfig,
-        data: list[tuple[Path, float]],
-        run_dir: str | Path,
-        resume: bool | Path | None = None,
-        *,
-        init_from: Path | None = None,
-        force: bool = False,
-        logger: str | None = None,
-        verbose: bool = True,
-        live: bool | None = None,
+        self, plan: RunPlan, *, logger: str | None = None, verbose: bool = True, live: bool | None = None
     ) -> None:
-        if resume and init_from:
-            raise DarkhorseError("--resume and --init-from contradict each other: a resumed run keeps its weights")
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temp_dirs(self.run_dir)
-        resume_from = _find_resume_checkpoint(self.run_dir, resume) if resume else None
-        if resume_from is None:
-            _start_fresh(self.run_dir, force)
-        saved_meta = ckpt.read_meta(resume_from) if resume_from else {}
-        if resume_from and not data:
-            data = [(Path(item["path"]), float(item["weight"])) for item in saved_meta.get("data", [])]
-
-        self.sources = open_sources(data, vocab_size=config.model.vocab_size)
+        self.run_dir, self.sources = plan.run_dir, plan.sources
+        self.init_from, self.resumed_from = plan.init_from, plan.resume_from
+        self.origin, self.origin_step = plan.origin, plan.origin_step
+        self.config, self.train_cfg = plan.config, plan.config.train
         first = self.sources[0][0]
-        self.init_from, init_meta = (Path(init_from), {}) if init_from else (None, {})
-        if self.init_from:
-            config, init_meta = _init_config(config, self.init_from, first)
-        else:
-            # the data decides the vocabulary (the preset's vocab_size only sizes a tokenizer `prepare` trains);
-            # a resumed run keeps its own, which an --init-from run took from its checkpoint
-            saved_vocab = run_config_from_dict(saved_meta["config"]).model.vocab_size if resume_from else None
-            vocab_size = saved_vocab or first.vocab_size
-            model_config = dataclasses.replace(config.model, vocab_size=vocab_size)
-            if model_config.moe.domain_prior and model_config.moe.n_domains < 1:
-                # the prior's expert groups are one per domain of the data
-                moe = dataclasses.replace(model_config.moe, n_domains=len(first.domain_names))
-                model_config = dataclasses.replace(model_config, moe=moe)
-            config = dataclasses.replace(config, model=model_config)
-        if resume_from:
-            config = _check_resume_config(config, run_config_from_dict(saved_meta["config"]), resume_from)
-            saved_sha = saved_meta.get("tokenizer_sha256")
-            if saved_sha and saved_sha != first.tokenizer_sha256:
-                raise DarkhorseError(
-                    f"--data {first.path} uses a different tokenizer than the run in {resume_from} was trained with"
-                )
-        self.config, self.train_cfg = config, config.train
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
         self.device = resolve_device(self.train_cfg.device)
 
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
-            self.model = Transformer(config.model)
-        weights_from = resume_from or self.init_from
+            self.model = Transformer(self.config.model)
+        weights_from = plan.resume_from or plan.init_from
         if weights_from:
             ckpt.load_weights(self.model, weights_from, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
         self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
+        self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
         self.schedulers = build_schedulers(self.optimizers, self.train_cfg)
@@ -305,16 +127,12 @@ class Trainer:
         self.tokens_per_step = self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum
         self.step = self.tokens_seen = self.bad_in_a_row = self.bad_total = 0
         self.history: list[dict[str, Any]] = []
-        if resume_from:
-            self._load_trainer_state(resume_from)
-            self.history = _read_history(self.run_dir, self.step)
-        self.resumed_from = resume_from
-        # an init-from run keeps naming its origin in every checkpoint, resumed or not
-        self.origin = str(self.init_from.resolve()) if self.init_from else saved_meta.get("init_from")
-        self.origin_step = init_meta.get("step", 0)
+        if plan.resume_from:
+            self._load_trainer_state(plan.resume_from)
+            self.history = read_history(self.run_dir, self.step)
         self.val_batches = self.loader.val_batches(self.train_cfg.eval_steps) if self.train_cfg.eval_steps else []
         self.flops_per_token = self.model.flops_per_token(self.train_cfg.seq_len)
-        self.external_logger = ExternalLogger(logger, self.run_dir, config.to_dict()) if logger else None
+        self.external_logger = ExternalLogger(logger, self.run_dir, self.config.to_dict()) if logger else None
         self.dashboard = Dashboard(
             self.run_dir,
             max_steps=self.train_cfg.max_steps,
@@ -413,40 +231,9 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean next-token loss over the fixed val batches' targets and bits per byte of source text.
-
-        The loss counts the same targets as training (masked ones are skipped). Bits per byte needs
-        every token's loss, since the bytes behind masked tokens are not known, so it is None whenever
-        a loss mask removed targets."""
-        self.model.eval()
-        nats = tokens = 0.0
-        text_bytes: float | None = 0.0
-        for batch in self.val_batches:
-            with self._autocast():
-                logits = self.forward(batch.inputs, domains=batch.domains).logits
-            per_token = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view(batch.targets.shape)
-            nats += float(per_token.sum())
-            counted = int(batch.targets.ne(IGNORE_INDEX).sum())
-            tokens += counted
-            text_bytes = self._add_bytes(text_bytes, batch) if counted == batch.targets.numel() else None
-        self.model.train()
-        val_loss = nats / tokens if tokens else math.nan
-        val_bpb = nats / math.log(2) / text_bytes if text_bytes else None
-        return {"step": self.step, "val_loss": val_loss, "val_bpb": val_bpb}
-
-    def _add_bytes(self, text_bytes: float | None, batch: Batch) -> float | None:
-        if text_bytes is None:
-            return None
-        for source in batch.sources:
-            per_token = self.sources[source][0].bytes_per_token("val")
-            if per_token is None:
-                return None
-            text_bytes += per_token * batch.targets.shape[1]
-        return text_bytes
+        """Val loss and bits per byte on the fixed val batches (see `train.evaluate`)."""
+        return {"step": self.step, **evaluate(self.forward, self.val_batches, self.sources, self._autocast)}
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
@@ -567,7 +354,7 @@ class Trainer:
                 )
             else:
                 saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
-                write_run_reports(self.run_dir, self.model, self.history)
+                write_run_reports(self.run_dir, self.history, self.routing)
                 self.dashboard.message(f"done: {saved} (loss curve in {self.run_dir / 'loss.png'})")
         return TrainResult(
             run_dir=self.run_dir,
@@ -611,10 +398,9 @@ def train(
     `resume=True` continues from the newest checkpoint in `out_dir`, a path from that checkpoint
     (with `data` empty, the run's own sources are reused). `init_from` starts from a checkpoint's
     model config and weights (e.g. an imported one) with fresh optimizer state at step 0; `config`
-    then only supplies the train section. `verbose=False` prints nothing; `live` forces the rich
-    view on or off (default: on when stdout is a terminal).
+    then only supplies the train section. `force` starts over in a run dir that holds a run.
+    `logger` also logs to "tensorboard" or "wandb"; `verbose=False` prints nothing; `live` forces
+    the rich view on or off (default: on when stdout is a terminal).
     """
-    init = Path(init_from) if init_from else None
-    trainer = Trainer(config, data, out_dir, resume, init_from=init, force=force, logger=logger, verbose=verbose,
-                      live=live)  # fmt: skip
-    return trainer.run()
+    plan = plan_run(config, data, out_dir, resume, init_from=init_from, force=force)
+    return Trainer(plan, logger=logger, verbose=verbose, live=live).run()

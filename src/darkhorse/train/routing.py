@@ -1,0 +1,132 @@
+"""Routing statistics of MoE models: which experts each layer's router picks, per domain.
+
+A `RoutingCounter` observes a model from outside, through forward hooks: one on the model that
+reads the call's per-token `domains`, one on every MoE router whose output is the routing
+decision. It counts slots per expert (utilization) and, for forwards given domain ids, a
+domain x expert matrix per layer. From those counts come I(domain; expert) in bits (0 when routing
+ignores the domain, at most log2(n_domains)) and the JSON report; train/reports.py draws them.
+The trainer counts its training forwards; `route_windows` counts a model reading a token stream.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from darkhorse.config import MAX_DOMAINS
+from darkhorse.model.moe import MoE, Routing
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [module for module in model.modules() if isinstance(module, MoE)]
+
+
+def mutual_information(counts: torch.Tensor) -> float:
+    """I(D; E) in bits from a [domains, experts] count matrix (rows/columns of zeros ignored)."""
+    joint = counts.double() / counts.sum().clamp(min=1)
+    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    cells = joint > 0
+    return float((joint[cells] * (joint[cells] / outer[cells]).log2()).sum())
+
+
+class RoutingCounter:
+    """Counts the experts the MoE routers of `model` choose: per layer, slots per expert (`load`)
+    and a [MAX_DOMAINS, experts] domain x expert matrix (`domain_counts`, from forwards that are
+    given `domains`). `training_only` skips forwards in eval mode (evaluation, sampling).
+
+    Under gradient checkpointing the recompute in backward routes again, so every count doubles
+    (shares and mutual information unchanged). `remove()` detaches the hooks."""
+
+    def __init__(self, model: nn.Module, *, training_only: bool = False) -> None:
+        self.training_only = training_only
+        self.layers = moe_layers(model)
+        self.load: dict[int, torch.Tensor] = {}
+        self.domain_counts: dict[int, torch.Tensor] = {}
+        self._domains: torch.Tensor | None = None
+        self._handles = []
+        if not self.layers:
+            return
+        self._handles.append(model.register_forward_pre_hook(self._read_domains, with_kwargs=True))
+        for layer in self.layers:
+            n_experts, device = layer.moe.n_routed_experts, layer.gate.weight.device
+            self.load[layer.layer_idx] = torch.zeros(n_experts, dtype=torch.int64, device=device)
+            self.domain_counts[layer.layer_idx] = torch.zeros(MAX_DOMAINS, n_experts, dtype=torch.int64, device=device)
+            self._handles.append(layer.gate.register_forward_hook(partial(self._count, layer.layer_idx)))
+
+    def _read_domains(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._domains = kwargs.get("domains")
+
+    @torch.no_grad()
+    def _count(self, layer_idx: int, router: nn.Module, args: tuple, routing: Routing) -> None:
+        if self.training_only and not router.training:
+            return
+        experts = routing.experts.reshape(-1)
+        ones = torch.ones_like(experts)
+        self.load[layer_idx].index_add_(0, experts, ones)  # index_add_, not bincount: no host sync on a GPU
+        if self._domains is None:
+            return
+        # an MTP module at depth k routes the last seq - k positions of every row
+        batch, seq = self._domains.shape
+        routed = routing.experts.shape[0] // batch
+        rows = self._domains[:, seq - routed :].reshape(-1, 1).long().expand_as(routing.experts).reshape(-1)
+        counts = self.domain_counts[layer_idx]
+        counts.view(-1).index_add_(0, rows * counts.shape[1] + experts, ones)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def utilization(self) -> tuple[list[int], torch.Tensor]:
+        """(layer ids, [layers, experts] share of each layer's routed slots)."""
+        if not self.load:
+            return [], torch.zeros(0, 0)
+        loads = torch.stack([load.cpu() for load in self.load.values()]).double()
+        return list(self.load), loads / loads.sum(-1, keepdim=True).clamp(min=1)
+
+    def mutual_information_by_layer(self) -> dict[int, float]:
+        """I(domain; expert) in bits per MoE layer that saw domain-tagged tokens."""
+        return {
+            layer: mutual_information(counts.cpu()) for layer, counts in self.domain_counts.items() if counts.sum() > 0
+        }
+
+    def domain_report(self, domain_names: list[str] | None = None) -> dict[str, Any]:
+        """JSON-ready domain x expert counts and mutual information per MoE layer (domains seen only)."""
+        if not self.domain_counts:
+            return {"domains": [], "layers": []}
+        all_counts = {layer: counts.cpu() for layer, counts in self.domain_counts.items()}
+        seen = torch.stack(list(all_counts.values())).sum((0, 2)).nonzero().flatten().tolist()
+        names = [domain_names[d] if domain_names and d < len(domain_names) else f"domain {d}" for d in seen]
+        layers = []
+        for layer, counts in all_counts.items():
+            rows = counts[seen]
+            layers.append(
+                {"layer": layer, "mutual_information_bits": mutual_information(rows), "counts": rows.tolist()}
+            )
+        return {"domains": names, "domain_ids": seen, "layers": layers}
+
+
+@torch.no_grad()
+def route_windows(
+    model: nn.Module, tokens: torch.Tensor, domains: torch.Tensor, seq_len: int, batch_size: int = 16
+) -> RoutingCounter:
+    """Routing counts of `model` in eval mode (no prior: routing as inference sees it) reading the
+    1-D `tokens`, whose per-token domain ids are `domains`, in windows of `seq_len`."""
+    usable = (len(tokens) // seq_len) * seq_len
+    windows = tokens[:usable].view(-1, seq_len).long()
+    window_domains = domains[:usable].view(-1, seq_len)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = RoutingCounter(model)
+    try:
+        for start in range(0, len(windows), batch_size):
+            rows = slice(start, start + batch_size)
+            model(windows[rows].to(device), domains=window_domains[rows].to(device))
+    finally:
+        counter.remove()
+        model.train(was_training)
+    return counter

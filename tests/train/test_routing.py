@@ -1,0 +1,78 @@
+"""Routing statistics: mutual information, counting through hooks, reports, measurement on a stream."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from darkhorse.config import load_run_config
+from darkhorse.model import Transformer
+from darkhorse.train.reports import write_routing_reports
+from darkhorse.train.routing import RoutingCounter, moe_layers, mutual_information, route_windows
+
+
+def test_mutual_information_bounds():
+    assert mutual_information(torch.tensor([[5.0, 5.0], [5.0, 5.0]])) == pytest.approx(0.0)
+    assert mutual_information(torch.tensor([[7.0, 0.0], [0.0, 7.0]])) == pytest.approx(1.0)
+    four = torch.eye(4) * 3
+    assert mutual_information(four) == pytest.approx(math.log2(4))
+    assert mutual_information(torch.zeros(3, 3)) == 0.0
+
+
+def tiny_moe(*overrides: str) -> Transformer:
+    config = load_run_config(
+        "genesis-tiny", overrides=["model.n_layers=2", "model.vocab_size=128", "model.mtp_depth=0", *overrides]
+    )
+    torch.manual_seed(0)
+    return Transformer(config.model)
+
+
+def test_reports_after_training_steps(tmp_path):
+    model = tiny_moe().train()
+    counter = RoutingCounter(model, training_only=True)
+    tokens = torch.randint(0, 128, (2, 16))
+    domains = torch.tensor([[0] * 16, [2] * 16], dtype=torch.uint8)
+    for step in (1, 2):
+        model(tokens, tokens, domains=domains).loss.backward()
+        model.after_optimizer_step(step)
+    model.eval()(tokens, domains=domains)  # evaluation forwards are not training statistics
+    written = write_routing_reports(tmp_path, counter, ["code", "math", "legal"])
+    assert sorted(p.name for p in written) == ["domain_routing.json", "domain_routing.png", "expert_utilization.png"]
+    report = json.loads((tmp_path / "domain_routing.json").read_text())
+    assert report["domains"] == ["code", "legal"] and report["domain_ids"] == [0, 2]
+    assert [layer["layer"] for layer in report["layers"]] == [1]
+    assert sum(map(sum, report["layers"][0]["counts"])) == 2 * 2 * 16 * 2  # 2 steps x 32 tokens x top-2
+    assert 0 <= report["layers"][0]["mutual_information_bits"] <= 1
+    assert int(counter.load[1].sum()) == 2 * 2 * 16 * 2
+
+
+def test_mtp_layers_count_the_domains_of_the_positions_they_route():
+    model = tiny_moe("model.mtp_depth=1").train()
+    counter = RoutingCounter(model)
+    tokens = torch.randint(0, 128, (1, 16))
+    domains = torch.tensor([[0] * 4 + [1] * 12], dtype=torch.uint8)
+    model(tokens, tokens, domains=domains)
+    top_k = model.config.moe.experts_per_token
+    assert counter.domain_counts[1][:2].sum(1).tolist() == [4 * top_k, 12 * top_k]
+    assert counter.domain_counts[2][:2].sum(1).tolist() == [3 * top_k, 12 * top_k]  # depth 1: positions 1..15
+
+
+def test_dense_models_write_no_routing_reports(tmp_path):
+    model = Transformer(load_run_config("tiny-cpu").model)
+    assert write_routing_reports(tmp_path, RoutingCounter(model)) == []
+
+
+def test_route_windows_measures_eval_routing_and_leaves_the_model_as_it_was():
+    model = tiny_moe("model.moe.domain_prior=true", "model.moe.n_domains=2").train()
+    tokens = torch.randint(0, 128, (64,))
+    domains = torch.tensor([0] * 32 + [1] * 32)
+    counter = route_windows(model, tokens, domains, seq_len=16)
+    bits = counter.mutual_information_by_layer()
+    assert set(bits) == {1} and 0 <= bits[1] <= 1
+    assert int(counter.domain_counts[1].sum()) == 64 * model.config.moe.experts_per_token
+    assert model.training
+    layer = moe_layers(model)[0]
+    assert not layer.gate._forward_hooks and not model._forward_pre_hooks  # the hooks are gone

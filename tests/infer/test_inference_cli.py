@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from darkhorse.checkpoint import save_model_checkpoint
 from darkhorse.config import load_run_config
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import save_model_checkpoint
 
 DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
 

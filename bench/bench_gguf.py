@@ -3,7 +3,7 @@
 One random-init checkpoint per preset (default d20: dim 256 and FFN 768, so every matrix takes real
 K-quants) is exported to f16 GGUF with `export_gguf`, then quantized with `quantize_gguf` (llama.cpp's
 quantizer). Each file is loaded in llama.cpp (llama-cpp-python) and decodes greedily; the peer in the
-same run is darkhorse's KV-cache decoder (`generate_tokens`, torch fp32) on the same checkpoint, the
+same run is darkhorse's KV-cache decoder (`Engine.stream`, torch fp32) on the same checkpoint, the
 same prompt and the same thread count. Tokens/s counts decode steps only (the prompt is evaluated
 first and not timed). The engines take turns for --repeats rounds and each reports its median, so a
 load spike on the shared machine hits all of them alike instead of whichever ran at the time.
@@ -64,10 +64,10 @@ def llama_cpp_timer(llm, prompt: list[int], tokens: int) -> Timer:
 
 
 def darkhorse_timer(model, prompt: list[int], tokens: int) -> Timer:
-    from darkhorse.infer.generate import generate_tokens
+    from darkhorse.infer.engine import Engine
 
     def run() -> tuple[int, float]:
-        stream = generate_tokens(model, prompt, max_new_tokens=tokens)
+        stream = Engine(model).stream(prompt, max_new_tokens=tokens)
         next(stream)  # the first token comes from the prompt's forward pass: not a decode step
         start = time.perf_counter()
         produced = sum(1 for _ in stream)

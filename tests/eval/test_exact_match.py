@@ -1,4 +1,5 @@
-"""Exact-match scoring: normalisation, tallies, and the batched greedy path end to end with a scripted model."""
+"""Exact-match scoring: normalisation, tallies, and the batched greedy path end to end with a scripted model,
+in darkhorse's chat format and in a foreign tokenizer's own template."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from darkhorse.eval.exact_match import (
     normalize_answer,
     split_record,
 )
+from darkhorse.infer.prompting import render_chat_prompt
 
 
 def test_normalisation_forgives_spacing_and_a_full_stop_only():
@@ -63,6 +65,7 @@ class ScriptedModel(nn.Module):
 
     Each prompt (by token ids) maps to the ids the 'model' should write; after the script runs out it
     keeps writing id 0 (which would corrupt the answer if the evaluator did not stop at the stop ids).
+    It follows each row's tokens as the engine feeds them (prompts of a batch may differ in length).
     """
 
     def __init__(self, scripts: dict[tuple[int, ...], list[int]], vocab_size: int) -> None:
@@ -71,17 +74,22 @@ class ScriptedModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, 4)
         self.config = SimpleNamespace(max_seq_len=256, padded_vocab_size=vocab_size)
 
-    def new_cache(self, batch: int, max_len: int) -> dict:
-        return {"rows": [], "written": 0}
+    def new_cache(self, batch: int, max_len: int) -> list[list[int]]:
+        return [[] for _ in range(batch)]
+
+    def next_id(self, fed: list[int]) -> int:
+        for prompt, script in self.scripts.items():
+            step = len(fed) - len(prompt)
+            if tuple(fed[: len(prompt)]) == prompt and 0 <= step < len(script):
+                return script[step]
+        return 0
 
     def forward(self, tokens, *, cache, start_pos):
-        if start_pos == 0:
-            cache["rows"] = [self.scripts[tuple(row)] for row in tokens.tolist()]
-        step = cache["written"]
-        cache["written"] += 1
         logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
-        for row, script in enumerate(cache["rows"]):
-            logits[row, -1, script[step] if step < len(script) else 0] = 1.0
+        for row, fed in enumerate(cache):
+            assert len(fed) == start_pos
+            fed += tokens[row].tolist()
+            logits[row, -1, self.next_id(fed)] = 1.0
         return SimpleNamespace(logits=logits)
 
 
@@ -126,20 +134,18 @@ def test_batched_greedy_eval_scores_right_and_wrong_answers(tokenizer):
     assert model.training  # the evaluator restores the mode it found
 
 
-def test_batched_greedy_matches_one_by_one_generation():
-    """The batched decoder is the same greedy decoding as `infer.generate`, just several rows at once."""
-    from darkhorse.config import ModelConfig
-    from darkhorse.eval.exact_match import greedy_continuations
-    from darkhorse.infer.generate import generate_tokens
-    from darkhorse.model import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=64, n_layers=2, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64))
-    prompts = [[1, 5, 9, 12], [3, 3, 40, 7], [60, 2, 2, 2]]
-    batched = greedy_continuations(model, prompts, max_new_tokens=12, stop_ids=[63], vocab_size=64)
-    singles = [list(generate_tokens(model, p, max_new_tokens=12, stop_ids=[63], vocab_size=64)) for p in prompts]
-    assert batched == singles
-    stop = batched[0][3]  # a token the first row writes becomes a stop id: rows end there, or go on
-    cut = greedy_continuations(model, prompts, max_new_tokens=12, stop_ids=[stop], vocab_size=64)
-    assert cut[0] == batched[0][: batched[0].index(stop) + 1]
-    assert cut == [list(generate_tokens(model, p, max_new_tokens=12, stop_ids=[stop], vocab_size=64)) for p in prompts]
+def test_foreign_tokenizer_is_prompted_by_its_template_and_stops_at_its_end_of_turn(tmp_path, foreign_tokenizer):
+    """An imported model's tokenizer: the prompt is its own chat template, the reply ends at <|eot_id|>."""
+    tok = Tokenizer.from_file(foreign_tokenizer(tmp_path))
+    examples = [addition_problem(12, 30), addition_problem(47, 38)]
+    replies = ["42", "58"]
+    scripts = {}
+    for example, reply in zip(examples, replies, strict=True):
+        prompt = render_chat_prompt(tok, example.to_record()["messages"][:1])
+        assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+        script = tok.encode(reply) + [tok.token_to_id("<|eot_id|>")] + tok.encode(" junk 99")
+        scripts[tuple(tok.encode(prompt))] = script
+    model = ScriptedModel(scripts, tok.vocab_size)
+    report = evaluate_exact_match(model, tok, [e.to_record() for e in examples])
+    assert [o.predicted for o in report.outcomes] == ["42", "58"]
+    assert [o.correct for o in report.outcomes] == [True, False]

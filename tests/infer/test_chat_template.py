@@ -7,7 +7,7 @@ import pytest
 
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
-from darkhorse.infer.chat import chat_stop_ids, render_chat_prompt, render_template, split_reply
+from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt, render_template, split_reply
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " one two? "}]
 

@@ -38,7 +38,7 @@ from darkhorse.config import ModelConfig, RopeScalingConfig, RunConfig, TrainCon
 from darkhorse.data.chat_format import jinja_chat_template, render_conversation, render_prompt
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
-from darkhorse.infer.generate import generate_tokens
+from darkhorse.infer.engine import Engine
 from darkhorse.interop.gguf import export_gguf, rope_interleave_rows
 from darkhorse.interop.llama_cpp_child import LLAMA_CPP_MISSING
 from darkhorse.model import Transformer
@@ -80,7 +80,7 @@ def check_against_darkhorse(checkpoint, gguf_file, outtype: str, routing_flips: 
     model, _, _ = load_model(checkpoint)
     tokenizer = Tokenizer.from_file(checkpoint / "tokenizer.json")
     prompt = tokenizer.encode(PROMPT)
-    expected = list(generate_tokens(model, prompt, max_new_tokens=GREEDY_TOKENS, vocab_size=tokenizer.vocab_size))
+    expected = list(Engine(model, tokenizer.vocab_size).stream(prompt, max_new_tokens=GREEDY_TOKENS))
     assert len(expected) == GREEDY_TOKENS
 
     llm = load_llama(gguf_file)

@@ -52,7 +52,7 @@ def test_bf16_dispatch_matches_fp32_on_cuda(dim, hidden):
 
 
 def test_genesis_tiny_trains_and_decodes_on_cuda_in_bf16():
-    from darkhorse.infer.generate import generate_tokens
+    from darkhorse.infer.engine import Engine
 
     config = load_run_config("genesis-tiny").model
     torch.manual_seed(0)
@@ -70,5 +70,5 @@ def test_genesis_tiny_trains_and_decodes_on_cuda_in_bf16():
         losses.append(float(loss))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 1.0
     model.eval()
-    tokens = list(generate_tokens(model, batch[0, :8].tolist(), max_new_tokens=8))
+    tokens = list(Engine(model).stream(batch[0, :8].tolist(), max_new_tokens=8))
     assert len(tokens) == 8

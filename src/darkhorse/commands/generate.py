@@ -54,42 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def stream_completion(model, tokenizer, prompt_text: str, options: dict, out=None, chat: bool = False) -> str:
-    """Print the completion as it is generated and return it (without the token that ended it).
-
-    Plain text stops at the tokenizer's eos; a chat reply also stops at the end of the assistant turn."""
-    from itertools import takewhile
-
-    from darkhorse.infer.chat import chat_stop_ids
-    from darkhorse.infer.generate import generate_tokens, stream_text
-
-    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
-    stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
-    ids = generate_tokens(
-        model,
-        tokenizer.encode(prompt_text),
-        vocab_size=tokenizer.vocab_size,
-        stop_ids=stop_ids,
-        **options,
-    )
-    pieces = []
-    for piece in stream_text(tokenizer, takewhile(lambda i: i not in stop_ids, ids)):
-        out.write(piece)
-        out.flush()
-        pieces.append(piece)
-    out.write("\n")
-    return "".join(pieces)
-
-
 def run(args: argparse.Namespace) -> int:
     from darkhorse.checkpoint import load_for_inference
+    from darkhorse.infer.generate import stream_completion
+    from darkhorse.infer.prompting import render_chat_prompt
 
     options = sampling_options(args)
     model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
     prompt = args.prompt
     if args.chat:
-        from darkhorse.infer.chat import render_chat_prompt
-
         prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], think=not args.no_think)
     stream_completion(model, tokenizer, prompt, options, chat=args.chat)
     return 0
@@ -105,6 +78,7 @@ def latest_final_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
 def run_latest(prompt: str) -> int:
     """`darkhorse --prompt ...`: greedy completion from the newest run, as the seeds' CLI does."""
     from darkhorse.checkpoint import load_for_inference
+    from darkhorse.infer.generate import stream_completion
 
     checkpoint = latest_final_checkpoint()
     if checkpoint is None:

@@ -2,9 +2,10 @@
 
 Works on any records shaped like the chat JSONL that `prepare` reads, tagged with `domain` and
 `skill` (the demo's held-out split is one such set): everything before the last assistant turn is
-the prompt, that turn's content is the expected answer. The model answers greedily in darkhorse's
-chat format, and only its final answer (not its reasoning) is compared, after normalising
-whitespace and a trailing full stop, so formatting noise does not count as a wrong answer.
+the prompt, that turn's content is the expected answer. The model answers greedily in its own chat
+format, prompted as `chat` prompts it (so an imported model answers in its own template), and only
+its final answer (not its reasoning) is compared, after normalising whitespace and a trailing full
+stop, so formatting noise does not count as a wrong answer.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from darkhorse.errors import DarkhorseError
+from darkhorse.infer.engine import Engine
+from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt, split_reply
 
 UNTAGGED = "-"
 
@@ -105,47 +106,6 @@ def record_question(prompt_messages: Sequence[Mapping[str, str]]) -> str:
     return users[-1] if users else ""
 
 
-@torch.inference_mode()
-def greedy_continuations(
-    model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Iterable[int], vocab_size: int
-) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts, decoded together as one batch.
-
-    Equal lengths need no padding or attention mask, and templated eval prompts mostly share a
-    length, so a whole skill decodes in a handful of batched forward passes instead of one per item.
-    Each continuation ends with its first stop id (included).
-    """
-    tokens = torch.tensor(prompts, dtype=torch.long, device=model.embed.weight.device)
-    batch, length = tokens.shape
-    steps = min(max_new_tokens, model.config.max_seq_len - length)
-    if steps <= 0:
-        raise DarkhorseError(f"eval prompts of {length} tokens leave no room in the model's context")
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=tokens.device)
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_cache(batch, length + steps)
-        generated = torch.empty(batch, 0, dtype=torch.long, device=tokens.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
-        position = 0
-        for _ in range(steps):
-            logits = model(tokens, cache=cache, start_pos=position).logits[:, -1, :vocab_size]
-            position += tokens.shape[1]
-            tokens = logits.argmax(dim=-1, keepdim=True)
-            generated = torch.cat([generated, tokens], dim=1)
-            finished |= torch.isin(tokens[:, 0], stop)
-            if bool(finished.all()):
-                break
-    finally:
-        model.train(was_training)
-    stop_set = set(stop.tolist())
-    continuations = []
-    for row in generated.tolist():
-        ends = [i for i, token in enumerate(row) if token in stop_set]
-        continuations.append(row[: ends[0] + 1] if ends else row)
-    return continuations
-
-
 def evaluate_exact_match(
     model,
     tokenizer,
@@ -156,49 +116,42 @@ def evaluate_exact_match(
     batch_size: int = 64,
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> ExactMatchReport:
-    """Answer every record greedily in darkhorse's chat format and score the final answers.
+    """Answer every record greedily in the model's chat format and score the final answers.
 
-    `think=None` follows each record: reason first when its reference has reasoning. Outcomes keep
-    the order of `records`; `on_outcome` sees each as its batch finishes (for progress bars).
+    The prompt and its stop ids come from infer/prompting.py as for chat: darkhorse's chat format, or
+    an imported model's own chat template. `think=None` follows each record: reason first when its
+    reference has reasoning. Records of similar prompt length decode together, `batch_size` at a
+    time. Outcomes keep the order of `records`; `on_outcome` sees each as its batch finishes (for
+    progress bars).
     """
-    from darkhorse.data.chat_format import parse_reply, render_prompt
-    from darkhorse.data.tokenizer import ASSISTANT_END, THINK
-
-    stop_ids = [tokenizer.eos_id, tokenizer.token_to_id(ASSISTANT_END)]
+    engine = Engine(model, tokenizer.vocab_size)
+    stop_ids = chat_stop_ids(tokenizer)
     items = []
     for record in records:
         prompt_messages, expected = split_record(record)
         use_think = bool(record.get("reasoning")) if think is None else think
-        ids = tokenizer.encode(render_prompt(prompt_messages, think=use_think))
+        ids = tokenizer.encode(render_chat_prompt(tokenizer, prompt_messages, think=use_think))
         items.append((record, prompt_messages, expected, use_think, ids))
-    by_length: dict[int, list[int]] = {}
-    for index, item in enumerate(items):
-        by_length.setdefault(len(item[4]), []).append(index)
+    # Sorted by length, a batch spends few steps feeding its longer prompts' tails token by token.
+    order = sorted(range(len(items)), key=lambda i: len(items[i][4]))
     outcomes: list[Outcome | None] = [None] * len(items)
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            continuations = greedy_continuations(
-                model,
-                [items[i][4] for i in chunk],
-                max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids,
-                vocab_size=tokenizer.vocab_size,
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        continuations = engine.generate([items[i][4] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        for index, continuation in zip(chunk, continuations, strict=True):
+            record, prompt_messages, expected, use_think, _ = items[index]
+            if continuation and continuation[-1] in stop_ids:
+                continuation = continuation[:-1]
+            reasoning, answer = split_reply(tokenizer, tokenizer.decode(continuation), opened_think=use_think)
+            outcome = Outcome(
+                domain=str(record.get("domain") or UNTAGGED),
+                skill=str(record.get("skill") or UNTAGGED),
+                question=record_question(prompt_messages),
+                expected=expected,
+                predicted=answer,
+                reasoning=reasoning,
             )
-            for index, continuation in zip(chunk, continuations, strict=True):
-                record, prompt_messages, expected, use_think, _ = items[index]
-                completion = tokenizer.decode(continuation)
-                # A think-mode prompt already opened the think block, so parse the reply with it.
-                reasoning, answer = parse_reply(THINK + completion if use_think else completion)
-                outcome = Outcome(
-                    domain=str(record.get("domain") or UNTAGGED),
-                    skill=str(record.get("skill") or UNTAGGED),
-                    question=record_question(prompt_messages),
-                    expected=expected,
-                    predicted=answer,
-                    reasoning=reasoning,
-                )
-                outcomes[index] = outcome
-                if on_outcome is not None:
-                    on_outcome(outcome)
+            outcomes[index] = outcome
+            if on_outcome is not None:
+                on_outcome(outcome)
     return ExactMatchReport([o for o in outcomes if o is not None])

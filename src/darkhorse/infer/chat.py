@@ -1,92 +1,18 @@
-"""A multi-turn chat session: darkhorse's chat format (data/chat_format.py) when the tokenizer has its
-tokens, else the chat template an imported model's tokenizer brought along (tokenizer_config.json),
-rendered with Jinja2 the way transformers' `apply_chat_template` renders it."""
+"""A multi-turn chat session and its REPL; prompts and stop ids come from infer/prompting.py, so a
+model is prompted in the chat format it was trained on (darkhorse's, or an imported tokenizer's own)."""
 
 from __future__ import annotations
 
 import io
-import json
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TextIO
+from typing import TextIO
 
-from darkhorse.data.tokenizer import ASSISTANT_END, Tokenizer
-from darkhorse.errors import DarkhorseError
+from darkhorse.data.tokenizer import Tokenizer
+from darkhorse.infer.generate import stream_completion
+from darkhorse.infer.prompting import render_chat_prompt, split_reply
 
 COMMANDS_HELP = "/reset clears the conversation, /think on|off toggles reasoning, /system TEXT sets it, /quit exits"
-# Tokens that end an assistant turn in other models' chat formats (Llama 3, ChatML/Qwen, Phi, Gemma, ...).
-END_OF_TURN_TOKENS = (
-    "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
-)  # fmt: skip
-FOREIGN_THINK, FOREIGN_THINK_END = "<think>", "</think>"  # Qwen3 / DeepSeek-R1 reasoning markers
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
-
-
-def _raise_exception(message: str) -> None:
-    raise DarkhorseError(f"the chat template refused the conversation: {message}")
-
-
-def render_template(template: str, messages: Sequence[dict], **variables: Any) -> str:
-    """Render a HF chat template in a sandbox with the helpers templates expect from transformers."""
-    try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise DarkhorseError("a model's own chat template needs jinja2: pip install 'darkhorse[interop]'") from None
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        return environment.from_string(template).render(messages=list(messages), **variables)
-    except TemplateError as exc:
-        raise DarkhorseError(f"the tokenizer's chat template failed: {exc}") from None
-
-
-def render_chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict], think: bool = True) -> str:
-    """The text a model continues to write the next assistant turn, in the format it was trained on."""
-    from darkhorse.data.chat_format import render_prompt
-
-    if tokenizer.has_chat_tokens:
-        return render_prompt(messages, think=think)
-    if not tokenizer.chat_template:
-        raise DarkhorseError(
-            f"{tokenizer.path}: this tokenizer has neither darkhorse's chat tokens nor a chat template of its own "
-            "(no chat_template in tokenizer_config.json); use `darkhorse generate` for plain text"
-        )
-    return render_template(
-        tokenizer.chat_template,
-        messages,
-        add_generation_prompt=True,
-        enable_thinking=think,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token,
-    )
-
-
-def chat_stop_ids(tokenizer: Tokenizer) -> set[int]:
-    """Ids that end a chat reply: eos and the end-of-turn token of the tokenizer's chat format."""
-    names = (ASSISTANT_END,) if tokenizer.has_chat_tokens else END_OF_TURN_TOKENS
-    ids = {tokenizer.token_to_id(name) for name in names} | {tokenizer.eos_id}
-    return {token_id for token_id in ids if token_id is not None}
-
-
-def split_reply(tokenizer: Tokenizer, completion: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a generated reply, by the markers of the tokenizer's chat format."""
-    from darkhorse.data.chat_format import parse_reply
-
-    if tokenizer.has_chat_tokens:
-        return parse_reply(completion)
-    if FOREIGN_THINK_END in completion:
-        reasoning, answer = completion.split(FOREIGN_THINK_END, 1)
-        return reasoning.replace(FOREIGN_THINK, "").strip(), answer.strip()
-    return None, completion.strip()
 
 
 @dataclass
@@ -104,8 +30,6 @@ class ChatSession:
 
     def reply(self, user_text: str, out: TextIO | None = None) -> str:
         """Generate the assistant's turn (streamed to `out`), keep its answer in the history."""
-        from darkhorse.commands.generate import stream_completion
-
         self.history.append({"role": "user", "content": user_text})
         prompt = render_chat_prompt(self.tokenizer, self.messages(), think=self.think)
         completion = stream_completion(

@@ -1,13 +1,14 @@
-"""Autoregressive sampling with the model's KV cache, streamed token by token."""
+"""Text in, text out on top of the decode engine: completions streamed piece by piece as they come."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from itertools import takewhile
+from typing import Protocol, TextIO
 
-import torch
-
-from darkhorse.errors import DarkhorseError
+from darkhorse.infer.engine import Engine
+from darkhorse.infer.prompting import chat_stop_ids
 from darkhorse.model import Transformer
 
 
@@ -17,97 +18,6 @@ class TextCodec(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
-
-
-def sample_next(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    generator: torch.Generator | None,
-) -> int:
-    """Pick the next id from 1-D `logits`; temperature 0 means greedy (deterministic)."""
-    logits = logits.float().clone()
-    if repetition_penalty != 1.0 and seen.numel():
-        # CTRL-style penalty: make already-seen tokens less likely whatever the logit's sign.
-        previous = logits[seen]
-        logits[seen] = torch.where(previous > 0, previous / repetition_penalty, previous * repetition_penalty)
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@torch.inference_mode()
-def generate_tokens(
-    model: Transformer,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop_ids: Iterable[int] = (),
-    vocab_size: int | None = None,
-) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at `max_new_tokens`, a stop id or the context end.
-
-    The prompt is run once through the model to fill the cache, then each step feeds one token.
-    `vocab_size` masks the padding rows of the output head that no tokenizer id maps to.
-    """
-    if not prompt_ids:
-        raise DarkhorseError("the prompt is empty: give at least one token")
-    context = model.config.max_seq_len
-    if len(prompt_ids) >= context:
-        raise DarkhorseError(
-            f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; shorten it"
-        )
-    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
-    was_training = model.training
-    model.eval()
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = set(stop_ids)
-    limit = vocab_size or model.config.padded_vocab_size
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    seen = torch.tensor(prompt_ids, device=device)
-    tokens = seen.unsqueeze(0)
-    position = 0
-    try:
-        for _ in range(max_new_tokens):
-            logits = model(tokens, cache=cache, start_pos=position).logits[0, -1, :limit]
-            position += tokens.shape[1]
-            next_id = sample_next(
-                logits,
-                seen,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                generator=generator,
-            )
-            yield next_id
-            if next_id in stop:
-                return
-            seen = torch.cat([seen, seen.new_tensor([next_id])])
-            tokens = seen[-1:].unsqueeze(0)
-    finally:
-        model.train(was_training)
 
 
 def stream_text(tokenizer: TextCodec, ids: Iterable[int]) -> Iterator[str]:
@@ -125,8 +35,25 @@ def stream_text(tokenizer: TextCodec, ids: Iterable[int]) -> Iterator[str]:
 
 
 def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **options) -> str:
-    """Complete `prompt` and return only the new text (options as for `generate_tokens`)."""
-    options.setdefault("vocab_size", tokenizer.vocab_size)
+    """Complete `prompt` and return only the new text (options as for `Engine.decode`)."""
     options.setdefault("max_new_tokens", 64)
-    ids = generate_tokens(model, tokenizer.encode(prompt), **options)
+    ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt), **options)
     return "".join(stream_text(tokenizer, ids))
+
+
+def stream_completion(
+    model: Transformer, tokenizer, prompt_text: str, options: dict, out: TextIO | None = None, chat: bool = False
+) -> str:
+    """Print the completion as it is generated and return it (without the token that ended it).
+
+    Plain text stops at the tokenizer's eos; a chat reply also stops at the end of the assistant turn."""
+    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
+    stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
+    ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt_text), stop_ids=stop_ids, **options)
+    pieces = []
+    for piece in stream_text(tokenizer, takewhile(lambda i: i not in stop_ids, ids)):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    return "".join(pieces)

@@ -1,0 +1,151 @@
+"""The one decode loop: a batch of prompts decoded together with the model's KV cache.
+
+The cache has one write position for the whole batch and attention takes no padding mask, so ragged
+prompts are not padded. Every row starts at position 0, the batch is prefilled up to its shortest
+prompt, and from there each step feeds every row one token: the next prompt token to a row still
+reading its prompt, the sampled one to the others. Each row sees exactly its own tokens at its own
+positions, so a row decodes as it would alone (equal-length prompts decode exactly as alone; a longer
+prompt's tail goes through token by token, the same numbers up to float rounding). Rows interact
+only through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch.
+
+Streaming one prompt is the batch-of-one case (`Engine.stream`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from darkhorse.errors import DarkhorseError
+from darkhorse.model import Transformer
+
+
+def sample_next(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The next id of each row of `logits` (batch, vocab); temperature 0 means greedy (deterministic).
+
+    `seen` (batch, vocab, bool) marks each row's tokens so far, for the repetition penalty."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        # CTRL-style penalty: make already-seen tokens less likely whatever the logit's sign.
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Engine:
+    """Decodes prompts (lists of token ids) with `model`; `vocab_size` masks the output head's
+    padding rows that no tokenizer id maps to (default: the whole head)."""
+
+    def __init__(self, model: Transformer, vocab_size: int | None = None) -> None:
+        self.model = model
+        self.vocab_size = vocab_size or model.config.padded_vocab_size
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Iterable[int] = (),
+    ) -> Iterator[list[int | None]]:
+        """Per step, each row's new token, or None for a row still reading its prompt or finished.
+
+        A row finishes after writing a stop id (yielded), `max_new_tokens` tokens, or at the end of
+        the model's context; decoding ends when every row has finished. A seed makes the whole
+        batch's sampling reproducible (a row's draws depend on the rows beside it).
+        """
+        model = self.model
+        lengths = [len(prompt) for prompt in prompts]
+        if not lengths or min(lengths) == 0:
+            raise DarkhorseError("the prompt is empty: give at least one token")
+        context = model.config.max_seq_len
+        if max(lengths) >= context:
+            raise DarkhorseError(
+                f"the prompt has {max(lengths)} tokens but the model's context is {context}; shorten it"
+            )
+        device = model.embed.weight.device
+        ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
+        end = max(ends)
+        tokens = torch.zeros(len(prompts), end, dtype=torch.long, device=device)
+        # Tokens each row has seen so far, for the repetition penalty only.
+        seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            seen[row, tokens[row, : len(prompt)]] = True
+        prompt_len = torch.tensor(lengths, device=device)
+        row_end = torch.tensor(ends, device=device)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            cache = model.new_cache(len(prompts), end)
+            start = min(lengths)
+            feed, feed_pos = tokens[:, :start], 0
+            for pos in range(start, end):
+                logits = model(feed, cache=cache, start_pos=feed_pos).logits[:, -1, : self.vocab_size]
+                sampled = sample_next(
+                    logits,
+                    seen[:, : self.vocab_size],
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    repetition_penalty=repetition_penalty,
+                    generator=generator,
+                )
+                reading = pos < prompt_len
+                tokens[:, pos] = torch.where(reading, tokens[:, pos], sampled)
+                writing = ~reading & ~finished
+                seen[writing, sampled[writing]] = True
+                yield [
+                    token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)
+                ]
+                finished |= writing & (torch.isin(sampled, stop) | (pos + 1 >= row_end))
+                if bool(finished.all()):
+                    return
+                feed, feed_pos = tokens[:, pos : pos + 1], pos
+        finally:
+            model.train(was_training)
+
+    def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
+        """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `decode`)."""
+        continuations: list[list[int]] = [[] for _ in prompts]
+        for column in self.decode(prompts, **options):
+            for continuation, token in zip(continuations, column, strict=True):
+                if token is not None:
+                    continuation.append(token)
+        return continuations
+
+    def stream(self, prompt: Sequence[int], **options) -> Iterator[int]:
+        """One prompt's new tokens as they are decoded: the batch-of-one case of `decode`."""
+        for (token,) in self.decode([prompt], **options):
+            if token is not None:
+                yield token

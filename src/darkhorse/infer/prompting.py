@@ -1,0 +1,85 @@
+"""Prompt rendering for chat and eval: the one place that knows how a conversation becomes a model's
+prompt and which tokens end its reply. darkhorse's chat format (data/chat_format.py) when the tokenizer
+has its tokens, else the chat template an imported model's tokenizer brought along
+(tokenizer_config.json), rendered with Jinja2 the way transformers' `apply_chat_template` renders it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from darkhorse.data.chat_format import parse_reply, render_prompt
+from darkhorse.data.tokenizer import ASSISTANT_END, THINK, Tokenizer
+from darkhorse.errors import DarkhorseError
+
+# Tokens that end an assistant turn in other models' chat formats (Llama 3, ChatML/Qwen, Phi, Gemma, ...).
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+)  # fmt: skip
+FOREIGN_THINK, FOREIGN_THINK_END = "<think>", "</think>"  # Qwen3 / DeepSeek-R1 reasoning markers
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise DarkhorseError(f"the chat template refused the conversation: {message}")
+
+
+def render_template(template: str, messages: Sequence[dict], **variables: Any) -> str:
+    """Render a HF chat template in a sandbox with the helpers templates expect from transformers."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise DarkhorseError("a model's own chat template needs jinja2: pip install 'darkhorse[interop]'") from None
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return environment.from_string(template).render(messages=list(messages), **variables)
+    except TemplateError as exc:
+        raise DarkhorseError(f"the tokenizer's chat template failed: {exc}") from None
+
+
+def render_chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict], think: bool = True) -> str:
+    """The text a model continues to write the next assistant turn, in the format it was trained on."""
+    if tokenizer.has_chat_tokens:
+        return render_prompt(messages, think=think)
+    if not tokenizer.chat_template:
+        raise DarkhorseError(
+            f"{tokenizer.path}: this tokenizer has neither darkhorse's chat tokens nor a chat template of its own "
+            "(no chat_template in tokenizer_config.json); use `darkhorse generate` for plain text"
+        )
+    return render_template(
+        tokenizer.chat_template,
+        messages,
+        add_generation_prompt=True,
+        enable_thinking=think,
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token,
+    )
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """Ids that end a chat reply: eos and the end-of-turn token of the tokenizer's chat format."""
+    names = (ASSISTANT_END,) if tokenizer.has_chat_tokens else END_OF_TURN_TOKENS
+    ids = {tokenizer.token_to_id(name) for name in names} | {tokenizer.eos_id}
+    return {token_id for token_id in ids if token_id is not None}
+
+
+def split_reply(tokenizer: Tokenizer, completion: str, *, opened_think: bool = False) -> tuple[str | None, str]:
+    """(reasoning, answer) of a generated reply (without its stop token), by the markers of the tokenizer's
+    chat format. `opened_think`: the prompt ended inside darkhorse's think block (`render_prompt(think=True)`);
+    parsing the reply with that opening keeps an unclosed think block from passing for an answer."""
+    if tokenizer.has_chat_tokens:
+        return parse_reply(THINK + completion if opened_think else completion)
+    if FOREIGN_THINK_END in completion:
+        reasoning, answer = completion.split(FOREIGN_THINK_END, 1)
+        return reasoning.replace(FOREIGN_THINK, "").strip(), answer.strip()
+    return None, completion.strip()

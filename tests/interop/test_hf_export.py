@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from darkhorse.checkpoint import load_model, save_model_checkpoint
 from darkhorse.config import MLAConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import export_checkpoint, load_state_dict_export
 from darkhorse.model import Transformer
-from darkhorse.checkpoint import load_model, save_model_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
+from darkhorse.checkpoint import load_model
 from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.export import export_checkpoint
 from darkhorse.interop.hf_import import import_hf
-from darkhorse.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 

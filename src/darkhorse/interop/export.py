@@ -3,7 +3,7 @@
     hf           config.json, generation_config.json, model.safetensors (or model-0000k-of-0000n shards
                  with model.safetensors.index.json), tokenizer.json, tokenizer_config.json (with a chat
                  template rendering darkhorse's chat format) and special_tokens_map.json: a directory
-                 that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` read (see interop/hf.py
+                 that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` read (see interop/hf/
                  for the architectures)
     safetensors  model.safetensors with our own tensor names, config.json, tokenizer.json
     pt           the same with model.pt (`torch.save` of tensors only: `torch.load(weights_only=True)`)
@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.errors import DarkhorseError
-from darkhorse.interop.hf import HFAdapter, SafetensorsDir, SpecialTokens, adapter_for_export
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, read_meta, write_safetensors
+from darkhorse.interop.hf import adapter_for_export
+from darkhorse.interop.hf.base import HFAdapter, SpecialTokens
+from darkhorse.interop.safetensors_io import SafetensorsDir
 
 FORMATS = ("hf", "safetensors", "pt", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

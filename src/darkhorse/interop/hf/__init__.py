@@ -1,8 +1,9 @@
 """Hugging Face transformers architectures: one state-dict adapter per family, and the choice among them.
 
-`base.HFAdapter` is the Llama layout the families share (see its docstring for the tensor names);
-llama, qwen, mixtral and deepseek_v3 hold the families. Export picks the first architecture that
-represents a config exactly; import picks by config.json's `architectures`.
+`base.HFAdapter` is the Llama layout the families share (base.py's docstring maps the tensor names)
+and `tensor_maps` the per-tensor correspondences; llama, qwen, mixtral and deepseek_v3 hold the
+families. Export picks the first architecture that represents a config exactly; import picks by
+config.json's `architectures`.
 """
 
 from __future__ import annotations

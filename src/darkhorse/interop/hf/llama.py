@@ -9,7 +9,7 @@ from darkhorse.interop.safetensors_io import SafetensorsDir
 
 
 class LlamaAdapter(HFAdapter):
-    pass
+    """The base layout as it is."""
 
 
 class MistralAdapter(HFAdapter):

@@ -1,7 +1,7 @@
-"""Safetensors I/O for interop: a directory's tensors read one at a time.
+"""Safetensors I/O for interop: a directory's tensors read one at a time, and shards written as they fill.
 
-The directory follows transformers' layout: one `model.safetensors`, or shards named by a
-`model.safetensors.index.json` weight map.
+Both follow transformers' layout: one `model.safetensors`, or `model-0000k-of-0000n.safetensors`
+shards named by a `model.safetensors.index.json` weight map.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from darkhorse.checkpoint import write_safetensors
 from darkhorse.errors import DarkhorseError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -66,3 +67,50 @@ class SafetensorsDir:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self._file_of[name]].get_tensor(name)
+
+
+class ShardWriter:
+    """Safetensors shards written as they fill, named and indexed the way transformers expects."""
+
+    def __init__(self, folder: Path, max_bytes: int, stem: str = "model") -> None:
+        self.folder, self.max_bytes, self.stem = folder, max_bytes, stem
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in shard for shard in self.shards):
+            raise DarkhorseError(f"internal error: tensor {name} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor  # views and shared storage are fine: bytes are written per tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self.shards) + 1
+        write_safetensors(self.folder / f"{self.stem}-{index:05d}.safetensors", list(self.pending.items()),
+                          {"format": "pt"})  # fmt: skip
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, give the shards their final names, write the index if sharded."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            final = self.folder / f"{self.stem}.safetensors"
+            (self.folder / f"{self.stem}-00001.safetensors").rename(final)
+            return [final]
+        weight_map, files = {}, []
+        for index, names in enumerate(self.shards, start=1):
+            final = self.folder / f"{self.stem}-{index:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"{self.stem}-{index:05d}.safetensors").rename(final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        index_data = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+        return files

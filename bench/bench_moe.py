@@ -35,7 +35,8 @@ from transformers import CONFIG_MAPPING, DeepseekV3ForCausalLM, PretrainedConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from darkhorse.config import ModelConfig, load_run_config
-from darkhorse.interop.hf import SpecialTokens, adapter_for_export
+from darkhorse.interop.hf import adapter_for_export
+from darkhorse.interop.hf.base import SpecialTokens
 from darkhorse.model import Transformer
 from darkhorse.model.moe import MoE, grouped_mm_supported
 from darkhorse.train.peak_flops import peak_flops

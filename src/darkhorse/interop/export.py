@@ -3,7 +3,7 @@
     hf           config.json, generation_config.json, model.safetensors (or model-0000k-of-0000n shards
                  with model.safetensors.index.json), tokenizer.json, tokenizer_config.json (with a chat
                  template rendering darkhorse's chat format) and special_tokens_map.json: a directory
-                 that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` read (see interop/hf.py
+                 that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` read (see interop/hf/
                  for the architectures)
     safetensors  model.safetensors with our own tensor names, config.json, tokenizer.json
     pt           the same with model.pt (`torch.save` of tensors only: `torch.load(weights_only=True)`)
@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
-from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, CheckpointTensors, write_safetensors
+from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, CheckpointTensors
 from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir
-from darkhorse.interop.hf import HFAdapter, SpecialTokens, adapter_for_export
+from darkhorse.interop.hf import adapter_for_export
+from darkhorse.interop.hf.base import HFAdapter, SpecialTokens
+from darkhorse.interop.safetensors_io import ShardWriter
 
 FORMATS = ("hf", "safetensors", "pt", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,53 +53,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise DarkhorseError("--max-shard-size must be positive")
     return size
-
-
-class ShardWriter:
-    """Safetensors shards written as they fill, named and indexed the way transformers expects."""
-
-    def __init__(self, folder: Path, max_bytes: int, stem: str = "model") -> None:
-        self.folder, self.max_bytes, self.stem = folder, max_bytes, stem
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in shard for shard in self.shards):
-            raise DarkhorseError(f"internal error: tensor {name} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor  # views and shared storage are fine: bytes are written per tensor
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        index = len(self.shards) + 1
-        write_safetensors(self.folder / f"{self.stem}-{index:05d}.safetensors", list(self.pending.items()),
-                          {"format": "pt"})  # fmt: skip
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        """Write the last shard, give the shards their final names, write the index if sharded."""
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        if count == 1:
-            final = self.folder / f"{self.stem}.safetensors"
-            (self.folder / f"{self.stem}-00001.safetensors").rename(final)
-            return [final]
-        weight_map, files = {}, []
-        for index, names in enumerate(self.shards, start=1):
-            final = self.folder / f"{self.stem}-{index:05d}-of-{count:05d}.safetensors"
-            (self.folder / f"{self.stem}-{index:05d}.safetensors").rename(final)
-            files.append(final)
-            weight_map.update(dict.fromkeys(names, final.name))
-        index_data = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
-        return files
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

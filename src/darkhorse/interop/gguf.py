@@ -42,6 +42,7 @@ from darkhorse.data.tokenizer import (
 )
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_file
+from darkhorse.interop import capabilities
 from darkhorse.model.layers import yarn_mscale
 
 OUTTYPES = {
@@ -441,18 +442,10 @@ def _check_yarn(ckpt: CheckpointTensors) -> None:
 
 
 def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], MetadataWriter]:
-    cfg, moe = ckpt.model, ckpt.model.moe
-    if cfg.residual != "plain":
-        raise DarkhorseError(
-            f"{ckpt.path}: model.residual={cfg.residual!r} (hyper-connections) has no llama.cpp architecture; "
-            "GGUF export needs model.residual=plain"
-        )
+    cfg = ckpt.model
+    if reasons := capabilities.residual_refusals(cfg):
+        raise capabilities.refusal("GGUF", reasons, ckpt.path)
     _check_yarn(ckpt)
-    if cfg.ffn == "moe" and moe.capacity_factor > 0:
-        raise DarkhorseError(
-            f"{ckpt.path}: model.moe.capacity_factor > 0 drops tokens, which llama.cpp never does; "
-            "GGUF export needs capacity_factor=0"
-        )
     if cfg.attention == "gqa" and cfg.attention_bias and cfg.qk_norm:
         raise DarkhorseError(f"{ckpt.path}: no llama.cpp architecture has both q/k/v biases and q/k norms")
     if cfg.attention == "gqa" and cfg.ffn == "dense":
@@ -461,8 +454,8 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
         _check_mixtral(ckpt)
         return "llama", llama_plan(ckpt), add_llama_metadata
     if cfg.attention == "mla" and cfg.ffn == "moe":
-        if moe.n_shared_experts < 1:
-            raise DarkhorseError(f"{ckpt.path}: llama.cpp's deepseek2 needs model.moe.n_shared_experts >= 1")
+        if reasons := capabilities.deepseek_moe_refusals(cfg.moe):
+            raise capabilities.refusal("GGUF as llama.cpp's deepseek2", reasons, ckpt.path)
         if not cfg.mla.q_lora_rank and cfg.n_layers not in (26, 27):
             raise DarkhorseError(
                 f"{ckpt.path}: llama.cpp's deepseek2 takes uncompressed queries (model.mla.q_lora_rank=0) only "
@@ -477,29 +470,16 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
 
 
 def _check_mixtral(ckpt: CheckpointTensors) -> None:
-    """llama.cpp's llama MoE is Mixtral's: softmax over all experts, top-k renormalised, every layer MoE."""
-    moe = ckpt.model.moe
-    reasons = [
-        reason
-        for failed, reason in (
-            (moe.scoring != "softmax", f"model.moe.scoring={moe.scoring} (needs softmax)"),
-            (moe.n_shared_experts > 0, "model.moe.n_shared_experts > 0"),
-            (moe.first_k_dense > 0, "model.moe.first_k_dense > 0 (every layer must be MoE)"),
-            (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false"),
-            (moe.routed_scaling_factor != 1.0, "model.moe.routed_scaling_factor != 1"),
-            (moe.n_groups > 1, "model.moe.n_groups > 1"),
-        )
-        if failed
-    ]
+    """GQA + MoE goes to llama.cpp's llama MoE, which is Mixtral's; a selection bias is checked in the weights."""
+    reasons = capabilities.mixtral_moe_refusals(ckpt.model.moe)
     for i in range(ckpt.model.n_layers):
-        if ckpt.get(f"layers.{i}.ffn.gate.e_score_correction_bias").abs().max() > 0:
-            reasons.append(f"layer {i} has a nonzero expert selection bias (train with model.moe.bias_update_rate=0)")
+        bias = f"layers.{i}.ffn.gate.e_score_correction_bias"
+        if ckpt.get(bias).abs().max() > 0:
+            reasons.append(f"{bias} is not all 0: {capabilities.MIXTRAL_SELECTION_BIAS}")
             break
     if reasons:
-        raise DarkhorseError(
-            f"{ckpt.path}: GQA + MoE exports to GGUF as llama.cpp's Mixtral-style `llama` MoE, which cannot "
-            f"represent: {'; '.join(reasons)}; MLA + MoE models export as deepseek2"
-        )
+        target = "GGUF as llama.cpp's Mixtral-style llama MoE (the GQA + MoE one; MLA + MoE exports as deepseek2)"
+        raise capabilities.refusal(target, reasons, ckpt.path)
 
 
 def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, force: bool = False) -> Path:

@@ -1,6 +1,6 @@
 """Import a Hugging Face model directory (or a darkhorse state-dict export) as a darkhorse checkpoint.
 
-The architecture's adapter (interop/hf.py) turns config.json into a darkhorse config and names, for
+The architecture's adapter (interop/hf/) turns config.json into a darkhorse config and names, for
 each of our tensors, the HF tensor(s) to read. The model is allocated once, uninitialised, and each
 tensor is read from the (possibly sharded) safetensors files straight into its place, so peak memory
 is one copy of the model. The result is an ordinary checkpoint (model.safetensors, meta.json,
@@ -24,7 +24,8 @@ from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir, read_json_object
 from darkhorse.interop.export import is_state_dict_export, load_state_dict_export
-from darkhorse.interop.hf import SafetensorsDir, adapter_for_import
+from darkhorse.interop.hf import adapter_for_import
+from darkhorse.interop.safetensors_io import SafetensorsDir
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""What the export targets cannot represent, written once for the HF and GGUF exporters.
+
+Each rule returns the reasons (empty when the config fits) in the words the user reads, so an export
+that fails lists every obstacle at once and HF and GGUF refuse the same model with the same reasons.
+Refusals that belong to one target alone (llama.cpp's YaRN scaling, its Lite-only uncompressed
+queries) stay with that target's exporter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from darkhorse.config import ModelConfig, MoEConfig
+from darkhorse.errors import DarkhorseError
+
+# Mixtral (HF MixtralForCausalLM, llama.cpp's llama MoE) picks experts by router score alone.
+MIXTRAL_SELECTION_BIAS = (
+    "Mixtral selects experts by router score alone, so a nonzero selection bias cannot be exported "
+    "(fine-tune with model.moe.bias_update_rate=0)"
+)
+
+
+def failed(*checks: tuple[bool, str]) -> list[str]:
+    """The reasons of the checks whose condition holds."""
+    return [reason for condition, reason in checks if condition]
+
+
+def refusal(target: str, reasons: list[str], source: str | Path | None = None) -> DarkhorseError:
+    """The one error that names every reason `target` cannot hold the model (of checkpoint `source`)."""
+    where = f"{source}: " if source else ""
+    return DarkhorseError(f"{where}cannot export to {target}: {'; '.join(reasons)}")
+
+
+def residual_refusals(config: ModelConfig) -> list[str]:
+    """mHC residual streams: no transformers or llama.cpp architecture has them."""
+    return failed(
+        (
+            config.residual != "plain",
+            f"model.residual={config.residual} (manifold-constrained hyper-connections) has no transformers or "
+            "llama.cpp architecture; use --format safetensors or pt",
+        )
+    )
+
+
+def dropped_tokens_refusals(moe: MoEConfig) -> list[str]:
+    """A capacity limit drops tokens; no exported MoE architecture ever does."""
+    return failed(
+        (
+            moe.capacity_factor > 0,
+            "model.moe.capacity_factor > 0 (drops tokens, which transformers and llama.cpp never do)",
+        )
+    )
+
+
+def mixtral_moe_refusals(moe: MoEConfig) -> list[str]:
+    """Mixtral's MoE: softmax over every expert, top-k renormalised, every layer MoE, nothing shared."""
+    return failed(
+        (moe.scoring != "softmax", f"model.moe.scoring={moe.scoring} (Mixtral routes by softmax)"),
+        (moe.n_shared_experts > 0, "model.moe.n_shared_experts > 0 (Mixtral has no shared experts)"),
+        (moe.first_k_dense > 0, "model.moe.first_k_dense > 0 (every Mixtral layer is MoE)"),
+        (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false (Mixtral renormalises the top-k)"),
+        (moe.routed_scaling_factor != 1.0, "model.moe.routed_scaling_factor != 1"),
+        (moe.n_groups > 1, "model.moe.n_groups > 1 (group-limited routing)"),
+    ) + dropped_tokens_refusals(moe)
+
+
+def deepseek_moe_refusals(moe: MoEConfig) -> list[str]:
+    """DeepSeek's MoE (HF DeepseekV3, llama.cpp's deepseek2) always runs shared experts beside the routed ones."""
+    return failed(
+        (moe.n_shared_experts < 1, "model.moe.n_shared_experts=0 (DeepSeek's MoE has shared experts)"),
+    ) + dropped_tokens_refusals(moe)

@@ -112,6 +112,25 @@ class SpecialTokens:
 # Adapters
 
 
+def shared_config_from_hf(hf: dict[str, Any], where: str, *, default_context: int) -> dict[str, Any]:
+    """The `model:` keys every HF decoder config spells the same way (sizes, context, RoPE, norm, init)."""
+    max_seq_len = int(hf.get("max_position_embeddings", default_context))
+    theta, scaling = rope_from_hf(hf)
+    return {
+        "vocab_size": int(hf["vocab_size"]),
+        "n_layers": int(hf["num_hidden_layers"]),
+        "dim": int(hf["hidden_size"]),
+        "n_heads": int(hf["num_attention_heads"]),
+        "ffn_dim": int(hf["intermediate_size"]),
+        "max_seq_len": max_seq_len,
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling_from_hf(scaling, max_seq_len, where),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "init_std": float(hf.get("initializer_range", 0.02)),
+    }
+
+
 class HFAdapter:
     """Base: the Llama layout that every supported architecture shares (embeddings, norms, GQA)."""
 
@@ -168,22 +187,10 @@ class HFAdapter:
             raise DarkhorseError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (darkhorse: silu)")
         if hf.get("mlp_bias"):
             raise DarkhorseError(f"{where}: mlp_bias=true is not supported by darkhorse")
-        max_seq_len = int(hf.get("max_position_embeddings", 2048))
-        theta, scaling = rope_from_hf(hf)
         return {
-            "vocab_size": int(hf["vocab_size"]),
-            "n_layers": int(hf["num_hidden_layers"]),
-            "dim": dim,
-            "n_heads": heads,
+            **shared_config_from_hf(hf, where, default_context=2048),
             "n_kv_heads": int(hf.get("num_key_value_heads") or heads),
             "head_dim": int(hf.get("head_dim") or dim // heads),  # Qwen3: head_dim x heads may differ from dim
-            "ffn_dim": int(hf["intermediate_size"]),
-            "max_seq_len": max_seq_len,
-            "rope_theta": theta,
-            "rope_scaling": rope_scaling_from_hf(scaling, max_seq_len, where),
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "init_std": float(hf.get("initializer_range", 0.02)),
             "attention": "gqa",
             "ffn": "dense",
             "attention_bias": self._attention_bias(hf, where),

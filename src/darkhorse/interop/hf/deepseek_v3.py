@@ -7,7 +7,7 @@ from typing import Any
 from darkhorse.config import ModelConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop import capabilities
-from darkhorse.interop.hf.base import HFAdapter, SpecialTokens, rope_from_hf, rope_scaling_from_hf
+from darkhorse.interop.hf.base import HFAdapter, SpecialTokens, shared_config_from_hf
 from darkhorse.interop.hf.tensor_maps import PaddedRows, TensorMap, dense_mlp_maps, expert_maps, moe_router_maps
 from darkhorse.interop.safetensors_io import SafetensorsDir
 
@@ -82,8 +82,6 @@ class DeepseekV3Adapter(HFAdapter):
             raise DarkhorseError(f"{where}: scoring_func '{hf['scoring_func']}' is not supported (sigmoid only)")
         if int(hf.get("moe_layer_freq", 1)) != 1:
             raise DarkhorseError(f"{where}: moe_layer_freq != 1 is not supported")
-        max_seq_len = int(hf.get("max_position_embeddings", 4096))
-        theta, scaling = rope_from_hf(hf)
         layers = int(hf["num_hidden_layers"])
         first_dense = min(int(hf.get("first_k_dense_replace", 0)), layers)
         # transformers itself drops MTP layers, so a config may declare them without their tensors.
@@ -91,18 +89,8 @@ class DeepseekV3Adapter(HFAdapter):
         if f"model.layers.{layers}.eh_proj.weight" not in source:
             mtp_depth = 0
         return {
-            "vocab_size": int(hf["vocab_size"]),
-            "n_layers": layers,
-            "dim": int(hf["hidden_size"]),
-            "n_heads": int(hf["num_attention_heads"]),
+            **shared_config_from_hf(hf, where, default_context=4096),
             "n_kv_heads": int(hf["num_attention_heads"]),
-            "ffn_dim": int(hf["intermediate_size"]),
-            "max_seq_len": max_seq_len,
-            "rope_theta": theta,
-            "rope_scaling": rope_scaling_from_hf(scaling, max_seq_len, where),
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "init_std": float(hf.get("initializer_range", 0.02)),
             "attention": "mla",
             "ffn": "moe" if first_dense < layers else "dense",
             "mtp_depth": mtp_depth,

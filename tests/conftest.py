@@ -9,10 +9,15 @@ torch.set_num_threads(1)  # tests run in parallel workers on 2 cores; one thread
 
 
 def pytest_configure(config):
-    """`make test` sets DARKHORSE_REQUIRE_GGUF_CHECK: there the GGUF tests must run, not skip."""
+    """Child processes (CLI tests, llama.cpp workers) import this checkout's darkhorse, whatever is installed.
+
+    `make test` sets DARKHORSE_REQUIRE_GGUF_CHECK: there the GGUF tests must run, not skip."""
     import importlib.util
     import os
+    from pathlib import Path
 
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
     if os.environ.get("DARKHORSE_REQUIRE_GGUF_CHECK") and importlib.util.find_spec("llama_cpp") is None:
         raise pytest.UsageError("llama-cpp-python is not installed but the GGUF tests must run: make install-test")
 

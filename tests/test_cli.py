@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,11 @@ import pytest
 
 from darkhorse.cli import SUBCOMMANDS
 
-DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
+DARKHORSE = [sys.executable, "-m", "darkhorse"]  # this checkout (conftest puts its src/ on PYTHONPATH)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([DARKHORSE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run([*DARKHORSE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 def test_help_lists_every_subcommand():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from darkhorse.config import load_run_config
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.model import Transformer
 
-DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
+DARKHORSE = [sys.executable, "-m", "darkhorse"]  # this checkout (conftest puts its src/ on PYTHONPATH)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([DARKHORSE, *args], capture_output=True, text=True, cwd=cwd, input=stdin, timeout=120)
+    return subprocess.run([*DARKHORSE, *args], capture_output=True, text=True, cwd=cwd, input=stdin, timeout=120)
 
 
 def test_greedy_generate_is_deterministic(workdir):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,14 @@ import torch
 from darkhorse.cli import main
 from darkhorse.train.trainer import train
 
-DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
+DARKHORSE = [sys.executable, "-m", "darkhorse"]  # this checkout (conftest puts its src/ on PYTHONPATH)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = ["train.seq_len=32", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=0", "train.schedule=constant",
          "train.eval_interval=0", "train.save_interval=0", "--log-interval", "1"]  # fmt: skip
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([DARKHORSE, *args], capture_output=True, text=True, timeout=180, env=ENV, input=stdin)
+    result = subprocess.run([*DARKHORSE, *args], capture_output=True, text=True, timeout=180, env=ENV, input=stdin)
     assert result.returncode == 0, result.stderr
     return result
 

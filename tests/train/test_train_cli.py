@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from darkhorse.cli import main
 from darkhorse.config import load_run_config
 from darkhorse.train.trainer import train
 
-DARKHORSE = shutil.which("darkhorse") or str(Path(sys.executable).parent / "darkhorse")
+DARKHORSE = [sys.executable, "-m", "darkhorse"]  # this checkout (conftest puts its src/ on PYTHONPATH)
 SMALL = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
          "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.eval_interval=0",
          "train.schedule=constant", "train.warmup_steps=0"]  # fmt: skip
@@ -24,7 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as this proces
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DARKHORSE, *args], capture_output=True, text=True, timeout=120, env=ENV)
+    return subprocess.run([*DARKHORSE, *args], capture_output=True, text=True, timeout=120, env=ENV)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -80,7 +79,7 @@ def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(tmp_path, pre
     run_dir = tmp_path / "run"
     args = ["train", "--preset", "tiny-cpu", *SMALL, "--data", str(prepared_dir), "--out", str(run_dir)]
     process = subprocess.Popen(
-        [DARKHORSE, *args, "--max-steps", "100000", "--log-interval", "1"],
+        [*DARKHORSE, *args, "--max-steps", "100000", "--log-interval", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -82,7 +82,7 @@ def correctness_files(work: Path) -> dict[str, dict]:
 
     from darkhorse.checkpoint import load_for_inference
     from darkhorse.config import MLAConfig, MoEConfig
-    from darkhorse.infer.generate import generate_tokens
+    from darkhorse.infer.engine import Engine
     from darkhorse.interop.gguf import export_gguf
     from darkhorse.interop.quantize import quantize_gguf
 
@@ -112,7 +112,7 @@ def correctness_files(work: Path) -> dict[str, dict]:
     for arch, checkpoint in checkpoints.items():
         model, tokenizer, _ = load_for_inference(checkpoint)
         prompt = tokenizer.encode("three four five six")
-        expected = list(generate_tokens(model, prompt, max_new_tokens=40, vocab_size=tokenizer.vocab_size))
+        expected = list(Engine(model, tokenizer.vocab_size).stream(prompt, max_new_tokens=40))
         logits = work / f"{checkpoint.name}-logits.npy"
         with torch.no_grad():
             np.save(logits, model(torch.tensor([prompt + expected])).logits[0].numpy())

@@ -37,6 +37,7 @@ def run_cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Compl
     return subprocess.run([*DARKHORSE, *args], capture_output=True, text=True, cwd=cwd, input=stdin, timeout=120)
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_greedy_generate_is_deterministic(workdir):
     args = ("generate", "--checkpoint", "runs/tiny/final", "--prompt", "The number 7", "--max-new-tokens", "12")
     first, second = run_cli(*args, cwd=workdir), run_cli(*args, cwd=workdir)
@@ -44,6 +45,7 @@ def test_greedy_generate_is_deterministic(workdir):
     assert first.stdout == second.stdout and first.stdout.strip()
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_sampled_generate_reproducible_with_seed(workdir):
     args = (
         "generate",
@@ -67,6 +69,7 @@ def test_sampled_generate_reproducible_with_seed(workdir):
     assert run_cli(*args, cwd=workdir).stdout == run_cli(*args, cwd=workdir).stdout
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bare_prompt_uses_newest_final_checkpoint(workdir):
     result = run_cli("--prompt", "The number 7", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -82,6 +85,7 @@ def test_chat_reads_turns_and_commands_from_piped_stdin(workdir):
     assert "unknown command" in result.stdout
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     missing = run_cli("generate", "--checkpoint", str(tmp_path), "--prompt", "x", cwd=workdir)
     assert missing.returncode == 2 and "not a darkhorse checkpoint" in missing.stderr

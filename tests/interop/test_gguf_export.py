@@ -118,7 +118,6 @@ def test_tied_model_has_no_output_tensor_and_keeps_norms_f32(tiny_dense_checkpoi
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
 def test_deepseek2_gguf_matches_darkhorse(tiny_genesis_checkpoint, tmp_path, outtype):
     out = export_gguf(tiny_genesis_checkpoint, tmp_path / f"genesis-{outtype}.gguf", outtype)
@@ -126,7 +125,6 @@ def test_deepseek2_gguf_matches_darkhorse(tiny_genesis_checkpoint, tmp_path, out
     check_against_darkhorse(tiny_genesis_checkpoint, out, outtype, routing_flips=flips)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_mixtral_style_moe_exports_as_llama_moe(tiny_mixtral_checkpoint, tmp_path, outtype):
     out = export_gguf(tiny_mixtral_checkpoint, tmp_path / f"mixtral-{outtype}.gguf", outtype)
@@ -136,7 +134,6 @@ def test_mixtral_style_moe_exports_as_llama_moe(tiny_mixtral_checkpoint, tmp_pat
     check_against_darkhorse(tiny_mixtral_checkpoint, out, outtype, routing_flips=2 if outtype == "q8_0" else 0)
 
 
-@pytest.mark.slow  # the trained MLA+MoE fixture
 def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path):
     out = export_gguf(tiny_genesis_checkpoint, tmp_path / "genesis.gguf", "f16")
     reader = gguf.GGUFReader(out)
@@ -157,7 +154,6 @@ def test_deepseek2_metadata_and_tensor_layout(tiny_genesis_checkpoint, tmp_path)
     assert not any(name.startswith("blk.2.") for name in tensors)  # the MTP module is not exported
 
 
-@pytest.mark.slow  # the trained MLA+MoE fixture
 def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint, tmp_path):
     copy = copy_with_model_config(
         tiny_genesis_checkpoint, tmp_path / "no-q-lora", lambda m: m["mla"].update(q_lora_rank=0)
@@ -310,7 +306,7 @@ def with_yarn(checkpoint, out_dir, mscale: float, mscale_all_dim: float):
 
 @pytest.mark.parametrize(
     ("fixture", "mscale_all_dim"),
-    [("tiny_dense_checkpoint", 0.0), pytest.param("tiny_genesis_checkpoint", 1.0, marks=pytest.mark.slow)],
+    [("tiny_dense_checkpoint", 0.0), ("tiny_genesis_checkpoint", 1.0)],
 )
 def test_yarn_context_extension_matches(request, tmp_path, fixture, mscale_all_dim):
     """YaRN changes every position's frequencies; 100 positions also run past the original 64."""
@@ -332,7 +328,6 @@ def test_yarn_settings_llama_cpp_cannot_compute_are_refused(tiny_dense_checkpoin
         export_gguf(checkpoint, tmp_path / "yarn.gguf", "f32")
 
 
-@pytest.mark.slow  # the trained Mixtral-style fixture
 @pytest.mark.parametrize(
     ("changes", "message"),
     [({"scoring": "sigmoid"}, "scoring=sigmoid"), ({"capacity_factor": 1.25}, "drops tokens")],
@@ -382,7 +377,6 @@ def test_tensors_the_gguf_cannot_hold_are_named(tiny_dense_checkpoint, tmp_path)
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.slow  # the trained MLA+MoE fixture
 @pytest.mark.parametrize(("groups", "used"), [(2, 1), (2, 2)])
 def test_deepseek2_group_limited_routing_matches(tiny_genesis_checkpoint, tmp_path, groups, used):
     """Experts in 2 groups of 2: top-1 group routing, and top-2 of 2 (no limit, written as 1 group)."""

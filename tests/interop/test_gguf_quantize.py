@@ -161,7 +161,6 @@ def test_val_data_from_another_tokenizer_is_refused(f16_gguf, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_deepseek2_quantizes_with_router_kept_f32(tiny_genesis_checkpoint, tmp_path):
     import llama_cpp
 

@@ -15,11 +15,16 @@ CONSTRAIN := -c $(CONSTRAINTS)
 
 # llama-cpp-python (GGUF tests, `darkhorse quantize`) builds llama.cpp from source. By default llama.cpp
 # compiles for the build machine (-march=native), which on AVX-512/AMX Xeons turns on its AMX kernels,
-# and those crash on Q8_0/K-quant/DeepSeek files (docs/experiments.md, 2026-11-30). On x86-64 we build
-# for x86-64-v3 (AVX2/FMA/F16C) instead: the same wheel runs on every CPU we test on, without AMX.
-# The wheel is cached per version and flags, outside pip's cache (which ignores CMAKE_ARGS).
+# and those crash on Q8_0/K-quant/DeepSeek files (docs/experiments.md, 2026-11-30). On x86-64 we name the
+# instruction sets instead: AVX2/FMA/F16C always (x86-64-v3), the AVX-512 and VNNI sets this CPU has, and
+# never AMX. The wheel is cached per version and flags, outside pip's cache (which ignores CMAKE_ARGS).
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama[-_]cpp[-_]python==\([^ ;]*\).*/\1/p' $(CONSTRAINTS))
-LLAMA_CPP_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF)
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has = $(if $(strip $(foreach flag,$(1),$(if $(filter $(flag),$(CPU_FLAGS)),,missing))),,-D$(2)=ON)
+X86_CMAKE_ARGS := -DGGML_NATIVE=OFF $(call cpu_has,avx512f avx512cd avx512vl avx512dq avx512bw,GGML_AVX512) \
+	$(call cpu_has,avx512vbmi,GGML_AVX512_VBMI) $(call cpu_has,avx512_vnni,GGML_AVX512_VNNI) \
+	$(call cpu_has,avx512_bf16,GGML_AVX512_BF16) $(call cpu_has,avx_vnni,GGML_AVX_VNNI)
+LLAMA_CPP_CMAKE_ARGS ?= $(strip $(if $(filter x86_64,$(shell uname -m)),$(X86_CMAKE_ARGS)))
 LLAMA_CPP_KEY := $(shell printf '%s' '$(LLAMA_CPP_VERSION) $(LLAMA_CPP_CMAKE_ARGS)' | md5sum | cut -c1-12)
 LLAMA_CPP_WHEELS := $(HOME)/.cache/darkhorse/llama-cpp-wheels/$(LLAMA_CPP_KEY)
 
@@ -33,6 +38,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
+	@test -n "$(LLAMA_CPP_VERSION)" || { echo "$(CONSTRAINTS) pins no llama_cpp_python version"; exit 1; }
 	@ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) with CMAKE_ARGS='$(LLAMA_CPP_CMAKE_ARGS)' (GGUF tests;" \
 			"~6 min on 2 cores, needs cmake and a C++ compiler); the wheel is kept in $(LLAMA_CPP_WHEELS)"; \

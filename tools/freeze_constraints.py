@@ -12,8 +12,6 @@ failing on a wheel that does not exist for it.
 from __future__ import annotations
 
 import platform
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -25,15 +23,13 @@ HEADER = """\
 
 
 def main() -> None:
-    frozen = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
-    ).stdout.split()
     python = ".".join(platform.python_version_tuple()[:2])
-    pins = [("pip", metadata.version("pip"))]
-    for line in frozen:
-        name, _, version = line.partition("==")
-        if version and name.lower().replace("_", "-") not in TORCH_ONLY and not name.lower().startswith("nvidia-"):
-            pins.append((name, version))
+    pins = []
+    for dist in metadata.distributions():  # not `pip freeze`: it writes a locally built wheel as `name @ file://`
+        name = dist.metadata["Name"]
+        canonical = name.lower().replace("_", "-")
+        if canonical not in TORCH_ONLY | {"darkhorse", "wheel"} and not canonical.startswith("nvidia-"):
+            pins.append((name, dist.version))
     pins.sort(key=lambda pin: pin[0].lower())
     lines = [f'{name}=={version} ; python_version == "{python}"' for name, version in pins]
     Path("constraints.txt").write_text(HEADER + "\n".join(lines) + "\n")

@@ -16,9 +16,17 @@ HELP = "generate text from a checkpoint (streams tokens; greedy by default)"
 RUNS_DIR = Path("runs")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sampling knobs shared by `generate` and `chat`."""
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+MAX_NEW_TOKENS = 128
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    """Sampling knobs shared by `generate` and `chat`; each command has its own token budget."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate at most (default {max_new_tokens})",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
@@ -89,7 +97,7 @@ def run_latest(prompt: str) -> int:
     print(f"[{checkpoint}]", file=sys.stderr)
     model, tokenizer, _ = load_for_inference(checkpoint)
     defaults = {
-        "max_new_tokens": 128,
+        "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,

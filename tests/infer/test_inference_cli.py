@@ -73,15 +73,6 @@ def test_bare_prompt_uses_newest_final_checkpoint(workdir):
     assert "runs/tiny/final" in result.stderr
 
 
-def test_chat_reads_turns_and_commands_from_piped_stdin(workdir):
-    script = "hello there\n/think off\nand again\n/bogus\n/reset\n/quit\nnever reached\n"
-    result = run_cli("chat", "--checkpoint", "runs/tiny/final", "--max-new-tokens", "5", cwd=workdir, stdin=script)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("assistant> ") == 2
-    assert "(reasoning off)" in result.stdout and "(conversation cleared)" in result.stdout
-    assert "unknown command" in result.stdout
-
-
 def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     missing = run_cli("generate", "--checkpoint", str(tmp_path), "--prompt", "x", cwd=workdir)
     assert missing.returncode == 2 and "not a darkhorse checkpoint" in missing.stderr

@@ -13,7 +13,9 @@ from darkhorse.infer.prompting import chat_stop_ids, prompt_opens_think, think_m
 from darkhorse.model import Transformer
 
 REASONING, ANSWER = "reasoning", "answer"  # the two parts of a chat reply
-DIM, RESET, CLEAR_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[2K"  # ANSI, used only when writing to a terminal
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # ANSI, used only when writing to a terminal
+THINKING = "(thinking...)"
+ERASE_THINKING = "\b" * len(THINKING) + "\x1b[K"  # back over the status, clear to the end of the line
 
 
 class TextCodec(Protocol):
@@ -93,18 +95,18 @@ def print_reply(
             out.write(f"{DIM}{label}{piece}{RESET}" if color else label + piece)
         elif part == REASONING:
             if color and not status:
-                out.write(f"{DIM}(thinking...){RESET}")
+                out.write(f"{DIM}{THINKING}{RESET}")
                 status = True
         else:
             if status:
-                out.write(CLEAR_LINE)
+                out.write(ERASE_THINKING)
                 status = False
             if first and parts[REASONING] and show_thinking:
                 out.write("\n")
             out.write(piece)
         out.flush()
     if status:
-        out.write(CLEAR_LINE)
+        out.write(ERASE_THINKING)
     out.write("\n")
     reasoning = "".join(parts[REASONING]).strip()
     return reasoning or None, "".join(parts[ANSWER]).strip()

@@ -78,3 +78,13 @@ def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     assert missing.returncode == 2 and "not a darkhorse checkpoint" in missing.stderr
     bad = run_cli("generate", "--checkpoint", "runs/tiny/final", "--prompt", "x", "--top-p", "0", cwd=workdir)
     assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bare_prompt_with_params_picks_a_run_of_that_preset(workdir):
+    found = run_cli("--preset", "tiny-cpu", "--prompt", "The number 7", cwd=workdir)
+    assert found.returncode == 0 and "runs/tiny/final" in found.stderr, found.stderr
+    missing = run_cli("--params", "1b", "--prompt", "x", cwd=workdir)  # the seed's spelling: not "invalid choice"
+    assert missing.returncode == 2 and "invalid choice" not in missing.stderr
+    assert missing.stderr.startswith("darkhorse: error: no run of preset 1b under ./runs/*/final; train one with")
+    alone = run_cli("--params", "1b", cwd=workdir)
+    assert alone.returncode == 2 and "needs --prompt" in alone.stderr

@@ -76,19 +76,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def latest_final_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
-    """The most recently written `final/` checkpoint under runs_dir (depth one or two)."""
+def latest_final_checkpoint(runs_dir: Path = RUNS_DIR, preset: str | None = None) -> Path | None:
+    """The most recently written `final/` checkpoint under runs_dir (depth one or two); with `preset`
+    (a name or an alias such as 1b), the newest one whose run was configured from that preset."""
     finals = [p.parent for p in runs_dir.glob("*/final/model.safetensors")]
     finals += [p.parent for p in runs_dir.glob("*/*/final/model.safetensors")]
+    if preset is not None:
+        from darkhorse.checkpoint import read_meta
+        from darkhorse.config import preset_dict
+
+        wanted = preset_dict(preset)["name"]  # an unknown name is an error listing the presets
+        finals = [p for p in finals if read_meta(p)["config"].get("name") == wanted]
     return max(finals, key=lambda p: (p / "model.safetensors").stat().st_mtime, default=None)
 
 
-def run_latest(prompt: str) -> int:
-    """`darkhorse --prompt ...`: greedy completion from the newest run, as the seeds' CLI does."""
+def run_latest(prompt: str, preset: str | None = None) -> int:
+    """`darkhorse [--params SIZE] --prompt ...`: greedy completion from the newest run (of that preset),
+    as the seeds' CLI does."""
     from darkhorse.checkpoint import load_for_inference
     from darkhorse.infer.generate import stream_completion
 
-    checkpoint = latest_final_checkpoint()
+    checkpoint = latest_final_checkpoint(preset=preset)
+    if checkpoint is None and preset is not None:
+        raise DarkhorseError(
+            f"no run of preset {preset} under ./{RUNS_DIR}/*/final; train one with "
+            f"`darkhorse train --params {preset} --data DIR --out runs/NAME`, or leave out --params to use "
+            "the newest run"
+        )
     if checkpoint is None:
         raise DarkhorseError(
             f"no trained model found under ./{RUNS_DIR}/*/final; run `darkhorse demo` or "

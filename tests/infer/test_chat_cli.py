@@ -27,8 +27,8 @@ def chat(checkpoint: Path, stdin: str, *args: str, cwd: Path | None = None) -> s
 
 def test_piped_chat_streams_answers_commands_and_survives_bad_ones(tiny_dense_checkpoint, tmp_path):
     script = "\n".join(
-        ["/think", "after one?", "/bogus", "/load missing.json", "/reasoning off", "after \\", "two?", "/save talk.json",
-         "/clear", "/load talk.json", "after three?", "/quit", "never read"]
+        ["/think", "after one?", "/bogus", "/load missing.json", "/reasoning off", "after \\", "two?",
+         "/save talk.json", "/clear", "/load talk.json", "after three?", "/quit", "never read"]
     )  # fmt: skip
     result = chat(tiny_dense_checkpoint, script + "\n", "--max-new-tokens", "6", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -79,7 +79,8 @@ def imported_llama(tmp_path, foreign_tokenizer) -> Path:
 
 def test_imported_model_chats_in_its_own_template_without_special_tokens(imported_llama):
     turns = "\n".join(["one two three four five six seven eight"] * 4 + ["/think", "one two?"]) + "\n"
-    result = chat(imported_llama, turns, "--max-new-tokens", "12", "--show-thinking", "--temperature", "1", "--seed", "0")
+    sampled = ("--temperature", "1", "--seed", "0")
+    result = chat(imported_llama, turns, "--max-new-tokens", "12", "--show-thinking", *sampled)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     out = result.stdout
     assert out.count("assistant> ") == 5 and out.count(" tokens/s, ") == 5

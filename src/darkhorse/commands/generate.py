@@ -2,7 +2,8 @@
 
 Greedy decoding (--temperature 0, the default) is deterministic; sampling is reproducible with
 --seed. With --chat the prompt is wrapped as a user turn in darkhorse's chat format, or, for an imported
-model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds."""
+model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds;
+the reply prints its reasoning after `thinking:`, then the answer on a line of its own, never a special token."""
 
 from __future__ import annotations
 

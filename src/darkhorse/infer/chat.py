@@ -8,6 +8,7 @@ one prints one line and the chat goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -210,7 +211,8 @@ class ChatSession:
             self.note(out, f"reasoning {'shown' if self.show_thinking else 'hidden'}")
         elif command == "/reasoning":
             self.think = _switch(argument, self.think, command)
-            self.note(out, f"reasoning {'on' if self.think else 'off'}: the model {'reasons first' if self.think else 'answers directly'}")
+            how = "on: the model reasons first" if self.think else "off: the model answers directly"
+            self.note(out, f"reasoning {how}")
         elif command == "/system":
             self.system = argument or None
             self.history.clear()
@@ -250,10 +252,8 @@ def run_repl(session: ChatSession, stdin: TextIO | None = None, out: TextIO | No
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
     if interactive and stdin is sys.stdin:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
 
     def read_line(prompt: str) -> str | None:
         if interactive and stdin is sys.stdin:

@@ -275,7 +275,10 @@ class Trainer:
         for data, _ in self.sources:
             if data.path.resolve().is_relative_to(cache):  # a raw --data file, prepared on the fly
                 raw = ", ".join(entry["path"] for entry in data.meta.get("inputs", [])) or "the raw file"
-                say(f"data: {raw} is prepared in {data.path} (reused while the file is unchanged; DARKHORSE_CACHE moves it)")
+                say(
+                    f"data: {raw} is prepared in {data.path} "
+                    "(reused while the file is unchanged; DARKHORSE_CACHE moves it)"
+                )
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
         hidden, _, _ = split_parameters(self.model)

@@ -50,3 +50,42 @@ def test_prompt_without_runs_says_how_to_get_a_model(tmp_path):
     result = run_cli("--prompt", "hello", cwd=tmp_path)
     assert result.returncode == 2
     assert "darkhorse demo" in result.stderr and "Traceback" not in result.stderr
+
+
+def _help_texts() -> dict[str, tuple[str, list]]:
+    """Each command's full --help text and its parser's actions, from the parser the CLI builds."""
+    import argparse
+
+    from darkhorse.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: (command.format_help(), command._actions) for name, command in commands.items()}
+
+
+def test_help_defaults_are_the_code_defaults():
+    """Every `(default X)` an option's help quotes is the default the code uses (None defaults are filled
+    in by library code; tests/data/test_cli.py checks prepare's)."""
+    import re
+
+    checked = 0
+    for name, (_, actions) in _help_texts().items():
+        for action in actions:
+            quoted = re.search(r"\(default ([^):;,]+)\)", action.help or "")
+            if quoted is None or action.default is None or isinstance(action.default, list):  # list: per item
+                continue
+            value, default = quoted.group(1).strip(), action.default
+            same = float(value) == default if isinstance(default, (int, float)) else value == str(default)
+            assert same, f"{name} {action.option_strings}: help says default {value}, the code uses {default!r}"
+            checked += 1
+    assert checked >= 8  # chat --max-new-tokens (256, not generate's 128) among them
+
+
+def test_help_names_only_commands_that_exist():
+    import re
+
+    for name, (text, _) in _help_texts().items():
+        for mentioned in re.findall(r"(?:`|^\s*)darkhorse ([a-z][a-z_-]*)", text, re.MULTILINE):
+            assert mentioned in SUBCOMMANDS, f"`{name} --help` names `darkhorse {mentioned}`, which is not a command"
+    if "eval" not in SUBCOMMANDS:
+        assert not re.search(r"\beval\b", _help_texts()["import"][0]), "import --help names an eval command"

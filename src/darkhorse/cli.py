@@ -33,6 +33,7 @@ EPILOG = """workflow:
   darkhorse train --out runs/tiny --resume         continue where it stopped
   darkhorse generate --checkpoint runs/tiny/final --prompt "Hello"
   darkhorse --prompt "Hello"                       generate with the most recent run
+  darkhorse --params 1b --prompt "Hello"           ... the most recent run of preset genesis-1b
 
 Run `darkhorse COMMAND --help` for the options of each command."""
 
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"darkhorse {_version()}")
     parser.add_argument("--prompt", help="with no command: generate from the most recent run's final checkpoint")
+    parser.add_argument(
+        "--params",
+        "--preset",
+        dest="latest_preset",
+        metavar="SIZE",
+        help="with --prompt: the most recent run trained from this preset (1b, 5b, 30b, 500b or a preset name)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"darkhorse.commands.{module_name}")
@@ -72,11 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             if args.prompt is None:
+                if args.latest_preset is not None:
+                    raise DarkhorseError(
+                        f"--params {args.latest_preset} needs --prompt TEXT here; to train or count that model, "
+                        f"put it after the command: `darkhorse train --params {args.latest_preset} ...`"
+                    )
                 parser.print_help()
                 return 0
             from darkhorse.commands.generate import run_latest
 
-            return run_latest(args.prompt)
+            return run_latest(args.prompt, args.latest_preset)
+        if args.latest_preset is not None:
+            raise DarkhorseError(
+                f"--params/--preset before `{args.command}` only pick a run for `darkhorse --prompt`; "
+                "put it after the command"
+            )
         return int(args.handler(args) or 0)
     except DarkhorseError as exc:
         print(f"darkhorse: error: {exc}", file=sys.stderr)

@@ -27,7 +27,17 @@ def test_prepare_command_writes_a_prepared_directory(tmp_path, capsys):
     assert main(["prepare", "--input", str(raw), "--out", str(tmp_path / "out"), "--vocab-size", "300"]) == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["domains"] == ["math"] and meta["vocab_size"] <= 300
-    assert "next: darkhorse train" in capsys.readouterr().err
+    assert "next: darkhorse train --preset tiny-cpu" in capsys.readouterr().err  # one domain: the dense preset
+
+
+def test_prepare_on_domain_tagged_data_suggests_a_genesis_preset(tmp_path, capsys):
+    records = [json.dumps({"domain": ("math", "code")[i % 2], "text": f"{i} + {i} = {2 * i}"}) for i in range(60)]
+    raw = _write(tmp_path / "tagged.jsonl", records)
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", str(raw), "--out", str(out), "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    assert f"next: darkhorse train --preset genesis-tiny --data {out} --out runs/genesis" in err
+    assert "(2 domains: the MoE run ends with a domain x expert routing report)" in err
 
 
 def test_prepare_command_errors_are_one_line_with_exit_2(tmp_path, capsys):

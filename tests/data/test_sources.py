@@ -116,6 +116,7 @@ def test_network_failure_is_one_line(tmp_path, monkeypatch):
         download("openhermes-2.5", tmp_path / "out", max_samples=10)
     message = str(caught.value)
     assert "\n" not in message and message.startswith("could not read teknium/OpenHermes-2.5 on the Hugging Face Hub")
+    assert message.endswith("convert them with --from-file FILE (JSON Lines or parquet)")  # the offline way
     assert not list((tmp_path / "out").iterdir())
 
 

@@ -76,18 +76,19 @@ def test_bare_prompt_uses_newest_final_checkpoint(workdir):
     assert "runs/tiny/final" in result.stderr
 
 
-def test_chat_reads_turns_and_commands_from_piped_stdin(workdir):
-    script = "hello there\n/think off\nand again\n/bogus\n/reset\n/quit\nnever reached\n"
-    result = run_cli("chat", "--checkpoint", "runs/tiny/final", "--max-new-tokens", "5", cwd=workdir, stdin=script)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("assistant> ") == 2
-    assert "(reasoning off)" in result.stdout and "(conversation cleared)" in result.stdout
-    assert "unknown command" in result.stdout
-
-
 @pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     missing = run_cli("generate", "--checkpoint", str(tmp_path), "--prompt", "x", cwd=workdir)
     assert missing.returncode == 2 and "not a darkhorse checkpoint" in missing.stderr
     bad = run_cli("generate", "--checkpoint", "runs/tiny/final", "--prompt", "x", "--top-p", "0", cwd=workdir)
     assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bare_prompt_with_params_picks_a_run_of_that_preset(workdir):
+    found = run_cli("--preset", "tiny-cpu", "--prompt", "The number 7", cwd=workdir)
+    assert found.returncode == 0 and "runs/tiny/final" in found.stderr, found.stderr
+    missing = run_cli("--params", "1b", "--prompt", "x", cwd=workdir)  # the seed's spelling: not "invalid choice"
+    assert missing.returncode == 2 and "invalid choice" not in missing.stderr
+    assert missing.stderr.startswith("darkhorse: error: no run of preset 1b under ./runs/*/final; train one with")
+    alone = run_cli("--params", "1b", cwd=workdir)
+    assert alone.returncode == 2 and "needs --prompt" in alone.stderr

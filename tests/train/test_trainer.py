@@ -13,7 +13,8 @@ from darkhorse import checkpoint as ckpt
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
 from darkhorse.train.device import out_of_memory_advice
-from darkhorse.train.trainer import train
+from darkhorse.train.run_dir import plan_run
+from darkhorse.train.trainer import Trainer, train
 
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
@@ -202,18 +203,31 @@ def test_raw_text_file_is_prepared_and_evals_print_a_sample(tmp_path, monkeypatc
     result = train(config, [(corpus, 1.0)], tmp_path / "run", verbose=True, live=False)
     out = capsys.readouterr().out
     assert "eval step 2 | val loss" in out and "sample: '" in out
+    assert f"data: {corpus} is prepared in {tmp_path / 'cache' / 'prepared' / 'corpus-'}" in out  # where it went
     assert result.val_bpb is not None
     model, saved_config, _ = ckpt.load_model(result.checkpoint)
     assert (result.checkpoint / "tokenizer.json").exists()  # generate and export need it
     assert saved_config.model.vocab_size <= 300
 
 
-def test_domain_prior_takes_its_domain_count_from_the_data(tmp_path, make_prepared):
+def test_domain_prior_takes_its_domain_count_from_the_data(tmp_path, make_prepared, capsys):
     data = make_prepared(tmp_path / "tagged", domains=True)
     config = small_config(
         "train.max_steps=1", "model.ffn=moe", "model.moe.n_routed_experts=4", "model.moe.moe_intermediate_size=32",
         "model.moe.domain_prior=true", "model.moe.first_k_dense=0",
     )  # fmt: skip
-    train(config, [(data, 1.0)], tmp_path / "run", verbose=False)
+    train(config, [(data, 1.0)], tmp_path / "run", verbose=True, live=False)
     _, saved, _ = ckpt.load_model(tmp_path / "run" / "final")
     assert saved.model.moe.n_domains == len(json.loads((data / "meta.json").read_text())["domains"]) > 0
+    # the end of the run names every report it wrote, the routing plots too, with the data's domain names
+    reports = "loss.png, expert_utilization.png, domain_routing.json, domain_routing.png"
+    assert f"reports in {tmp_path / 'run'}: {reports}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "domain_routing.json").read_text())["domains"] == ["a", "b", "c"]
+
+
+def test_resumed_dashboard_continues_the_loss_sparkline(tmp_path, prepared_dir):
+    run = tmp_path / "run"
+    train(small_config("train.max_steps=3", "train.save_interval=0"), [(prepared_dir, 1.0)], run, verbose=False)
+    plan = plan_run(small_config("train.max_steps=5"), [], run, resume=True)
+    dashboard = Trainer(plan, verbose=False).dashboard
+    assert dashboard.losses == list(losses(run).values()) and len(dashboard.losses) == 3

@@ -2,7 +2,8 @@
 
 Greedy decoding (--temperature 0, the default) is deterministic; sampling is reproducible with
 --seed. With --chat the prompt is wrapped as a user turn in darkhorse's chat format, or, for an imported
-model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds."""
+model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds;
+the reply prints its reasoning after `thinking:`, then the answer on a line of its own, never a special token."""
 
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ HELP = "generate text from a checkpoint (streams tokens; greedy by default)"
 RUNS_DIR = Path("runs")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sampling knobs shared by `generate` and `chat`."""
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+MAX_NEW_TOKENS = 128
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    """Sampling knobs shared by `generate` and `chat`; each command has its own token budget."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate at most (default {max_new_tokens})",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
@@ -68,19 +77,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def latest_final_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
-    """The most recently written `final/` checkpoint under runs_dir (depth one or two)."""
+def latest_final_checkpoint(runs_dir: Path = RUNS_DIR, preset: str | None = None) -> Path | None:
+    """The most recently written `final/` checkpoint under runs_dir (depth one or two); with `preset`
+    (a name or an alias such as 1b), the newest one whose run was configured from that preset."""
     finals = [p.parent for p in runs_dir.glob("*/final/model.safetensors")]
     finals += [p.parent for p in runs_dir.glob("*/*/final/model.safetensors")]
+    if preset is not None:
+        from darkhorse.checkpoint import read_meta
+        from darkhorse.config import preset_dict
+
+        wanted = preset_dict(preset)["name"]  # an unknown name is an error listing the presets
+        finals = [p for p in finals if read_meta(p)["config"].get("name") == wanted]
     return max(finals, key=lambda p: (p / "model.safetensors").stat().st_mtime, default=None)
 
 
-def run_latest(prompt: str) -> int:
-    """`darkhorse --prompt ...`: greedy completion from the newest run, as the seeds' CLI does."""
+def run_latest(prompt: str, preset: str | None = None) -> int:
+    """`darkhorse [--params SIZE] --prompt ...`: greedy completion from the newest run (of that preset),
+    as the seeds' CLI does."""
     from darkhorse.checkpoint import load_for_inference
     from darkhorse.infer.generate import stream_completion
 
-    checkpoint = latest_final_checkpoint()
+    checkpoint = latest_final_checkpoint(preset=preset)
+    if checkpoint is None and preset is not None:
+        raise DarkhorseError(
+            f"no run of preset {preset} under ./{RUNS_DIR}/*/final; train one with "
+            f"`darkhorse train --params {preset} --data DIR --out runs/NAME`, or leave out --params to use "
+            "the newest run"
+        )
     if checkpoint is None:
         raise DarkhorseError(
             f"no trained model found under ./{RUNS_DIR}/*/final; run `darkhorse demo` or "
@@ -89,7 +112,7 @@ def run_latest(prompt: str) -> int:
     print(f"[{checkpoint}]", file=sys.stderr)
     model, tokenizer, _ = load_for_inference(checkpoint)
     defaults = {
-        "max_new_tokens": 128,
+        "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,

@@ -3,8 +3,9 @@
 Reads config.json, the safetensors weights (one file or shards with an index; transformers 5's fused
 expert layout or per-expert keys) and the tokenizer of a LlamaForCausalLM, MistralForCausalLM,
 MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or DeepseekV3ForCausalLM directory, and
-writes a checkpoint that generate, chat, eval, export and fine-tuning use like a native one. Also reads
-back a `darkhorse export --format safetensors|pt` directory.
+writes a checkpoint that every command reading a checkpoint uses like a native one (e.g. generate, chat,
+export, and train --init-from to fine-tune it). Also reads back a `darkhorse export --format
+safetensors|pt` directory.
 
 A foreign tokenizer is kept as it is: meta.json records its bos/eos tokens, its own chat template and
 which darkhorse chat tokens it lacks. Nothing is half-written at --out; an existing --out needs --force.

@@ -111,4 +111,16 @@ def print_summary(console: Any, meta: dict[str, Any], out: str, seconds: float) 
         for example in skipped["examples"]:
             console.print(f"  {example}")
     console.print(f"{megabytes:,.1f} MB of input in {seconds:.1f} s ({megabytes / max(seconds, 1e-9):.1f} MB/s)")
-    console.print(f"next: darkhorse train --preset tiny-cpu --data {out} --out runs/tiny")
+    console.print(next_step(meta, out), markup=False, highlight=False, soft_wrap=True)
+
+
+def next_step(meta: dict[str, Any], out: str) -> str:
+    """The train command to run next: a Genesis (MoE) preset for domain-tagged data, whose routing
+    report shows which experts each domain uses; the small dense preset otherwise."""
+    domains = meta.get("domains", [])
+    if len(domains) > 1:
+        return (
+            f"next: darkhorse train --preset genesis-tiny --data {out} --out runs/genesis   "
+            f"({len(domains)} domains: the MoE run ends with a domain x expert routing report)"
+        )
+    return f"next: darkhorse train --preset tiny-cpu --data {out} --out runs/tiny"

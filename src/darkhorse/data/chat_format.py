@@ -55,7 +55,8 @@ def message_reasoning(message: Message) -> str | None:
     return None
 
 
-def _check(messages: Sequence[Message]) -> None:
+def check_messages(messages: Sequence[Message]) -> None:
+    """Refuse what is not a conversation, naming the first bad message."""
     if not messages:
         raise DarkhorseError("a conversation needs at least one message")
     for index, message in enumerate(messages):
@@ -91,7 +92,7 @@ def render_conversation(messages: Sequence[Message], reasoning: str | None = Non
     """Training text for a whole conversation, ending with an assistant reply and <|eos|>.
 
     `reasoning` (or the final assistant message's own reasoning field) fills its think block."""
-    _check(messages)
+    check_messages(messages)
     if messages[-1]["role"] != "assistant":
         raise DarkhorseError("a conversation must end with an assistant message")
     if reasoning is None:
@@ -103,7 +104,7 @@ def render_prompt(messages: Sequence[Message], think: bool = True) -> str:
     """The prefix a model continues to write the next assistant turn.
 
     Ends right after <|think|> when `think`, else after <|no_think|><|assistant|>."""
-    _check(messages)
+    check_messages(messages)
     if messages[-1]["role"] == "assistant":
         raise DarkhorseError("a prompt must end with a user (or system) message, not an assistant reply")
     opening = THINK if think else f"{NO_THINK}{ASSISTANT}"

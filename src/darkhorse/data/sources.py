@@ -116,8 +116,14 @@ def download(
         except Exception as exc:  # network, hub and file-format errors all end the same way for the user
             where = ", ".join(data_files) if data_files else f"{source.repo} on the Hugging Face Hub"
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = (
+                ""
+                if data_files
+                else f"; without network, download {source.repo}'s files elsewhere and convert them with "
+                "--from-file FILE (JSON Lines or parquet)"
+            )
             raise DarkhorseError(
-                f"could not read {where} ({type(exc).__name__}{': ' + detail[:200] if detail else ''})"
+                f"could not read {where} ({type(exc).__name__}{': ' + detail[:200] if detail else ''}){hint}"
             ) from None
         if written == 0:
             raise DarkhorseError(f"no usable records from {source.repo}")

@@ -190,6 +190,11 @@ class Tokenizer:
         ids = {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
         return {token: id_ for token, id_ in ids.items() if id_ is not None}
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of every special token (darkhorse's or a foreign tokenizer's own): markup, never text to show."""
+        return frozenset(i for i, token in self.backend.get_added_tokens_decoder().items() if token.special)
+
     def _role_token(self, role: str) -> str | None:
         """The token playing `role` (bos_token, eos_token, pad_token): ours, declared, or a common name."""
         candidates = (OWN_NAMES[role], self.settings.get(role), *COMMON_NAMES[role])

@@ -1,4 +1,5 @@
-"""Text in, text out on top of the decode engine: completions streamed piece by piece as they come."""
+"""Text in, text out on top of the decode engine: completions streamed piece by piece as they come, and chat
+replies split into reasoning and answer as they stream, with no special token ever shown."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from itertools import takewhile
 from typing import Protocol, TextIO
 
 from darkhorse.infer.engine import Engine
-from darkhorse.infer.prompting import chat_stop_ids
+from darkhorse.infer.prompting import chat_stop_ids, prompt_opens_think, think_marker_ids
 from darkhorse.model import Transformer
+
+REASONING, ANSWER = "reasoning", "answer"  # the two parts of a chat reply
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # ANSI, used only when writing to a terminal
+THINKING = "(thinking...)"
+ERASE_THINKING = "\b" * len(THINKING) + "\x1b[K"  # back over the status, clear to the end of the line
 
 
 class TextCodec(Protocol):
@@ -20,18 +26,90 @@ class TextCodec(Protocol):
     def vocab_size(self) -> int: ...
 
 
+class TextDelta:
+    """Incremental decoding: the new text each id adds, holding back bytes of a half-finished character."""
+
+    def __init__(self, tokenizer: TextCodec) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.emitted) :] if len(text) > len(self.emitted) else ""
+        self.emitted = text
+        return new
+
+
 def stream_text(tokenizer: TextCodec, ids: Iterable[int]) -> Iterator[str]:
     """Turn a stream of ids into text pieces, holding back bytes of a half-finished character."""
-    generated: list[int] = []
-    emitted = ""
+    delta = TextDelta(tokenizer)
     for token_id in ids:
-        generated.append(token_id)
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):
+        piece = delta.push(token_id)
+        if piece:
+            yield piece
+
+
+def stream_reply(tokenizer, ids: Iterable[int], *, opened_think: bool) -> Iterator[tuple[str, str]]:
+    """A chat reply's (part, text) pieces as its ids arrive; part is REASONING or ANSWER.
+
+    The think markers of the tokenizer's chat format switch the part; special tokens are never text, so
+    none reaches the pieces (`<|/think|><|assistant|>` between reasoning and answer included). Each part's
+    leading whitespace is dropped. `opened_think`: the prompt left the model inside a think block."""
+    opening, closing = think_marker_ids(tokenizer)
+    hidden = tokenizer.special_ids
+    part = REASONING if opened_think else ANSWER
+    delta, started = TextDelta(tokenizer), False
+    for token_id in ids:
+        if token_id in opening or token_id in closing:
+            part = REASONING if token_id in opening else ANSWER
+            delta, started = TextDelta(tokenizer), False
             continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-        emitted = text
+        if token_id in hidden:
+            continue
+        piece = delta.push(token_id)
+        if not started:
+            piece = piece.lstrip()
+        if piece:
+            started = True
+            yield part, piece
+
+
+def print_reply(
+    pieces: Iterable[tuple[str, str]], out: TextIO, *, show_thinking: bool = True, color: bool = False
+) -> tuple[str | None, str]:
+    """Write a streaming reply to `out` and return its (reasoning or None, answer).
+
+    Shown reasoning is labelled `thinking:` (dim with `color`) on lines of its own before the answer;
+    hidden reasoning shows only a `(thinking...)` status on a terminal, erased when the answer starts."""
+    parts: dict[str, list[str]] = {REASONING: [], ANSWER: []}
+    status = False
+    for part, piece in pieces:
+        first = not parts[part]
+        parts[part].append(piece)
+        if part == REASONING and show_thinking:
+            label = "thinking: " if first else ""
+            out.write(f"{DIM}{label}{piece}{RESET}" if color else label + piece)
+        elif part == REASONING:
+            if color and not status:
+                out.write(f"{DIM}{THINKING}{RESET}")
+                status = True
+        else:
+            if status:
+                out.write(ERASE_THINKING)
+                status = False
+            if first and parts[REASONING] and show_thinking:
+                out.write("\n")
+            out.write(piece)
+        out.flush()
+    if status:
+        out.write(ERASE_THINKING)
+    out.write("\n")
+    reasoning = "".join(parts[REASONING]).strip()
+    return reasoning or None, "".join(parts[ANSWER]).strip()
 
 
 def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **options) -> str:
@@ -44,14 +122,19 @@ def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **optio
 def stream_completion(
     model: Transformer, tokenizer, prompt_text: str, options: dict, out: TextIO | None = None, chat: bool = False
 ) -> str:
-    """Print the completion as it is generated and return it (without the token that ended it).
+    """Print the completion as it is generated and return its text.
 
-    Plain text stops at the tokenizer's eos; a chat reply also stops at the end of the assistant turn."""
+    Plain text stops at the tokenizer's eos. A chat reply also stops at the end of the assistant turn and is
+    printed as `print_reply` prints it (reasoning, then the answer, no special tokens); its answer is returned."""
     out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
     ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt_text), stop_ids=stop_ids, **options)
+    ids = takewhile(lambda i: i not in stop_ids, ids)
+    if chat:
+        pieces = stream_reply(tokenizer, ids, opened_think=prompt_opens_think(prompt_text))
+        return print_reply(pieces, out, color=out.isatty())[1]
     pieces = []
-    for piece in stream_text(tokenizer, takewhile(lambda i: i not in stop_ids, ids)):
+    for piece in stream_text(tokenizer, ids):
         out.write(piece)
         out.flush()
         pieces.append(piece)

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from darkhorse.data.chat_format import parse_reply, render_prompt
-from darkhorse.data.tokenizer import ASSISTANT_END, THINK, Tokenizer
+from darkhorse.data.tokenizer import ASSISTANT, ASSISTANT_END, THINK, THINK_END, Tokenizer
 from darkhorse.errors import DarkhorseError
 
 # Tokens that end an assistant turn in other models' chat formats (Llama 3, ChatML/Qwen, Phi, Gemma, ...).
@@ -83,3 +83,21 @@ def split_reply(tokenizer: Tokenizer, completion: str, *, opened_think: bool = F
         reasoning, answer = completion.split(FOREIGN_THINK_END, 1)
         return reasoning.replace(FOREIGN_THINK, "").strip(), answer.strip()
     return None, completion.strip()
+
+
+def think_marker_ids(tokenizer: Tokenizer) -> tuple[set[int], set[int]]:
+    """(ids that open reasoning, ids that end it) in the tokenizer's chat format, for splitting a reply as it
+    streams: darkhorse's <|think|> and <|/think|> (<|assistant|> also starts the answer), or a foreign
+    tokenizer's <think> and </think> when it has them as tokens."""
+    if tokenizer.has_chat_tokens:
+        opening, closing = (THINK,), (THINK_END, ASSISTANT)
+    else:
+        opening, closing = (FOREIGN_THINK,), (FOREIGN_THINK_END,)
+    ids = tokenizer.token_to_id
+    return {ids(t) for t in opening if ids(t) is not None}, {ids(t) for t in closing if ids(t) is not None}
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """Whether a rendered prompt leaves the model inside a think block (darkhorse's `render_prompt(think=True)`,
+    or a template that opens <think> for the model, as DeepSeek-R1's does)."""
+    return prompt.rstrip().endswith((THINK, FOREIGN_THINK))

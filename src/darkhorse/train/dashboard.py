@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,14 @@ class Dashboard:
         verbose: bool = True,
         live: bool | None = None,
         logger: ExternalLogger | None = None,
+        history: Sequence[dict[str, Any]] = (),
     ) -> None:
+        """`history`: the records a resumed run already logged, so the loss sparkline goes on where it was."""
         self.metrics_file = Path(run_dir) / METRICS_FILE
         self.max_steps, self.start_step, self.train_tokens = max_steps, start_step, train_tokens
         self.verbose, self.logger = verbose, logger
         self.live_view = None
-        self.losses: list[float] = []
+        self.losses: list[float] = [record["loss"] for record in history if "loss" in record]
         self.latest: dict[str, Any] = {}
         self.started = time.perf_counter()
         use_live = sys.stdout.isatty() if live is None else live

@@ -87,8 +87,11 @@ def write_routing_reports(run_dir: Path, routing: RoutingCounter, domain_names: 
     return written
 
 
-def write_run_reports(run_dir: Path, history: list[dict[str, Any]], routing: RoutingCounter) -> list[Path]:
-    """Every report for a finished run; returns the files written."""
+def write_run_reports(
+    run_dir: Path, history: list[dict[str, Any]], routing: RoutingCounter, domain_names: list[str] | None = None
+) -> list[Path]:
+    """Every report for a finished run; returns the files written (the trainer names them all)."""
     written = [write_loss_curve(Path(run_dir) / "loss.png", history)]
-    written += write_routing_reports(Path(run_dir), routing)  # MoE: utilization heatmap, domain x expert matrix
+    # MoE: utilization heatmap, domain x expert matrix
+    written += write_routing_reports(Path(run_dir), routing, domain_names)
     return [path for path in written if path is not None]

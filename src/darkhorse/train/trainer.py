@@ -26,6 +26,7 @@ import torch
 from darkhorse import checkpoint as ckpt
 from darkhorse.config import RunConfig
 from darkhorse.data.loader import WindowLoader
+from darkhorse.data.prepare import default_cache_dir
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
@@ -141,6 +142,7 @@ class Trainer:
             verbose=verbose,
             live=live,
             logger=self.external_logger,
+            history=self.history,
         )
         self._tokenizer = None
 
@@ -269,6 +271,14 @@ class Trainer:
             f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
             f"{cfg.max_steps} steps -> {self.run_dir}"
         )
+        cache = default_cache_dir().resolve()
+        for data, _ in self.sources:
+            if data.path.resolve().is_relative_to(cache):  # a raw --data file, prepared on the fly
+                raw = ", ".join(entry["path"] for entry in data.meta.get("inputs", [])) or "the raw file"
+                say(
+                    f"data: {raw} is prepared in {data.path} "
+                    "(reused while the file is unchanged; DARKHORSE_CACHE moves it)"
+                )
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
         hidden, _, _ = split_parameters(self.model)
@@ -354,8 +364,13 @@ class Trainer:
                 )
             else:
                 saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
-                write_run_reports(self.run_dir, self.history, self.routing)
-                self.dashboard.message(f"done: {saved} (loss curve in {self.run_dir / 'loss.png'})")
+                # domain ids are names only where every source lists the same domains
+                domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
+                domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
+                reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                self.dashboard.message(f"done: {saved}")
+                if reports:
+                    self.dashboard.message(f"reports in {self.run_dir}: {', '.join(p.name for p in reports)}")
         return TrainResult(
             run_dir=self.run_dir,
             step=self.step,

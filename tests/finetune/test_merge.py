@@ -251,3 +251,24 @@ def test_no_base_and_no_sidecar_asks_for_base(mixtral, tmp_path):
     _, _, adapter = mixtral
     with pytest.raises(DarkhorseError, match="pass --base"):
         merge_adapter(adapter, tmp_path / "merged")
+
+
+def test_per_expert_keys_of_older_transformers_land_in_their_expert(mixtral, tmp_path):
+    """transformers 4 had one Linear per expert (`block_sparse_moe.experts.{j}.w1`): a LoRA on it changes
+    expert j of our stacked gate_proj by exactly alpha/r * B @ A and no other expert."""
+    from safetensors.torch import save_file
+
+    _, imported, _ = mixtral
+    torch.manual_seed(3)
+    a, b = torch.randn(2, 64), torch.randn(96, 2)
+    folder = tmp_path / "v4-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 6,
+                                                            "target_modules": ["w1"]}))  # fmt: skip
+    key = "base_model.model.model.layers.1.block_sparse_moe.experts.2.w1"
+    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(folder / "adapter_model.safetensors"))
+    merge_adapter(folder, tmp_path / "merged", base=imported)
+    before = load_model(imported)[0].state_dict()["layers.1.ffn.experts.gate_proj"]
+    after = load_model(tmp_path / "merged")[0].state_dict()["layers.1.ffn.experts.gate_proj"]
+    torch.testing.assert_close(after[2] - before[2], 3.0 * b @ a, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])

@@ -14,60 +14,12 @@ from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.merge import SIDECAR_FILE, base_weights_sha256, merge_adapter
 from darkhorse.interop.hf_import import import_hf
+from tests.finetune.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TOKENS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 200, 11, 64, 2, 150]])
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rope_theta=20000.0, rms_norm_eps=1e-6)  # fmt: skip
-DEEPSEEK = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-    first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=16, n_group=2, topk_group=1, max_position_embeddings=64, routed_scaling_factor=2.5,
-)  # fmt: skip
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
-ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# family -> (config class, model class, config, LoraConfig targets): router and experts through PEFT's
-# target_parameters, a smaller router rank through rank_pattern as the seed workflow uses.
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", SMALL, dict(target_modules=ATTENTION_MLP)),
-    "mixtral": (
-        "MixtralConfig", "MixtralForCausalLM", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2},
-        dict(target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS, r=8, lora_alpha=16,
-             rank_pattern={"mlp.gate.weight": 4}, alpha_pattern={"mlp.gate.weight": 4}),
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK,
-        dict(target_modules=["q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-             target_parameters=EXPERTS, use_rslora=True),
-    ),
-}  # fmt: skip
-
-
-def build_hf_base(folder, family: str, tokenizer, *, seed: int = 0):
-    """A random transformers model of `family` saved to `folder` with a Llama-3-style tokenizer."""
-    config_cls, model_cls, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
-    model.save_pretrained(str(folder))
-    tokenizer(folder)
-    return folder
-
-
-def make_adapter(base_hf_dir, out, family: str, *, seed: int = 1, zero_router: bool = False, **lora):
-    """A LoRA adapter saved by PEFT itself, with B randomised so every delta is non-zero."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_hf_dir), dtype=torch.float32)
-    config = peft.LoraConfig(**{**FAMILIES[family][3], **lora})
-    wrapped = peft.get_peft_model(model, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.0 if zero_router and ".mlp.gate." in name else 0.05 * torch.randn_like(param))
-    wrapped.save_pretrained(str(out))
-    return out
 
 
 def peft_logits(base_hf_dir, adapter_dir) -> torch.Tensor:
@@ -80,13 +32,13 @@ def peft_logits(base_hf_dir, adapter_dir) -> torch.Tensor:
 def hf_logits(hf_dir) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(TOKENS).logits[..., : SMALL["vocab_size"]]  # an export pads the vocabulary to 64
+        return model(TOKENS).logits[..., :VOCAB]  # an export pads the vocabulary to 64
 
 
 def darkhorse_logits(checkpoint) -> torch.Tensor:
     model, _, _ = load_model(checkpoint)
     with torch.no_grad():
-        return model(TOKENS).logits[..., : SMALL["vocab_size"]]
+        return model(TOKENS).logits[..., :VOCAB]
 
 
 def assert_nothing_written(out) -> None:
@@ -97,17 +49,16 @@ def assert_nothing_written(out) -> None:
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     """A tiny Mixtral HF dir, its import, and a PEFT adapter on it (router + experts + attention)."""
-    from tests.conftest import write_foreign_tokenizer
-
     root = tmp_path_factory.mktemp("mixtral")
-    hf = build_hf_base(root / "hf", "mixtral", write_foreign_tokenizer)
-    return hf, import_hf(hf, root / "imported"), make_adapter(hf, root / "adapter", "mixtral")
+    hf = build_hf_base(root / "hf", "mixtral")
+    adapter = make_peft_adapter(hf, root / "adapter", "mixtral", target_modules=["q_proj", "v_proj"])
+    return hf, import_hf(hf, root / "imported"), adapter
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_merge_gives_peft_logits(tmp_path, family, foreign_tokenizer):
-    hf = build_hf_base(tmp_path / "hf", family, foreign_tokenizer)
-    adapter = make_adapter(hf, tmp_path / "adapter", family)
+@pytest.mark.parametrize(("family", "lora"), [("mixtral", {}), ("genesis", {}), ("llama", {"use_rslora": True})])
+def test_merge_gives_peft_logits(tmp_path, family, lora):
+    hf = build_hf_base(tmp_path / "hf", family)
+    adapter = make_peft_adapter(hf, tmp_path / "adapter", family, **lora)
     expected = peft_logits(hf, adapter)
     base = hf_logits(hf)
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the outputs
@@ -157,8 +108,7 @@ def test_sidecar_names_the_base_and_its_hash(mixtral, tmp_path, capsys):
     assert "mlp.experts.gate_up_proj" in printed and f"sha256 {sha[:12]}" in printed
     assert (tmp_path / "merged" / "meta.json").is_file()
 
-    other = build_hf_base(tmp_path / "other", "mixtral", lambda folder: None, seed=7)
-    (other / "tokenizer.json").write_bytes((hf / "tokenizer.json").read_bytes())
+    other = build_hf_base(tmp_path / "other", "mixtral", seed=7)
     capsys.readouterr()  # transformers' progress bars
     out = tmp_path / "wrong"
     assert main(["merge", "--adapter", str(copy), "--base", str(other), "--out", str(out)]) == 2
@@ -239,9 +189,9 @@ def test_zero_delta_merges_when_allowed(mixtral, tmp_path):
     assert sorted(t.hf_name for t in result.zero) == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
 
 
-def test_adapter_for_another_architecture_is_refused(mixtral, tmp_path, foreign_tokenizer):
+def test_adapter_for_another_architecture_is_refused(mixtral, tmp_path):
     _, _, adapter = mixtral
-    llama = build_hf_base(tmp_path / "llama", "llama", foreign_tokenizer)
+    llama = build_hf_base(tmp_path / "llama", "llama")
     with pytest.raises(DarkhorseError, match="which is no weight of this base"):
         merge_adapter(adapter, tmp_path / "merged", base=llama)
     assert_nothing_written(tmp_path / "merged")
@@ -271,4 +221,5 @@ def test_per_expert_keys_of_older_transformers_land_in_their_expert(mixtral, tmp
     before = load_model(imported)[0].state_dict()["layers.1.ffn.experts.gate_proj"]
     after = load_model(tmp_path / "merged")[0].state_dict()["layers.1.ffn.experts.gate_proj"]
     torch.testing.assert_close(after[2] - before[2], 3.0 * b @ a, atol=1e-5, rtol=1e-5)
-    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+    others = [j for j in range(after.shape[0]) if j != 2]
+    assert torch.equal(after[others], before[others])

@@ -29,65 +29,20 @@ from darkhorse.interop.gguf import export_gguf
 from darkhorse.interop.hf_import import import_hf
 from darkhorse.interop.llama_cpp_child import LLAMA_CPP_MISSING
 from darkhorse.interop.quantize import quantize_gguf
+from tests.finetune.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
 
 GREEDY_TOKENS = 32
-VOCAB = 300  # tests/conftest.py's write_foreign_tokenizer
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1)  # fmt: skip
-DENSE_MLP = ["gate_proj", "up_proj", "down_proj"]  # DeepSeek: the shared expert and the dense first layer
-ROUTER_AND_EXPERTS = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-# family -> (config class, model class, config, LoRA targets: the seed's router r16 / experts r32, scaled down)
-FAMILIES = {
-    "mixtral": (
-        "MixtralConfig", "MixtralForCausalLM", {**SHAPE, "num_key_value_heads": 2, "num_local_experts": 8,
-                                                "num_experts_per_tok": 2},
-        dict(r=8, lora_alpha=16, target_modules=[], target_parameters=ROUTER_AND_EXPERTS,
-             rank_pattern={"mlp.gate.weight": 4}, alpha_pattern={"mlp.gate.weight": 8}),
-    ),
-    "genesis": (
-        "DeepseekV3Config", "DeepseekV3ForCausalLM", {**SHAPE, "num_key_value_heads": 4, "moe_intermediate_size": 32,
-        "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
-        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
-        "n_group": 1, "topk_group": 1, "num_hidden_layers": 3},
-        dict(r=8, lora_alpha=16, target_modules=["q_b_proj", "kv_b_proj", "o_proj", *DENSE_MLP],
-             target_parameters=ROUTER_AND_EXPERTS, rank_pattern={"mlp.gate.weight": 4}),
-    ),
-    "llama": (
-        "LlamaConfig", "LlamaForCausalLM", {**SHAPE, "num_key_value_heads": 2},
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *DENSE_MLP]),
-    ),
-}  # fmt: skip
-
-
-def build_hf_base(folder, family: str) -> None:
-    """A random transformers model of `family` with a Llama-3-style tokenizer and chat template."""
-    from tests.conftest import write_foreign_tokenizer
-
-    config_cls, model_cls, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
-    model.save_pretrained(str(folder))
-    write_foreign_tokenizer(folder)
 
 
 def make_adapter(base_hf, base, run_dir, family: str):
     """RUN_DIR/final: a LoRA adapter in PEFT's format with darkhorse's sidecar naming `base`.
 
-    Made by PEFT itself for now (B randomised: an untrained adapter's delta is zero, which merge refuses);
-    `darkhorse finetune --base BASE --out RUN_DIR` writes the same files."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_hf), dtype=torch.float32)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(**FAMILIES[family][3]))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn_like(param))
-    final = run_dir / "final"
-    wrapped.save_pretrained(str(final))
+    Made by PEFT itself for now; `darkhorse finetune --base BASE --out RUN_DIR` writes the same files."""
+    final = make_peft_adapter(base_hf, run_dir / "final", family)
     sidecar = {"base": str(base), "base_sha256": base_weights_sha256(load_model(base)[0])}
     (final / SIDECAR_FILE).write_text(json.dumps(sidecar))
     return final

@@ -282,7 +282,6 @@ def resolve_targets(adapter: LoraAdapter, maps: list[TensorMap], state: dict[str
 @dataclass
 class TargetReport:
     hf_name: str
-    ours: list[str]
     rank: int
     scaling: float
     relative_delta: float  # |delta| / |W| (Frobenius, over what the target touches)
@@ -316,8 +315,7 @@ def apply_targets(model: torch.nn.Module, targets: list[Target]) -> list[TargetR
                 weight_sq += float(weight.float().square().sum())
                 weight.copy_(merged)
             relative = math.sqrt(delta_sq / weight_sq) if weight_sq else math.inf
-            ours = sorted({p.ours for p in target.parts})
-            reports.append(TargetReport(target.hf_name, ours, target.rank, target.scaling, relative, changed))
+            reports.append(TargetReport(target.hf_name, target.rank, target.scaling, relative, changed))
     return reports
 
 
@@ -339,7 +337,6 @@ def base_weights_sha256(model: torch.nn.Module) -> str:
 
 @dataclass
 class Base:
-    path: Path
     model: torch.nn.Module
     config: RunConfig
     meta: dict[str, Any]
@@ -369,7 +366,7 @@ def load_base(path: str | Path, scratch: Path) -> Base:
     else:
         raise DarkhorseError(f"{path} is neither a darkhorse checkpoint (meta.json + model.safetensors) nor a "
                              "Hugging Face model directory (config.json)")  # fmt: skip
-    return Base(path, model, config, meta, folder / "tokenizer.json", adapter)
+    return Base(model, config, meta, folder / "tokenizer.json", adapter)
 
 
 @dataclass

@@ -388,3 +388,26 @@ def finetune(
         plan.config = dataclasses.replace(plan.config, model=config.model)  # init_from took the base's own model
         hooks = LoRAHooks(resolved, spec, router, base_dtype=base_dtype, fingerprint=fingerprint)
         return Trainer(plan, logger=logger, verbose=verbose, live=live, hooks=hooks).run()
+
+
+def load_adapted_model(adapter_dir: str | Path, base: str | Path | None = None) -> tuple[Transformer, RunConfig]:
+    """darkhorse's base + adapter model of a LoRA checkpoint (eval mode, fp32 CPU): the base named in
+    its darkhorse_adapter.json (or `base`), checked by weight fingerprint, with the adapters and the
+    run's selection biases from its trainer_state.pt."""
+    adapter_dir = Path(adapter_dir)
+    sidecar = _sidecar(adapter_dir)
+    config = run_config_from_dict(sidecar["config"])
+    spec = LoRASpec(**{**sidecar["lora"], "targets": tuple(sidecar["lora"]["targets"])})
+    with tempfile.TemporaryDirectory(prefix="darkhorse-base-") as scratch:
+        resolved = resolve_base(base or sidecar["base"]["path"], Path(scratch))
+        model = Transformer(config.model)
+        ckpt.load_weights(model, resolved.checkpoint)
+    if ckpt.weights_fingerprint(model) != sidecar["base"]["fingerprint"]:
+        raise DarkhorseError(f"{resolved.given} is not the base {adapter_dir} was trained on (weight fingerprint)")
+    apply_lora(model, spec)
+    state = ckpt.load_trainer_state(adapter_dir)["adapter"]
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+    return model.eval(), config

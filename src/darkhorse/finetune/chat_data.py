@@ -67,7 +67,9 @@ def prepare_for_base(specs: list[str], tokenizer: Tokenizer, *, progress: bool =
     for spec in specs:
         path, weight = parse_data_spec(spec)
         if path.is_file():
-            path = prepare_cached(path, tokenizer=tokenizer, progress=progress, chat_renderer=renderer, renderer_key=key or "")
+            path = prepare_cached(
+                path, tokenizer=tokenizer, progress=progress, chat_renderer=renderer, renderer_key=key or ""
+            )
         prepared = open_prepared(path)
         train = prepared.split_info("train")
         if train.get("loss_tokens", train.get("tokens", 0)) == 0:

@@ -59,7 +59,9 @@ class LoRASpec:
             raise DarkhorseError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in GROUPS]
         if unknown:
-            raise DarkhorseError(f"--lora-targets: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+            raise DarkhorseError(
+                f"--lora-targets: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}"
+            )
 
     def for_model(self, model: nn.Module) -> LoRASpec:
         """This spec with the architecture's default targets filled in when none were given."""

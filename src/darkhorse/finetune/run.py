@@ -379,12 +379,18 @@ def finetune(
                 model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, bias_update_rate=0.0))
             config = load_run_config(
                 overrides=list(overrides),
-                base={"name": f"lora-{resolved.given.resolve().name}", "model": dataclasses.asdict(model), "train": train},
+                base={
+                    "name": f"lora-{resolved.given.resolve().name}",
+                    "model": dataclasses.asdict(model),
+                    "train": train,
+                },
             )
         spec = check_lora_setup(config, spec, router, base_dtype)
         tokenizer = Tokenizer.from_file(resolved.checkpoint / ckpt.TOKENIZER_FILE)
         sources = prepare_for_base(data, tokenizer, progress=verbose)
-        plan = plan_run(config, sources, out_dir, resume, init_from=None if resume else resolved.checkpoint, force=force)
+        plan = plan_run(
+            config, sources, out_dir, resume, init_from=None if resume else resolved.checkpoint, force=force
+        )
         plan.config = dataclasses.replace(plan.config, model=config.model)  # init_from took the base's own model
         hooks = LoRAHooks(resolved, spec, router, base_dtype=base_dtype, fingerprint=fingerprint)
         return Trainer(plan, logger=logger, verbose=verbose, live=live, hooks=hooks).run()

@@ -141,15 +141,14 @@ def routing_drift(
     balanced, dead experts (no slot) and the busiest expert's share of tokens; `collapsed` lists the
     layers whose busiest expert takes >= `collapse_share` of the tokens after but not before."""
     eps = 1e-9
+
+    def entropy(shares: torch.Tensor) -> float:
+        nonzero = shares[shares > 0]
+        return float(-(nonzero * nonzero.log()).sum() / math.log(len(shares))) if len(shares) > 1 else 1.0
+
     layers = []
     for row, layer in enumerate(layer_ids):
         p, q = after[row].double(), before[row].double()
-        n_experts = p.numel()
-
-        def entropy(shares: torch.Tensor) -> float:
-            nonzero = shares[shares > 0]
-            return float(-(nonzero * nonzero.log()).sum() / math.log(n_experts)) if n_experts > 1 else 1.0
-
         layers.append(
             {
                 "layer": layer,
@@ -162,7 +161,5 @@ def routing_drift(
                 "top_token_share": float(p.max()) * top_k,
             }
         )
-    collapsed = [
-        r["layer"] for r in layers if r["top_token_share"] >= collapse_share > r["top_token_share_base"]
-    ]
+    collapsed = [r["layer"] for r in layers if r["top_token_share"] >= collapse_share > r["top_token_share_base"]]
     return {"layers": layers, "collapsed": collapsed}

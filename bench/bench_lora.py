@@ -72,9 +72,12 @@ def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
 
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         config = peft.LoraConfig(
-            r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            r=args.r,
+            lora_alpha=2 * args.r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
             target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-            rank_pattern={r".*\.gate_up_proj": 2 * args.r}, alpha_pattern={r".*\.gate_up_proj": 4 * args.r},
+            rank_pattern={r".*\.gate_up_proj": 2 * args.r},
+            alpha_pattern={r".*\.gate_up_proj": 4 * args.r},
         )  # fmt: skip  (gate and up each get rank r, as in darkhorse: the fused gate_up_proj has 2r)
         model = peft.get_peft_model(model, config).train()
 

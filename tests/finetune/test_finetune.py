@@ -138,7 +138,6 @@ def test_dense_llama_base_with_dropout(llama_base, chat_files, tmp_path):
     assert (darkhorse_logits(out / "final", 320) - peft_logits(llama_base, out / "final")).abs().max() < 1e-4
 
 
-@pytest.mark.slow
 def test_genesis_base_keeps_its_bias_updating_and_peft_agrees(tiny_genesis_checkpoint, tmp_path):
     """MLA + DeepSeek MoE (darkhorse-native): PEFT reads the adapter on the `export --format hf` of the base;
     the router whose selection bias kept updating is saved whole (modules_to_save)."""

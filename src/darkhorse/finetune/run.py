@@ -195,11 +195,8 @@ class LoRAHooks(TrainingHooks):
     def state(self) -> dict[str, Any]:
         return {"adapter": self._adapter_state()}
 
-    @torch.no_grad()
     def load_state(self, state: dict[str, Any]) -> None:
-        own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        for name, tensor in state["adapter"].items():
-            own[name].copy_(tensor)
+        _load_adapter_state(self.model, state["adapter"])
 
     def sidecar(self, trainer: Trainer) -> dict[str, Any]:
         return {
@@ -308,8 +305,20 @@ class LoRAHooks(TrainingHooks):
 def _sidecar(folder: Path) -> dict[str, Any]:
     path = folder / SIDECAR_FILE
     if not path.is_file():
-        raise DarkhorseError(f"--resume: {folder} is not a LoRA checkpoint (no {SIDECAR_FILE})")
+        raise DarkhorseError(f"{folder} is not a LoRA checkpoint (no {SIDECAR_FILE})")
     return read_json_object(path)
+
+
+def _spec(sidecar: dict[str, Any]) -> LoRASpec:
+    return LoRASpec(**{**sidecar["lora"], "targets": tuple(sidecar["lora"]["targets"])})
+
+
+@torch.no_grad()
+def _load_adapter_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """The adapters and selection biases trainer_state.pt holds, into a model with LoRA applied."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in state.items():
+        own[name].copy_(tensor)
 
 
 def check_lora_setup(config: RunConfig, spec: LoRASpec, router: RouterOptions, base_dtype: str) -> LoRASpec:
@@ -361,7 +370,7 @@ def finetune(
         found = find_resume_checkpoint(out_dir, resume)
         sidecar = _sidecar(found)
         base, fingerprint, base_dtype = sidecar["base"]["path"], sidecar["base"]["fingerprint"], sidecar["base_dtype"]
-        spec = LoRASpec(**{**sidecar["lora"], "targets": tuple(sidecar["lora"]["targets"])})
+        spec = _spec(sidecar)
         router = RouterOptions(**sidecar["router"])
         config = load_run_config(overrides=list(overrides), base=ckpt.read_meta(found)["config"])
     elif base is None:
@@ -403,7 +412,7 @@ def load_adapted_model(adapter_dir: str | Path, base: str | Path | None = None) 
     adapter_dir = Path(adapter_dir)
     sidecar = _sidecar(adapter_dir)
     config = run_config_from_dict(sidecar["config"])
-    spec = LoRASpec(**{**sidecar["lora"], "targets": tuple(sidecar["lora"]["targets"])})
+    spec = _spec(sidecar)
     with tempfile.TemporaryDirectory(prefix="darkhorse-base-") as scratch:
         resolved = resolve_base(base or sidecar["base"]["path"], Path(scratch))
         model = Transformer(config.model)
@@ -411,9 +420,5 @@ def load_adapted_model(adapter_dir: str | Path, base: str | Path | None = None) 
     if ckpt.weights_fingerprint(model) != sidecar["base"]["fingerprint"]:
         raise DarkhorseError(f"{resolved.given} is not the base {adapter_dir} was trained on (weight fingerprint)")
     apply_lora(model, spec)
-    state = ckpt.load_trainer_state(adapter_dir)["adapter"]
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    with torch.no_grad():
-        for name, tensor in state.items():
-            own[name].copy_(tensor)
+    _load_adapter_state(model, ckpt.load_trainer_state(adapter_dir)["adapter"])
     return model.eval(), config

@@ -234,3 +234,17 @@ def test_template_that_cannot_render_a_record(capsys, tmp_path, mixtral_base, ch
     err = run_cli(capsys, "--base", base, "--data", chat_files[0], "--out", out)
     assert f"{chat_files[0]}:1" in err and "no system role" in err
     assert not out.exists()
+
+
+def test_bf16_base_trains_fp32_adapters(mixtral_base, chat_files, tmp_path):
+    result = finetune(
+        mixtral_base,
+        [str(chat_files[0])],
+        tmp_path / "run",
+        base_dtype="bf16",
+        overrides=[*SMALL_RUN, "train.max_steps=2", "train.dtype=bf16"],
+        verbose=False,
+    )
+    assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
+    adapters = load_file(result.run_dir / "final" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapters.values())

@@ -23,6 +23,7 @@ the model), so saving a model costs no memory beyond the model itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -44,6 +45,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir, read_json_object, remove_partial_writes
 
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint (darkhorse.finetune) holds this instead
 META_FILE = "meta.json"
 STATE_FILE = "trainer_state.pt"
 FINAL_NAME = "final"
@@ -109,12 +111,28 @@ def _write_model_files(
     write_safetensors(folder / MODEL_FILE, unique_state(model), {"format": "pt"})
     record = {**meta, "config": config.to_dict(), "darkhorse_version": __version__}  # the model saved decides
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    copy_tokenizer(tokenizer_file, folder)
+
+
+def copy_tokenizer(tokenizer_file: Path | None, folder: Path) -> None:
+    """tokenizer.json into `folder`, with a foreign tokenizer's settings files beside it."""
     if tokenizer_file is not None and Path(tokenizer_file).exists():
         shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
         if Path(tokenizer_file).name == TOKENIZER_FILE:  # a foreign tokenizer's settings travel with it
             for name in SIDECAR_FILES:
                 if Path(tokenizer_file).with_name(name).is_file():
                     shutil.copyfile(Path(tokenizer_file).with_name(name), folder / name)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's persistent tensors (name, dtype, shape, bytes, in name order): the same
+    weights give the same value however they were stored, so an adapter can name the base it fits."""
+    digest = hashlib.sha256()
+    for name, tensor in unique_state(model):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{SAFETENSORS_DTYPES[tensor.dtype]}|{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()
 
 
 def save_model_checkpoint(
@@ -158,7 +176,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def is_complete(folder: Path) -> bool:
-    return (folder / META_FILE).is_file() and (folder / MODEL_FILE).is_file()
+    """meta.json plus weights: a model, or a LoRA adapter (only the trainer resumes from one)."""
+    return (folder / META_FILE).is_file() and ((folder / MODEL_FILE).is_file() or (folder / ADAPTER_FILE).is_file())
 
 
 def training_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -186,6 +205,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 def _weights_file(folder: Path) -> Path:
     path = folder / MODEL_FILE
+    if (folder / ADAPTER_FILE).is_file() and not path.is_file():
+        raise DarkhorseError(f"{folder} holds a LoRA adapter, not a model: merge it into its base first")
     if not path.is_file():
         raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {MODEL_FILE})")
     return path

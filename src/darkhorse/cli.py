@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "export": "export",
     "import": "import_hf",
     "quantize": "quantize",
+    "finetune": "finetune",
     "merge": "merge",
 }
 

@@ -41,7 +41,7 @@ from darkhorse.data.prepared import (
     open_prepared,
     sha256_file,
 )
-from darkhorse.data.readers import Document, InputReader, expand_inputs
+from darkhorse.data.readers import ChatRenderer, Document, InputReader, expand_inputs
 from darkhorse.data.tokenizer import BOS, EOS, Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir
@@ -58,8 +58,19 @@ def is_validation(text_bytes: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
-def loss_mask(ids: list[int], chat: bool, special_ids: dict[str, int]) -> np.ndarray:
-    """1 where a token is a training target: the assistant's part of a conversation, all of plain text."""
+def loss_mask(
+    ids: list[int], chat: bool, special_ids: dict[str, int], offsets: list[tuple[int, int]] | None = None,
+    assistant_chars: tuple[tuple[int, int], ...] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """1 where a token is a training target: the assistant's part of a conversation, all of plain text.
+
+    A conversation rendered by a model's own template marks the assistant's characters instead of
+    darkhorse's markers: a token counts when its characters overlap them (`offsets` per token)."""
+    if assistant_chars is not None and offsets is not None:
+        return np.array(
+            [any(start < end_c and end > start_c for start_c, end_c in assistant_chars) for start, end in offsets],
+            dtype=MASK_DTYPE,
+        )
     if not chat:
         return np.ones(len(ids), dtype=MASK_DTYPE)
     mask = np.zeros(len(ids), dtype=MASK_DTYPE)
@@ -257,18 +268,20 @@ def prepare(
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
     console: Any = None,
+    chat_renderer: ChatRenderer | None = None,
 ) -> PreparedData:
     """Tokenize `inputs` into the prepared directory `out_dir` and return it opened.
 
     `tokenizer` (a Tokenizer or a tokenizer.json path) is reused as is; otherwise a byte-level BPE of
     `vocab_size` is trained. `txt_split` decides what a document is in .txt files: "paragraphs" (split on
-    blank lines) or "file". Bad records raise, or with `skip_bad` are counted in meta.json["skipped"]."""
+    blank lines) or "file". Bad records raise, or with `skip_bad` are counted in meta.json["skipped"].
+    `chat_renderer` renders chat records with a model's own template (see `readers.ChatRenderer`)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DarkhorseError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
     files = expand_inputs(list(inputs))
     _check_out_dir(out_dir, files, force)
-    readers = [InputReader(path, txt_split=txt_split, skip_bad=skip_bad) for path in files]
+    readers = [InputReader(path, txt_split=txt_split, skip_bad=skip_bad, chat_renderer=chat_renderer) for path in files]
     given_tokenizer = _resolve_tokenizer(tokenizer)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -309,12 +322,19 @@ def _encode_all(
         for documents, consumed in _prefetched(_chunks(readers, chunk_bytes)):
             if not tok.has_chat_tokens and any(document.text.startswith(BOS) for document in documents):
                 tok.require_special_tokens("chat records")
-            texts = [_frame(document.text, tok.bos_token or "", tok.eos_token) for document in documents]
+            texts = [
+                document.text
+                if document.assistant_chars is not None
+                else _frame(document.text, tok.bos_token or "", tok.eos_token)
+                for document in documents
+            ]
             encoded = tok.encode_batch(texts)
+            templated = [i for i, document in enumerate(documents) if document.assistant_chars is not None]
+            offsets = dict(zip(templated, tok.encode_offsets([texts[i] for i in templated]), strict=True))
             batches: dict[str, tuple[list[list[int]], list[int], list[np.ndarray], list[int]]] = {
                 s: ([], [], [], []) for s in SPLITS
             }
-            for document, ids in zip(documents, encoded, strict=True):
+            for index, (document, ids) in enumerate(zip(documents, encoded, strict=True)):
                 text_bytes = document.text.encode("utf-8")
                 domain = domain_ids.setdefault(document.domain, len(domain_ids))
                 if domain >= MAX_DOMAINS:
@@ -323,7 +343,9 @@ def _encode_all(
                 split_ids, split_domains, split_masks, split_bytes = batches[split]
                 split_ids.append(ids)
                 split_domains.append(domain)
-                split_masks.append(loss_mask(ids, document.chat, tok.special_tokens))
+                split_masks.append(
+                    loss_mask(ids, document.chat, tok.special_tokens, offsets.get(index), document.assistant_chars)
+                )
                 split_bytes.append(len(text_bytes))
             for split, (split_ids, split_domains, split_masks, split_bytes) in batches.items():
                 writers[split].write(split_ids, split_domains, split_masks, sum(split_bytes))
@@ -364,11 +386,14 @@ def prepare_cached(
     tokenizer: Tokenizer | str | Path | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     progress: bool = True,
+    chat_renderer: ChatRenderer | None = None,
+    renderer_key: str = "",
 ) -> Path:
     """Prepare a raw file into a cache dir keyed by its content and the tokenizer settings; reuse it later.
 
     The key covers the file's sha256, the format version and either the given tokenizer's hash or the
-    vocab size to train, so editing the file or changing a setting prepares afresh."""
+    vocab size to train, so editing the file or changing a setting prepares afresh. `renderer_key` names
+    the `chat_renderer` (e.g. a hash of the chat template) so a different template prepares afresh."""
     path = Path(path)
     if not path.is_file():
         raise DarkhorseError(f"data file not found: {path}")
@@ -380,6 +405,8 @@ def prepare_cached(
         "val_fraction": val_fraction,
         "loss_mask": True,  # entries prepared before loss masks existed are prepared again
     }
+    if chat_renderer is not None:
+        key_parts["chat_renderer"] = renderer_key
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = default_cache_dir() / f"{path.stem}-{key}"
     if (out_dir / "meta.json").exists():
@@ -389,6 +416,7 @@ def prepare_cached(
         except DarkhorseError:
             pass  # damaged cache entry: prepare it again below
     prepare(
-        [path], out_dir, vocab_size=vocab_size, tokenizer=tok, val_fraction=val_fraction, force=True, progress=progress
-    )
+        [path], out_dir, vocab_size=vocab_size, tokenizer=tok, val_fraction=val_fraction, force=True,
+        progress=progress, chat_renderer=chat_renderer,
+    )  # fmt: skip
     return out_dir

@@ -23,7 +23,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +49,13 @@ class Document:
     text: str
     domain: str = DEFAULT_DOMAIN
     chat: bool = False  # a rendered conversation: its loss mask covers only the assistant's part
+    # Set when a model's own chat template rendered it: the [start, end) character ranges the
+    # assistant wrote (the loss mask follows them; the template did the framing, so none is added).
+    assistant_chars: tuple[tuple[int, int], ...] | None = None
+
+
+# A model's own chat template: (messages, reasoning) -> (text, assistant character ranges).
+ChatRenderer = Callable[[Sequence[Mapping[str, Any]], "str | None"], tuple[str, list[tuple[int, int]]]]
 
 
 class RecordError(ValueError):
@@ -124,7 +131,7 @@ def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, Mapping) else None
 
 
-def record_to_document(record: Any) -> Document:
+def record_to_document(record: Any, chat_renderer: ChatRenderer | None = None) -> Document:
     if not isinstance(record, Mapping):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
     domain = record.get("domain", DEFAULT_DOMAIN)
@@ -144,6 +151,9 @@ def record_to_document(record: Any) -> Document:
         )
     messages, reasoning = chat
     try:
+        if chat_renderer is not None:
+            text, spans = chat_renderer(messages, reasoning)
+            return Document(text, domain.strip(), chat=True, assistant_chars=tuple(spans))
         return Document(render_conversation(messages, reasoning), domain.strip(), chat=True)
     except DarkhorseError as exc:
         raise RecordError(str(exc)) from None
@@ -209,6 +219,7 @@ class InputReader:
     bytes_read: int = 0
     skipped: int = 0
     skip_examples: list[str] = field(default_factory=list)
+    chat_renderer: ChatRenderer | None = None  # None: darkhorse's chat format
 
     def __post_init__(self) -> None:
         if self.txt_split not in TXT_SPLITS:
@@ -235,7 +246,7 @@ class InputReader:
 
     def _document(self, record: Any, where: str) -> Document | None:
         try:
-            return record_to_document(record)
+            return record_to_document(record, self.chat_renderer)
         except RecordError as exc:
             self._bad(where, str(exc))
             return None

@@ -174,6 +174,10 @@ class Tokenizer:
         """Encode many texts at once, in parallel on all cores (Rust threads, GIL released)."""
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def encode_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each token's [start, end) character range in its text (the fast batch path skips these)."""
+        return [encoding.offsets for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 

@@ -55,9 +55,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.randn(moe.n_routed_experts, dim) * init_std)
         self.register_buffer("e_score_correction_bias", torch.zeros(moe.n_routed_experts, dtype=torch.float32))
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 logits (a LoRA router adds its low-rank term here)."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor, selection_bonus: torch.Tensor | None = None) -> Routing:
         moe = self.moe
-        logits = F.linear(x.float(), self.weight.float())
+        logits = self.router_logits(x)
         scores = logits.sigmoid() if moe.scoring == "sigmoid" else logits.softmax(dim=-1)
         selection = scores.detach() + self.e_score_correction_bias.float()
         if selection_bonus is not None:
@@ -131,9 +135,15 @@ class RoutedExperts(nn.Module):
         """`x` [N, D]: token slots sorted by expert, `counts[e]` of them for expert e."""
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        gate = grouped_matmul(x, self.gate_proj, counts, use_grouped_mm)
-        up = grouped_matmul(x, self.up_proj, counts, use_grouped_mm)
-        return grouped_matmul(F.silu(gate) * up, self.down_proj, counts, use_grouped_mm)
+        gate = self.project("gate_proj", x, counts, use_grouped_mm)
+        up = self.project("up_proj", x, counts, use_grouped_mm)
+        return self.project("down_proj", F.silu(gate) * up, counts, use_grouped_mm)
+
+    def project(
+        self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+    ) -> torch.Tensor:
+        """One projection of every expert (a LoRA expert stack adds its low-rank term here)."""
+        return grouped_matmul(x, getattr(self, name), counts, use_grouped_mm)
 
 
 class MoE(nn.Module):

@@ -154,6 +154,10 @@ class Dashboard:
         if self.logger is not None:
             self.logger.log(record)
 
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append a record that is neither a step nor an evaluation (e.g. a fine-tuning report)."""
+        self._append(record)
+
     def log_step(self, record: dict[str, Any]) -> None:
         self._append(record)
         self.losses.append(record["loss"])

@@ -95,3 +95,19 @@ def write_run_reports(
     # MoE: utilization heatmap, domain x expert matrix
     written += write_routing_reports(Path(run_dir), routing, domain_names)
     return [path for path in written if path is not None]
+
+
+def write_load_heatmaps(path: Path, layer_ids: list[int], panels: list[tuple[str, torch.Tensor]]) -> Path | None:
+    """One heatmap per (title, [layers, experts] shares) panel, in load / mean load (1 = balanced)."""
+    if not layer_ids or not panels:
+        return None
+    n_experts = panels[0][1].shape[1]
+    width = min(3 + 0.25 * n_experts, 20)
+    with _figure(path, (width, len(panels) * (1.2 + 0.35 * len(layer_ids))), rows=len(panels)) as (figure, grid):
+        for axes, (title, shares) in zip(grid, panels, strict=True):
+            image = axes.imshow((shares * n_experts).numpy(), aspect="auto", cmap="viridis", vmin=0)
+            axes.set_yticks(range(len(layer_ids)), [f"layer {i}" for i in layer_ids])
+            axes.set_title(title, fontsize=9)
+            figure.colorbar(image, ax=axes)
+        grid[-1].set_xlabel("expert")
+    return path

@@ -10,6 +10,7 @@ The trainer counts its training forwards; `route_windows` counts a model reading
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -130,3 +131,35 @@ def route_windows(
         counter.remove()
         model.train(was_training)
     return counter
+
+
+def routing_drift(
+    layer_ids: list[int], before: torch.Tensor, after: torch.Tensor, top_k: int, collapse_share: float
+) -> dict[str, Any]:
+    """How routing moved between two [layers, experts] share matrices (`RoutingCounter.utilization`):
+    per layer KL(after || before) of the expert frequencies in nats, load entropy normalised to 1 =
+    balanced, dead experts (no slot) and the busiest expert's share of tokens; `collapsed` lists the
+    layers whose busiest expert takes >= `collapse_share` of the tokens after but not before."""
+    eps = 1e-9
+
+    def entropy(shares: torch.Tensor) -> float:
+        nonzero = shares[shares > 0]
+        return float(-(nonzero * nonzero.log()).sum() / math.log(len(shares))) if len(shares) > 1 else 1.0
+
+    layers = []
+    for row, layer in enumerate(layer_ids):
+        p, q = after[row].double(), before[row].double()
+        layers.append(
+            {
+                "layer": layer,
+                "kl_vs_base": float((p * ((p + eps) / (q + eps)).log()).sum()),
+                "entropy_base": entropy(q),
+                "entropy": entropy(p),
+                "dead_experts_base": (q == 0).nonzero().flatten().tolist(),
+                "dead_experts": (p == 0).nonzero().flatten().tolist(),
+                "top_token_share_base": float(q.max()) * top_k,
+                "top_token_share": float(p.max()) * top_k,
+            }
+        )
+    collapsed = [r["layer"] for r in layers if r["top_token_share"] >= collapse_share > r["top_token_share_base"]]
+    return {"layers": layers, "collapsed": collapsed}

@@ -107,7 +107,7 @@ def _init_config(config: RunConfig, init_from: Path, data: PreparedData) -> tupl
     """`config` with the model of checkpoint `init_from`, whose tokenizer must be the one of `data`."""
     from darkhorse.data.tokenizer import Tokenizer
 
-    if not ckpt.is_complete(init_from):
+    if not ckpt.is_complete(init_from) or not (init_from / ckpt.MODEL_FILE).is_file():
         raise DarkhorseError(f"--init-from {init_from}: not a darkhorse checkpoint (no meta.json or model.safetensors)")
     meta = ckpt.read_meta(init_from)
     model_config = run_config_from_dict(meta["config"]).model

@@ -83,13 +83,59 @@ class _StopRequest:
                 signal.signal(sig, handler)
 
 
+class TrainingHooks:
+    """What a kind of training changes in the one loop (the default: every weight, full checkpoints).
+
+    Fine-tuning (darkhorse.finetune) subclasses it: it loads a base and adds adapters before the
+    optimizers are built (only parameters that require grad enter them), switches groups on and off
+    per step, adds loss terms, and saves only what it trains."""
+
+    command = "darkhorse train"  # what the interrupt message tells the user to resume with
+
+    def load_weights(self, model: Transformer, plan: RunPlan, device: torch.device) -> None:
+        weights_from = plan.resume_from or plan.init_from
+        if weights_from:
+            ckpt.load_weights(model, weights_from, device)
+
+    def before_step(self, trainer: Trainer) -> None:
+        """Called before each optimizer step's first micro-batch (`trainer.step` is the step to run)."""
+
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """Extra terms to add to the last forward's loss (logged as `<name>_loss`)."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Extra entries for trainer_state.pt."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` saved (called on resume after the trainer's own state)."""
+
+    def save(self, trainer: Trainer, folder: Path, meta: dict[str, Any], state: dict[str, Any]) -> Path:
+        return ckpt.save_training_checkpoint(folder, trainer.model, trainer.config, trainer.tokenizer_file, meta, state)
+
+    def on_start(self, trainer: Trainer) -> None:
+        """After the run's announcement, before the first step."""
+
+    def on_finish(self, trainer: Trainer) -> None:
+        """After final/ is saved and the run reports are written."""
+
+
 class Trainer:
     """One run, set up from a `RunPlan` (a fresh start or a checkpoint); `run()` trains until
-    max_steps or a signal. `train()` plans and runs in one call."""
+    max_steps or a signal. `train()` plans and runs in one call; `hooks` change what is trained
+    and saved (see `TrainingHooks`)."""
 
     def __init__(
-        self, plan: RunPlan, *, logger: str | None = None, verbose: bool = True, live: bool | None = None
+        self,
+        plan: RunPlan,
+        *,
+        logger: str | None = None,
+        verbose: bool = True,
+        live: bool | None = None,
+        hooks: TrainingHooks | None = None,
     ) -> None:
+        self.hooks = hooks or TrainingHooks()
         self.run_dir, self.sources = plan.run_dir, plan.sources
         self.init_from, self.resumed_from = plan.init_from, plan.resume_from
         self.origin, self.origin_step = plan.origin, plan.origin_step
@@ -101,9 +147,7 @@ class Trainer:
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
             self.model = Transformer(self.config.model)
-        weights_from = plan.resume_from or plan.init_from
-        if weights_from:
-            ckpt.load_weights(self.model, weights_from, self.device)
+        self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
         self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
@@ -158,6 +202,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "bad_in_a_row": self.bad_in_a_row,
             "bad_total": self.bad_total,
+            **self.hooks.state(),
         }
 
     def _load_trainer_state(self, folder: Path) -> None:
@@ -173,6 +218,7 @@ class Trainer:
         ckpt.restore_rng_state(state["rng"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
+        self.hooks.load_state(state)
 
     def save(self, folder: Path, loss: float | None) -> Path:
         meta = {
@@ -184,9 +230,7 @@ class Trainer:
         }
         if self.origin:
             meta["init_from"] = self.origin
-        saved = ckpt.save_training_checkpoint(
-            folder, self.model, self.config, self.tokenizer_file, meta, self._trainer_state()
-        )
+        saved = self.hooks.save(self, folder, meta, self._trainer_state())
         ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
         return saved
 
@@ -206,14 +250,19 @@ class Trainer:
         accum = self.train_cfg.grad_accum
         total = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
+        self.hooks.before_step(self)
         for micro_step in range(accum):
             batch = self.loader.batch(self.step, micro_step)
             with self._autocast():
                 out = self.forward(
                     batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
                 )
-            self.scaler.scale(out.loss / accum).backward()
-            total += out.loss.detach()
+                out_loss = out.loss
+                for name, term in self.hooks.loss_terms().items():
+                    out_loss = out_loss + term
+                    out.losses[name] = term.detach()
+            self.scaler.scale(out_loss / accum).backward()
+            total += out_loss.detach()
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0) + value.detach().float() / accum
         loss = (total / accum).item()
@@ -318,6 +367,7 @@ class Trainer:
         saved: Path | None = None
         with stop.installed(), self.dashboard:
             self._announce()
+            self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
             try:
                 while self.step < cfg.max_steps and stop.signal_name is None:
@@ -360,7 +410,7 @@ class Trainer:
                 where = f"checkpoint {saved}" if saved else "nothing to save yet"
                 self.dashboard.message(
                     f"stopped by {stop.signal_name} at step {self.step} ({where}); continue with: "
-                    f"darkhorse train --out {self.run_dir} --resume"
+                    f"{self.hooks.command} --out {self.run_dir} --resume"
                 )
             else:
                 saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
@@ -368,6 +418,7 @@ class Trainer:
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
                 reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
                 if reports:
                     self.dashboard.message(f"reports in {self.run_dir}: {', '.join(p.name for p in reports)}")

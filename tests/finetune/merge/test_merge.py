@@ -14,7 +14,7 @@ from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.merge import SIDECAR_FILE, base_weights_sha256, merge_adapter
 from darkhorse.interop.hf_import import import_hf
-from tests.finetune.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
+from tests.finetune.merge.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

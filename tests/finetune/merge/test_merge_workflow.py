@@ -29,7 +29,7 @@ from darkhorse.interop.gguf import export_gguf
 from darkhorse.interop.hf_import import import_hf
 from darkhorse.interop.llama_cpp_child import LLAMA_CPP_MISSING
 from darkhorse.interop.quantize import quantize_gguf
-from tests.finetune.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
+from tests.finetune.merge.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -1,0 +1,175 @@
+"""LoRA fine-tuning speed and memory: darkhorse against transformers + PEFT, and LoRA against full fine-tuning.
+
+One small Mixtral-architecture model (transformers builds it from a config; darkhorse imports it) is
+trained with the same LoRA targets (attention q/k/v/o, router, routed experts' gate/up/down), ranks,
+AdamW settings and token batches by
+
+  darkhorse   the model from `darkhorse.interop.hf_import`, LoRA from `darkhorse.finetune.lora`
+  peft        transformers' MixtralForCausalLM with peft's LoRA (target_modules + target_parameters)
+  full        darkhorse training every weight (the `train --init-from` path), for memory and checkpoint size
+
+each in a fresh child process (peak RSS is per process), fp32 on CPU by default. Reported: tokens/s
+over the timed steps, peak RSS, and the bytes a checkpoint of what trains takes (weights/adapters +
+AdamW state).
+
+    python bench/bench_lora.py                         # default shape, 1 thread
+    python bench/bench_lora.py --hidden 512 --layers 4 --steps 10 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_model(folder: Path, args: argparse.Namespace) -> None:
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
+        num_local_experts=args.experts, num_experts_per_tok=2, max_position_embeddings=args.seq_len,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(str(folder))
+    from darkhorse.data.tokenizer import Tokenizer  # import needs one; the batches are random ids
+
+    Tokenizer.train(["a small corpus for a tokenizer"] * 4, vocab_size=300).save(folder / "tokenizer.json")
+
+
+def batches(args: argparse.Namespace) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)
+        for _ in range(args.warmup + args.steps)
+    ]
+
+
+def checkpoint_bytes(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as scratch:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f"{scratch}/weights.safetensors")
+        torch.save(optimizer.state_dict(), f"{scratch}/optimizer.pt")
+        return sum(p.stat().st_size for p in Path(scratch).iterdir())
+
+
+def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if kind == "peft":
+        import peft
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        config = peft.LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            rank_pattern={r".*\.gate_up_proj": 2 * args.r},
+            alpha_pattern={r".*\.gate_up_proj": 4 * args.r},
+        )  # fmt: skip  (gate and up each get rank r, as in darkhorse: the fused gate_up_proj has 2r)
+        model = peft.get_peft_model(model, config).train()
+
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=batch[:, :-1]).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    else:
+        from darkhorse.checkpoint import load_model
+        from darkhorse.finetune.lora import LoRASpec, apply_lora
+        from darkhorse.interop.hf_import import import_hf
+
+        imported = import_hf(folder, folder.parent / f"imported-{kind}")
+        model, _, _ = load_model(imported)
+        if kind == "darkhorse":
+            apply_lora(model, LoRASpec(("attention", "router", "routed_experts"), r=args.r, expert_r=args.r,
+                                       router_r=args.r, alpha=2 * args.r))  # fmt: skip
+        model.train()
+
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:
+            return model(batch[:, :-1], batch[:, 1:]).loss
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0)
+    data = batches(args)
+    losses = []
+    for i, batch in enumerate(data):
+        if i == args.warmup:
+            start = time.perf_counter()
+        loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    elapsed = time.perf_counter() - start
+    return {
+        "kind": kind,
+        "tokens_per_s": args.steps * args.batch * args.seq_len / elapsed,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable": sum(p.numel() for p in trainable.values()),
+        "checkpoint_bytes": checkpoint_bytes(trainable, optimizer),
+        "first_loss": losses[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", choices=["darkhorse", "peft", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args)))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "mixtral"
+        build_model(folder, args)
+        results = {}
+        for kind in ("darkhorse", "peft", "full"):
+            command = [sys.executable, __file__, *sys.argv[1:], "--worker", kind, "--model-dir", str(folder)]
+            done = subprocess.run(command, capture_output=True, text=True, env=os.environ, check=False)
+            if done.returncode:
+                raise SystemExit(f"{kind} worker failed:\n{done.stderr[-2000:]}")
+            results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    dh, pf, full = results["darkhorse"], results["peft"], results["full"]
+    print(json.dumps(results, indent=1))
+    print(
+        f"\nMixtral hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-2, r {args.r}, "
+        f"batch {args.batch}x{args.seq_len}, {args.threads} thread(s), fp32 CPU"
+    )
+    print(f"{'':12}{'tokens/s':>10}{'peak RSS MiB':>14}{'trainable':>12}{'ckpt MiB':>10}")
+    for kind, r in results.items():
+        print(
+            f"{kind:12}{r['tokens_per_s']:>10.0f}{r['peak_rss_mib']:>14.0f}{r['trainable']:>12,}"
+            f"{r['checkpoint_bytes'] / 2**20:>10.2f}"
+        )
+    print(
+        f"darkhorse / peft: {dh['tokens_per_s'] / pf['tokens_per_s']:.2f}x tokens/s, "
+        f"{dh['peak_rss_mib'] / pf['peak_rss_mib']:.2f}x peak RSS; LoRA / full: "
+        f"{dh['peak_rss_mib'] / full['peak_rss_mib']:.2f}x peak RSS, "
+        f"{dh['checkpoint_bytes'] / full['checkpoint_bytes']:.3f}x checkpoint bytes"
+    )
+
+
+if __name__ == "__main__":
+    main()

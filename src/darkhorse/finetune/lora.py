@@ -1,0 +1,223 @@
+"""LoRA for darkhorse models, applied from outside (torchtitan's pattern): the model code is unchanged.
+
+Each targeted module keeps its class's forward and its own weights (same parameter objects, same
+state-dict names) and becomes a LoRA subclass that adds `scaling * B(A(dropout(x)))`:
+
+    nn.Linear (attention, dense MLP, shared experts)   lora_A [r, in],  lora_B [out, r]
+    RoutedExperts (3-D stacks [E, out, in])             {proj}_lora_A [E, r, in], {proj}_lora_B [E, out, r]
+                                                        for proj in gate_proj, up_proj, down_proj
+    Router ([E, D], logits in fp32)                     lora_A [r, D], lora_B [E, r]
+
+scaling = alpha / r, B starts at zero (the model starts as the base), A as nn.Linear's default.
+The expert term runs as two grouped matmuls over the tokens each expert received (`project`),
+so no [E, out, in] delta is ever materialised, unlike PEFT's ParamWrapper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from darkhorse.errors import DarkhorseError
+from darkhorse.model.layers import SwiGLU
+from darkhorse.model.moe import MoE, RoutedExperts, Router, grouped_matmul
+
+GROUPS = ("attention", "shared_experts", "routed_experts", "router", "dense_mlp")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# MLA decodes with kv_b_proj's weight absorbed into the queries (it reads `.weight` directly), so a
+# LoRA there would be skipped while generating; it is left out of the attention group.
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to adapt and how: `r` for attention and dense MLPs, `expert_r` for routed and shared
+    experts, `router_r` for the routers; one `alpha` (scaling alpha / r per group, as PEFT).
+    Empty `targets` means the architecture's defaults (`for_model`)."""
+
+    targets: tuple[str, ...] = ()
+    r: int = 16
+    expert_r: int = 16
+    router_r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("r", "expert_r", "router_r"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                flag = {"r": "--lora-r", "expert_r": "--expert-lora-r", "router_r": "--router-lora-r"}[name]
+                raise DarkhorseError(f"{flag} must be a positive integer, got {value}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise DarkhorseError(f"--lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DarkhorseError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in GROUPS]
+        if unknown:
+            raise DarkhorseError(
+                f"--lora-targets: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}"
+            )
+
+    def for_model(self, model: nn.Module) -> LoRASpec:
+        """This spec with the architecture's default targets filled in when none were given."""
+        return self if self.targets else replace(self, targets=default_targets(model))
+
+    def rank(self, group: str) -> int:
+        return {"routed_experts": self.expert_r, "shared_experts": self.expert_r, "router": self.router_r}.get(
+            group, self.r
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """Attention plus the FFN's parts: router and routed experts for MoE models, the MLP for dense ones."""
+    moe = any(isinstance(m, MoE) for m in model.layers.modules())
+    return ("attention", "router", "routed_experts") if moe else ("attention", "dense_mlp")
+
+
+class _LoRA:
+    """Mixin state shared by the LoRA subclasses."""
+
+    lora_scaling: float
+    lora_group: str
+
+    def _init_lora(self, group: str, r: int, alpha: float, dropout: float) -> None:
+        self.lora_group = group
+        self.lora_r = r
+        self.lora_scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @staticmethod
+    def _factors(experts: int | None, r: int, fan_in: int, fan_out: int, like: torch.Tensor):
+        lead = () if experts is None else (experts,)
+        a = torch.empty(*lead, r, fan_in, device=like.device, dtype=torch.float32)
+        nn.init.uniform_(a, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))  # nn.Linear's (kaiming a=sqrt(5))
+        b = torch.zeros(*lead, fan_out, r, device=like.device, dtype=torch.float32)
+        return nn.Parameter(a), nn.Parameter(b)
+
+
+class LoRALinear(nn.Linear, _LoRA):
+    def init_lora(self, group: str, r: int, alpha: float, dropout: float) -> None:
+        self._init_lora(group, r, alpha, dropout)
+        self.lora_A, self.lora_B = self._factors(None, r, self.in_features, self.out_features, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return out + self.lora_scaling * low
+
+
+class LoRARouter(Router, _LoRA):
+    def init_lora(self, group: str, r: int, alpha: float, dropout: float) -> None:
+        self._init_lora(group, r, alpha, dropout)
+        experts, dim = self.weight.shape
+        self.lora_A, self.lora_B = self._factors(None, r, dim, experts, self.weight)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(self.lora_dropout(x).float(), self.lora_A), self.lora_B)
+        return super().router_logits(x) + self.lora_scaling * low
+
+
+class LoRAExperts(RoutedExperts, _LoRA):
+    def init_lora(self, group: str, r: int, alpha: float, dropout: float) -> None:
+        self._init_lora(group, r, alpha, dropout)
+        for name in EXPERT_PROJECTIONS:
+            weight = getattr(self, name)
+            experts, fan_out, fan_in = weight.shape
+            a, b = self._factors(experts, r, fan_in, fan_out, weight)
+            self.register_parameter(f"{name}_lora_A", a)
+            self.register_parameter(f"{name}_lora_B", b)
+
+    def project(
+        self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+    ) -> torch.Tensor:
+        out = super().project(name, x, counts, use_grouped_mm)
+        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts)
+        return out + self.lora_scaling * grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype)
+
+
+LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, Router: LoRARouter, RoutedExperts: LoRAExperts}
+
+
+def target_modules(model: nn.Module, group: str) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every module of `group` in the model's decoder layers (MTP modules, which
+    only train, are never adapted)."""
+    for i, block in enumerate(model.layers):
+        ffn = block.ffn
+        if group == "attention":
+            for child in ATTENTION_LINEARS:
+                if isinstance(getattr(block.attn, child, None), nn.Linear):
+                    yield f"layers.{i}.attn.{child}", getattr(block.attn, child)
+        elif group == "dense_mlp" and isinstance(ffn, SwiGLU):
+            for child in EXPERT_PROJECTIONS:
+                yield f"layers.{i}.ffn.{child}", getattr(ffn, child)
+        elif group == "shared_experts" and isinstance(ffn, MoE) and ffn.shared_experts is not None:
+            for child in EXPERT_PROJECTIONS:
+                yield f"layers.{i}.ffn.shared_experts.{child}", getattr(ffn.shared_experts, child)
+        elif group == "routed_experts" and isinstance(ffn, MoE):
+            yield f"layers.{i}.ffn.experts", ffn.experts
+        elif group == "router" and isinstance(ffn, MoE):
+            yield f"layers.{i}.ffn.gate", ffn.gate
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec) -> dict[str, list[str]]:
+    """Freeze every base parameter and turn the targeted modules into LoRA modules (in place).
+
+    Returns {group: module names}. A requested group that matches nothing is an error (a LoRA that
+    trains nothing must not pass silently)."""
+    found = {group: list(target_modules(model, group)) for group in spec.targets}
+    empty = [group for group, modules in found.items() if not modules]
+    if empty:
+        kinds = "MoE" if any(isinstance(m, MoE) for m in model.modules()) else "dense"
+        raise DarkhorseError(
+            f"--lora-targets {', '.join(empty)} matched nothing in this {kinds} model "
+            f"(it has: {', '.join(g for g in GROUPS if any(True for _ in target_modules(model, g)))})"
+        )
+    model.requires_grad_(False)
+    for group, modules in found.items():
+        for _, module in modules:
+            module.__class__ = LORA_CLASSES[type(module)]
+            module.init_lora(group, spec.rank(group), spec.alpha, spec.dropout)
+    return {group: [name for name, _ in modules] for group, modules in found.items()}
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, _LoRA))
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LoRA factor by its model name (`...lora_A`, `...lora_B`, `..._lora_A`, ...)."""
+    return {name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].endswith(("lora_A", "lora_B"))}
+
+
+def trainable_by_group(model: nn.Module) -> dict[str, int]:
+    """LoRA parameter count per group (those that matched anything)."""
+    counts: dict[str, int] = {}
+    for _, module in lora_modules(model):
+        own = sum(p.numel() for name, p in module.named_parameters(recurse=False) if "lora_" in name)
+        counts[module.lora_group] = counts.get(module.lora_group, 0) + own
+    return counts
+
+
+def set_group_trainable(model: nn.Module, group: str, trainable: bool) -> None:
+    for _, module in lora_modules(model):
+        if module.lora_group == group:
+            for name, p in module.named_parameters(recurse=False):
+                if "lora_" in name:
+                    p.requires_grad_(trainable)
+
+
+@torch.no_grad()
+def merged_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The base weight plus this module's LoRA delta (scaling * B @ A), fp32."""
+    if isinstance(module, LoRAExperts):
+        delta = getattr(module, f"{name}_lora_B") @ getattr(module, f"{name}_lora_A")
+        return getattr(module, name).float() + module.lora_scaling * delta
+    return module.weight.float() + module.lora_scaling * (module.lora_B @ module.lora_A)

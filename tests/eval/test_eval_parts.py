@@ -21,18 +21,6 @@ from darkhorse.interop.hf_import import load_checkpoint_or_hf
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)  # fmt: skip
-
-
-def build_llama_dir(folder, foreign_tokenizer):
-    """A random LlamaForCausalLM saved by transformers, with a Llama-3-style tokenizer and chat template."""
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
-    model.save_pretrained(str(folder))
-    foreign_tokenizer(folder)
-    return model
-
 
 def write_lines(path, lines: list[str]):
     path.write_text("".join(line + "\n" for line in lines))
@@ -110,8 +98,8 @@ def test_suite_on_a_checkpoint_has_the_seed_columns(tiny_dense_checkpoint):
     assert len(records) == 12 and {r["skill"] for r in records} >= {"addition", "sort", "python"}
 
 
-def test_imported_hf_model_is_evaluated_in_its_own_template(tmp_path, foreign_tokenizer, monkeypatch):
-    hf_model = build_llama_dir(tmp_path / "llama", foreign_tokenizer)
+def test_imported_hf_model_is_evaluated_in_its_own_template(tmp_path, llama_dir, monkeypatch):
+    hf_model = llama_dir(tmp_path / "llama")
     model, tokenizer, _ = load_checkpoint_or_hf(tmp_path / "llama")
     assert not list(tmp_path.glob("llama/meta.json"))  # imported into a temporary dir, not beside the source
     rendered = []

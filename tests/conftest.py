@@ -80,6 +80,12 @@ def train_tiny_checkpoint(out_dir, *, steps: int = 40, seed: int = 0, **model):
 
 
 @pytest.fixture(scope="session")
+def tiny_words() -> tuple[str, ...]:
+    """The words the tiny checkpoints were trained on (text they model well)."""
+    return TINY_CYCLE
+
+
+@pytest.fixture(scope="session")
 def tiny_dense_checkpoint(tmp_path_factory):
     return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dense") / "final")
 

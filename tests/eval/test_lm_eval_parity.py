@@ -33,16 +33,9 @@ metric_list:
 """
 
 
-WORDS = (
-    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen",
-    "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
-    "red", "orange", "yellow", "green", "blue", "indigo", "violet",
-)  # fmt: skip
-
-
-def documents() -> list[str]:
+def documents(vocabulary: tuple[str, ...]) -> list[str]:
     """Short documents, one with multi-byte characters, and one longer than the 256-token context."""
-    words = list(WORDS) * 20
+    words = list(vocabulary) * 20
     docs = [" ".join(words[k : k + 5 + 7 * k]) + "." for k in range(6)]
     docs.append("Ünïcödé text: café, naïve — 😀 and " + " ".join(words[:30]))
     docs.append(" ".join(words[:400]))
@@ -50,11 +43,11 @@ def documents() -> list[str]:
 
 
 @pytest.mark.slow
-def test_lm_eval_bits_per_byte_equals_darkhorse_eval(tmp_path, tiny_dense_checkpoint):
+def test_lm_eval_bits_per_byte_equals_darkhorse_eval(tmp_path, tiny_dense_checkpoint, tiny_words):
     hf_dir = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(tiny_dense_checkpoint), "--format", "hf", "--out", str(hf_dir)]) == 0
     data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents()))
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents(tiny_words)))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "darkhorse_text.yaml").write_text(TASK_YAML.format(data=data))
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -72,6 +65,6 @@ def test_lm_eval_bits_per_byte_equals_darkhorse_eval(tmp_path, tiny_dense_checkp
     assert main(["eval", "--checkpoint", str(tiny_dense_checkpoint), "--text", str(data), "--json", str(out),
                  "--device", "cpu"]) == 0  # fmt: skip
     ours = json.loads(out.read_text())["models"][0]["text"]
-    assert ours["window"] == 256 and ours["bytes"] == sum(len(doc.encode()) for doc in documents())
+    assert ours["window"] == 256 and ours["bytes"] == sum(len(doc.encode()) for doc in documents(tiny_words))
     assert theirs == pytest.approx(ours["bits_per_byte"], rel=0.01)  # the issue's bar
     assert theirs == pytest.approx(ours["bits_per_byte"], rel=1e-4)  # in fact: the same sums, up to float rounding

@@ -80,6 +80,12 @@ def train_tiny_checkpoint(out_dir, *, steps: int = 40, seed: int = 0, **model):
 
 
 @pytest.fixture(scope="session")
+def tiny_words() -> tuple[str, ...]:
+    """The words the tiny checkpoints were trained on (text they model well)."""
+    return TINY_CYCLE
+
+
+@pytest.fixture(scope="session")
 def tiny_dense_checkpoint(tmp_path_factory):
     return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dense") / "final")
 
@@ -222,3 +228,23 @@ def write_foreign_tokenizer(folder, *, settings: bool = True):
 def foreign_tokenizer():
     """The `write_foreign_tokenizer` factory."""
     return write_foreign_tokenizer
+
+
+@pytest.fixture
+def llama_dir():
+    """Factory: a random transformers LlamaForCausalLM saved in a folder with the Llama-3-style tokenizer and
+    chat template of `write_foreign_tokenizer` (an HF model as it comes from the hub); returns the model."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(folder):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config).eval()
+        model.save_pretrained(str(folder))
+        write_foreign_tokenizer(folder)
+        return model
+
+    return build

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "train": "train",
     "generate": "generate",
     "chat": "chat",
+    "eval": "eval",
     "params": "params",
     "export": "export",
     "import": "import_hf",

@@ -1,11 +1,12 @@
-"""Exact-match accuracy on chat records with a known final answer, per skill and per domain.
+"""Exact-match (or contains) accuracy on chat records with a known final answer, per skill and per domain.
 
 Works on any records shaped like the chat JSONL that `prepare` reads, tagged with `domain` and
 `skill` (the demo's held-out split is one such set): everything before the last assistant turn is
 the prompt, that turn's content is the expected answer. The model answers greedily in its own chat
 format, prompted as `chat` prompts it (so an imported model answers in its own template), and only
 its final answer (not its reasoning) is compared, after normalising whitespace and a trailing full
-stop, so formatting noise does not count as a wrong answer.
+stop, so formatting noise does not count as a wrong answer. `match="contains"` accepts a reply that
+holds the expected answer anywhere (case-insensitive), for free-form answers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from darkhorse.infer.engine import Engine
 from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt, split_reply
 
 UNTAGGED = "-"
+MATCHES = ("exact", "contains")
 
 
 def normalize_answer(text: str) -> str:
@@ -31,6 +33,13 @@ def is_exact_match(predicted: str, expected: str) -> bool:
     return normalize_answer(predicted) == normalize_answer(expected)
 
 
+def is_match(predicted: str, expected: str, match: str = "exact") -> bool:
+    """`exact`: equal after `normalize_answer`; `contains`: the expected answer appears in the reply."""
+    if match == "contains":
+        return normalize_answer(expected).casefold() in normalize_answer(predicted).casefold()
+    return is_exact_match(predicted, expected)
+
+
 @dataclass
 class Outcome:
     domain: str
@@ -39,10 +48,12 @@ class Outcome:
     expected: str
     predicted: str
     reasoning: str | None = None
+    match: str = "exact"
+    tokens: int = 0  # generated, stop token included
 
     @property
     def correct(self) -> bool:
-        return is_exact_match(self.predicted, self.expected)
+        return is_match(self.predicted, self.expected, self.match)
 
 
 @dataclass
@@ -114,6 +125,7 @@ def evaluate_exact_match(
     think: bool | None = None,
     max_new_tokens: int = 96,
     batch_size: int = 64,
+    match: str = "exact",
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> ExactMatchReport:
     """Answer every record greedily in the model's chat format and score the final answers.
@@ -122,8 +134,10 @@ def evaluate_exact_match(
     an imported model's own chat template. `think=None` follows each record: reason first when its
     reference has reasoning. Records of similar prompt length decode together, `batch_size` at a
     time. Outcomes keep the order of `records`; `on_outcome` sees each as its batch finishes (for
-    progress bars).
+    progress bars). `match` is "exact" or "contains" (see `is_match`).
     """
+    if match not in MATCHES:
+        raise DarkhorseError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
     engine = Engine(model, tokenizer.vocab_size)
     stop_ids = chat_stop_ids(tokenizer)
     items = []
@@ -140,6 +154,7 @@ def evaluate_exact_match(
         continuations = engine.generate([items[i][4] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
         for index, continuation in zip(chunk, continuations, strict=True):
             record, prompt_messages, expected, use_think, _ = items[index]
+            generated = len(continuation)
             if continuation and continuation[-1] in stop_ids:
                 continuation = continuation[:-1]
             reasoning, answer = split_reply(tokenizer, tokenizer.decode(continuation), opened_think=use_think)
@@ -150,6 +165,8 @@ def evaluate_exact_match(
                 expected=expected,
                 predicted=answer,
                 reasoning=reasoning,
+                match=match,
+                tokens=generated,
             )
             outcomes[index] = outcome
             if on_outcome is not None:

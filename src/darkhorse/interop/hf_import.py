@@ -13,12 +13,13 @@ chat template it resolved to.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from darkhorse.checkpoint import save_model_checkpoint
+from darkhorse.checkpoint import load_for_inference, save_model_checkpoint
 from darkhorse.config import TrainConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import DarkhorseError
@@ -152,3 +153,13 @@ def _import_state_dict_export(folder: Path, out: Path, force: bool) -> Path:
     with atomic_dir(out, force=force) as staging:
         save_model_checkpoint(staging, model, config, folder / "tokenizer.json", meta)
     return out
+
+
+def load_checkpoint_or_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, dict]:
+    """`load_for_inference` of a darkhorse checkpoint, or of a Hugging Face model directory (or state-dict
+    export) imported on the fly into a temporary checkpoint that is gone once the model is in memory."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "meta.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="darkhorse-import-") as work:
+            return load_for_inference(import_hf(path, Path(work) / "checkpoint"), device)
+    return load_for_inference(path, device)

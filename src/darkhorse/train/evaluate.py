@@ -12,6 +12,7 @@ from torch import nn
 
 from darkhorse.data.loader import Batch
 from darkhorse.data.prepared import PreparedData
+from darkhorse.eval.perplexity import target_bytes
 from darkhorse.model.transformer import IGNORE_INDEX
 
 
@@ -21,16 +22,20 @@ def evaluate(
     batches: list[Batch],
     sources: list[tuple[PreparedData, float]],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    token_bytes: torch.Tensor | None = None,
 ) -> dict[str, float | None]:
     """Mean next-token loss over the batches' targets and bits per byte of their source text.
 
-    The loss counts the same targets as training (masked ones are skipped). Bits per byte needs
-    every token's loss, since the bytes behind masked tokens are not known, so it is None whenever
-    a loss mask removed targets (or a source does not know its bytes per token). `model` runs in
-    eval mode and goes back to the mode it was in."""
+    The loss counts the same targets as training (masked ones are skipped). With `token_bytes` (the
+    UTF-8 bytes of each token id, `eval.perplexity.token_byte_lengths`), bits per byte is exact, as
+    `darkhorse eval --text` counts it: the nats of the scored targets that carry bytes over their
+    bytes, so masked chat data gets a figure too. Without it (data with no tokenizer.json) it falls
+    back to the sources' mean bytes per token, which is only right when every target counts, so it
+    is None whenever a loss mask removed targets. `model` runs in eval mode and goes back to the mode
+    it was in."""
     was_training = model.training
     model.eval()
-    nats = tokens = 0.0
+    nats = tokens = byte_nats = 0.0
     text_bytes: float | None = 0.0
     for batch in batches:
         with autocast():
@@ -41,10 +46,16 @@ def evaluate(
         nats += float(per_token.sum())
         counted = int(batch.targets.ne(IGNORE_INDEX).sum())
         tokens += counted
-        text_bytes = _add_bytes(text_bytes, batch, sources) if counted == batch.targets.numel() else None
+        if token_bytes is not None:
+            nbytes = target_bytes(token_bytes, batch.targets)
+            byte_nats += float((per_token * (nbytes > 0)).sum())
+            text_bytes += int(nbytes.sum())
+        else:
+            byte_nats = nats
+            text_bytes = _add_bytes(text_bytes, batch, sources) if counted == batch.targets.numel() else None
     model.train(was_training)
     val_loss = nats / tokens if tokens else math.nan
-    val_bpb = nats / math.log(2) / text_bytes if text_bytes else None
+    val_bpb = byte_nats / math.log(2) / text_bytes if text_bytes else None
     return {"val_loss": val_loss, "val_bpb": val_bpb}
 
 

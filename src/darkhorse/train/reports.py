@@ -111,3 +111,21 @@ def write_load_heatmaps(path: Path, layer_ids: list[int], panels: list[tuple[str
             figure.colorbar(image, ax=axes)
         grid[-1].set_xlabel("expert")
     return path
+
+
+def write_accuracy_chart(path: Path, series: dict[str, dict[str, float]], title: str = "accuracy") -> Path:
+    """Grouped bars: one group per task, one bar per model (`series`: model label -> task -> accuracy 0..1)."""
+    tasks = list(dict.fromkeys(task for bars in series.values() for task in bars))
+    width = 0.8 / max(1, len(series))
+    with _figure(path, (min(3 + 0.9 * len(tasks) * max(1, len(series)), 20), 4)) as (_, [axes]):
+        for index, (label, bars) in enumerate(series.items()):
+            positions = [k + (index - (len(series) - 1) / 2) * width for k in range(len(tasks))]
+            axes.bar(positions, [100 * bars.get(task, 0.0) for task in tasks], width, label=label)
+        axes.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        axes.set_ylabel("accuracy (%)")
+        axes.set_ylim(0, 100)
+        axes.set_title(title)
+        axes.grid(axis="y", alpha=0.3)
+        if len(series) > 1:
+            axes.legend()
+    return path

@@ -143,6 +143,13 @@ class Trainer:
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
         self.device = resolve_device(self.train_cfg.device)
+        # UTF-8 bytes per token id, for exact val bits per byte (masked chat data included)
+        self.token_bytes = None
+        if self.tokenizer_file is not None:
+            from darkhorse.data.tokenizer import Tokenizer
+            from darkhorse.eval.perplexity import token_byte_lengths
+
+            self.token_bytes = token_byte_lengths(Tokenizer.from_file(self.tokenizer_file)).to(self.device)
 
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
@@ -284,7 +291,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Val loss and bits per byte on the fixed val batches (see `train.evaluate`)."""
-        return {"step": self.step, **evaluate(self.forward, self.val_batches, self.sources, self._autocast)}
+        metrics = evaluate(self.forward, self.val_batches, self.sources, self._autocast, self.token_bytes)
+        return {"step": self.step, **metrics}
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from darkhorse import checkpoint as ckpt
 from darkhorse.cli import main
+from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.lora import LoRASpec
 from darkhorse.finetune.merge import merge_adapter
 from darkhorse.finetune.run import RouterOptions, finetune, load_adapted_model
@@ -53,6 +54,11 @@ def seed_run(base, chats, out, steps: int, **extra):
         verbose=False,
         **extra,
     )
+
+
+def short_run(base, data, out, *overrides: str, **options):
+    """A few-step LoRA run on one data source with the toy train settings (`options` go to finetune)."""
+    return finetune(base, [str(data)], out, overrides=[*SMALL_RUN, *overrides], verbose=False, **options)
 
 
 @pytest.fixture(scope="module")
@@ -163,26 +169,13 @@ def test_lora_checkpoints_are_small_and_resume_exactly(mixtral_run, mixtral_base
 
 def test_keep_last_applies(mixtral_base, chat_files, tmp_path):
     out = tmp_path / "run"
-    finetune(
-        mixtral_base,
-        [str(chat_files[0])],
-        out,
-        overrides=[*SMALL_RUN, "train.max_steps=3", "train.save_interval=1", "train.keep_last=1"],
-        verbose=False,
-    )
+    short_run(mixtral_base, chat_files[0], out, "train.max_steps=3", "train.save_interval=1", "train.keep_last=1")
     assert [p.name for p in ckpt.training_checkpoints(out)] == ["step-000003"]
 
 
 def test_dense_llama_base_with_dropout(llama_base, chat_files, tmp_path):
     out = tmp_path / "run"
-    finetune(
-        llama_base,
-        [str(chat_files[0])],
-        out,
-        spec=LoRASpec(r=4, dropout=0.1),
-        overrides=[*SMALL_RUN, "train.max_steps=2"],
-        verbose=False,
-    )
+    short_run(llama_base, chat_files[0], out, "train.max_steps=2", spec=LoRASpec(r=4, dropout=0.1))
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert "model.layers.0.mlp.gate_proj" in config["target_modules"] and not config["target_parameters"]
     assert (darkhorse_logits(out / "final", VOCAB) - peft_logits(llama_base, out / "final")).abs().max() < 1e-4
@@ -210,8 +203,9 @@ def test_genesis_base_keeps_its_bias_updating_and_peft_agrees(tiny_genesis_check
                 + "\n"
             )
     out = tmp_path / "run"
-    finetune(tiny_genesis_checkpoint, [str(chats)], out, spec=LoRASpec(r=4, expert_r=4, router_r=4),
-             overrides=[*SMALL_RUN, "train.max_steps=2"], verbose=False)  # fmt: skip
+    short_run(tiny_genesis_checkpoint, chats, out, "train.max_steps=2", spec=LoRASpec(r=4, expert_r=4, router_r=4))
+    with pytest.raises(DarkhorseError, match="add router to --lora-targets, or pass --no-bias-update"):
+        finetune(tiny_genesis_checkpoint, [str(chats)], tmp_path / "other", spec=LoRASpec(targets=("attention",)))
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.layers.1.mlp.gate"]  # layer 0 is dense (first_k_dense)
     before = load_file(tiny_genesis_checkpoint / ckpt.MODEL_FILE)["layers.1.ffn.gate.e_score_correction_bias"]
@@ -299,14 +293,8 @@ def test_template_that_cannot_render_a_record(capsys, tmp_path, mixtral_base, ch
 
 
 def test_bf16_base_trains_fp32_adapters(mixtral_base, chat_files, tmp_path):
-    result = finetune(
-        mixtral_base,
-        [str(chat_files[0])],
-        tmp_path / "run",
-        base_dtype="bf16",
-        overrides=[*SMALL_RUN, "train.max_steps=2", "train.dtype=bf16"],
-        verbose=False,
-    )
+    result = short_run(mixtral_base, chat_files[0], tmp_path / "run", "train.max_steps=2", "train.dtype=bf16",
+                       base_dtype="bf16")  # fmt: skip
     assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
     adapters = load_file(result.run_dir / "final" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapters.values())

@@ -43,6 +43,7 @@ from darkhorse.finetune.peft_format import (
     SIDECAR_FILE,
     check_base,
     check_representable,
+    keeps_updating_bias,
     peft_targets,
     read_sidecar,
     write_adapter,
@@ -362,6 +363,11 @@ def check_lora_setup(config: RunConfig, spec: LoRASpec, router: RouterOptions, b
     check_representable(model, config.model, spec, router.bias_update)
     peft_targets(model, config.model, router.bias_update)
     moe = config.model.ffn == "moe"
+    if keeps_updating_bias(config.model, router.bias_update) and "router" not in spec.targets:
+        raise DarkhorseError(
+            "this base's auxiliary-loss-free selection bias keeps updating, and only a targeted router saves it "
+            "in the adapter: add router to --lora-targets, or pass --no-bias-update"
+        )
     if not moe and (router.has_losses or router.freeze_steps):
         raise DarkhorseError("the router options need an MoE base; this one is dense")
     if router.freeze_steps and spec.targets == ("router",):

@@ -65,7 +65,8 @@ def build_hf_base(folder, family: str, *, seed: int = 0):
 def make_peft_adapter(base_hf, out, family: str, *, seed: int = 1, **lora):
     """A LoRA adapter on `base_hf` saved by PEFT itself to `out`; `lora` overrides the family's LoraConfig.
 
-    B is randomised: PEFT starts it at zero, and an untrained adapter's delta is zero (merge refuses it)."""
+    B is randomised: PEFT starts it at zero, and an untrained adapter's delta is zero (merge refuses it);
+    so are `modules_to_save` copies, which PEFT starts as the base's own."""
     import peft
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base_hf), dtype=torch.float32)
@@ -75,6 +76,8 @@ def make_peft_adapter(base_hf, out, family: str, *, seed: int = 1, **lora):
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn_like(param))
+            elif "modules_to_save" in name:
+                param.add_(0.05 * torch.randn_like(param))
     wrapped.save_pretrained(str(out))
     return out
 

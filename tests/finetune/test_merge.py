@@ -14,7 +14,7 @@ from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.merge import merge_adapter
 from darkhorse.interop.hf_import import import_hf
-from tests.finetune.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
+from tests.finetune.conftest import FAMILIES, ROUTER_AND_EXPERTS, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -54,7 +54,15 @@ def mixtral(tmp_path_factory, mixtral_base):
     return mixtral_base, import_hf(mixtral_base, root / "imported"), adapter
 
 
-@pytest.mark.parametrize(("family", "lora"), [("mixtral", {}), ("genesis", {}), ("llama", {"use_rslora": True})])
+SAVED_ROUTER = dict(
+    target_parameters=ROUTER_AND_EXPERTS[1:], modules_to_save=["gate"], rank_pattern={}, alpha_pattern={}
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "lora"),
+    [("mixtral", {}), ("mixtral", SAVED_ROUTER), ("genesis", {}), ("llama", {"use_rslora": True})],
+)
 def test_merge_gives_peft_logits(tmp_path, family, lora):
     hf = build_hf_base(tmp_path / "hf", family)
     adapter = make_peft_adapter(hf, tmp_path / "adapter", family, **lora)

@@ -354,15 +354,17 @@ def apply_targets(model: torch.nn.Module, targets: list[Target]) -> list[TargetR
 
 
 @dataclass
-class Base:
+class LoadedBase:
+    """The base a merge writes into: its model as loaded, and the HF family whose names the adapter uses."""
+
     model: torch.nn.Module
     config: RunConfig
     meta: dict[str, Any]
     tokenizer_file: Path
-    adapter: HFAdapter  # the HF family whose names the adapter uses
+    adapter: HFAdapter
 
 
-def load_base(path: str | Path, scratch: Path) -> Base:
+def load_base(path: str | Path, scratch: Path) -> LoadedBase:
     """A darkhorse checkpoint, or an HF directory imported into `scratch` first (`run.resolve_base`, as
     finetune reads its base), with the HF family whose names the adapter's keys use."""
     from darkhorse.interop.hf import adapter_for_export, adapter_for_import
@@ -376,7 +378,7 @@ def load_base(path: str | Path, scratch: Path) -> Base:
             adapter = adapter_for_export(config.model)
         except DarkhorseError as exc:
             raise DarkhorseError(f"base {path} has no Hugging Face layout for PEFT names: {exc}") from None
-    return Base(model, config, meta, resolved.checkpoint / "tokenizer.json", adapter)
+    return LoadedBase(model, config, meta, resolved.checkpoint / "tokenizer.json", adapter)
 
 
 @dataclass

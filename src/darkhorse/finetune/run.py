@@ -103,17 +103,17 @@ def resolve_base(base: str | Path, scratch: Path) -> Base:
 
     given = Path(base)
     if not given.is_dir():
-        raise DarkhorseError(f"--base {given}: directory not found")
+        raise DarkhorseError(f"base {given}: directory not found")
     if (given / ckpt.META_FILE).is_file():
         if not (given / ckpt.MODEL_FILE).is_file():
-            raise DarkhorseError(f"--base {given}: a darkhorse checkpoint without weights (no {ckpt.MODEL_FILE})")
+            raise DarkhorseError(f"base {given}: a darkhorse checkpoint without weights (no {ckpt.MODEL_FILE})")
         return Base(given, given, None)
     if (given / "config.json").is_file():
         if not any(given.glob("*.safetensors")):
-            raise DarkhorseError(f"--base {given}: a Hugging Face directory without weights (no *.safetensors)")
+            raise DarkhorseError(f"base {given}: a Hugging Face directory without weights (no *.safetensors)")
         return Base(import_hf(given, scratch / "base"), given, given)
     raise DarkhorseError(
-        f"--base {given}: neither a darkhorse checkpoint (meta.json) nor a Hugging Face model (config.json)"
+        f"base {given}: neither a darkhorse checkpoint (meta.json) nor a Hugging Face model (config.json)"
     )
 
 

@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base", type=Path, help="base checkpoint or HF dir (default: the one darkhorse_adapter.json names)"
     )
     parser.add_argument(
-        "--format", default="darkhorse", choices=("darkhorse", "hf"), help="darkhorse checkpoint (default) or hf"
+        "--format",
+        default="darkhorse",
+        choices=("darkhorse", "hf"),
+        help="write a darkhorse checkpoint (default) or an HF dir",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument(

@@ -33,10 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base", type=Path, help="base checkpoint or HF dir (default: the one darkhorse_adapter.json names)"
     )
     parser.add_argument(
-        "--format",
-        default="darkhorse",
-        choices=("darkhorse", "hf"),
-        help="write a darkhorse checkpoint (default) or an HF dir",
+        "--format", default="darkhorse", choices=("darkhorse", "hf"), help="darkhorse checkpoint (default) or hf"
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument(

@@ -11,11 +11,14 @@ from safetensors.torch import load_file
 
 from darkhorse import checkpoint as ckpt
 from darkhorse.cli import main
+from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.lora import LoRASpec
+from darkhorse.finetune.merge import merge_adapter
 from darkhorse.finetune.run import RouterOptions, finetune, load_adapted_model
+from darkhorse.interop.hf_import import import_hf
+from tests.finetune.conftest import SMALL_RUN, VOCAB, build_hf_base
 
 TOKENS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 100, 11, 64, 2, 150]])
-SMALL_RUN = ["train.seq_len=32", "train.batch_size=4", "train.log_interval=1", "train.eval_steps=1", "train.lr=1e-2"]
 
 
 def peft_logits(hf_dir, adapter_dir) -> torch.Tensor:
@@ -53,6 +56,11 @@ def seed_run(base, chats, out, steps: int, **extra):
     )
 
 
+def short_run(base, data, out, *overrides: str, **options):
+    """A few-step LoRA run on one data source with the toy train settings (`options` go to finetune)."""
+    return finetune(base, [str(data)], out, overrides=[*SMALL_RUN, *overrides], verbose=False, **options)
+
+
 @pytest.fixture(scope="module")
 def mixtral_run(mixtral_base, chat_files, tmp_path_factory):
     return seed_run(mixtral_base, chat_files, tmp_path_factory.mktemp("lora") / "run", 4)
@@ -79,7 +87,7 @@ def test_mixtral_seed_recipe_trains_only_adapters_and_peft_loads_them(mixtral_ru
     assert "base_model.model.model.layers.1.mlp.gate.lora_B.weight" in keys
     sidecar = json.loads((run / "final" / "darkhorse_adapter.json").read_text())
     assert sidecar["base"]["fingerprint"].startswith("sha256:") and sidecar["base"]["kind"] == "hf"
-    ours, theirs = darkhorse_logits(run / "final", 320), peft_logits(mixtral_base, run / "final")
+    ours, theirs = darkhorse_logits(run / "final", VOCAB), peft_logits(mixtral_base, run / "final")
     assert (ours - theirs).abs().max() < 1e-4
     plain = torch.zeros_like(ours)  # and the adapter is not a no-op
     import transformers
@@ -95,6 +103,54 @@ def test_routing_drift_is_reported(mixtral_run):
     assert [layer["layer"] for layer in drift["layers"]] == [0, 1]
     assert all(layer["kl_vs_base"] >= 0 and 0 < layer["entropy"] <= 1 for layer in drift["layers"])
     assert (run / "routing_drift.png").stat().st_size > 0
+
+
+def test_merge_reads_the_run_and_gives_base_plus_adapter(mixtral_run, mixtral_base, tmp_path, capsys):
+    """`darkhorse merge` of finetune's output: the base comes from darkhorse_adapter.json (the HF dir), its
+    fingerprint is the one finetune recorded (an HF dir and its import hash alike), every adapted tensor
+    changes (fused gate+up of rank 2r, down, router, attention), and the merged model computes darkhorse's
+    base + adapter (fp32, 1e-5). A different base is refused, naming both, with nothing written."""
+    final = mixtral_run.run_dir / "final"
+    sidecar = json.loads((final / "darkhorse_adapter.json").read_text())
+    assert main(["merge", "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    assert f"weights {sidecar['base']['fingerprint'][:19]}" in printed and "mlp.experts.gate_up_proj" in printed
+    assert "did not change" not in printed
+    merged, _, _ = ckpt.load_model(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(TOKENS).logits, load_adapted_model(final)[0](TOKENS).logits, atol=1e-5, rtol=0
+        )
+
+    result = merge_adapter(final, tmp_path / "from-import", base=import_hf(mixtral_base, tmp_path / "imported"))
+    assert result.fingerprint == sidecar["base"]["fingerprint"]
+    assert len(result.targets) == 2 * (4 + 3) and all(t.changed > 0 for t in result.targets)
+
+    other = build_hf_base(tmp_path / "other", "mixtral", seed=7)
+    out = tmp_path / "wrong"
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(final), "--base", str(other), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "different base" in error
+    assert str(mixtral_base.resolve()) in error and str(other) in error
+    assert not out.exists()
+
+
+def test_resume_keeps_the_runs_lora_and_router_settings(mixtral_run, capsys, tmp_path):
+    """Repeating the run's own flags resumes; a changed LoRA or router flag is refused in one line."""
+    import shutil
+
+    run = shutil.copytree(mixtral_run.run_dir, tmp_path / "run")
+    same = ["--lora-r", "4", "--expert-lora-r", "8", "--router-lora-r", "4", "--router-freeze-steps", "2",
+            "--router-aux-loss-coef", "0.01"]  # fmt: skip
+    for flags, message in [
+        (["--expert-lora-r", "16"], "--expert-lora-r 16 (the run has 8)"),
+        (["--router-freeze-steps", "0"], "--router-freeze-steps 0 (the run has 2)"),
+        (["--base-dtype", "bf16"], "--base-dtype 'bf16' (the run has 'fp32')"),
+    ]:
+        assert message in run_cli(capsys, "--out", run, "--resume", *flags)
+    assert main(["finetune", "--out", str(run), "--resume", *same, "--quiet", "train.max_steps=5"]) == 0
+    assert ckpt.read_meta(run / "final")["step"] == 5
 
 
 def test_lora_checkpoints_are_small_and_resume_exactly(mixtral_run, mixtral_base, chat_files, tmp_path):
@@ -113,29 +169,16 @@ def test_lora_checkpoints_are_small_and_resume_exactly(mixtral_run, mixtral_base
 
 def test_keep_last_applies(mixtral_base, chat_files, tmp_path):
     out = tmp_path / "run"
-    finetune(
-        mixtral_base,
-        [str(chat_files[0])],
-        out,
-        overrides=[*SMALL_RUN, "train.max_steps=3", "train.save_interval=1", "train.keep_last=1"],
-        verbose=False,
-    )
+    short_run(mixtral_base, chat_files[0], out, "train.max_steps=3", "train.save_interval=1", "train.keep_last=1")
     assert [p.name for p in ckpt.training_checkpoints(out)] == ["step-000003"]
 
 
 def test_dense_llama_base_with_dropout(llama_base, chat_files, tmp_path):
     out = tmp_path / "run"
-    finetune(
-        llama_base,
-        [str(chat_files[0])],
-        out,
-        spec=LoRASpec(r=4, dropout=0.1),
-        overrides=[*SMALL_RUN, "train.max_steps=2"],
-        verbose=False,
-    )
+    short_run(llama_base, chat_files[0], out, "train.max_steps=2", spec=LoRASpec(r=4, dropout=0.1))
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert "model.layers.0.mlp.gate_proj" in config["target_modules"] and not config["target_parameters"]
-    assert (darkhorse_logits(out / "final", 320) - peft_logits(llama_base, out / "final")).abs().max() < 1e-4
+    assert (darkhorse_logits(out / "final", VOCAB) - peft_logits(llama_base, out / "final")).abs().max() < 1e-4
 
 
 def test_genesis_base_keeps_its_bias_updating_and_peft_agrees(tiny_genesis_checkpoint, tmp_path):
@@ -160,8 +203,9 @@ def test_genesis_base_keeps_its_bias_updating_and_peft_agrees(tiny_genesis_check
                 + "\n"
             )
     out = tmp_path / "run"
-    finetune(tiny_genesis_checkpoint, [str(chats)], out, spec=LoRASpec(r=4, expert_r=4, router_r=4),
-             overrides=[*SMALL_RUN, "train.max_steps=2"], verbose=False)  # fmt: skip
+    short_run(tiny_genesis_checkpoint, chats, out, "train.max_steps=2", spec=LoRASpec(r=4, expert_r=4, router_r=4))
+    with pytest.raises(DarkhorseError, match="add router to --lora-targets, or pass --no-bias-update"):
+        finetune(tiny_genesis_checkpoint, [str(chats)], tmp_path / "other", spec=LoRASpec(targets=("attention",)))
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.layers.1.mlp.gate"]  # layer 0 is dense (first_k_dense)
     before = load_file(tiny_genesis_checkpoint / ckpt.MODEL_FILE)["layers.1.ffn.gate.e_score_correction_bias"]
@@ -219,6 +263,18 @@ def test_data_without_assistant_turns(capsys, tmp_path, mixtral_base):
     assert not out.exists()
 
 
+def test_malformed_records_are_named_and_skipped_with_skip_bad(capsys, tmp_path, mixtral_base, chat_files):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(chat_files[0].read_text() + "{not json\n")
+    out = tmp_path / "run"
+    err = run_cli(capsys, "--base", mixtral_base, "--data", data, "--out", out)
+    assert f"{data}:41" in err and "--skip-bad" in err
+    assert not out.exists()
+    assert main(["finetune", "--base", str(mixtral_base), "--data", str(data), "--out", str(out), "--skip-bad",
+                 "--quiet", *SMALL_RUN, "train.max_steps=1"]) == 0  # fmt: skip
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_template_that_cannot_render_a_record(capsys, tmp_path, mixtral_base, chat_files):
     import shutil
 
@@ -237,14 +293,8 @@ def test_template_that_cannot_render_a_record(capsys, tmp_path, mixtral_base, ch
 
 
 def test_bf16_base_trains_fp32_adapters(mixtral_base, chat_files, tmp_path):
-    result = finetune(
-        mixtral_base,
-        [str(chat_files[0])],
-        tmp_path / "run",
-        base_dtype="bf16",
-        overrides=[*SMALL_RUN, "train.max_steps=2", "train.dtype=bf16"],
-        verbose=False,
-    )
+    result = short_run(mixtral_base, chat_files[0], tmp_path / "run", "train.max_steps=2", "train.dtype=bf16",
+                       base_dtype="bf16")  # fmt: skip
     assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
     adapters = load_file(result.run_dir / "final" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapters.values())

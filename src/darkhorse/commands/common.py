@@ -1,8 +1,9 @@
-"""Arguments shared by the commands that take a run config."""
+"""Arguments shared by the commands that take a run config, and by the two that run the trainer (train, finetune)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from darkhorse.config import RunConfig, list_presets, load_run_config
 
@@ -28,3 +29,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> RunConfig:
     preset = args.preset_alias or args.preset
     return load_run_config(preset=preset, config_file=args.config, overrides=args.overrides, base=base)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """--data, --out, --max-steps, --resume, --force, --logger and --quiet, as train and finetune take them."""
+    parser.add_argument("--data", action="append", default=[], metavar="PATH[:WEIGHT]", help=data_help)
+    parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps in total (train.max_steps)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="CKPT_DIR",
+        help="continue from the newest checkpoint in RUN_DIR, or from CKPT_DIR",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="start over in a RUN_DIR that holds a run (deletes its checkpoints)"
+    )
+    parser.add_argument("--logger", choices=["tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (metrics.jsonl still written)")
+
+
+def take_run_overrides(args: argparse.Namespace, shortcuts: tuple[str, ...] = ("max_steps",)) -> None:
+    """Put `--resume train.max_steps=500` back (argparse gave the override to --resume's optional CKPT_DIR)
+    and turn the given train.<flag> shortcuts (--max-steps ...) into overrides."""
+    if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():
+        args.overrides.insert(0, str(args.resume))
+        args.resume = True
+    for flag in shortcuts:
+        value = getattr(args, flag)
+        if value is not None:
+            args.overrides.append(f"train.{flag}={value}")

@@ -7,8 +7,10 @@ merged with PEFT's scaling (alpha/r, rslora, rank_pattern, alpha_pattern): W += 
 
 BASE is a darkhorse checkpoint or a Hugging Face model directory. When the adapter carries
 darkhorse_adapter.json (finetune writes it), its base is used by default and any --base must have the
-same weights (sha256): a different base is refused, naming both. Every adapter key must land on a
-base tensor of exactly the right shape, and every adapted tensor must change, or nothing is written.
+same weights (sha256 fingerprint): a different base is refused, naming both. Whole modules PEFT saves
+(modules_to_save, e.g. finetune's DeepSeek-style router with its selection bias) replace the base's.
+Every adapter key must land on a base tensor of exactly the right shape, and every adapted tensor must
+change, or nothing is written.
 
 examples:
   darkhorse merge --adapter runs/moe-lora/final --out runs/moe-merged/final
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     groups = defaultdict(list)
     for target in result.targets:
         groups[re.sub(r"\.\d+\.", ".*.", target.hf_name)].append(target)
-    print(f"base {result.base} (weights sha256 {result.base_sha256[:12]})")
+    print(f"base {result.base} (weights {result.fingerprint[:19]})")
     print(f"{'adapted tensor':<56} {'count':>5} {'rank':>5} {'scale':>7} {'|dW|/|W| min':>13} {'max':>9}")
     for name, targets in groups.items():
         ranks = sorted({t.rank for t in targets})
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         low, high = min(t.relative_delta for t in targets), max(t.relative_delta for t in targets)
         rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
         scale = f"{scales[0]:.3g}" if len(scales) == 1 else "mixed"
+        if ranks == [0]:  # a modules_to_save tensor: replaced whole
+            rank, scale = "saved", "-"
         print(f"{name:<56} {len(targets):>5} {rank:>5} {scale:>7} {low:>13.3g} {high:>9.3g}")
     if result.zero:
         unchanged = ", ".join(t.hf_name for t in result.zero)

@@ -31,30 +31,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from darkhorse.commands.common import add_config_arguments, config_from_args
+from darkhorse.commands.common import add_config_arguments, add_run_arguments, config_from_args, take_run_overrides
 
 HELP = "train a model from a preset or config on prepared data, resumable exactly"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="PATH[:WEIGHT]",
-        help="prepared dir or raw file, repeatable; WEIGHT sets its share of the windows (default 1)",
-    )
-    parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps in total (train.max_steps)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        type=Path,
-        metavar="CKPT_DIR",
-        help="continue from the newest checkpoint in RUN_DIR, or from CKPT_DIR",
-    )
+    add_run_arguments(parser, "prepared dir or raw file, repeatable; WEIGHT sets its share of the windows (default 1)")
     parser.add_argument(
         "--init-from",
         type=Path,
@@ -65,11 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (train.device; auto: cuda > mps > cpu)"
     )
     parser.add_argument("--log-interval", type=int, help="steps between log lines (train.log_interval)")
-    parser.add_argument("--logger", choices=["tensorboard", "wandb"], help="also log to TensorBoard or W&B")
-    parser.add_argument(
-        "--force", action="store_true", help="start over in a RUN_DIR that holds a run (deletes its checkpoints)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (metrics.jsonl still written)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.train.run_dir import base_config
     from darkhorse.train.trainer import train
 
-    if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():
-        # `--resume train.max_steps=500`: argparse gave the override to --resume's optional CKPT_DIR
-        args.overrides.insert(0, str(args.resume))
-        args.resume = True
+    take_run_overrides(args, ("max_steps", "device", "log_interval"))
     if args.init_from:
         model_overrides = [item for item in args.overrides if item.strip().startswith("model.")]
         if model_overrides:
@@ -89,10 +65,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{', '.join(model_overrides)}: with --init-from the model comes from {args.init_from}; "
                 "only train.* settings apply"
             )
-    for flag in ("max_steps", "device", "log_interval"):  # shortcuts for train.<flag>
-        value = getattr(args, flag)
-        if value is not None:
-            args.overrides.append(f"train.{flag}={value}")
     base = base_config(args.out, args.resume, args.init_from, args.force)
     if base is None and not (args.preset or args.preset_alias or args.config):
         raise DarkhorseError(

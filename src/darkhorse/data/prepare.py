@@ -388,12 +388,14 @@ def prepare_cached(
     progress: bool = True,
     chat_renderer: ChatRenderer | None = None,
     renderer_key: str = "",
+    skip_bad: bool = False,
 ) -> Path:
     """Prepare a raw file into a cache dir keyed by its content and the tokenizer settings; reuse it later.
 
     The key covers the file's sha256, the format version and either the given tokenizer's hash or the
     vocab size to train, so editing the file or changing a setting prepares afresh. `renderer_key` names
-    the `chat_renderer` (e.g. a hash of the chat template) so a different template prepares afresh."""
+    the `chat_renderer` (e.g. a hash of the chat template) so a different template prepares afresh.
+    `skip_bad` skips malformed records (as `prepare`) and is part of the key."""
     path = Path(path)
     if not path.is_file():
         raise DarkhorseError(f"data file not found: {path}")
@@ -407,6 +409,8 @@ def prepare_cached(
     }
     if chat_renderer is not None:
         key_parts["chat_renderer"] = renderer_key
+    if skip_bad:
+        key_parts["skip_bad"] = True
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = default_cache_dir() / f"{path.stem}-{key}"
     if (out_dir / "meta.json").exists():
@@ -417,6 +421,6 @@ def prepare_cached(
             pass  # damaged cache entry: prepare it again below
     prepare(
         [path], out_dir, vocab_size=vocab_size, tokenizer=tok, val_fraction=val_fraction, force=True,
-        progress=progress, chat_renderer=chat_renderer,
+        progress=progress, chat_renderer=chat_renderer, skip_bad=skip_bad,
     )  # fmt: skip
     return out_dir

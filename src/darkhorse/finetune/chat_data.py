@@ -52,11 +52,14 @@ def template_renderer(tokenizer: Tokenizer) -> ChatRenderer:
     return render
 
 
-def prepare_for_base(specs: list[str], tokenizer: Tokenizer, *, progress: bool = True) -> list[tuple[Path, float]]:
+def prepare_for_base(
+    specs: list[str], tokenizer: Tokenizer, *, progress: bool = True, skip_bad: bool = False
+) -> list[tuple[Path, float]]:
     """--data PATH[:WEIGHT] items as prepared dirs in the base's tokenizer and chat format.
 
-    Raw files are prepared (and cached) with the base's tokenizer and template; prepared dirs are used
-    as they are (the trainer checks their tokenizer). Data with nothing to learn is refused."""
+    Raw files are prepared (and cached) with the base's tokenizer and template, skipping malformed or
+    unrenderable records with `skip_bad`; prepared dirs are used as they are (the trainer checks their
+    tokenizer). Data with nothing to learn is refused."""
     renderer = key = None
     if not tokenizer.has_chat_tokens and tokenizer.chat_template:
         renderer = template_renderer(tokenizer)
@@ -68,7 +71,12 @@ def prepare_for_base(specs: list[str], tokenizer: Tokenizer, *, progress: bool =
         path, weight = parse_data_spec(spec)
         if path.is_file():
             path = prepare_cached(
-                path, tokenizer=tokenizer, progress=progress, chat_renderer=renderer, renderer_key=key or ""
+                path,
+                tokenizer=tokenizer,
+                progress=progress,
+                chat_renderer=renderer,
+                renderer_key=key or "",
+                skip_bad=skip_bad,
             )
         prepared = open_prepared(path)
         train = prepared.split_info("train")

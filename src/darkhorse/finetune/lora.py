@@ -214,10 +214,13 @@ def set_group_trainable(model: nn.Module, group: str, trainable: bool) -> None:
                     p.requires_grad_(trainable)
 
 
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B @ A in fp32: [out, in] from A [r, in] and B [out, r], or one per expert, [E, out, in],
+    from A [E, r, in] and B [E, out, r]. The one delta rule: saving a merged router and `darkhorse merge` use it."""
+    return scaling * (b.float() @ a.float())
+
+
 @torch.no_grad()
-def merged_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The base weight plus this module's LoRA delta (scaling * B @ A), fp32."""
-    if isinstance(module, LoRAExperts):
-        delta = getattr(module, f"{name}_lora_B") @ getattr(module, f"{name}_lora_A")
-        return getattr(module, name).float() + module.lora_scaling * delta
-    return module.weight.float() + module.lora_scaling * (module.lora_B @ module.lora_A)
+def merged_weight(module: LoRALinear | LoRARouter) -> torch.Tensor:
+    """The base weight plus this module's LoRA delta, fp32 (a router saved whole)."""
+    return module.weight.float() + lora_delta(module.lora_A, module.lora_B, module.lora_scaling)

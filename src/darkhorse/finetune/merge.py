@@ -19,15 +19,19 @@ a padded vocabulary takes the delta in its first rows. Every pair is checked (na
 before any weight changes, so a mismatch raises instead of leaving the base weight in place; a target
 whose delta is zero (or vanishes when added) is refused unless allowed, since it merges to the base.
 
-`darkhorse_adapter.json` beside the adapter (written by `darkhorse finetune`) names the base and the
-sha256 of its weights (`base_weights_sha256`, over darkhorse tensor names, so an HF directory and its
-import hash alike); a different base is refused with both names. Without it, `--base` is required.
+A whole module PEFT saves (`modules_to_save`: `base_model.model.<module>.<tensor>`, no lora_ key) replaces
+the base's tensors; `darkhorse finetune` saves a DeepSeek-style router that way (its selection bias kept
+updating: merged weight + bias).
+
+`darkhorse_adapter.json` beside the adapter (written by `darkhorse finetune`, read by
+`peft_format.read_sidecar`) names the base and its `checkpoint.weights_fingerprint` (over darkhorse
+tensor names, so an HF directory and its import hash alike); a different base is refused with both
+names. Without it (PEFT's own adapters), `--base` is required.
 The output is written atomically: a failed merge leaves nothing at --out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import defaultdict
@@ -38,25 +42,24 @@ from typing import Any
 
 import torch
 
-from darkhorse.checkpoint import is_complete, load_model, save_model_checkpoint, unique_state
+from darkhorse.checkpoint import load_model, save_model_checkpoint, weights_fingerprint
 from darkhorse.config import RunConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir, read_json_object
+from darkhorse.finetune.lora import lora_delta
+from darkhorse.finetune.peft_format import CONFIG_FILE, SIDECAR_FILE, WEIGHTS_FILE, check_base, read_sidecar
+from darkhorse.finetune.peft_format import PREFIX as KEY_PREFIX
+from darkhorse.finetune.run import resolve_base
 from darkhorse.interop.hf.base import HFAdapter
 from darkhorse.interop.hf.tensor_maps import OursOnly, PaddedRows, PerExpert, TensorMap
 from darkhorse.interop.safetensors_io import SafetensorsDir
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-SIDECAR_FILE = "darkhorse_adapter.json"  # {"base": path, "base_sha256": hex, "config": darkhorse config}
-KEY_PREFIX = "base_model.model."
 FORMATS = ("darkhorse", "hf")
 # adapter_config.json settings that change what the saved tensors mean, with the value merge supports.
 UNSUPPORTED_SETTINGS = {
     "use_dora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
-    "modules_to_save": None,
     "trainable_token_indices": None,
     "layer_replication": None,
 }
@@ -85,7 +88,14 @@ class LoraAdapter:
     path: Path
     config: dict[str, Any]
     pairs: list[LoraPair]
+    saved: dict[str, torch.Tensor]  # modules_to_save tensors by HF name: they replace the base's
     sidecar: dict[str, Any] | None
+
+
+def _saved_module(key: str, modules: list[str]) -> bool:
+    """Whether `key` is a tensor of a `modules_to_save` module (PEFT matches the module name's end)."""
+    module = key[len(KEY_PREFIX) :].rpartition(".")[0]
+    return key.startswith(KEY_PREFIX) and any(module == m or module.endswith("." + m) for m in modules)
 
 
 def _split_key(key: str, where: Path) -> tuple[str, int, str]:
@@ -127,7 +137,11 @@ def read_adapter(adapter_dir: str | Path) -> LoraAdapter:
             )
     weights = SafetensorsDir(path, single_file=WEIGHTS_FILE)
     factors: dict[tuple[str, int], dict[str, torch.Tensor]] = defaultdict(dict)
+    saved: dict[str, torch.Tensor] = {}
     for key in sorted(weights.names()):
+        if ".lora_" not in key and _saved_module(key, config.get("modules_to_save") or []):
+            saved[key[len(KEY_PREFIX) :]] = weights.get(key)
+            continue
         module, depth, which = _split_key(key, path / WEIGHTS_FILE)
         factors[module, depth][which] = weights.get(key).float()
     pairs = []
@@ -136,10 +150,9 @@ def read_adapter(adapter_dir: str | Path) -> LoraAdapter:
             lacking = "lora_B" if "A" in found else "lora_A"
             raise DarkhorseError(f"{path / WEIGHTS_FILE}: {module} has no {lacking} weight")
         pairs.append(LoraPair(module, depth, found["A"], found["B"]))
-    if not pairs:
+    if not pairs and not saved:
         raise DarkhorseError(f"{path / WEIGHTS_FILE}: holds no LoRA weights")
-    sidecar = read_json_object(path / SIDECAR_FILE) if (path / SIDECAR_FILE).is_file() else None
-    return LoraAdapter(path, config, pairs, sidecar)
+    return LoraAdapter(path, config, pairs, saved, read_sidecar(path))
 
 
 def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
@@ -194,13 +207,15 @@ def hf_shape(parts: list[Part], state: dict[str, torch.Tensor]) -> tuple[int, ..
 
 @dataclass
 class Target:
-    """One LoRA pair resolved: the HF tensor it adapts, its delta and where that goes."""
+    """One LoRA pair resolved: the HF tensor it adapts, its delta and where that goes; or (`replace`, rank
+    0) a modules_to_save tensor that takes the base tensor's place."""
 
     hf_name: str
     parts: list[Part]
     delta: torch.Tensor
     rank: int
     scaling: float
+    replace: bool = False
 
 
 def _resolve_name(
@@ -242,11 +257,22 @@ def _delta(pair: LoraPair, shape: tuple[int, ...], rank: int, scaling: float, na
             f"{where}: {name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base tensor "
             f"{shape} at r={rank} (expected {expected_a} / {expected_b}); wrong base or a corrupted adapter"
         )
-    if len(shape) == 2:
-        return (b @ a) * scaling
-    a3 = a.reshape(experts, rank, in_features)
-    b3 = b.reshape(out_features, rank, experts)
-    return torch.einsum("ore,eri->eoi", b3, a3) * scaling
+    if len(shape) == 3:  # PEFT's expert-major A rows and expert-fastest B columns, as [E, r, in] / [E, out, r]
+        a, b = a.reshape(experts, rank, in_features), b.reshape(out_features, rank, experts).permute(2, 0, 1)
+    return lora_delta(a, b, scaling)
+
+
+def _saved_target(name: str, tensor: torch.Tensor, places: dict[str, list[Part]], state, where: Path) -> Target:
+    """A modules_to_save tensor as a replacement of exactly one base tensor of exactly its shape."""
+    parts = places.get(name)
+    if not parts or len(parts) != 1 or parts[0].expert is not None or parts[0].rows is not None:
+        raise DarkhorseError(f"{where}: saved module tensor {name} is no whole tensor of this base")
+    if tuple(tensor.shape) != tuple(state[parts[0].ours].shape):
+        raise DarkhorseError(
+            f"{where}: saved module tensor {name} {tuple(tensor.shape)} does not fit the base tensor "
+            f"{tuple(state[parts[0].ours].shape)}; wrong base or a corrupted adapter"
+        )
+    return Target(name, parts, tensor.float(), 0, 0.0, replace=True)
 
 
 def resolve_targets(adapter: LoraAdapter, maps: list[TensorMap], state: dict[str, torch.Tensor]) -> list[Target]:
@@ -272,6 +298,10 @@ def resolve_targets(adapter: LoraAdapter, maps: list[TensorMap], state: dict[str
         if parts[0].padded and pair.b.shape[0] <= shape[0]:
             shape = (pair.b.shape[0], *shape[1:])  # an HF vocabulary may be smaller than our padded one
         targets.append(Target(name, parts, _delta(pair, shape, rank, scaling, name, where), rank, scaling))
+    for name, tensor in sorted(adapter.saved.items()):
+        if name in seen:
+            raise DarkhorseError(f"{where}: {name} is both a LoRA target and a saved module tensor")
+        targets.append(_saved_target(name, tensor, places, state, where))
     return targets
 
 
@@ -309,9 +339,9 @@ def apply_targets(model: torch.nn.Module, targets: list[Target]) -> list[TargetR
                 piece = _piece(target.delta, part)
                 if part.padded:
                     weight = weight[: piece.shape[0]]
-                merged = (weight.float() + piece).to(weight.dtype)
+                merged = (piece if target.replace else weight.float() + piece).to(weight.dtype)
                 changed += int((merged != weight).sum())
-                delta_sq += float(piece.square().sum())
+                delta_sq += float((merged.float() - weight.float()).square().sum())
                 weight_sq += float(weight.float().square().sum())
                 weight.copy_(merged)
             relative = math.sqrt(delta_sq / weight_sq) if weight_sq else math.inf
@@ -319,61 +349,43 @@ def apply_targets(model: torch.nn.Module, targets: list[Target]) -> list[TargetR
     return reports
 
 
-def base_weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every persistent tensor (name, dtype, shape, bytes) in darkhorse's names.
-
-    The same weights hash alike whether they come from an HF directory or from its import."""
-    digest = hashlib.sha256()
-    for name, tensor in unique_state(model):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-        digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # The base and the merge
 
 
 @dataclass
-class Base:
+class LoadedBase:
+    """The base a merge writes into: its model as loaded, and the HF family whose names the adapter uses."""
+
     model: torch.nn.Module
     config: RunConfig
     meta: dict[str, Any]
     tokenizer_file: Path
-    adapter: HFAdapter  # the HF family whose names the adapter uses
+    adapter: HFAdapter
 
 
-def load_base(path: str | Path, scratch: Path) -> Base:
-    """A darkhorse checkpoint, or an HF directory imported into `scratch` first."""
+def load_base(path: str | Path, scratch: Path) -> LoadedBase:
+    """A darkhorse checkpoint, or an HF directory imported into `scratch` first (`run.resolve_base`, as
+    finetune reads its base), with the HF family whose names the adapter's keys use."""
     from darkhorse.interop.hf import adapter_for_export, adapter_for_import
-    from darkhorse.interop.hf_import import import_hf
 
-    path = Path(path)
-    if not path.is_dir():
-        raise DarkhorseError(f"base not found: {path}")
-    if is_complete(path):
-        folder = path
-        model, config, meta = load_model(folder)
+    resolved = resolve_base(path, scratch)
+    model, config, meta = load_model(resolved.checkpoint)
+    if resolved.hf_dir is not None:
+        adapter = adapter_for_import(read_json_object(resolved.hf_dir / "config.json"), str(resolved.hf_dir))
+    else:
         try:
             adapter = adapter_for_export(config.model)
         except DarkhorseError as exc:
             raise DarkhorseError(f"base {path} has no Hugging Face layout for PEFT names: {exc}") from None
-    elif (path / "config.json").is_file():
-        folder = import_hf(path, scratch / "base")
-        model, config, meta = load_model(folder)
-        adapter = adapter_for_import(read_json_object(path / "config.json"), str(path / "config.json"))
-    else:
-        raise DarkhorseError(f"{path} is neither a darkhorse checkpoint (meta.json + model.safetensors) nor a "
-                             "Hugging Face model directory (config.json)")  # fmt: skip
-    return Base(model, config, meta, folder / "tokenizer.json", adapter)
+    return LoadedBase(model, config, meta, resolved.checkpoint / "tokenizer.json", adapter)
 
 
 @dataclass
 class MergeResult:
     out: Path
     base: Path
-    base_sha256: str
+    fingerprint: str  # checkpoint.weights_fingerprint of the base
     targets: list[TargetReport] = field(default_factory=list)
 
     @property
@@ -384,25 +396,11 @@ class MergeResult:
 def _base_path(adapter: LoraAdapter, base: str | Path | None) -> Path:
     if base is not None:
         return Path(base)
-    if adapter.sidecar is None or not adapter.sidecar.get("base"):
+    if adapter.sidecar is None:
         raise DarkhorseError(
             f"{adapter.path} has no {SIDECAR_FILE} naming its base; pass --base (the model it was trained on)"
         )
-    return Path(adapter.sidecar["base"])
-
-
-def _check_base_hash(adapter: LoraAdapter, base: Path, sha256: str) -> None:
-    if adapter.sidecar is None:
-        return
-    expected = adapter.sidecar.get("base_sha256")
-    if not expected:
-        raise DarkhorseError(f"{adapter.path / SIDECAR_FILE}: no base_sha256")
-    if expected != sha256:
-        trained_on = adapter.sidecar.get("base", "?")
-        raise DarkhorseError(
-            f"adapter {adapter.path} was trained on base {trained_on} (weights sha256 {expected[:12]}), "
-            f"not on {base} (sha256 {sha256[:12]}): refusing to merge into a different base"
-        )
+    return Path(adapter.sidecar["base"]["path"])
 
 
 def merge_adapter(
@@ -424,11 +422,12 @@ def merge_adapter(
     with atomic_dir(out, force=force) as staging:
         scratch = staging.parent  # the private temp dir atomic_dir removes in any case
         loaded = load_base(base_path, scratch)
-        sha256 = base_weights_sha256(loaded.model)
-        _check_base_hash(adapter, base_path, sha256)
+        fingerprint = weights_fingerprint(loaded.model)
+        if adapter.sidecar is not None:
+            check_base(adapter.path, adapter.sidecar["base"], base_path, fingerprint, "merge into")
         maps = loaded.adapter.tensor_maps(loaded.config.model)
         targets = resolve_targets(adapter, maps, loaded.model.state_dict())
-        result = MergeResult(out, base_path, sha256, apply_targets(loaded.model, targets))
+        result = MergeResult(out, base_path, fingerprint, apply_targets(loaded.model, targets))
         if result.zero and not allow_zero_delta:
             names = ", ".join(t.hf_name for t in result.zero[:4]) + (" ..." if len(result.zero) > 4 else "")
             raise DarkhorseError(
@@ -443,7 +442,7 @@ def merge_adapter(
             "merge": {
                 "adapter": str(adapter.path.resolve()),
                 "base": str(base_path.resolve()),
-                "base_sha256": sha256,
+                "base_fingerprint": fingerprint,
                 "targets": len(result.targets),
             },
         }

@@ -5,8 +5,11 @@ Files of an adapter directory:
                                 target_parameters as full transformers-5 module/parameter paths,
                                 rank_pattern / alpha_pattern for the groups whose rank differs from r
     adapter_model.safetensors   fp32 tensors keyed `base_model.model.<transformers path>...` (below)
-    darkhorse_adapter.json      our sidecar: the base (path, architecture, weight fingerprint), the
-                                darkhorse config, the LoRA settings and each PEFT key's darkhorse tensor
+    darkhorse_adapter.json      our sidecar (`read_sidecar`): format darkhorse-lora-v1, the base (path,
+                                kind, hf_dir, `checkpoint.weights_fingerprint` of its weights as loaded,
+                                before any bf16 cast), the darkhorse config, router options, base dtype,
+                                step, the LoRA settings and each PEFT key's darkhorse module. `darkhorse
+                                merge` and `load_adapted_model` find the base through it (`check_base`).
 
 Keys, with `P = base_model.model.model.layers.{i}` and names as transformers 5 holds the model in memory
 (our export's per-tensor map, `interop.hf.adapter_for_export`, with Mixtral's `block_sparse_moe`
@@ -45,6 +48,7 @@ from torch import nn
 from darkhorse.checkpoint import write_safetensors
 from darkhorse.config import ModelConfig
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import read_json_object
 from darkhorse.finetune.lora import LoRAExperts, LoRALinear, LoRARouter, LoRASpec, lora_modules, merged_weight
 from darkhorse.interop.hf import adapter_for_export
 from darkhorse.interop.hf.tensor_maps import PerExpert, TensorMap
@@ -219,3 +223,28 @@ def write_adapter(
         "targets": [{"ours": t.ours, "group": t.group, "kind": t.kind, "hf": t.path} for t in targets],
     }
     (folder / SIDECAR_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_sidecar(folder: Path) -> dict[str, Any] | None:
+    """The adapter directory's darkhorse_adapter.json, checked; None when it has none (PEFT's own adapters)."""
+    path = Path(folder) / SIDECAR_FILE
+    if not path.is_file():
+        return None
+    record = read_json_object(path)
+    base = record.get("base")
+    if record.get("format") != SIDECAR_FORMAT or not isinstance(base, dict) or not base.get("fingerprint"):
+        raise DarkhorseError(
+            f"{path}: not a {SIDECAR_FORMAT} record with base.path and base.fingerprint (darkhorse finetune "
+            "writes it); remove it and pass --base to use the adapter as a plain PEFT one"
+        )
+    return record
+
+
+def check_base(adapter_dir: Path, trained_on: dict[str, Any], base: Path, fingerprint: str, doing: str) -> None:
+    """Refuse, naming both, a base whose weights are not the ones the adapter was trained on."""
+    expected = trained_on["fingerprint"]
+    if fingerprint != expected:
+        raise DarkhorseError(
+            f"adapter {adapter_dir} was trained on base {trained_on.get('path', '?')} (weights {expected[:19]}...), "
+            f"not on {base} (weights {fingerprint[:19]}...): refusing to {doing} a different base"
+        )

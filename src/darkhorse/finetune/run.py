@@ -18,7 +18,7 @@ import json
 import math
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from darkhorse import checkpoint as ckpt
 from darkhorse.config import RunConfig, load_run_config, run_config_from_dict
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir, read_json_object
+from darkhorse.files import atomic_dir
 from darkhorse.finetune.chat_data import prepare_for_base
 from darkhorse.finetune.lora import (
     LoRASpec,
@@ -39,7 +39,15 @@ from darkhorse.finetune.lora import (
     set_group_trainable,
     trainable_by_group,
 )
-from darkhorse.finetune.peft_format import SIDECAR_FILE, check_representable, peft_targets, write_adapter
+from darkhorse.finetune.peft_format import (
+    SIDECAR_FILE,
+    check_base,
+    check_representable,
+    keeps_updating_bias,
+    peft_targets,
+    read_sidecar,
+    write_adapter,
+)
 from darkhorse.model import Transformer
 from darkhorse.model.moe import MoE, Routing
 from darkhorse.train.reports import write_load_heatmaps
@@ -50,6 +58,13 @@ from darkhorse.train.trainer import Trainer, TrainingHooks, TrainResult
 # train.* defaults of a LoRA run where they differ from pre-training's (PEFT/HF Trainer's choices)
 TRAIN_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "max_steps": 200, "save_interval": 100}
 PROBE_BATCHES = 4  # fixed batches the routing before/after is measured on
+# the command-line flag of each LoRASpec / RouterOptions field and of the base dtype (for one-line refusals)
+FLAGS = {
+    "targets": "--lora-targets", "r": "--lora-r", "expert_r": "--expert-lora-r", "router_r": "--router-lora-r",
+    "alpha": "--lora-alpha", "dropout": "--lora-dropout", "freeze_steps": "--router-freeze-steps",
+    "aux_loss_coef": "--router-aux-loss-coef", "z_loss_coef": "--router-z-loss-coef",
+    "entropy_coef": "--router-entropy-coef", "bias_update": "--no-bias-update", "base_dtype": "--base-dtype",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -88,17 +103,17 @@ def resolve_base(base: str | Path, scratch: Path) -> Base:
 
     given = Path(base)
     if not given.is_dir():
-        raise DarkhorseError(f"--base {given}: directory not found")
+        raise DarkhorseError(f"base {given}: directory not found")
     if (given / ckpt.META_FILE).is_file():
         if not (given / ckpt.MODEL_FILE).is_file():
-            raise DarkhorseError(f"--base {given}: a darkhorse checkpoint without weights (no {ckpt.MODEL_FILE})")
+            raise DarkhorseError(f"base {given}: a darkhorse checkpoint without weights (no {ckpt.MODEL_FILE})")
         return Base(given, given, None)
     if (given / "config.json").is_file():
         if not any(given.glob("*.safetensors")):
-            raise DarkhorseError(f"--base {given}: a Hugging Face directory without weights (no *.safetensors)")
+            raise DarkhorseError(f"base {given}: a Hugging Face directory without weights (no *.safetensors)")
         return Base(import_hf(given, scratch / "base"), given, given)
     raise DarkhorseError(
-        f"--base {given}: neither a darkhorse checkpoint (meta.json) nor a Hugging Face model (config.json)"
+        f"base {given}: neither a darkhorse checkpoint (meta.json) nor a Hugging Face model (config.json)"
     )
 
 
@@ -148,24 +163,26 @@ class LoRAHooks(TrainingHooks):
     command = "darkhorse finetune"
 
     def __init__(
-        self, base: Base, spec: LoRASpec, router: RouterOptions, *, base_dtype: str = "fp32", fingerprint: str = ""
+        self,
+        base: Base,
+        spec: LoRASpec,
+        router: RouterOptions,
+        *,
+        base_dtype: str = "fp32",
+        resumed: tuple[Path, dict[str, Any]] | None = None,
     ) -> None:
         self.base, self.spec, self.router = base, spec, router
         self.base_dtype = base_dtype
-        self.fingerprint = fingerprint  # expected on resume; computed on a fresh start
+        self.resumed = resumed  # (checkpoint, its sidecar's base record): the base must have its weights
         self.routing_before: tuple[list[int], torch.Tensor] | None = None
 
     # -- model ------------------------------------------------------------------------------------
 
     def load_weights(self, model: Transformer, plan, device: torch.device) -> None:
         ckpt.load_weights(model, self.base.checkpoint, device)
-        found = ckpt.weights_fingerprint(model)
-        if self.fingerprint and found != self.fingerprint:
-            raise DarkhorseError(
-                f"--base {self.base.given}: its weights are not the ones this run started from "
-                f"({found[:19]}... != {self.fingerprint[:19]}...); resume with the same base"
-            )
-        self.fingerprint = found
+        self.fingerprint = ckpt.weights_fingerprint(model)  # as loaded, before any bf16 cast
+        if self.resumed:
+            check_base(self.resumed[0], self.resumed[1], self.base.given, self.fingerprint, "resume on")
         self.base_biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
         if self.base_dtype == "bf16":
             for param in model.parameters():
@@ -303,14 +320,30 @@ class LoRAHooks(TrainingHooks):
 
 
 def _sidecar(folder: Path) -> dict[str, Any]:
-    path = folder / SIDECAR_FILE
-    if not path.is_file():
+    sidecar = read_sidecar(folder)
+    if sidecar is None:
         raise DarkhorseError(f"{folder} is not a LoRA checkpoint (no {SIDECAR_FILE})")
-    return read_json_object(path)
+    return sidecar
 
 
 def _spec(sidecar: dict[str, Any]) -> LoRASpec:
     return LoRASpec(**{**sidecar["lora"], "targets": tuple(sidecar["lora"]["targets"])})
+
+
+def resume_settings(out_dir: str | Path, resume: bool | Path = True) -> tuple[LoRASpec, RouterOptions, str]:
+    """The LoRA spec, router options and base dtype of the run a `--resume` continues."""
+    sidecar = _sidecar(find_resume_checkpoint(Path(out_dir), resume))
+    return _spec(sidecar), RouterOptions(**sidecar["router"]), sidecar["base_dtype"]
+
+
+def _refuse_changes(run: dict[str, Any], given: dict[str, Any]) -> None:
+    """A resumed run keeps its LoRA and router settings: a different value given for one is refused."""
+    changed = [f"{FLAGS[k]} {given[k]!r} (the run has {run[k]!r})" for k in given if given[k] != run[k]]
+    if changed:
+        raise DarkhorseError(
+            f"--resume continues with the run's own LoRA and router settings; {', '.join(changed)}: "
+            "drop the flag, or start a new run (another --out, or --force)"
+        )
 
 
 @torch.no_grad()
@@ -330,6 +363,11 @@ def check_lora_setup(config: RunConfig, spec: LoRASpec, router: RouterOptions, b
     check_representable(model, config.model, spec, router.bias_update)
     peft_targets(model, config.model, router.bias_update)
     moe = config.model.ffn == "moe"
+    if keeps_updating_bias(config.model, router.bias_update) and "router" not in spec.targets:
+        raise DarkhorseError(
+            "this base's auxiliary-loss-free selection bias keeps updating, and only a targeted router saves it "
+            "in the adapter: add router to --lora-targets, or pass --no-bias-update"
+        )
     if not moe and (router.has_losses or router.freeze_steps):
         raise DarkhorseError("the router options need an MoE base; this one is dense")
     if router.freeze_steps and spec.targets == ("router",):
@@ -351,32 +389,43 @@ def finetune(
     overrides: list[str] | tuple[str, ...] = (),
     resume: bool | Path | None = None,
     force: bool = False,
-    base_dtype: str = "fp32",
+    base_dtype: str | None = None,
+    skip_bad: bool = False,
     logger: str | None = None,
     verbose: bool = True,
     live: bool | None = None,
 ) -> TrainResult:
     """LoRA-fine-tune `base` on `data` (`PATH[:WEIGHT]` items: raw chat/text files or prepared dirs)
     into `out_dir`. `overrides` are train.* `key=value` settings. `resume` continues a run with its
-    own base, LoRA and router settings (and its data when `data` is empty)."""
+    own base (`base` may name where it is now; its weights must be the same), LoRA and router settings
+    (a `spec`, `router` or `base_dtype` that differs is refused) and its data when `data` is empty.
+    `skip_bad` skips malformed records of raw data files."""
     out_dir = Path(out_dir)
-    spec, router = spec or LoRASpec(), router or RouterOptions()
     if any(item.strip().startswith("model.") for item in overrides):
         raise DarkhorseError("the model comes from --base; only train.* settings apply")
-    fingerprint = ""
+    resumed = None
     if resume:
         if force:
             raise DarkhorseError("--resume and --force contradict each other: choose one")
         found = find_resume_checkpoint(out_dir, resume)
         sidecar = _sidecar(found)
-        base, fingerprint, base_dtype = sidecar["base"]["path"], sidecar["base"]["fingerprint"], sidecar["base_dtype"]
-        spec = _spec(sidecar)
-        router = RouterOptions(**sidecar["router"])
+        run_spec, run_router = _spec(sidecar), RouterOptions(**sidecar["router"])
+        given = {"base_dtype": base_dtype} if base_dtype is not None else {}
+        if spec is not None:
+            given.update(dataclasses.asdict(replace(spec, targets=spec.targets or run_spec.targets)))
+        if router is not None:
+            given.update(dataclasses.asdict(router))
+        run = {**dataclasses.asdict(run_spec), **dataclasses.asdict(run_router), "base_dtype": sidecar["base_dtype"]}
+        _refuse_changes(run, given)
+        spec, router, base_dtype = run_spec, run_router, sidecar["base_dtype"]
+        base = base or sidecar["base"]["path"]
+        resumed = (found, sidecar["base"])
         config = load_run_config(overrides=list(overrides), base=ckpt.read_meta(found)["config"])
     elif base is None:
         raise DarkhorseError("finetune needs --base BASE (a darkhorse checkpoint or a Hugging Face directory)")
     elif not data:
         raise DarkhorseError("finetune needs --data PATH[:WEIGHT] (chat .jsonl files or prepared dirs)")
+    spec, router, base_dtype = spec or LoRASpec(), router or RouterOptions(), base_dtype or "fp32"
     with tempfile.TemporaryDirectory(prefix="darkhorse-base-") as scratch:
         resolved = resolve_base(base, Path(scratch))
         if not resume:
@@ -396,12 +445,12 @@ def finetune(
             )
         spec = check_lora_setup(config, spec, router, base_dtype)
         tokenizer = Tokenizer.from_file(resolved.checkpoint / ckpt.TOKENIZER_FILE)
-        sources = prepare_for_base(data, tokenizer, progress=verbose)
+        sources = prepare_for_base(data, tokenizer, progress=verbose, skip_bad=skip_bad)
         plan = plan_run(
             config, sources, out_dir, resume, init_from=None if resume else resolved.checkpoint, force=force
         )
         plan.config = dataclasses.replace(plan.config, model=config.model)  # init_from took the base's own model
-        hooks = LoRAHooks(resolved, spec, router, base_dtype=base_dtype, fingerprint=fingerprint)
+        hooks = LoRAHooks(resolved, spec, router, base_dtype=base_dtype, resumed=resumed)
         return Trainer(plan, logger=logger, verbose=verbose, live=live, hooks=hooks).run()
 
 
@@ -417,8 +466,7 @@ def load_adapted_model(adapter_dir: str | Path, base: str | Path | None = None) 
         resolved = resolve_base(base or sidecar["base"]["path"], Path(scratch))
         model = Transformer(config.model)
         ckpt.load_weights(model, resolved.checkpoint)
-    if ckpt.weights_fingerprint(model) != sidecar["base"]["fingerprint"]:
-        raise DarkhorseError(f"{resolved.given} is not the base {adapter_dir} was trained on (weight fingerprint)")
+    check_base(adapter_dir, sidecar["base"], resolved.given, ckpt.weights_fingerprint(model), "load it on")
     apply_lora(model, spec)
     _load_adapter_state(model, ckpt.load_trainer_state(adapter_dir)["adapter"])
     return model.eval(), config

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from darkhorse.checkpoint import load_model
+from darkhorse.checkpoint import load_model, weights_fingerprint
 from darkhorse.cli import main
 from darkhorse.errors import DarkhorseError
-from darkhorse.finetune.merge import SIDECAR_FILE, base_weights_sha256, merge_adapter
+from darkhorse.finetune.merge import merge_adapter
 from darkhorse.interop.hf_import import import_hf
-from tests.finetune.merge.conftest import FAMILIES, VOCAB, build_hf_base, make_peft_adapter
+from tests.finetune.conftest import FAMILIES, ROUTER_AND_EXPERTS, VOCAB, build_hf_base, make_peft_adapter
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -47,15 +47,22 @@ def assert_nothing_written(out) -> None:
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
+def mixtral(tmp_path_factory, mixtral_base):
     """A tiny Mixtral HF dir, its import, and a PEFT adapter on it (router + experts + attention)."""
     root = tmp_path_factory.mktemp("mixtral")
-    hf = build_hf_base(root / "hf", "mixtral")
-    adapter = make_peft_adapter(hf, root / "adapter", "mixtral", target_modules=["q_proj", "v_proj"])
-    return hf, import_hf(hf, root / "imported"), adapter
+    adapter = make_peft_adapter(mixtral_base, root / "adapter", "mixtral", target_modules=["q_proj", "v_proj"])
+    return mixtral_base, import_hf(mixtral_base, root / "imported"), adapter
 
 
-@pytest.mark.parametrize(("family", "lora"), [("mixtral", {}), ("genesis", {}), ("llama", {"use_rslora": True})])
+SAVED_ROUTER = dict(
+    target_parameters=ROUTER_AND_EXPERTS[1:], modules_to_save=["gate"], rank_pattern={}, alpha_pattern={}
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "lora"),
+    [("mixtral", {}), ("mixtral", SAVED_ROUTER), ("genesis", {}), ("llama", {"use_rslora": True})],
+)
 def test_merge_gives_peft_logits(tmp_path, family, lora):
     hf = build_hf_base(tmp_path / "hf", family)
     adapter = make_peft_adapter(hf, tmp_path / "adapter", family, **lora)
@@ -94,33 +101,11 @@ def test_merged_weights_are_base_plus_scaled_b_a(mixtral, tmp_path):
         assert not torch.equal(ours_m[f"layers.{i}.attn.q_proj.weight"], ours_b[f"layers.{i}.attn.q_proj.weight"])
 
 
-def test_sidecar_names_the_base_and_its_hash(mixtral, tmp_path, capsys):
-    """With darkhorse_adapter.json the base is found without --base; a different base is refused, naming both."""
-    hf, imported, adapter = mixtral
-    copy = tmp_path / "adapter"
-    copy.mkdir()
-    for file in adapter.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
-    sha = base_weights_sha256(load_model(imported)[0])
-    (copy / SIDECAR_FILE).write_text(json.dumps({"base": str(hf), "base_sha256": sha, "config": {}}))
-    assert main(["merge", "--adapter", str(copy), "--out", str(tmp_path / "merged")]) == 0
-    printed = capsys.readouterr().out
-    assert "mlp.experts.gate_up_proj" in printed and f"sha256 {sha[:12]}" in printed
-    assert (tmp_path / "merged" / "meta.json").is_file()
-
-    other = build_hf_base(tmp_path / "other", "mixtral", seed=7)
-    capsys.readouterr()  # transformers' progress bars
-    out = tmp_path / "wrong"
-    assert main(["merge", "--adapter", str(copy), "--base", str(other), "--out", str(out)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and str(hf) in error and str(other) in error and "different base" in error
-    assert_nothing_written(out)
-
-
 def test_hash_is_the_same_for_an_hf_dir_and_its_import(mixtral, tmp_path):
     hf, imported, adapter = mixtral
     result = merge_adapter(adapter, tmp_path / "a", base=hf)
-    assert result.base_sha256 == base_weights_sha256(load_model(imported)[0])
+    assert result.fingerprint == weights_fingerprint(load_model(imported)[0])
+    assert result.fingerprint != weights_fingerprint(load_model(tmp_path / "a")[0])
 
 
 def bad_adapter(adapter, folder, *, drop=(), config=None, tensors=None):

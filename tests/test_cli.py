@@ -31,14 +31,12 @@ def test_each_subcommand_has_help(command):
     assert "usage: darkhorse" in result.stdout
 
 
-@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_params_counts_a_preset():
     result = run_cli("params", "--preset", "forge-nano")
     assert result.returncode == 0, result.stderr
     assert "125.85M" in result.stdout
 
 
-@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_config_errors_are_one_line_without_traceback():
     result = run_cli("params", "--preset", "tiny-cpu", "train.lrr=1")
     assert result.returncode == 2

@@ -45,6 +45,7 @@ def test_eval_compares_a_checkpoint_with_an_hf_model(tmp_path, tiny_dense_checkp
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bad_eval_inputs_are_one_line_and_write_nothing(tmp_path, tiny_dense_checkpoint):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n{oops\n")

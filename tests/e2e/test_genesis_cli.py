@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from darkhorse.cli import main
 
 SHORT = ["train.seq_len=32", "train.batch_size=4", "train.eval_interval=0", "train.schedule=constant",
@@ -22,7 +20,6 @@ def losses(run_dir: Path) -> dict[int, tuple]:
             if "loss" in r}  # fmt: skip
 
 
-@pytest.mark.slow
 def test_genesis_tiny_trains_resumes_exactly_and_generates(tmp_path, capsys):
     topics = {"code": "def add(a, b): return a + b  # sums {i}", "math": "the derivative of x^{i} is {i} x^{j}",
               "legal": "pursuant to section {i}.{j} of the agreement the parties"}  # fmt: skip

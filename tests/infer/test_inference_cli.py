@@ -76,7 +76,6 @@ def test_bare_prompt_uses_newest_final_checkpoint(workdir):
     assert "runs/tiny/final" in result.stderr
 
 
-@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     missing = run_cli("generate", "--checkpoint", str(tmp_path), "--prompt", "x", cwd=workdir)
     assert missing.returncode == 2 and "not a darkhorse checkpoint" in missing.stderr
@@ -84,6 +83,7 @@ def test_bad_checkpoint_and_options_are_one_line_errors(workdir, tmp_path):
     assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses: each starts Python and imports torch
 def test_bare_prompt_with_params_picks_a_run_of_that_preset(workdir):
     found = run_cli("--preset", "tiny-cpu", "--prompt", "The number 7", cwd=workdir)
     assert found.returncode == 0 and "runs/tiny/final" in found.stderr, found.stderr

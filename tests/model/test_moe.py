@@ -96,7 +96,6 @@ def test_autocast_keeps_the_residual_dtype_and_the_fp32_result():
     assert (x.grad - expected_grad).norm() / expected_grad.norm() < 2e-2
 
 
-@pytest.mark.slow  # traces and compiles the MoE layer
 def test_moe_layer_traces_as_one_graph():
     """No data-dependent shapes on the default path: torch.compile sees one graph, CUDA needs no host sync."""
     layer = MoE(moe_config(), layer_idx=0).to(torch.bfloat16)  # the grouped_mm meta kernel is bf16-only

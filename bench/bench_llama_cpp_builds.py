@@ -81,32 +81,14 @@ def correctness_files(work: Path) -> dict[str, dict]:
     import conftest
 
     from darkhorse.checkpoint import load_for_inference
-    from darkhorse.config import MLAConfig, MoEConfig
     from darkhorse.infer.engine import Engine
     from darkhorse.interop.gguf import export_gguf
     from darkhorse.interop.quantize import quantize_gguf
 
-    mla = MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
-    genesis_moe = MoEConfig(n_routed_experts=4, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=128)
-    mixtral_moe = MoEConfig(
-        n_routed_experts=4, experts_per_token=2, n_shared_experts=0, moe_intermediate_size=128, scoring="softmax",
-        first_k_dense=0, bias_update_rate=0.0,
-    )  # fmt: skip
     checkpoints = {
         "llama": conftest.train_tiny_checkpoint(work / "llama"),
-        "deepseek2": conftest.train_tiny_checkpoint(
-            work / "genesis",
-            seed=2,
-            dim=128,
-            ffn_dim=256,
-            attention="mla",
-            ffn="moe",
-            mtp_depth=1,
-            norm_eps=1e-6,
-            mla=mla,
-            moe=genesis_moe,
-        ),  # fmt: skip
-        "llama MoE": conftest.train_tiny_checkpoint(work / "mixtral", seed=3, dim=128, ffn="moe", moe=mixtral_moe),
+        "deepseek2": conftest.train_tiny_genesis(work / "genesis"),
+        "llama MoE": conftest.train_tiny_mixtral(work / "mixtral"),
     }
     files = {}
     for arch, checkpoint in checkpoints.items():

@@ -157,27 +157,18 @@ def tiny_untied_checkpoint(tiny_dense_checkpoint, tmp_path_factory):
     return save_model_checkpoint(out, untied, config, tiny_dense_checkpoint / "tokenizer.json", {"step": meta["step"]})
 
 
-@pytest.fixture(scope="session")
-def tiny_genesis_checkpoint(tmp_path_factory):
+def train_tiny_genesis(out_dir):
     """MLA (compressed queries) + sigmoid-routed MoE with a shared expert + one MTP module."""
     from darkhorse.config import MLAConfig, MoEConfig
 
     return train_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny-genesis") / "final",
-        seed=2,
-        dim=128,
-        ffn_dim=256,
-        attention="mla",
-        ffn="moe",
-        mtp_depth=1,
-        norm_eps=1e-6,
+        out_dir, seed=2, dim=128, ffn_dim=256, attention="mla", ffn="moe", mtp_depth=1, norm_eps=1e-6,
         mla=MLAConfig(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
         moe=MoEConfig(n_routed_experts=4, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=128),
-    )
+    )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def tiny_mixtral_checkpoint(tmp_path_factory):
+def train_tiny_mixtral(out_dir):
     """GQA + softmax-routed MoE in every layer, no shared expert, no selection bias (Mixtral's shape)."""
     from darkhorse.config import MoEConfig
 
@@ -185,7 +176,17 @@ def tiny_mixtral_checkpoint(tmp_path_factory):
         n_routed_experts=4, experts_per_token=2, n_shared_experts=0, moe_intermediate_size=128, scoring="softmax",
         first_k_dense=0, bias_update_rate=0.0,
     )  # fmt: skip
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mixtral") / "final", seed=3, dim=128, ffn="moe", moe=moe)
+    return train_tiny_checkpoint(out_dir, seed=3, dim=128, ffn="moe", moe=moe)
+
+
+@pytest.fixture(scope="session")
+def tiny_genesis_checkpoint(tmp_path_factory):
+    return train_tiny_genesis(tmp_path_factory.mktemp("tiny-genesis") / "final")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_checkpoint(tmp_path_factory):
+    return train_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral") / "final")
 
 
 # -- a foreign (Llama-3-style) tokenizer, as an imported model brings it ----------------------------

@@ -14,6 +14,7 @@ AdamW state).
 
     python bench/bench_lora.py                         # default shape, 1 thread
     python bench/bench_lora.py --hidden 512 --layers 4 --steps 10 --threads 2
+    python bench/bench_lora.py --repeats 5 --steps 12    # medians of 5 interleaved runs per side
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
         from darkhorse.finetune.lora import LoRASpec, apply_lora
         from darkhorse.interop.hf_import import import_hf
 
-        imported = import_hf(folder, folder.parent / f"imported-{kind}")
+        imported = import_hf(folder, folder.parent / f"imported-{kind}-{os.getpid()}")
         model, _, _ = load_model(imported)
         if kind == "darkhorse":
             apply_lora(model, LoRASpec(("attention", "router", "routed_experts"), r=args.r, expert_r=args.r,
@@ -122,6 +123,15 @@ def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def median_run(done: list[dict]) -> dict:
+    """Per-field median over the repeats of one side (tokens/s and peak RSS each on their own)."""
+    middle = len(done) // 2
+    return {
+        key: sorted(r[key] for r in done)[middle] if isinstance(done[0][key], float) else done[0][key]
+        for key in done[0]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -135,27 +145,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="fresh child processes per side, interleaved")
     parser.add_argument("--worker", choices=["darkhorse", "peft", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.model_dir, args)))
         return
+    runs: dict[str, list[dict]] = {kind: [] for kind in ("darkhorse", "peft", "full")}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "mixtral"
         build_model(folder, args)
-        results = {}
-        for kind in ("darkhorse", "peft", "full"):
-            command = [sys.executable, __file__, *sys.argv[1:], "--worker", kind, "--model-dir", str(folder)]
-            done = subprocess.run(command, capture_output=True, text=True, env=os.environ, check=False)
-            if done.returncode:
-                raise SystemExit(f"{kind} worker failed:\n{done.stderr[-2000:]}")
-            results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        for _ in range(args.repeats):  # interleaved, so load on a shared machine hits every side alike
+            for kind in runs:
+                command = [sys.executable, __file__, *sys.argv[1:], "--worker", kind, "--model-dir", str(folder)]
+                done = subprocess.run(command, capture_output=True, text=True, env=os.environ, check=False)
+                if done.returncode:
+                    raise SystemExit(f"{kind} worker failed:\n{done.stderr[-2000:]}")
+                runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {kind: median_run(done) for kind, done in runs.items()}
     dh, pf, full = results["darkhorse"], results["peft"], results["full"]
     print(json.dumps(results, indent=1))
+    if args.repeats > 1:
+        pairs = zip(runs["darkhorse"], runs["peft"], strict=True)
+        print(
+            "darkhorse / peft tokens/s per repeat:",
+            " ".join(f"{d['tokens_per_s'] / p['tokens_per_s']:.2f}" for d, p in pairs),
+        )
     print(
         f"\nMixtral hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-2, r {args.r}, "
-        f"batch {args.batch}x{args.seq_len}, {args.threads} thread(s), fp32 CPU"
+        f"batch {args.batch}x{args.seq_len}, {args.threads} thread(s), fp32 CPU; medians of {args.repeats} "
+        f"interleaved run(s) per side; load average {os.getloadavg()[0]:.2f}"
     )
     print(f"{'':12}{'tokens/s':>10}{'peak RSS MiB':>14}{'trainable':>12}{'ckpt MiB':>10}")
     for kind, r in results.items():

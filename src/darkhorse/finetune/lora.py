@@ -109,9 +109,13 @@ class LoRALinear(nn.Linear, _LoRA):
         self.lora_A, self.lora_B = self._factors(None, r, self.in_features, self.out_features, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        low = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return out + self.lora_scaling * low
+        flat = x.reshape(-1, x.shape[-1])
+        out = F.linear(flat, self.weight, self.bias)
+        low = F.linear(self.lora_dropout(flat), self.lora_A.to(out.dtype))
+        # B's product, its scaling and the sum in one GEMM, in place on the base output (which the base
+        # matmul's backward does not keep): no [T, out] temporaries besides `out` itself.
+        out.addmm_(low.to(out.dtype), self.lora_B.to(out.dtype).t(), alpha=self.lora_scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class LoRARouter(Router, _LoRA):
@@ -121,8 +125,9 @@ class LoRARouter(Router, _LoRA):
         self.lora_A, self.lora_B = self._factors(None, r, dim, experts, self.weight)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(F.linear(self.lora_dropout(x).float(), self.lora_A), self.lora_B)
-        return super().router_logits(x) + self.lora_scaling * low
+        logits = super().router_logits(x)  # fp32, or autocast's dtype under autocast
+        low = F.linear(self.lora_dropout(x).float(), self.lora_A).to(logits.dtype)
+        return logits.addmm_(low, self.lora_B.to(logits.dtype).t(), alpha=self.lora_scaling)
 
 
 class LoRAExperts(RoutedExperts, _LoRA):
@@ -139,8 +144,9 @@ class LoRAExperts(RoutedExperts, _LoRA):
         self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
     ) -> torch.Tensor:
         out = super().project(name, x, counts, use_grouped_mm)
-        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts)
-        return out + self.lora_scaling * grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype)
+        # Scaled at rank r ([N, r]), summed in place into the base output (its backward does not keep it).
+        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts) * self.lora_scaling
+        return out.add_(grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype))
 
 
 LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, Router: LoRARouter, RoutedExperts: LoRAExperts}

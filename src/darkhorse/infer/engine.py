@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from darkhorse.errors import DarkhorseError
+from darkhorse.infer.dense_forward import forward_step
 from darkhorse.model import Transformer
 
 
@@ -94,11 +95,14 @@ class Engine:
         ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
         end = max(ends)
         tokens = torch.zeros(len(prompts), end, dtype=torch.long, device=device)
-        # Tokens each row has seen so far, for the repetition penalty only.
-        seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            seen[row, tokens[row, : len(prompt)]] = True
+        penalize = repetition_penalty != 1.0
+        if penalize:  # tokens each row has seen so far
+            seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                seen[row, tokens[row, : len(prompt)]] = True
+        ragged = min(lengths) != max(lengths)
         prompt_len = torch.tensor(lengths, device=device)
         row_end = torch.tensor(ends, device=device)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -107,24 +111,32 @@ class Engine:
         was_training = model.training
         model.eval()
         try:
-            cache = model.new_cache(len(prompts), end)
+            step = forward_step(model, len(prompts), end, self.vocab_size)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0
             for pos in range(start, end):
-                logits = model(feed, cache=cache, start_pos=feed_pos).logits[:, -1, : self.vocab_size]
-                sampled = sample_next(
-                    logits,
-                    seen[:, : self.vocab_size],
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    repetition_penalty=repetition_penalty,
-                    generator=generator,
-                )
-                reading = pos < prompt_len
-                tokens[:, pos] = torch.where(reading, tokens[:, pos], sampled)
-                writing = ~reading & ~finished
-                seen[writing, sampled[writing]] = True
+                logits = step(feed, feed_pos)
+                if temperature <= 0 and not penalize:
+                    sampled = logits.argmax(dim=-1)  # greedy: what sample_next returns, without its copies
+                else:
+                    sampled = sample_next(
+                        logits,
+                        seen[:, : self.vocab_size] if penalize else torch.zeros(0, dtype=torch.bool),
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        repetition_penalty=repetition_penalty,
+                        generator=generator,
+                    )
+                if ragged:
+                    reading = pos < prompt_len
+                    tokens[:, pos] = torch.where(reading, tokens[:, pos], sampled)
+                    writing = ~reading & ~finished
+                else:  # every row is past its prompt
+                    tokens[:, pos] = sampled
+                    writing = ~finished
+                if penalize:
+                    seen[writing, sampled[writing]] = True
                 yield [
                     token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)
                 ]

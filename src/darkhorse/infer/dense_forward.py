@@ -1,0 +1,128 @@
+"""The decode engine's forward step for plain dense GQA models: the same computation as `Transformer.forward`
+with a KV cache, restated with fewer, larger tensor ops.
+
+At decoding sizes (a few rows, one new token each) a step is dozens of small kernels, and the per-op
+dispatch and the module calls cost as much as the arithmetic. So, for one `Engine.decode` call:
+
+- each layer's q/k/v projections are one matmul and gate/up another, against weights concatenated and
+  stored transposed once per call (x @ W, which runs faster than `F.linear` at these shapes);
+- RoPE turns q and k in one op, with a signed sine table so that rotate-half is a `roll`;
+- keys and values go into preallocated caches, in place;
+- one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call);
+- the output head runs on the last position only, over the tokenizer's ids only.
+
+RMSNorm, RoPE, SwiGLU and the residual adds are the model's own formulas; only the matmuls are grouped
+differently, so logits agree with the model's to float rounding (tests/infer hold the greedy tokens equal).
+Training never comes here: it is `Transformer.forward`, unchanged. Other models (MLA, MoE, mHC, qk-norm,
+attention biases, non-fp32 weights) decode through `Transformer.forward` (`ModelForward`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from darkhorse.model import Transformer
+from darkhorse.model.attention import causal_attention
+
+
+class ModelForward:
+    """Any model's step: `Transformer.forward` with the model's own caches."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch, max_len)
+        self.vocab_size = vocab_size
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
+        logits = self.model(tokens, cache=self.cache, start_pos=start_pos).logits
+        return logits[:, -1, : self.vocab_size]
+
+
+class DenseForward:
+    """The dense GQA step (see the module docstring); build one per decode call, as weights may change."""
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        config = model.config
+        return (
+            config.attention == "gqa"
+            and config.ffn == "dense"
+            and config.residual == "plain"
+            and not config.attention_bias
+            and not config.qk_norm
+            and all(p.dtype == torch.float32 for p in model.parameters())
+        )
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
+        config = model.config
+        self.embed = model.embed.weight
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.ffn_dim = config.ffn_dim
+        half = self.head_dim // 2
+        self.cos = model.rope_cos
+        # rotate_half(x) * sin == roll(x, half) * [-sin_low | sin_high]
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
+        self.half = half
+        self.layers = []
+        device, dtype = self.embed.device, self.embed.dtype
+        for block in model.layers:
+            attn, ffn = block.attn, block.ffn
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
+            shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+            self.layers.append(
+                (
+                    (block.attn_norm.weight, block.attn_norm.eps),
+                    qkv.t().contiguous(),
+                    attn.o_proj.weight.t().contiguous(),
+                    (block.ffn_norm.weight, block.ffn_norm.eps),
+                    gate_up.t().contiguous(),
+                    ffn.down_proj.weight.t().contiguous(),
+                    torch.zeros(shape, device=device, dtype=dtype),
+                    torch.zeros(shape, device=device, dtype=dtype),
+                )
+            )
+        self.norm = (model.norm.weight, model.norm.eps)
+        self.head = model.lm_head.weight[:vocab_size].t().contiguous()
+        self.max_len = max_len
+
+    @staticmethod
+    def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        weight, eps = norm
+        return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight  # RMSNorm.forward at fp32
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
+        batch, seq = tokens.shape
+        end = start_pos + seq
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {end}")
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        x = F.embedding(tokens, self.embed)
+        for attn_norm, qkv_w, o_w, ffn_norm, gate_up_w, down_w, keys, values in self.layers:
+            qkv = (self._rms_norm(x, attn_norm) @ qkv_w).view(batch, seq, heads + 2 * kv_heads, head_dim)
+            qkv = qkv.transpose(1, 2)
+            qk = qkv[:, : heads + kv_heads]
+            qk = qk * cos + qk.roll(self.half, dims=-1) * sin
+            keys[:, :, start_pos:end] = qk[:, heads:]
+            values[:, :, start_pos:end] = qkv[:, heads + kv_heads :]
+            k, v = keys[:, :, :end], values[:, :, :end]
+            if seq == 1:
+                # One token sees every cached position: its query heads are the rows of their KV head.
+                q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
+                out = F.scaled_dot_product_attention(q, k, v).reshape(batch, 1, heads * head_dim)
+            else:
+                out = causal_attention(qk[:, :heads], k, v).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+            x = x + out @ o_w
+            gate, up = (self._rms_norm(x, ffn_norm) @ gate_up_w).split(self.ffn_dim, dim=-1)
+            x = x + (F.silu(gate) * up) @ down_w
+        return self._rms_norm(x[:, -1], self.norm) @ self.head
+
+
+def forward_step(model: Transformer, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
+    """The fastest step that computes `model`'s forward for a decode of `batch` rows up to `max_len` positions."""
+    kind = DenseForward if DenseForward.supports(model) else ModelForward
+    return kind(model, batch, max_len, vocab_size)

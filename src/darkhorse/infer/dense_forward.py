@@ -90,8 +90,10 @@ class DenseForward:
 
     @staticmethod
     def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        # RMSNorm.forward at fp32, spelled out: the same formula as F.rms_norm, and faster than it between
+        # the step's other kernels on CPU
         weight, eps = norm
-        return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight  # RMSNorm.forward at fp32
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""

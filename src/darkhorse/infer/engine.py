@@ -117,7 +117,9 @@ class Engine:
             for pos in range(start, end):
                 logits = step(feed, feed_pos)
                 if temperature <= 0 and not penalize:
-                    sampled = logits.argmax(dim=-1)  # greedy: what sample_next returns, without its copies
+                    # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first
+                    # maximum of a row) and on CPU a few times faster
+                    sampled = logits.max(dim=-1).indices
                 else:
                     sampled = sample_next(
                         logits,

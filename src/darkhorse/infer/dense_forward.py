@@ -74,26 +74,24 @@ class DenseForward:
             shape = (batch, self.n_kv_heads, max_len, self.head_dim)
             self.layers.append(
                 (
-                    (block.attn_norm.weight, block.attn_norm.eps),
-                    qkv.t().contiguous(),
+                    block.attn_norm.eps,
+                    _fold(block.attn_norm.weight, qkv),
                     attn.o_proj.weight.t().contiguous(),
-                    (block.ffn_norm.weight, block.ffn_norm.eps),
-                    gate_up.t().contiguous(),
+                    block.ffn_norm.eps,
+                    _fold(block.ffn_norm.weight, gate_up),
                     ffn.down_proj.weight.t().contiguous(),
                     torch.zeros(shape, device=device, dtype=dtype),
                     torch.zeros(shape, device=device, dtype=dtype),
                 )
             )
-        self.norm = (model.norm.weight, model.norm.eps)
-        self.head = model.lm_head.weight[:vocab_size].t().contiguous()
+        self.norm_eps = model.norm.eps
+        self.head = _fold(model.norm.weight, model.lm_head.weight[:vocab_size])
         self.max_len = max_len
 
     @staticmethod
-    def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-        # RMSNorm.forward at fp32, spelled out: the same formula as F.rms_norm, and faster than it between
-        # the step's other kernels on CPU
-        weight, eps = norm
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+    def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm before its weight (folded into the next matmul's)."""
+        return x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
@@ -103,25 +101,31 @@ class DenseForward:
             raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {end}")
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
-        x = F.embedding(tokens, self.embed)
-        for attn_norm, qkv_w, o_w, ffn_norm, gate_up_w, down_w, keys, values in self.layers:
-            qkv = (self._rms_norm(x, attn_norm) @ qkv_w).view(batch, seq, heads + 2 * kv_heads, head_dim)
+        x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
+        for attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w, keys, values in self.layers:
+            qkv = (self._normalize(x, attn_eps) @ qkv_w).view(batch, seq, heads + 2 * kv_heads, head_dim)
             qkv = qkv.transpose(1, 2)
             qk = qkv[:, : heads + kv_heads]
-            qk = qk * cos + qk.roll(self.half, dims=-1) * sin
+            qk = torch.addcmul(qk * cos, qk.roll(self.half, dims=-1), sin)
             keys[:, :, start_pos:end] = qk[:, heads:]
             values[:, :, start_pos:end] = qkv[:, heads + kv_heads :]
             k, v = keys[:, :, :end], values[:, :, :end]
             if seq == 1:
                 # One token sees every cached position: its query heads are the rows of their KV head.
                 q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
-                out = F.scaled_dot_product_attention(q, k, v).reshape(batch, 1, heads * head_dim)
+                out = F.scaled_dot_product_attention(q, k, v).reshape(batch, heads * head_dim)
             else:
-                out = causal_attention(qk[:, :heads], k, v).transpose(1, 2).reshape(batch, seq, heads * head_dim)
-            x = x + out @ o_w
-            gate, up = (self._rms_norm(x, ffn_norm) @ gate_up_w).split(self.ffn_dim, dim=-1)
-            x = x + (F.silu(gate) * up) @ down_w
-        return self._rms_norm(x[:, -1], self.norm) @ self.head
+                out = causal_attention(qk[:, :heads], k, v).transpose(1, 2).reshape(batch * seq, heads * head_dim)
+            x = torch.addmm(x, out, o_w)
+            gate, up = (self._normalize(x, ffn_eps) @ gate_up_w).split(self.ffn_dim, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), down_w)
+        last = x.view(batch, seq, -1)[:, -1]
+        return self._normalize(last, self.norm_eps) @ self.head
+
+
+def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in) transposed, with the RMSNorm weight before it folded in: (x * g) @ W.T == x @ (g * W).T."""
+    return (weight * norm_weight).t().contiguous()
 
 
 def forward_step(model: Transformer, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:

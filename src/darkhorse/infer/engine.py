@@ -8,6 +8,11 @@ positions, so a row decodes as it would alone (equal-length prompts decode exact
 prompt's tail goes through token by token, the same numbers up to float rounding). Rows interact
 only through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch.
 
+The forward step is infer/dense_forward.py's: `DenseForward` for plain dense GQA fp32 models (the model's
+computation with fewer, larger ops: fused projections, RMSNorm weights folded into the matmuls, the KV
+cache written in place), `Transformer.forward` with its caches for every other model. Greedy decoding
+takes each row's maximum without the sampler, and `generate` reads the steps' tensors once at the end.
+
 Streaming one prompt is the batch-of-one case (`Engine.stream`).
 """
 
@@ -63,7 +68,6 @@ class Engine:
         self.model = model
         self.vocab_size = vocab_size or model.config.padded_vocab_size
 
-    @torch.inference_mode()
     def decode(
         self,
         prompts: Sequence[Sequence[int]],
@@ -82,6 +86,33 @@ class Engine:
         the model's context; decoding ends when every row has finished. A seed makes the whole
         batch's sampling reproducible (a row's draws depend on the rows beside it).
         """
+        steps = self._steps(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_ids=stop_ids,
+        )
+        for sampled, writing in steps:
+            yield [token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)]
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Iterable[int] = (),
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`decode`'s steps as tensors: (each row's sampled id, whether the row wrote it)."""
         model = self.model
         lengths = [len(prompt) for prompt in prompts]
         if not lengths or min(lengths) == 0:
@@ -139,9 +170,7 @@ class Engine:
                     writing = ~finished
                 if penalize:
                     seen[writing, sampled[writing]] = True
-                yield [
-                    token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)
-                ]
+                yield sampled, writing
                 finished |= writing & (torch.isin(sampled, stop) | (pos + 1 >= row_end))
                 if bool(finished.all()):
                     return
@@ -151,12 +180,15 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `decode`)."""
-        continuations: list[list[int]] = [[] for _ in prompts]
-        for column in self.decode(prompts, **options):
-            for continuation, token in zip(continuations, column, strict=True):
-                if token is not None:
-                    continuation.append(token)
-        return continuations
+        steps = list(self._steps(prompts, **options))  # the steps' tensors, read once at the end
+        if not steps:
+            return [[] for _ in prompts]
+        sampled = torch.stack([s for s, _ in steps], dim=1).tolist()
+        writing = torch.stack([w for _, w in steps], dim=1).tolist()
+        return [
+            [token for token, write in zip(row, writes, strict=True) if write]
+            for row, writes in zip(sampled, writing, strict=True)
+        ]
 
     def stream(self, prompt: Sequence[int], **options) -> Iterator[int]:
         """One prompt's new tokens as they are decoded: the batch-of-one case of `decode`."""

@@ -61,15 +61,19 @@ class DenseForward:
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.ffn_dim = config.ffn_dim
         half = self.head_dim // 2
-        self.cos = model.rope_cos
-        # rotate_half(x) * sin == roll(x, half) * [-sin_low | sin_high]
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1)
+        # RoPE as a complex product: channel i of a head and channel i + half (the half-split pair) are
+        # stored side by side, as the real and imaginary part of one number, in q and k (weights' rows
+        # permuted; the cached keys keep that order, and q.k sums the same products in another order).
+        self.rotation = torch.complex(model.rope_cos[:, :half], model.rope_sin[:, :half])
+        pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
         self.half = half
         self.layers = []
         device, dtype = self.embed.device, self.embed.dtype
         for block in model.layers:
             attn, ffn = block.attn, block.ffn
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            q_w = attn.q_proj.weight.view(self.n_heads, self.head_dim, -1)[:, pairs].flatten(0, 1)
+            k_w = attn.k_proj.weight.view(self.n_kv_heads, self.head_dim, -1)[:, pairs].flatten(0, 1)
+            qkv = torch.cat([q_w, k_w, attn.v_proj.weight])
             gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
             shape = (batch, self.n_kv_heads, max_len, self.head_dim)
             self.layers.append(
@@ -100,25 +104,28 @@ class DenseForward:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {end}")
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+        rotation = self.rotation[start_pos:end, None]
         x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
         for attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w, keys, values in self.layers:
             qkv = (self._normalize(x, attn_eps) @ qkv_w).view(batch, seq, heads + 2 * kv_heads, head_dim)
-            qkv = qkv.transpose(1, 2)
-            qk = qkv[:, : heads + kv_heads]
-            qk = torch.addcmul(qk * cos, qk.roll(self.half, dims=-1), sin)
-            keys[:, :, start_pos:end] = qk[:, heads:]
-            values[:, :, start_pos:end] = qkv[:, heads + kv_heads :]
+            qk = torch.view_as_complex(qkv[:, :, : heads + kv_heads].unflatten(-1, (self.half, 2)))
+            qk = torch.view_as_real(qk * rotation).flatten(-2)  # (batch, seq, heads + kv_heads, head_dim)
+            keys[:, :, start_pos:end] = qk[:, :, heads:].transpose(1, 2)
+            values[:, :, start_pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             k, v = keys[:, :, :end], values[:, :, :end]
             if seq == 1:
                 # One token sees every cached position: its query heads are the rows of their KV head.
-                q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
+                q = qk[:, 0, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
                 out = F.scaled_dot_product_attention(q, k, v).reshape(batch, heads * head_dim)
             else:
-                out = causal_attention(qk[:, :heads], k, v).transpose(1, 2).reshape(batch * seq, heads * head_dim)
+                out = (
+                    causal_attention(qk[:, :, :heads].transpose(1, 2), k, v)
+                    .transpose(1, 2)
+                    .reshape(batch * seq, heads * head_dim)
+                )
             x = torch.addmm(x, out, o_w)
-            gate, up = (self._normalize(x, ffn_eps) @ gate_up_w).split(self.ffn_dim, dim=-1)
-            x = torch.addmm(x, F.silu(gate).mul_(up), down_w)
+            gate_up = self._normalize(x, ffn_eps) @ gate_up_w
+            x = torch.addmm(x, F.silu(gate_up[:, : self.ffn_dim]).mul_(gate_up[:, self.ffn_dim :]), down_w)
         last = x.view(batch, seq, -1)[:, -1]
         return self._normalize(last, self.norm_eps) @ self.head
 

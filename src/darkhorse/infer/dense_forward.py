@@ -14,22 +14,27 @@ dispatch and the module calls cost as much as the arithmetic. So, for one `Engin
 RMSNorm, RoPE, SwiGLU and the residual adds are the model's own formulas; only the matmuls are grouped
 differently, so logits agree with the model's to float rounding (tests/infer hold the greedy tokens equal).
 Training never comes here: it is `Transformer.forward`, unchanged. Other models (MLA, MoE, mHC, qk-norm,
-attention biases, non-fp32 weights) decode through `Transformer.forward` (`ModelForward`).
+attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a `Transformer`) decode through
+their own forward (`ModelForward`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from darkhorse.model import Transformer
-from darkhorse.model.attention import causal_attention
+from darkhorse.model.attention import GroupedQueryAttention, causal_attention
+from darkhorse.model.layers import RMSNorm, SwiGLU
+from darkhorse.model.transformer import Block
 
 
 class ModelForward:
     """Any model's step: `Transformer.forward` with the model's own caches."""
 
-    def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, vocab_size: int) -> None:
         self.model = model
         self.cache = model.new_cache(batch, max_len)
         self.vocab_size = vocab_size
@@ -44,15 +49,36 @@ class DenseForward:
     """The dense GQA step (see the module docstring); build one per decode call, as weights may change."""
 
     @staticmethod
-    def supports(model: Transformer) -> bool:
+    def supports(model: nn.Module) -> bool:
+        """Whether `model` computes exactly what this step restates: a `Transformer` of plain dense GQA
+        blocks, fp32, every module of its own class (no LoRA or other subclass) and no hooks on any."""
+        if type(model) is not Transformer:
+            return False
         config = model.config
-        return (
-            config.attention == "gqa"
-            and config.ffn == "dense"
-            and config.residual == "plain"
-            and not config.attention_bias
-            and not config.qk_norm
-            and all(p.dtype == torch.float32 for p in model.parameters())
+        if (
+            config.attention != "gqa"
+            or config.ffn != "dense"
+            or config.residual != "plain"
+            or config.attention_bias
+            or config.qk_norm
+        ):
+            return False
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            return False
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        kinds = [(model.embed, nn.Embedding), (model.norm, RMSNorm), (model.lm_head, nn.Linear)]
+        for block in model.layers:
+            attn, ffn = block.attn, block.ffn
+            kinds += [(block, Block), (block.attn_norm, RMSNorm), (block.ffn_norm, RMSNorm)]
+            kinds += [(attn, GroupedQueryAttention), (ffn, SwiGLU)]
+            kinds += [(attn.q_proj, nn.Linear), (attn.k_proj, nn.Linear), (attn.v_proj, nn.Linear)]
+            kinds += [(attn.o_proj, nn.Linear), (ffn.gate_proj, nn.Linear), (ffn.up_proj, nn.Linear)]
+            kinds += [(ffn.down_proj, nn.Linear)]
+        return all(type(module) is kind for module, kind in kinds) and all(
+            module.bias is None for module, kind in kinds if kind is nn.Linear
         )
 
     def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
@@ -135,7 +161,7 @@ def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight * norm_weight).t().contiguous()
 
 
-def forward_step(model: Transformer, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
+def forward_step(model: nn.Module, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
     """The fastest step that computes `model`'s forward for a decode of `batch` rows up to `max_len` positions."""
     kind = DenseForward if DenseForward.supports(model) else ModelForward
     return kind(model, batch, max_len, vocab_size)

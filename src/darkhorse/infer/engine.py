@@ -125,7 +125,7 @@ class Engine:
         device = model.embed.weight.device
         ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
         end = max(ends)
-        tokens = torch.zeros(len(prompts), end, dtype=torch.long, device=device)
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # the prompts
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         penalize = repetition_penalty != 1.0
@@ -133,10 +133,11 @@ class Engine:
             seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
             for row, prompt in enumerate(prompts):
                 seen[row, tokens[row, : len(prompt)]] = True
-        ragged = min(lengths) != max(lengths)
+        longest, first_end = max(lengths), min(ends)
         prompt_len = torch.tensor(lengths, device=device)
         row_end = torch.tensor(ends, device=device)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        stop_id = int(stop[0]) if len(stop) == 1 else -1  # -1: no id matches
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         was_training = model.training
@@ -161,20 +162,23 @@ class Engine:
                         repetition_penalty=repetition_penalty,
                         generator=generator,
                     )
-                if ragged:
+                if pos < longest:  # some rows still read their prompt: they are fed its next token
                     reading = pos < prompt_len
-                    tokens[:, pos] = torch.where(reading, tokens[:, pos], sampled)
+                    feed = torch.where(reading, tokens[:, pos], sampled)
                     writing = ~reading & ~finished
-                else:  # every row is past its prompt
-                    tokens[:, pos] = sampled
+                else:
+                    feed = sampled
                     writing = ~finished
                 if penalize:
                     seen[writing, sampled[writing]] = True
                 yield sampled, writing
-                finished |= writing & (torch.isin(sampled, stop) | (pos + 1 >= row_end))
+                done = torch.isin(sampled, stop) if len(stop) > 1 else sampled == stop_id
+                if pos + 1 >= first_end:  # some rows reach their last position
+                    done |= pos + 1 >= row_end
+                finished |= writing & done
                 if bool(finished.all()):
                     return
-                feed, feed_pos = tokens[:, pos : pos + 1], pos
+                feed, feed_pos = feed[:, None], pos
         finally:
             model.train(was_training)
 

@@ -5,17 +5,24 @@ At decoding sizes (a few rows, one new token each) a step is dozens of small ker
 dispatch and the module calls cost as much as the arithmetic. So, for one `Engine.decode` call:
 
 - each layer's q/k/v projections are one matmul and gate/up another, against weights concatenated and
-  stored transposed once per call (x @ W, which runs faster than `F.linear` at these shapes);
-- RoPE turns q and k in one op, with a signed sine table so that rotate-half is a `roll`;
+  stored transposed once per call (x @ W runs faster than `F.linear` at these shapes), with the RMSNorm
+  weight before them folded in; the residual adds ride in `addmm`;
+- RoPE turns q and k in one complex product (each half-split pair of channels stored side by side);
 - keys and values go into preallocated caches, in place;
 - one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call);
 - the output head runs on the last position only, over the tokenizer's ids only.
 
-RMSNorm, RoPE, SwiGLU and the residual adds are the model's own formulas; only the matmuls are grouped
-differently, so logits agree with the model's to float rounding (tests/infer hold the greedy tokens equal).
-Training never comes here: it is `Transformer.forward`, unchanged. Other models (MLA, MoE, mHC, qk-norm,
-attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a `Transformer`) decode through
-their own forward (`ModelForward`).
+Every formula is the model's; only the order of float operations differs (grouped and folded matmuls, the
+RoPE channel order inside q.k), so logits agree with `Transformer.forward`'s to float rounding
+(tests/infer/test_dense_forward.py; tests/infer/test_engine.py holds the greedy tokens equal to a cache-free
+recompute). Training never comes here: it runs `Transformer.forward`, unchanged. Other models (MLA, MoE,
+mHC, qk-norm, attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a plain
+`Transformer`) decode through their own forward (`ModelForward`).
+
+Measured (bench/bench_eval.py, docs/benchmarks.md "Eval throughput"): a left-padded one-call prefill of
+ragged prompts with a per-row pad mask was slower than feeding the longer prompts' tails token by token
+(the masked SDPA costs more per step than the ~3% of steps it saves), and attention as two matmuls was no
+faster than SDPA.
 """
 
 from __future__ import annotations
@@ -110,8 +117,8 @@ class DenseForward:
                     block.ffn_norm.eps,
                     _fold(block.ffn_norm.weight, gate_up),
                     ffn.down_proj.weight.t().contiguous(),
-                    torch.zeros(shape, device=device, dtype=dtype),
-                    torch.zeros(shape, device=device, dtype=dtype),
+                    torch.empty(shape, device=device, dtype=dtype),
+                    torch.empty(shape, device=device, dtype=dtype),
                 )
             )
         self.norm_eps = model.norm.eps

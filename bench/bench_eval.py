@@ -6,8 +6,11 @@ prompts rendered by infer/prompting.py, sorted by length, `--batch-size` at a ti
 transformers side: the same token ids in the same batches, left-padded with an attention mask,
 `model.generate(do_sample=False, max_new_tokens=N, eos_token_id=<the chat stop ids>)`, decoded and
 scored by the same `split_reply` + exact match. The darkhorse time includes rendering and tokenizing the
-prompts, the transformers time does not. Each side runs `--repeats` times, interleaved, and its fastest
-run counts (a shared machine's noise only ever slows a run down); the answers of both sides are compared.
+prompts and decoding and scoring the replies; the transformers time covers padding, `generate` and cutting
+at the stop id, not tokenizing or scoring. Each side runs `--repeats` times, interleaved; the result gives
+each side's fastest and median run and the speedup of each (on a shared machine read both: noise only ever
+slows a run down, but it can fall on one side's runs more than the other's), the 1-minute load average
+before and after, and whether the two sides give the same answers.
 
 The model is `--preset` (default demo-cpu, the dense demo model: it exports as a Llama) at random init
 with a tokenizer trained on the demo corpus, unless `--checkpoint` names a trained one (e.g. the one
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +92,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the fastest counts (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side (default 3)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +122,8 @@ def main() -> None:
         peer = peer.to(args.device).eval()
 
         evaluate_exact_match(model, tokenizer, records[:8], max_new_tokens=4, batch_size=8)  # warm-up
-        ours_seconds = theirs_seconds = float("inf")
+        load_before = os.getloadavg()[0]
+        ours_runs, theirs_runs = [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
             report = evaluate_exact_match(
@@ -125,9 +131,12 @@ def main() -> None:
             )
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            ours_seconds = min(ours_seconds, time.perf_counter() - started)
+            ours_runs.append(time.perf_counter() - started)
             theirs, seconds = run_transformers(peer, tokenizer, prompts, order, args)
-            theirs_seconds = min(theirs_seconds, seconds)
+            theirs_runs.append(seconds)
+        load_after = os.getloadavg()[0]
+        ours_seconds, theirs_seconds = min(ours_runs), min(theirs_runs)
+        ours_median, theirs_median = statistics.median(ours_runs), statistics.median(theirs_runs)
         ours_tokens = sum(outcome.tokens for outcome in report.outcomes)
         stop_ids = chat_stop_ids(tokenizer)
         theirs_tokens = sum(len(continuation) for continuation in theirs)
@@ -149,17 +158,21 @@ def main() -> None:
         "repeats": args.repeats,
         "darkhorse": {
             "seconds": round(ours_seconds, 2),
+            "median_seconds": round(ours_median, 2),
             "tokens": ours_tokens,
             "tokens_per_s": round(ours_tokens / ours_seconds, 1),
             "accuracy": report.overall().accuracy,
         },  # fmt: skip
         "transformers": {
             "seconds": round(theirs_seconds, 2),
+            "median_seconds": round(theirs_median, 2),
             "tokens": theirs_tokens,
             "tokens_per_s": round(theirs_tokens / theirs_seconds, 1),
             "accuracy": correct / len(records),
         },  # fmt: skip
         "speedup": round(theirs_seconds / ours_seconds, 2),
+        "speedup_median": round(theirs_median / ours_median, 2),
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "same_answers": f"{agree}/{len(records)}",
     }
     print(json.dumps(result, indent=2))

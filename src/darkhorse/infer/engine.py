@@ -8,6 +8,11 @@ positions, so a row decodes as it would alone (equal-length prompts decode exact
 prompt's tail goes through token by token, the same numbers up to float rounding). Rows interact
 only through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch.
 
+The forward step is infer/dense_forward.py's: `DenseForward` for plain dense GQA fp32 models (the model's
+computation with fewer, larger ops: fused projections, RMSNorm weights folded into the matmuls, the KV
+cache written in place), `Transformer.forward` with its caches for every other model. Greedy decoding
+takes each row's maximum without the sampler, and `generate` reads the steps' tensors once at the end.
+
 Streaming one prompt is the batch-of-one case (`Engine.stream`).
 """
 
@@ -18,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from darkhorse.errors import DarkhorseError
+from darkhorse.infer.dense_forward import forward_step
 from darkhorse.model import Transformer
 
 
@@ -62,7 +68,6 @@ class Engine:
         self.model = model
         self.vocab_size = vocab_size or model.config.padded_vocab_size
 
-    @torch.inference_mode()
     def decode(
         self,
         prompts: Sequence[Sequence[int]],
@@ -81,6 +86,33 @@ class Engine:
         the model's context; decoding ends when every row has finished. A seed makes the whole
         batch's sampling reproducible (a row's draws depend on the rows beside it).
         """
+        steps = self._steps(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_ids=stop_ids,
+        )
+        for sampled, writing in steps:
+            yield [token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)]
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Iterable[int] = (),
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`decode`'s steps as tensors: (each row's sampled id, whether the row wrote it)."""
         model = self.model
         lengths = [len(prompt) for prompt in prompts]
         if not lengths or min(lengths) == 0:
@@ -93,56 +125,74 @@ class Engine:
         device = model.embed.weight.device
         ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
         end = max(ends)
-        tokens = torch.zeros(len(prompts), end, dtype=torch.long, device=device)
-        # Tokens each row has seen so far, for the repetition penalty only.
-        seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # the prompts
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            seen[row, tokens[row, : len(prompt)]] = True
+        penalize = repetition_penalty != 1.0
+        if penalize:  # tokens each row has seen so far
+            seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                seen[row, tokens[row, : len(prompt)]] = True
+        longest, first_end = max(lengths), min(ends)
         prompt_len = torch.tensor(lengths, device=device)
         row_end = torch.tensor(ends, device=device)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        stop_id = int(stop[0]) if len(stop) == 1 else -1  # -1: no id matches
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         was_training = model.training
         model.eval()
         try:
-            cache = model.new_cache(len(prompts), end)
+            step = forward_step(model, len(prompts), end, self.vocab_size)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0
             for pos in range(start, end):
-                logits = model(feed, cache=cache, start_pos=feed_pos).logits[:, -1, : self.vocab_size]
-                sampled = sample_next(
-                    logits,
-                    seen[:, : self.vocab_size],
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    repetition_penalty=repetition_penalty,
-                    generator=generator,
-                )
-                reading = pos < prompt_len
-                tokens[:, pos] = torch.where(reading, tokens[:, pos], sampled)
-                writing = ~reading & ~finished
-                seen[writing, sampled[writing]] = True
-                yield [
-                    token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)
-                ]
-                finished |= writing & (torch.isin(sampled, stop) | (pos + 1 >= row_end))
+                logits = step(feed, feed_pos)
+                if temperature <= 0 and not penalize:
+                    # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first
+                    # maximum of a row) and on CPU a few times faster
+                    sampled = logits.max(dim=-1).indices
+                else:
+                    sampled = sample_next(
+                        logits,
+                        seen[:, : self.vocab_size] if penalize else torch.zeros(0, dtype=torch.bool),
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        repetition_penalty=repetition_penalty,
+                        generator=generator,
+                    )
+                if pos < longest:  # some rows still read their prompt: they are fed its next token
+                    reading = pos < prompt_len
+                    feed = torch.where(reading, tokens[:, pos], sampled)
+                    writing = ~reading & ~finished
+                else:
+                    feed = sampled
+                    writing = ~finished
+                if penalize:
+                    seen[writing, sampled[writing]] = True
+                yield sampled, writing
+                done = torch.isin(sampled, stop) if len(stop) > 1 else sampled == stop_id
+                if pos + 1 >= first_end:  # some rows reach their last position
+                    done |= pos + 1 >= row_end
+                finished |= writing & done
                 if bool(finished.all()):
                     return
-                feed, feed_pos = tokens[:, pos : pos + 1], pos
+                feed, feed_pos = feed[:, None], pos
         finally:
             model.train(was_training)
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `decode`)."""
-        continuations: list[list[int]] = [[] for _ in prompts]
-        for column in self.decode(prompts, **options):
-            for continuation, token in zip(continuations, column, strict=True):
-                if token is not None:
-                    continuation.append(token)
-        return continuations
+        steps = list(self._steps(prompts, **options))  # the steps' tensors, read once at the end
+        if not steps:
+            return [[] for _ in prompts]
+        sampled = torch.stack([s for s, _ in steps], dim=1).tolist()
+        writing = torch.stack([w for _, w in steps], dim=1).tolist()
+        return [
+            [token for token, write in zip(row, writes, strict=True) if write]
+            for row, writes in zip(sampled, writing, strict=True)
+        ]
 
     def stream(self, prompt: Sequence[int], **options) -> Iterator[int]:
         """One prompt's new tokens as they are decoded: the batch-of-one case of `decode`."""

@@ -68,39 +68,14 @@ class Engine:
         self.model = model
         self.vocab_size = vocab_size or model.config.padded_vocab_size
 
-    def decode(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_ids: Iterable[int] = (),
-    ) -> Iterator[list[int | None]]:
-        """Per step, each row's new token, or None for a row still reading its prompt or finished.
-
-        A row finishes after writing a stop id (yielded), `max_new_tokens` tokens, or at the end of
-        the model's context; decoding ends when every row has finished. A seed makes the whole
-        batch's sampling reproducible (a row's draws depend on the rows beside it).
-        """
-        steps = self._steps(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_ids=stop_ids,
-        )
-        for sampled, writing in steps:
+    def decode(self, prompts: Sequence[Sequence[int]], **options) -> Iterator[list[int | None]]:
+        """Per step, each row's new token, or None for a row still reading its prompt or finished
+        (options as for `steps`)."""
+        for sampled, writing in self.steps(prompts, **options):
             yield [token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)]
 
     @torch.inference_mode()
-    def _steps(
+    def steps(
         self,
         prompts: Sequence[Sequence[int]],
         *,
@@ -112,7 +87,13 @@ class Engine:
         seed: int | None = None,
         stop_ids: Iterable[int] = (),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`decode`'s steps as tensors: (each row's sampled id, whether the row wrote it)."""
+        """Per step, as tensors: each row's sampled id, and whether the row wrote it (False while it
+        still reads its prompt or after it finished).
+
+        A row finishes after writing a stop id (yielded), `max_new_tokens` tokens, or at the end of
+        the model's context; decoding ends when every row has finished. A seed makes the whole
+        batch's sampling reproducible (a row's draws depend on the rows beside it).
+        """
         model = self.model
         lengths = [len(prompt) for prompt in prompts]
         if not lengths or min(lengths) == 0:
@@ -183,8 +164,8 @@ class Engine:
             model.train(was_training)
 
     def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
-        """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `decode`)."""
-        steps = list(self._steps(prompts, **options))  # the steps' tensors, read once at the end
+        """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `steps`)."""
+        steps = list(self.steps(prompts, **options))  # the steps' tensors, read once at the end
         if not steps:
             return [[] for _ in prompts]
         sampled = torch.stack([s for s, _ in steps], dim=1).tolist()

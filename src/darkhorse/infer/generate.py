@@ -113,7 +113,7 @@ def print_reply(
 
 
 def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **options) -> str:
-    """Complete `prompt` and return only the new text (options as for `Engine.decode`)."""
+    """Complete `prompt` and return only the new text (options as for `Engine.steps`)."""
     options.setdefault("max_new_tokens", 64)
     ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt), **options)
     return "".join(stream_text(tokenizer, ids))

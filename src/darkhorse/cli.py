@@ -1,17 +1,24 @@
 """`darkhorse` console script: a thin dispatcher over the subcommand modules in `darkhorse.commands`.
 
 Each subcommand module defines HELP, `add_arguments(parser)` and `run(args) -> int`; heavy imports
-happen inside `run`, so `darkhorse --help` stays fast. User mistakes surface as one line on stderr
-and a non-zero exit, never a traceback.
+happen inside `run`, so `darkhorse --help` stays fast.
+
+`main` is the one error boundary: whatever goes wrong (a user mistake, a full disk, a corrupt file, an
+error inside torch) ends as one line, `darkhorse: error: <what> (<path>)`, and an exit code that says
+which kind it was (`EXIT_CODES`, documented in docs/reliability.md); `--debug` or DARKHORSE_DEBUG=1
+lets the traceback through instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import pickle
 import sys
 
-from darkhorse.errors import DarkhorseError
+from darkhorse.errors import DarkhorseError, path_of
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
@@ -38,7 +45,18 @@ EPILOG = """workflow:
   darkhorse --prompt "Hello"                       generate with the most recent run
   darkhorse --params 1b --prompt "Hello"           ... the most recent run of preset genesis-1b
 
-Run `darkhorse COMMAND --help` for the options of each command."""
+Run `darkhorse COMMAND --help` for the options of each command.
+--debug (or DARKHORSE_DEBUG=1) shows the traceback of an error instead of its one line."""
+
+# Exit status by kind of failure; argparse's own usage errors exit 2 as well.
+EXIT_CODES = {
+    "input": 2,  # DarkhorseError: bad input, config or arguments the user can fix
+    "file": 3,  # a file that cannot be parsed: corrupt safetensors, invalid JSON, not UTF-8, nested too deep
+    "os": 4,  # the system refused: disk full, read-only, permission denied, no such file, is a directory
+    "library": 5,  # torch or another library rejected the work (RuntimeError, ValueError, TypeError, out of memory)
+    "internal": 1,  # anything else is a darkhorse bug: rerun with --debug and report it
+    "interrupted": 130,  # Ctrl-C
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"darkhorse {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (DARKHORSE_DEBUG=1)")
     parser.add_argument("--prompt", help="with no command: generate from the most recent run's final checkpoint")
     parser.add_argument(
         "--params",
@@ -67,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(command)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.set_defaults(handler=module.run)
     return parser
 
@@ -77,34 +97,76 @@ def _version() -> str:
     return __version__
 
 
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library's message: its first non-empty line, without torch's advice to unpickle
+    untrusted files (`weights_only=False`), which darkhorse never takes."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe_error(exc: Exception) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception that reaches the CLI."""
+    if isinstance(exc, DarkhorseError):
+        return str(exc), EXIT_CODES["input"]
+    if isinstance(exc, OSError):
+        what, kind = exc.strerror or _first_line(exc), "os"
+    elif type(exc).__name__ == "SafetensorError":  # safetensors' Rust error, whatever module exports it
+        what, kind = f"not a valid safetensors file ({_first_line(exc)})", "file"
+    elif isinstance(exc, json.JSONDecodeError):
+        what, kind = f"invalid JSON at line {exc.lineno} ({exc.msg})", "file"
+    elif isinstance(exc, UnicodeError):
+        what, kind = f"not UTF-8 text ({_first_line(exc)})", "file"
+    elif isinstance(exc, RecursionError):
+        what, kind = "input nested too deeply to read", "file"
+    elif isinstance(exc, pickle.UnpicklingError):
+        what, kind = "refused to load it: not a plain tensor file (nothing in it was executed)", "file"
+    elif isinstance(exc, MemoryError):
+        what, kind = "out of memory", "library"
+    elif isinstance(exc, (RuntimeError, ValueError, TypeError, ArithmeticError, AssertionError, LookupError)):
+        what, kind = _first_line(exc), "library"
+    else:
+        what = f"internal error {type(exc).__name__}: {_first_line(exc)} (rerun with --debug and report it)"
+        kind = "internal"
+    path = path_of(exc)
+    return (f"{what} ({path})" if path and path not in what else what), EXIT_CODES[kind]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("DARKHORSE_DEBUG", "") not in ("", "0")
     try:
-        if args.command is None:
-            if args.prompt is None:
-                if args.latest_preset is not None:
-                    raise DarkhorseError(
-                        f"--params {args.latest_preset} needs --prompt TEXT here; to train or count that model, "
-                        f"put it after the command: `darkhorse train --params {args.latest_preset} ...`"
-                    )
-                parser.print_help()
-                return 0
-            from darkhorse.commands.generate import run_latest
-
-            return run_latest(args.prompt, args.latest_preset)
-        if args.latest_preset is not None:
-            raise DarkhorseError(
-                f"--params/--preset before `{args.command}` only pick a run for `darkhorse --prompt`; "
-                "put it after the command"
-            )
-        return int(args.handler(args) or 0)
-    except DarkhorseError as exc:
-        print(f"darkhorse: error: {exc}", file=sys.stderr)
-        return 2
+        return _dispatch(parser, args)
     except KeyboardInterrupt:
         print("darkhorse: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CODES["interrupted"]
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = describe_error(exc)
+        print(f"darkhorse: error: {message}", file=sys.stderr)
+        return code
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command is None:
+        if args.prompt is None:
+            if args.latest_preset is not None:
+                raise DarkhorseError(
+                    f"--params {args.latest_preset} needs --prompt TEXT here; to train or count that model, "
+                    f"put it after the command: `darkhorse train --params {args.latest_preset} ...`"
+                )
+            parser.print_help()
+            return 0
+        from darkhorse.commands.generate import run_latest
+
+        return run_latest(args.prompt, args.latest_preset)
+    if args.latest_preset is not None:
+        raise DarkhorseError(
+            f"--params/--preset before `{args.command}` only pick a run for `darkhorse --prompt`; "
+            "put it after the command"
+        )
+    return int(args.handler(args) or 0)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ valid keys instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
+import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +24,7 @@ import yaml
 
 from darkhorse.errors import ConfigError
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")  # what torch.device accepts that we use
 MAX_DOMAINS = 256  # domain ids are stored as uint8 (prepared data, MoE routing statistics)
 PRESET_ALIASES = {"1b": "genesis-1b", "5b": "genesis-5b", "30b": "genesis-30b", "500b": "genesis-500b"}
 
@@ -31,6 +36,51 @@ def _require(condition: bool, message: str) -> None:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def range_problem(
+    value: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> str | None:
+    """What is wrong with `value` for the bounds given (None if nothing): the one numeric check that
+    config values and command-line arguments share. NaN and infinity never pass."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    bounds = [(">=", ge, value >= (ge or 0)), (">", gt, value > (gt or 0))]
+    bounds += [("<=", le, value <= (le or 0)), ("<", lt, value < (lt or 0))]
+    failed = [f"{sign} {bound}" for sign, bound, ok in bounds if bound is not None and not ok]
+    wanted = " and ".join(f"{sign} {bound}" for sign, bound, _ in bounds if bound is not None)
+    return f"must be {wanted}" if failed else None
+
+
+def check_range(name: str, value: float, **bounds: float) -> None:
+    """Raise a ConfigError naming `name` when `value` is outside the bounds (see `range_problem`)."""
+    problem = range_problem(value, **bounds)
+    _require(problem is None, f"{name} {problem}, got {value!r}")
+
+
+def number_arg(kind: type = int, **bounds: float) -> Callable[[str], float]:
+    """An argparse `type=` that parses `kind` and checks the bounds, so a bad value is a usage error
+    (`argument --top-k: must be >= 0, got -3`) before any work starts."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        problem = range_problem(value, **bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse `type=` for --device: auto, cpu, mps, cuda[:N] or xpu[:N] (checked without importing torch)."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 @dataclass
@@ -182,7 +232,9 @@ class ModelConfig:
         _one_of("model.ffn", self.ffn, ("dense", "moe"))
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            _require(getattr(self, name) > 0, f"model.{name} must be > 0")
+            check_range(f"model.{name}", getattr(self, name), gt=0)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            check_range(f"model.{name}", getattr(self, name), gt=0)
         _require(self.head_dim >= 0, "model.head_dim must be >= 0 (0 = dim / n_heads)")
         if self.head_dim == 0:
             _require(
@@ -247,11 +299,22 @@ class TrainConfig:
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
         _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last"):
-            _require(getattr(self, name) > 0, f"train.{name} must be > 0")
-        _require(self.lr > 0, "train.lr must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be between 0 and 1")
-        _require(0 < self.wsd_decay_fraction <= 1, "train.wsd_decay_fraction must be in (0, 1]")
+        _require(
+            bool(DEVICE_PATTERN.fullmatch(self.device)),
+            f"train.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
+        )
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last", "max_bad_steps"):
+            check_range(f"train.{name}", getattr(self, name), gt=0)
+        for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "grad_clip", "weight_decay"):
+            check_range(f"train.{name}", getattr(self, name), ge=0)  # 0: off
+        check_range("train.seed", self.seed, ge=0, lt=2**63)
+        check_range("train.lr", self.lr, gt=0)
+        check_range("train.muon_lr", self.muon_lr, gt=0)
+        check_range("train.mtp_weight", self.mtp_weight, ge=0)
+        check_range("train.beta1", self.beta1, ge=0, lt=1)
+        check_range("train.beta2", self.beta2, ge=0, lt=1)
+        check_range("train.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("train.wsd_decay_fraction", self.wsd_decay_fraction, gt=0, le=1)
 
 
 @dataclass
@@ -306,14 +369,16 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
                 return lowered in ("true", "1", "yes")
             return bool(value)
         if target is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if target is float:
+            if isinstance(value, bool) or not math.isfinite(float(value)):
+                raise ValueError(value)
             return float(value)
         if target is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(target, "__name__", str(target))
         raise ConfigError(f"config key '{key}' expects {name}, got {value!r}") from None
     return value

@@ -50,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.checkpoint import load_for_inference
     from darkhorse.infer.chat import ChatSession, run_repl
     from darkhorse.infer.prompting import render_chat_prompt
+    from darkhorse.train.device import resolve_device
 
     options = sampling_options(args)
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, resolve_device(args.device))
     render_chat_prompt(tokenizer, [{"role": "user", "content": "hi"}])  # no chat format: one error now, not per turn
     session = ChatSession(
         model,

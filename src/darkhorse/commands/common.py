@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from darkhorse.config import RunConfig, list_presets, load_run_config
+from darkhorse.config import RunConfig, list_presets, load_run_config, number_arg
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
@@ -35,7 +35,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
     """--data, --out, --max-steps, --resume, --force, --logger and --quiet, as train and finetune take them."""
     parser.add_argument("--data", action="append", default=[], metavar="PATH[:WEIGHT]", help=data_help)
     parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps in total (train.max_steps)")
+    parser.add_argument("--max-steps", type=number_arg(int, gt=0), help="optimizer steps in total (train.max_steps)")
     parser.add_argument(
         "--resume",
         nargs="?",

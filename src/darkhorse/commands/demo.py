@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from darkhorse.config import number_arg
 from darkhorse.errors import DarkhorseError
 
 HELP = "train and evaluate a small model on a built-in corpus, end to end (no data needed)"
@@ -62,10 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"model preset (default {DEFAULT_PRESET}: MLA + MoE + ALF + MTP; {DENSE_PRESET} is a small dense model)",
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
-    budget.add_argument("--max-steps", type=int, help="train exactly this many steps instead of a time budget")
+    budget.add_argument("--minutes", type=number_arg(float, gt=0), default=5.0, help="training time budget (default 5)")
+    budget.add_argument(
+        "--max-steps", type=number_arg(int, gt=0), help="train exactly this many steps instead of a time budget"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds: tiny corpus and batches, 6 steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the corpus and the training run (default 0)")
+    parser.add_argument(
+        "--seed", type=number_arg(int, ge=0), default=0, help="seed for the corpus and the training run (default 0)"
+    )
     parser.add_argument(
         "--force",
         action="store_true",

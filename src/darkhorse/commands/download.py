@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from darkhorse.config import number_arg
+
 HELP = "download OpenHermes-2.5, Open-Platypus or OpenThoughts-114k as chat JSONL"
 NAMES = ("openhermes-2.5", "open-platypus", "openthoughts-114k")  # = darkhorse.data.sources.SOURCES
 
@@ -21,7 +23,7 @@ NAMES = ("openhermes-2.5", "open-platypus", "openthoughts-114k")  # = darkhorse.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help=f"dataset: {', '.join(NAMES)} (or its hub id)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for NAME.jsonl")
-    parser.add_argument("--max-samples", type=int, metavar="N", help="keep only the first N records")
+    parser.add_argument("--max-samples", type=number_arg(int, gt=0), metavar="N", help="keep only the first N records")
     parser.add_argument(
         "--from-file", nargs="+", metavar="FILE", help="convert these local files instead of downloading"
     )

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from darkhorse.config import device_arg, number_arg
 from darkhorse.errors import DarkhorseError
 
 HELP = "evaluate a checkpoint or HF model: prompt suite, perplexity + bits/byte, your own tasks"
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parts.add_argument("--suite", action="store_true", help="the eight prompts plus the demo's skill families")
     parts.add_argument(
         "--suite-per-skill",
-        type=int,
+        type=number_arg(int, ge=0),
         default=DEFAULT_PER_SKILL,
         metavar="N",
         help=f"held-out demo problems per skill in --suite (default {DEFAULT_PER_SKILL}; 0: the prompts only)",
@@ -53,19 +54,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parts.add_argument("--text", type=Path, metavar="FILE|PREPARED_DIR", help="perplexity and bits per byte")
     parts.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared dir (default val)")
     parts.add_argument("--all-tokens", action="store_true", help="--text: score every token, not only the loss mask")
-    parts.add_argument("--window", type=int, help="--text: tokens per scoring window (default: the model's context)")
+    parts.add_argument(
+        "--window", type=number_arg(int, gt=0), help="--text: tokens per scoring window (default: the model's context)"
+    )
     parts.add_argument("--tasks", type=Path, nargs="+", metavar="FILE.jsonl", help="your own prompt/answer records")
     parts.add_argument(
         "--match", choices=("exact", "contains"), default="exact", help="--tasks scoring (default exact)"
     )
     parser.add_argument("--think", action="store_true", help="--tasks: let the model reason before answering")
     parser.add_argument("--no-think", action="store_true", help="--suite prompts: answer without reasoning")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default 128)")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts decoded together (default 64)")
+    parser.add_argument(
+        "--max-new-tokens", type=number_arg(int, gt=0), default=128, help="tokens per answer at most (default 128)"
+    )
+    parser.add_argument(
+        "--batch-size", type=number_arg(int, gt=0), default=64, help="prompts decoded together (default 64)"
+    )
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
     parser.add_argument("--chart", type=Path, metavar="PNG", help="bar chart of accuracy per task (default OUT.png)")
     parser.add_argument("--force", action="store_true", help="replace existing --json/--chart files")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, mps (default auto)")
 
 
 def _check_args(args: argparse.Namespace) -> None:

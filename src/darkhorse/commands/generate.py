@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from darkhorse.config import device_arg, number_arg
 from darkhorse.errors import DarkhorseError
 
 HELP = "generate text from a checkpoint (streams tokens; greedy by default)"
@@ -24,25 +25,28 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
     """Sampling knobs shared by `generate` and `chat`; each command has its own token budget."""
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=number_arg(int, gt=0),
         default=max_new_tokens,
         help=f"tokens to generate at most (default {max_new_tokens})",
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 to sample")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (1.0 = off)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    parser.add_argument(
+        "--temperature", type=number_arg(float, ge=0), default=0.0, help="0 = greedy (default); e.g. 0.7 to sample"
+    )
+    parser.add_argument(
+        "--top-k", type=number_arg(int, ge=0), default=0, help="sample among the k likeliest tokens (0 = off)"
+    )
+    parser.add_argument(
+        "--top-p", type=number_arg(float, gt=0, le=1), default=1.0, help="nucleus sampling mass (1.0 = off)"
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=number_arg(float, gt=0), default=1.0, help=">1 discourages repeats (1.0 = off)"
+    )
+    parser.add_argument("--seed", type=number_arg(int, ge=0), default=None, help="seed for sampling")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, mps (default cpu)")
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    if args.max_new_tokens <= 0:
-        raise DarkhorseError("--max-new-tokens must be > 0")
-    if not 0 < args.top_p <= 1:
-        raise DarkhorseError("--top-p must be in (0, 1]")
-    if args.temperature < 0 or args.repetition_penalty <= 0:
-        raise DarkhorseError("--temperature must be >= 0 and --repetition-penalty > 0")
+    """The decode options (each checked by its argparse type)."""
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -67,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.checkpoint import load_for_inference
     from darkhorse.infer.generate import stream_completion
     from darkhorse.infer.prompting import render_chat_prompt
+    from darkhorse.train.device import resolve_device
 
     options = sampling_options(args)
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, resolve_device(args.device))
     prompt = args.prompt
     if args.chat:
         prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], think=not args.no_think)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 
 from darkhorse.commands.common import add_config_arguments, config_from_args
+from darkhorse.config import number_arg
 
 HELP = "parameters, FLOPs per token, KV cache and training memory of a preset or config"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, default_preset="tiny-cpu")
-    parser.add_argument("--context", type=int, default=131072, help="context length for the KV-cache figure")
+    parser.add_argument(
+        "--context", type=number_arg(int, gt=0), default=131072, help="context length for the KV-cache figure"
+    )
 
 
 def _human(n: float) -> str:

@@ -23,6 +23,8 @@ import argparse
 import time
 from typing import Any
 
+from darkhorse.config import number_arg
+
 HELP = "tokenize text, domain-tagged or chat data (.txt/.jsonl/.json/.parquet) into a prepared directory"
 
 
@@ -37,14 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="prepared directory to create")
     parser.add_argument(
-        "--vocab-size", type=int, metavar="N", help="BPE vocabulary to train, special tokens included (default 4096)"
+        "--vocab-size",
+        type=number_arg(int, gt=0),
+        metavar="N",
+        help="BPE vocabulary to train, special tokens included (default 4096)",
     )
     parser.add_argument(
         "--tokenizer", metavar="FILE", help="reuse this tokenizer.json instead of training one (ignores --vocab-size)"
     )
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=number_arg(float, ge=0, lt=1),
         metavar="F",
         help="share of documents held out for validation, picked by a hash of each document (default 0.02)",
     )
@@ -56,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tokenizer-sample-mb",
-        type=float,
+        type=number_arg(float, gt=0),
         metavar="MB",
         help="train the tokenizer on at most this many MiB of text (default 128)",
     )

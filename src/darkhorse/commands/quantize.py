@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
+from darkhorse.config import number_arg
+
 HELP = "quantize a GGUF file to Q8_0, Q6_K, Q5_K_M or Q4_K_M with llama.cpp; report sizes and perplexity"
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
 
@@ -29,13 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", metavar="PREPARED_DIR", help="prepared data dir whose val.bin measures perplexity (before/after)"
     )
     parser.add_argument(
-        "--ppl-tokens", type=int, default=16384, metavar="N", help="val tokens to evaluate (default 16384)"
+        "--ppl-tokens",
+        type=number_arg(int, gt=0),
+        default=16384,
+        metavar="N",
+        help="val tokens to evaluate (default 16384)",
     )
     parser.add_argument(
-        "--context", type=int, default=512, metavar="N",
+        "--context", type=number_arg(int, gt=0), default=512, metavar="N",
         help="perplexity window in tokens, capped at the model's context (default 512)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=number_arg(int, ge=0), default=0, metavar="N", help="CPU threads (default: all cores)"
+    )
 
 
 def _mib(n: int) -> str:

@@ -32,6 +32,7 @@ import argparse
 from pathlib import Path
 
 from darkhorse.commands.common import add_config_arguments, add_run_arguments, config_from_args, take_run_overrides
+from darkhorse.config import number_arg
 
 HELP = "train a model from a preset or config on prepared data, resumable exactly"
 
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (train.device; auto: cuda > mps > cpu)"
     )
-    parser.add_argument("--log-interval", type=int, help="steps between log lines (train.log_interval)")
+    parser.add_argument(
+        "--log-interval", type=number_arg(int, gt=0), help="steps between log lines (train.log_interval)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

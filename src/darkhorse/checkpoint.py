@@ -41,8 +41,8 @@ from torch import nn
 from darkhorse import __version__
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES, TOKENIZER_FILE, Tokenizer
-from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir, read_json_object, remove_partial_writes
+from darkhorse.errors import ConfigError, DarkhorseError, naming
+from darkhorse.files import atomic_dir, check_fields, read_json_object, remove_partial_writes
 
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint (darkhorse.finetune) holds this instead
@@ -50,6 +50,7 @@ META_FILE = "meta.json"
 STATE_FILE = "trainer_state.pt"
 FINAL_NAME = "final"
 STEP_PREFIX = "step-"
+META_TYPES = {"config": dict, "step": int, "tokens_seen": int, "loss": float, "darkhorse_version": str, "import": dict}
 
 
 def step_name(step: int) -> str:
@@ -172,6 +173,11 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     meta = read_json_object(meta_file)
     if "config" not in meta:
         raise DarkhorseError(f"{meta_file}: missing 'config'")
+    check_fields(meta_file, meta, META_TYPES)
+    try:
+        run_config_from_dict(meta["config"])  # every reader builds it: a wrong field fails here, naming the file
+    except ConfigError as exc:
+        raise DarkhorseError(f"{meta_file}: {exc}") from None
     return meta
 
 
@@ -249,7 +255,8 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
     """Fill `model` from a checkpoint's model.safetensors; names and shapes must match exactly."""
     path = Path(folder) / MODEL_FILE
     try:
-        load_safetensors_into(model, str(path), strict=True, device=str(device))
+        with naming(path):
+            load_safetensors_into(model, str(path), strict=True, device=str(device))
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise DarkhorseError(f"{path} does not match its meta.json config: {' '.join(lines[1:3])}") from None
@@ -259,16 +266,18 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     state_file = Path(folder) / STATE_FILE
     if not state_file.exists():
         raise DarkhorseError(f"{folder} has no {STATE_FILE}: it cannot be resumed (only fine-tuned from)")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
+    with naming(state_file):
+        return torch.load(state_file, map_location="cpu", weights_only=True)
 
 
 def open_safetensors(path: str | Path):
     """A safetensors handle that reads with pread: with mmap every page read stays mapped into the
     process until the handle closes, so streaming a whole model out would hold the file in RSS."""
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # safetensors < 0.8 has only mmap
-        return safe_open(str(path), framework="pt")
+    with naming(path):
+        try:
+            return safe_open(str(path), framework="pt", backend="pread")
+        except TypeError:  # safetensors < 0.8 has only mmap
+            return safe_open(str(path), framework="pt")
 
 
 class CheckpointTensors:
@@ -307,7 +316,8 @@ class CheckpointTensors:
         stored = self._stored_name(name)
         if stored is None:
             raise DarkhorseError(f"{self.weights_file}: tensor '{name}' is missing")
-        tensor = self._weights.get_tensor(stored)
+        with naming(self.weights_file):
+            tensor = self._weights.get_tensor(stored)
         if name in self.expected and tuple(tensor.shape) != self.expected[name]:
             raise DarkhorseError(
                 f"{self.weights_file}: {name} has shape {tuple(tensor.shape)}, its config needs {self.expected[name]}"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from darkhorse.errors import DarkhorseError
+from darkhorse.errors import DarkhorseError, naming
 
 PARTIAL_MARK = ".partial-"  # in the name of every temp dir an atomic write stages in
 
@@ -47,14 +47,15 @@ def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
     holder = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent))
     staged = holder / target.name
     try:
-        if is_dir:
-            staged.mkdir()
-        yield staged
-        _fsync_tree(staged)
-        if is_dir and target.exists():
-            target.rename(holder / "replaced")  # a dir cannot be renamed over; the old one goes with the holder
-        os.replace(staged, target)
-        _fsync(target.parent)
+        with naming(target, OSError):  # a full disk mid-write names the output being written
+            if is_dir:
+                staged.mkdir()
+            yield staged
+            _fsync_tree(staged)
+            if is_dir and target.exists():
+                target.rename(holder / "replaced")  # a dir cannot be renamed over; the old one goes with the holder
+            os.replace(staged, target)
+            _fsync(target.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
 
@@ -94,9 +95,52 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in `path`; invalid JSON is a DarkhorseError naming file:line."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DarkhorseError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    return parse_json_object(text, path)
+
+
+def parse_json_object(text: str, source: str | Path) -> dict[str, Any]:
+    """The JSON object in `text` (read from `source`); anything else is a DarkhorseError naming `source`."""
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DarkhorseError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise DarkhorseError(f"{source}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DarkhorseError(f"{source}: JSON nested too deeply") from None
     if not isinstance(data, dict):
-        raise DarkhorseError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise DarkhorseError(f"{source}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def contained(folder: str | Path, name: object, source: str | Path) -> Path:
+    """`folder / name` for a file name that a file (`source`) gives, refused when it could leave `folder`.
+
+    The check is on the name itself (absolute, or any `..` part), not on where symlinks lead: a Hugging
+    Face cache snapshot is a dir of symlinks into a blob store, and those are the user's own layout."""
+    if not isinstance(name, str) or not name.strip():
+        raise DarkhorseError(f"{source}: expected a file name, found {name!r}")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
+        raise DarkhorseError(f"{source}: file name {name!r} points outside {folder}; refusing to read it")
+    return Path(folder) / name
+
+
+JSON_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+              dict: "an object"}  # fmt: skip
+
+
+def check_fields(path: str | Path, data: dict[str, Any], types: dict[str, type]) -> None:
+    """Refuse a JSON object whose fields have the wrong JSON type, naming the file and the field.
+
+    `types` maps field -> int, float (an integer passes too), str, bool, list or dict; a missing or null
+    field passes (whoever reads it decides whether it is needed). A bool is never a number."""
+    for key, expected in types.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        allowed = (int, float) if expected is float else expected
+        if isinstance(value, bool) and expected is not bool or not isinstance(value, allowed):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise DarkhorseError(f"{path}: field '{key}' must be {JSON_TYPES[expected]}, got {shown}")

@@ -21,14 +21,13 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, CheckpointTensors
 from darkhorse.config import RunConfig, run_config_from_dict
-from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir
+from darkhorse.errors import ConfigError, DarkhorseError, naming
+from darkhorse.files import atomic_dir, check_fields, contained, read_json_object
 from darkhorse.interop.hf import adapter_for_export
 from darkhorse.interop.hf.base import HFAdapter, SpecialTokens
 from darkhorse.interop.safetensors_io import ShardWriter
@@ -181,8 +180,8 @@ def export_state_dict(
 
 def is_state_dict_export(folder: Path) -> bool:
     try:
-        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("format") == STATE_DICT_FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return read_json_object(Path(folder) / CONFIG_FILE).get("format") == STATE_DICT_FORMAT
+    except (OSError, DarkhorseError):
         return False
 
 
@@ -193,15 +192,20 @@ def load_state_dict_export(folder: str | Path, device: str = "cpu") -> tuple[tor
     from darkhorse.model import Transformer
 
     folder = Path(folder)
-    record: dict[str, Any] = json.loads((folder / CONFIG_FILE).read_text())
-    config = run_config_from_dict(record["config"])
-    weights = folder / record.get("weights", MODEL_FILE)
+    record = read_json_object(folder / CONFIG_FILE)
+    check_fields(folder / CONFIG_FILE, record, {"config": dict, "weights": str})
+    try:
+        config = run_config_from_dict(record.get("config") or {})
+    except ConfigError as exc:
+        raise DarkhorseError(f"{folder / CONFIG_FILE}: {exc}") from None
+    weights = contained(folder, record.get("weights", MODEL_FILE), folder / CONFIG_FILE)
     if not weights.exists():
         raise DarkhorseError(f"{folder}: {weights.name} is missing")
-    if weights.suffix == ".pt":
-        state = torch.load(weights, map_location=device, weights_only=True)
-    else:
-        state = load_file(str(weights), device=device)
+    with naming(weights):
+        if weights.suffix == ".pt":
+            state = torch.load(weights, map_location=device, weights_only=True)
+        else:
+            state = load_file(str(weights), device=device)
     with torch.device(device):
         model = Transformer(config.model)
     result = model.load_state_dict(state, strict=False)

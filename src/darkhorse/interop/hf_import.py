@@ -22,10 +22,11 @@ import torch
 from darkhorse.checkpoint import load_for_inference, save_model_checkpoint
 from darkhorse.config import TrainConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES
-from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir, read_json_object
+from darkhorse.errors import ConfigError, DarkhorseError
+from darkhorse.files import atomic_dir, check_fields, read_json_object
 from darkhorse.interop.export import is_state_dict_export, load_state_dict_export
 from darkhorse.interop.hf import adapter_for_import
+from darkhorse.interop.hf.base import HF_CONFIG_TYPES, HF_ROPE_TYPES
 from darkhorse.interop.safetensors_io import SafetensorsDir
 
 
@@ -33,6 +34,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DarkhorseError(f"{path.parent}: no {path.name} (is this a Hugging Face model directory?)")
     return read_json_object(path)
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json, every field an adapter reads checked for its JSON type (naming the field)."""
+    path = hf_dir / "config.json"
+    hf_config = _read_json(path)
+    check_fields(path, hf_config, HF_CONFIG_TYPES)
+    if not all(isinstance(name, str) for name in hf_config.get("architectures") or []):
+        raise DarkhorseError(f"{path}: field 'architectures' must be a list of class names")
+    for key in ("rope_parameters", "rope_scaling"):
+        check_fields(f"{path} ({key})", hf_config.get(key) or {}, HF_ROPE_TYPES)
+    return hf_config
 
 
 def _tokenizer_record(tokenizer_file: Path) -> dict[str, Any]:
@@ -73,7 +86,7 @@ def _tokenizer_file(hf_dir: Path, staging: Path) -> Path:
 
 def load_hf_state(hf_dir: Path, model: torch.nn.Module, adapter, source: SafetensorsDir) -> None:
     """Fill `model`'s persistent tensors from `source`, one at a time; list every problem at once."""
-    hf_config = _read_json(hf_dir / "config.json")
+    hf_config = read_hf_config(hf_dir)
     maps = adapter.tensor_maps(model.config)
     missing = [name for m in maps for name in m.missing(source)]
     known = {name for m in maps for name in m.known()}
@@ -107,19 +120,24 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
         raise DarkhorseError(f"model directory not found: {hf_dir}")
     if is_state_dict_export(hf_dir):
         return _import_state_dict_export(hf_dir, out, force)
-    hf_config = _read_json(hf_dir / "config.json")
-    adapter = adapter_for_import(hf_config, str(hf_dir / "config.json"))
+    hf_config = read_hf_config(hf_dir)
+    where = hf_dir / "config.json"
+    adapter = adapter_for_import(hf_config, str(where))
     source = SafetensorsDir(hf_dir)
-    model_dict = adapter.config_from_hf(hf_config, str(hf_dir / "config.json"), source)
-    train = TrainConfig()
-    run_config = run_config_from_dict(
-        {
-            "name": f"import-{hf_dir.resolve().name}",
-            "description": f"{adapter.architecture} imported from {hf_dir}",
-            "model": model_dict,
-            "train": {"seq_len": min(train.seq_len, model_dict["max_seq_len"])},
-        }
-    )
+    try:
+        model_dict = adapter.config_from_hf(hf_config, str(where), source)
+        run_config = run_config_from_dict(
+            {
+                "name": f"import-{hf_dir.resolve().name}",
+                "description": f"{adapter.architecture} imported from {hf_dir}",
+                "model": model_dict,
+                "train": {"seq_len": min(TrainConfig().seq_len, model_dict["max_seq_len"])},
+            }
+        )
+    except KeyError as exc:
+        raise DarkhorseError(f"{where}: missing field {exc.args[0]!r}") from None
+    except ConfigError as exc:
+        raise DarkhorseError(f"{where}: gives a model darkhorse cannot build: {exc}") from None
     with torch.device("meta"):
         model = Transformer(run_config.model)
     model.to_empty(device="cpu")  # allocates without initialising; every tensor is read below

@@ -13,6 +13,7 @@ import torch
 
 from darkhorse.checkpoint import open_safetensors, write_safetensors
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import contained, read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -24,10 +25,9 @@ class SafetensorsDir:
         self.path = Path(path)
         index = self.path / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DarkhorseError(f"{index}: not a safetensors index (no 'weight_map')") from None
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise DarkhorseError(f"{index}: not a safetensors index (no 'weight_map' of tensor -> file name)")
             files = sorted(set(weight_map.values()))
         elif (self.path / single_file).exists():
             files = [single_file]
@@ -40,9 +40,10 @@ class SafetensorsDir:
         self._handles = {}
         self._file_of: dict[str, str] = {}
         for file in files:
-            if not (self.path / file).exists():
-                raise DarkhorseError(f"{self.path / file}: listed in {INDEX_FILE} but missing")
-            handle = open_safetensors(self.path / file)
+            path = contained(self.path, file, index)  # a weight_map entry may not reach outside the dir
+            if not path.exists():
+                raise DarkhorseError(f"{path}: listed in {INDEX_FILE} but missing")
+            handle = open_safetensors(path)
             self._handles[file] = handle
             self._file_of.update(dict.fromkeys(handle.keys(), file))
 

@@ -35,6 +35,32 @@ from darkhorse.interop.safetensors_io import SafetensorsDir
 # ---------------------------------------------------------------------------------------------
 # Config helpers shared by the adapters
 
+_INT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "first_k_dense_replace", "kv_lora_rank",
+    "moe_intermediate_size", "moe_layer_freq", "n_group", "n_routed_experts", "n_shared_experts",
+    "num_experts_per_tok", "num_local_experts", "num_nextn_predict_layers", "q_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "sliding_window", "topk_group",
+)  # fmt: skip
+# The JSON type of every config.json field an adapter reads: a wrong one is refused naming file and field.
+HF_CONFIG_TYPES: dict[str, type] = {
+    **dict.fromkeys(_INT_KEYS, int),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"), float),
+    **dict.fromkeys(("attention_bias", "mlp_bias", "rope_interleave", "norm_topk_prob", "use_sliding_window"), bool),
+    "tie_word_embeddings": bool,
+    **dict.fromkeys(("hidden_act", "scoring_func", "model_type"), str),
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), dict),
+    "architectures": list,
+}
+HF_ROPE_TYPES: dict[str, type] = {
+    **dict.fromkeys(("rope_type", "type"), str),
+    "original_max_position_embeddings": int,
+    **dict.fromkeys(
+        ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale"), float
+    ),
+    "mscale_all_dim": float,
+}
+
 
 def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """(theta, scaling dict) from transformers 5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""

@@ -108,7 +108,9 @@ def describe_error(exc: Exception) -> tuple[str, int]:
     """(one-line message, exit code) for any exception that reaches the CLI."""
     if isinstance(exc, DarkhorseError):
         return str(exc), EXIT_CODES["input"]
-    if isinstance(exc, OSError):
+    if isinstance(exc, FileExistsError) and os.path.isfile(path_of(exc) or ""):
+        what, kind = "a file stands where a directory is needed", "os"
+    elif isinstance(exc, OSError):
         what, kind = exc.strerror or _first_line(exc), "os"
     elif type(exc).__name__ == "SafetensorError":  # safetensors' Rust error, whatever module exports it
         what, kind = f"not a valid safetensors file ({_first_line(exc)})", "file"

@@ -307,7 +307,7 @@ class TrainConfig:
             check_range(f"train.{name}", getattr(self, name), gt=0)
         for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "grad_clip", "weight_decay"):
             check_range(f"train.{name}", getattr(self, name), ge=0)  # 0: off
-        check_range("train.seed", self.seed, ge=0, lt=2**63)
+        check_range("train.seed", self.seed, ge=0)
         check_range("train.lr", self.lr, gt=0)
         check_range("train.muon_lr", self.muon_lr, gt=0)
         check_range("train.mtp_weight", self.mtp_weight, ge=0)
@@ -373,9 +373,12 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
                 raise ValueError(value)
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if target is float:
-            if isinstance(value, bool) or not math.isfinite(float(value)):
+            if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
         if target is str:
             return str(value)
     except (TypeError, ValueError, OverflowError):

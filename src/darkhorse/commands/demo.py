@@ -270,10 +270,6 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.eval.exact_match import evaluate_exact_match
     from darkhorse.train.trainer import train
 
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise DarkhorseError("--max-steps must be > 0")
-    if args.minutes <= 0:
-        raise DarkhorseError("--minutes must be > 0")
     console = Console()
     sizes = QUICK if args.quick else FULL
     out: Path = args.out

@@ -105,14 +105,16 @@ def test_imported_hf_model_is_evaluated_in_its_own_template(tmp_path, llama_dir,
     rendered = []
 
     def spy(tok, messages, think=True):
-        rendered.append(render(tok, messages, think=think))
+        rendered.append(encode(tok, messages, think=think))
         return rendered[-1]
 
-    render = suite_module.render_chat_prompt
-    monkeypatch.setattr(suite_module, "render_chat_prompt", spy)
+    encode = suite_module.encode_chat_prompt
+    monkeypatch.setattr(suite_module, "encode_chat_prompt", spy)
     rows = run_suite(model, tokenizer, max_new_tokens=4)
     assert len(rows) == 8 and all(row.tokens > 0 for row in rows)
-    assert rendered[0].startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 15 * 23?")
+    text, ids = rendered[0]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 15 * 23?")
+    assert ids == tokenizer.encode(text)  # message text encoded apart from the template's markup, same tokens
 
     # bits per byte of the imported model = transformers' own log-likelihood of the same documents
     docs = ["one two three four five six", "red orange yellow green blue indigo violet red orange"]

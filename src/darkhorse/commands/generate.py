@@ -69,15 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from darkhorse.checkpoint import load_for_inference
-    from darkhorse.infer.generate import stream_completion
-    from darkhorse.infer.prompting import render_chat_prompt
+    from darkhorse.infer.generate import prepare_prompt, stream_completion
     from darkhorse.train.device import resolve_device
 
     options = sampling_options(args)
     model, tokenizer, _ = load_for_inference(args.checkpoint, resolve_device(args.device))
-    prompt = args.prompt
-    if args.chat:
-        prompt = render_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}], think=not args.no_think)
+    prompt = prepare_prompt(tokenizer, args.prompt, chat=args.chat, think=not args.no_think)
     stream_completion(model, tokenizer, prompt, options, chat=args.chat)
     return 0
 
@@ -100,7 +97,7 @@ def run_latest(prompt: str, preset: str | None = None) -> int:
     """`darkhorse [--params SIZE] --prompt ...`: greedy completion from the newest run (of that preset),
     as the seeds' CLI does."""
     from darkhorse.checkpoint import load_for_inference
-    from darkhorse.infer.generate import stream_completion
+    from darkhorse.infer.generate import prepare_prompt, stream_completion
 
     checkpoint = latest_final_checkpoint(preset=preset)
     if checkpoint is None and preset is not None:
@@ -124,5 +121,5 @@ def run_latest(prompt: str, preset: str | None = None) -> int:
         "repetition_penalty": 1.0,
         "seed": None,
     }
-    stream_completion(model, tokenizer, prompt, defaults)
+    stream_completion(model, tokenizer, prepare_prompt(tokenizer, prompt), defaults)
     return 0

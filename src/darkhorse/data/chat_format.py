@@ -16,6 +16,10 @@ reasoning under "reasoning", "reasoning_content" or "thinking". `jinja_chat_temp
 text inside transformers' `apply_chat_template` (and llama.cpp, which reads it from GGUF), with
 `enable_thinking` choosing the generation prompt, as in Qwen3.
 
+`conversation_parts` / `prompt_parts` give the same text in pieces, our markup apart from message text,
+so that `Tokenizer.encode_parts` can encode what a user wrote as plain text: `<|/user|>` typed in a
+message stays characters, it never closes the turn.
+
 `assistant_spans` finds, in the token ids of a rendered conversation, the part each assistant turn writes
 (what response-only training puts its loss on): everything after the prompt's opening through the end
 marker, i.e. `R<|/think|><|assistant|>A<|/assistant|>` after `<|think|>`, or `A<|/assistant|>` after
@@ -43,6 +47,7 @@ from darkhorse.data.tokenizer import (
 from darkhorse.errors import DarkhorseError
 
 Message = Mapping[str, Any]
+Part = tuple[str, bool]  # (text, is markup): rendered chat as pieces, so message text is never read as markup
 REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
 
 
@@ -71,44 +76,55 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise DarkhorseError(f"message {index} ({role}) has no text 'content'")
 
 
-def _render_turns(messages: Sequence[Message], final_reasoning: str | None) -> str:
+def _turn_parts(messages: Sequence[Message], final_reasoning: str | None) -> list[Part]:
     """Everything after <|bos|>; the last assistant message gets `final_reasoning`."""
-    parts = []
+    parts: list[Part] = []
     last = len(messages) - 1
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
         if role == "system":
-            parts.append(f"{SYSTEM}{content}{SYSTEM_END}")
+            parts += [(SYSTEM, True), (content, False), (SYSTEM_END, True)]
         elif role == "user":
-            parts.append(f"{USER}{content}{USER_END}")
+            parts += [(USER, True), (content, False), (USER_END, True)]
         else:
             reasoning = final_reasoning if index == last else None
-            think = f"{THINK}{reasoning}{THINK_END}" if reasoning else NO_THINK
-            parts.append(f"{think}{ASSISTANT}{content}{ASSISTANT_END}")
-    return "".join(parts)
+            parts += [(THINK, True), (reasoning, False), (THINK_END, True)] if reasoning else [(NO_THINK, True)]
+            parts += [(ASSISTANT, True), (content, False), (ASSISTANT_END, True)]
+    return [(text, markup) for text, markup in parts if text]
+
+
+def conversation_parts(messages: Sequence[Message], reasoning: str | None = None) -> list[Part]:
+    """`render_conversation` as parts: markup we wrote (True) and message text (False), which is
+    encoded as plain text so a `<|user|>` typed inside a message can never become a control token."""
+    check_messages(messages)
+    if messages[-1]["role"] != "assistant":
+        raise DarkhorseError("a conversation must end with an assistant message")
+    if reasoning is None:
+        reasoning = message_reasoning(messages[-1])
+    return [(BOS, True), *_turn_parts(messages, reasoning), (EOS, True)]
+
+
+def prompt_parts(messages: Sequence[Message], think: bool = True) -> list[Part]:
+    """`render_prompt` as parts (see `conversation_parts`)."""
+    check_messages(messages)
+    if messages[-1]["role"] == "assistant":
+        raise DarkhorseError("a prompt must end with a user (or system) message, not an assistant reply")
+    opening = [(THINK, True)] if think else [(NO_THINK, True), (ASSISTANT, True)]
+    return [(BOS, True), *_turn_parts(messages, None), *opening]
 
 
 def render_conversation(messages: Sequence[Message], reasoning: str | None = None) -> str:
     """Training text for a whole conversation, ending with an assistant reply and <|eos|>.
 
     `reasoning` (or the final assistant message's own reasoning field) fills its think block."""
-    check_messages(messages)
-    if messages[-1]["role"] != "assistant":
-        raise DarkhorseError("a conversation must end with an assistant message")
-    if reasoning is None:
-        reasoning = message_reasoning(messages[-1])
-    return f"{BOS}{_render_turns(messages, reasoning)}{EOS}"
+    return "".join(text for text, _ in conversation_parts(messages, reasoning))
 
 
 def render_prompt(messages: Sequence[Message], think: bool = True) -> str:
     """The prefix a model continues to write the next assistant turn.
 
     Ends right after <|think|> when `think`, else after <|no_think|><|assistant|>."""
-    check_messages(messages)
-    if messages[-1]["role"] == "assistant":
-        raise DarkhorseError("a prompt must end with a user (or system) message, not an assistant reply")
-    opening = THINK if think else f"{NO_THINK}{ASSISTANT}"
-    return f"{BOS}{_render_turns(messages, None)}{opening}"
+    return "".join(text for text, _ in prompt_parts(messages, think))
 
 
 def parse_reply(text: str) -> tuple[str | None, str]:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from darkhorse.config import MAX_DOMAINS
-from darkhorse.data.chat_format import assistant_spans
+from darkhorse.data.chat_format import Part, assistant_spans
 from darkhorse.data.prepared import (
     DOMAIN_DTYPE,
     FORMAT,
@@ -42,7 +42,7 @@ from darkhorse.data.prepared import (
     sha256_file,
 )
 from darkhorse.data.readers import ChatRenderer, Document, InputReader, expand_inputs
-from darkhorse.data.tokenizer import BOS, EOS, Tokenizer
+from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir
 
@@ -133,13 +133,15 @@ class _SplitWriter:
         }
 
 
-def _frame(text: str, bos: str = BOS, eos: str = EOS) -> str:
-    """Plain text gets the tokenizer's bos/eos (a foreign tokenizer's own); rendered chat text has ours."""
-    if not text.startswith(BOS):
-        text = bos + text
-    if not text.endswith(eos):
-        text += eos
-    return text
+def _parts(document: Document, tok: Tokenizer) -> list[Part]:
+    """How a document is encoded: a conversation we rendered in its parts (message text as plain text), one a
+    model's own template rendered as it is, and plain text as plain text between the tokenizer's bos and eos
+    (so `<|system|>` written in a document is never a control token)."""
+    if document.parts is not None:
+        return list(document.parts)
+    if document.assistant_chars is not None:
+        return [(document.text, True)]
+    return [(tok.bos_token or "", True), (document.text, False), (tok.eos_token, True)]
 
 
 def _chunks(readers: list[InputReader], chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
@@ -320,17 +322,11 @@ def _encode_all(
     task = bar.add_task("tokenizing", total=sum(reader.size for reader in readers))
     try:
         for documents, consumed in _prefetched(_chunks(readers, chunk_bytes)):
-            if not tok.has_chat_tokens and any(document.text.startswith(BOS) for document in documents):
+            if not tok.has_chat_tokens and any(document.parts is not None for document in documents):
                 tok.require_special_tokens("chat records")
-            texts = [
-                document.text
-                if document.assistant_chars is not None
-                else _frame(document.text, tok.bos_token or "", tok.eos_token)
-                for document in documents
-            ]
-            encoded = tok.encode_batch(texts)
+            encoded = tok.encode_parts_batch([_parts(document, tok) for document in documents])
             templated = [i for i, document in enumerate(documents) if document.assistant_chars is not None]
-            offsets = dict(zip(templated, tok.encode_offsets([texts[i] for i in templated]), strict=True))
+            offsets = dict(zip(templated, tok.encode_offsets([documents[i].text for i in templated]), strict=True))
             batches: dict[str, tuple[list[list[int]], list[int], list[np.ndarray], list[int]]] = {
                 s: ([], [], [], []) for s in SPLITS
             }

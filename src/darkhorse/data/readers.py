@@ -11,7 +11,7 @@ JSON array, `.parquet`; other extensions are sniffed). A record becomes a docume
   answer in <|begin_of_solution|>...<|end_of_solution|>);
 * `{"instruction", "input"?, "output"}` (Open-Platypus, Alpaca).
 
-Chat records are rendered by `chat_format.render_conversation`. A record without "domain" is "general".
+Chat records are rendered by `chat_format.conversation_parts`. A record without "domain" is "general".
 Memory holds one record at a time; the exception is `txt_split="file"`, where a whole .txt file is one
 document and so is held whole.
 Errors name `file:line` (JSON Lines) or `file: element N` (JSON arrays); with `skip_bad`, bad records are
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from darkhorse.data.chat_format import message_reasoning, render_conversation
+from darkhorse.data.chat_format import Part, conversation_parts, message_reasoning
 from darkhorse.errors import DarkhorseError
 
 DEFAULT_DOMAIN = "general"
@@ -52,6 +52,9 @@ class Document:
     # Set when a model's own chat template rendered it: the [start, end) character ranges the
     # assistant wrote (the loss mask follows them; the template did the framing, so none is added).
     assistant_chars: tuple[tuple[int, int], ...] | None = None
+    # Set when darkhorse's chat format rendered it: `text` in (text, is markup) parts, so the message
+    # text inside is encoded as plain characters (chat_format.conversation_parts).
+    parts: tuple[Part, ...] | None = field(default=None, compare=False)  # `text`, in pieces
 
 
 # A model's own chat template: (messages, reasoning) -> (text, assistant character ranges).
@@ -154,7 +157,8 @@ def record_to_document(record: Any, chat_renderer: ChatRenderer | None = None) -
         if chat_renderer is not None:
             text, spans = chat_renderer(messages, reasoning)
             return Document(text, domain.strip(), chat=True, assistant_chars=tuple(spans))
-        return Document(render_conversation(messages, reasoning), domain.strip(), chat=True)
+        parts = tuple(conversation_parts(messages, reasoning))
+        return Document("".join(text for text, _ in parts), domain.strip(), chat=True, parts=parts)
     except DarkhorseError as exc:
         raise RecordError(str(exc)) from None
 

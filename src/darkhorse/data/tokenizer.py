@@ -9,7 +9,9 @@ ByteLevel without its own regex. Two reasons for this choice:
   export tokenizes identically in llama.cpp (`tokenizer.ggml.model = "gpt2"` + our merges).
 
 The 12 special tokens take the fixed ids 0..11 in `SPECIAL_TOKENS` order. Any special-token string inside
-text encodes to its id (so rendered chat text encodes right); `encode` never adds tokens of its own.
+text encodes to its id with `encode` (markup we rendered); `encode_text` reads them as plain characters
+(text from outside: a user's message, a plain document), and `encode_parts` encodes rendered chat with
+its markup as tokens and its message text as characters. None of them adds tokens of its own.
 `sha256` is the hash of the canonical serialization, which is exactly what `save` writes, so the hash of a
 saved `tokenizer.json` file equals `Tokenizer.sha256`.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -173,6 +175,38 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel on all cores (Rust threads, GIL released)."""
         return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    @cached_property
+    def _text_backend(self) -> BackendTokenizer:
+        """A copy of the backend that reads special-token strings in text as the characters they are."""
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text from outside (a user's message, a plain document): `<|user|>` written in it stays
+        characters and can never become a control token. `encode` is for markup we rendered."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
+    def encode_text_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode_text` of many texts, in parallel like `encode_batch`."""
+        return [e.ids for e in self._text_backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Rendered chat given as (text, is markup) parts (data/chat_format.py): see `encode_parts_batch`."""
+        return self.encode_parts_batch([parts])[0]
+
+    def encode_parts_batch(self, documents: Sequence[Sequence[tuple[str, bool]]]) -> list[list[int]]:
+        """Encode rendered documents: markup parts as written (special tokens included), every other
+        part with `encode_text`, so only the renderer can put control tokens into a document."""
+        markup = {text: self.encode(text) for parts in documents for text, is_markup in parts if is_markup}
+        texts = iter(
+            self.encode_text_batch([text for parts in documents for text, is_markup in parts if not is_markup])
+        )
+        return [
+            [i for text, is_markup in parts for i in (markup[text] if is_markup else next(texts))]
+            for parts in documents
+        ]
 
     def encode_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each token's [start, end) character range in its text (the fast batch path skips these)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.engine import Engine
-from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt, split_reply
+from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, split_reply
 
 UNTAGGED = "-"
 MATCHES = ("exact", "contains")
@@ -144,7 +144,7 @@ def evaluate_exact_match(
     for record in records:
         prompt_messages, expected = split_record(record)
         use_think = bool(record.get("reasoning")) if think is None else think
-        ids = tokenizer.encode(render_chat_prompt(tokenizer, prompt_messages, think=use_think))
+        _, ids = encode_chat_prompt(tokenizer, prompt_messages, think=use_think)
         items.append((record, prompt_messages, expected, use_think, ids))
     # Sorted by length, a batch spends few steps feeding its longer prompts' tails token by token.
     order = sorted(range(len(items)), key=lambda i: len(items[i][4]))

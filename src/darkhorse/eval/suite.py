@@ -18,7 +18,7 @@ from darkhorse.data.demo_corpus import build_demo_corpus
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.eval.exact_match import is_match
 from darkhorse.infer.engine import Engine
-from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt, split_reply
+from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, split_reply
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def run_suite(
     stop_ids = chat_stop_ids(tokenizer)
     rows = []
     for item in prompts:
-        ids = tokenizer.encode(render_chat_prompt(tokenizer, [{"role": "user", "content": item.prompt}], think=think))
+        _, ids = encode_chat_prompt(tokenizer, [{"role": "user", "content": item.prompt}], think=think)
         started = time.perf_counter()
         (continuation,) = engine.generate([ids], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
         seconds = time.perf_counter() - started

@@ -25,7 +25,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_file, read_json_object
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.generate import DIM, RESET, print_reply, stream_reply
-from darkhorse.infer.prompting import chat_stop_ids, prompt_opens_think, render_chat_prompt
+from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think
 
 CONTINUE, BLOCK = "\\", '"""'  # multi-line input: a trailing backslash, or lines between two """ lines
 HELP_TEXT = f"""commands:
@@ -86,15 +86,14 @@ class ChatSession:
         turns until it leaves room to answer; None, with a notice and nothing dropped, when the message
         does not fit the context even alone."""
         alone = self.messages()[: 1 if self.system else 0] + self.history[-1:]
-        needed = len(self.tokenizer.encode(render_chat_prompt(self.tokenizer, alone, think=self.think)))
+        needed = len(encode_chat_prompt(self.tokenizer, alone, think=self.think)[1])
         if needed >= self.context:
             self.note(out, f"that message needs {needed} tokens but the context is {self.context}: shorten it")
             return None
         room = min(self.options["max_new_tokens"], self.context // 2)  # tokens kept free for the reply
         dropped = 0
         while True:
-            prompt = render_chat_prompt(self.tokenizer, self.messages(), think=self.think)
-            ids = self.tokenizer.encode(prompt)
+            prompt, ids = encode_chat_prompt(self.tokenizer, self.messages(), think=self.think)
             if len(ids) + room <= self.context or len(self.history) <= 1:
                 break
             self._drop_oldest_turn()

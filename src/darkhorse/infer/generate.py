@@ -9,7 +9,7 @@ from itertools import takewhile
 from typing import Protocol, TextIO
 
 from darkhorse.infer.engine import Engine
-from darkhorse.infer.prompting import chat_stop_ids, prompt_opens_think, think_marker_ids
+from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think, think_marker_ids
 from darkhorse.model import Transformer
 
 REASONING, ANSWER = "reasoning", "answer"  # the two parts of a chat reply
@@ -119,16 +119,30 @@ def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **optio
     return "".join(stream_text(tokenizer, ids))
 
 
+def prepare_prompt(tokenizer, text: str, chat: bool = False, think: bool = True) -> tuple[str, list[int]]:
+    """(text, ids) of a user's prompt: as a user turn in the model's chat format with `chat`, else as it is;
+    either way what the user typed is encoded as plain text (no special token can be forged in it)."""
+    if chat:
+        return encode_chat_prompt(tokenizer, [{"role": "user", "content": text}], think=think)
+    return text, tokenizer.encode_text(text)
+
+
 def stream_completion(
-    model: Transformer, tokenizer, prompt_text: str, options: dict, out: TextIO | None = None, chat: bool = False
+    model: Transformer,
+    tokenizer,
+    prompt: tuple[str, list[int]],
+    options: dict,
+    out: TextIO | None = None,
+    chat: bool = False,
 ) -> str:
-    """Print the completion as it is generated and return its text.
+    """Print the completion of `prompt` (its text and ids: `prepare_prompt`) as it is generated and return its text.
 
     Plain text stops at the tokenizer's eos. A chat reply also stops at the end of the assistant turn and is
     printed as `print_reply` prints it (reasoning, then the answer, no special tokens); its answer is returned."""
     out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
-    ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt_text), stop_ids=stop_ids, **options)
+    prompt_text, prompt_ids = prompt
+    ids = Engine(model, tokenizer.vocab_size).stream(prompt_ids, stop_ids=stop_ids, **options)
     ids = takewhile(lambda i: i not in stop_ids, ids)
     if chat:
         pieces = stream_reply(tokenizer, ids, opened_think=prompt_opens_think(prompt_text))

@@ -6,11 +6,12 @@ has its tokens, else the chat template an imported model's tokenizer brought alo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from darkhorse.data.chat_format import parse_reply, render_prompt
+from darkhorse.data.chat_format import REASONING_KEYS, Part, parse_reply, prompt_parts, render_prompt
 from darkhorse.data.tokenizer import ASSISTANT, ASSISTANT_END, THINK, THINK_END, Tokenizer
 from darkhorse.errors import DarkhorseError
 
@@ -64,6 +65,44 @@ def render_chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict], think: bo
         bos_token=tokenizer.bos_token or "",
         eos_token=tokenizer.eos_token,
     )
+
+
+def encode_chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict], think: bool = True) -> tuple[str, list[int]]:
+    """(text, ids) of `render_chat_prompt`, the messages' text encoded as plain text: whatever a user types,
+    `<|/user|>` or `<|im_end|>` included, stays characters and cannot forge a turn of the chat format."""
+    if tokenizer.has_chat_tokens:
+        parts = prompt_parts(messages, think=think)
+    else:
+        parts = _template_parts(tokenizer, messages, think)
+    return "".join(text for text, _ in parts), tokenizer.encode_parts(parts)
+
+
+_STAND_IN = re.compile("\ue000(\\d+)\ue001")  # private-use characters no template or text produces
+
+
+def _template_parts(tokenizer: Tokenizer, messages: Sequence[dict], think: bool) -> list[Part]:
+    """A foreign chat template's prompt as parts: rendered with a stand-in for each message text, which is
+    then put back as a plain-text part. A template that alters the stand-ins (it edits message text) is
+    rendered as it is, when no message holds a special-token string; otherwise refused."""
+    texts: list[str] = []
+
+    def stand_in(value: str) -> str:
+        texts.append(value)
+        return f"\ue000{len(texts) - 1}\ue001"
+
+    keys = ("content", *REASONING_KEYS)
+    marked = [{k: stand_in(v) if k in keys and isinstance(v, str) and v else v for k, v in m.items()} for m in messages]
+    pieces = _STAND_IN.split(render_chat_prompt(tokenizer, marked, think=think))
+    if not any("\ue000" in piece or "\ue001" in piece for piece in pieces[::2]):
+        parts = [(texts[int(piece)], False) if k % 2 else (piece, True) for k, piece in enumerate(pieces)]
+        return [(text, is_markup) for text, is_markup in parts if text]
+    specials = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
+    if any(token in text for text in texts for token in specials):
+        raise DarkhorseError(
+            f"{tokenizer.path}: its chat template edits message text, so a message holding a special token "
+            "string cannot be encoded safely; remove the <|...|> markup from the message"
+        )
+    return [(render_chat_prompt(tokenizer, messages, think=think), True)]
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> set[int]:

@@ -42,7 +42,6 @@ import dataclasses
 from pathlib import Path
 
 from darkhorse.commands.common import add_run_arguments, take_run_overrides
-from darkhorse.config import number_arg
 
 HELP = "LoRA fine-tuning of a frozen base (MoE router/expert LoRA, router schedule), PEFT-format adapters"
 # LoRASpec / RouterOptions field of each flag; a flag left out (None) keeps the default, or on --resume the run's
@@ -57,27 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, metavar="BASE", help="darkhorse checkpoint or Hugging Face model dir")
     add_run_arguments(parser, "chat file or prepared dir, repeatable; WEIGHT sets its share (default 1)")
     parser.add_argument("--lora-targets", metavar="GROUPS", help="comma-separated groups (default: per architecture)")
-    parser.add_argument("--lora-r", type=number_arg(int, gt=0), help="rank for attention and dense MLPs (default 16)")
-    parser.add_argument(
-        "--expert-lora-r", type=number_arg(int, gt=0), help="rank for routed and shared experts (default --lora-r)"
-    )
-    parser.add_argument("--router-lora-r", type=number_arg(int, gt=0), help="rank for the routers (default --lora-r)")
-    parser.add_argument("--lora-alpha", type=number_arg(float, gt=0), help="scaling numerator: alpha / r (default 16)")
-    parser.add_argument(
-        "--lora-dropout", type=number_arg(float, ge=0, lt=1), help="dropout on the LoRA input, [0, 1) (default 0)"
-    )
-    parser.add_argument(
-        "--router-freeze-steps", type=number_arg(int, ge=0), help="steps before the router LoRA trains (default 0)"
-    )
-    parser.add_argument(
-        "--router-aux-loss-coef", type=number_arg(float, ge=0), help="Switch/Mixtral load-balance loss (default 0)"
-    )
-    parser.add_argument(
-        "--router-z-loss-coef", type=number_arg(float, ge=0), help="router z-loss coefficient (default 0)"
-    )
-    parser.add_argument(
-        "--router-entropy-coef", type=number_arg(float, ge=0), help="load-entropy loss coefficient (default 0)"
-    )
+    parser.add_argument("--lora-r", type=int, help="rank for attention and dense MLPs (default 16)")
+    parser.add_argument("--expert-lora-r", type=int, help="rank for routed and shared experts (default --lora-r)")
+    parser.add_argument("--router-lora-r", type=int, help="rank for the routers (default --lora-r)")
+    parser.add_argument("--lora-alpha", type=float, help="scaling numerator: alpha / r (default 16)")
+    parser.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input, [0, 1) (default 0)")
+    parser.add_argument("--router-freeze-steps", type=int, help="steps before the router LoRA trains (default 0)")
+    parser.add_argument("--router-aux-loss-coef", type=float, help="Switch/Mixtral load-balance loss (default 0)")
+    parser.add_argument("--router-z-loss-coef", type=float, help="router z-loss coefficient (default 0)")
+    parser.add_argument("--router-entropy-coef", type=float, help="load-entropy loss coefficient (default 0)")
     parser.add_argument(
         "--no-bias-update",
         dest="bias_update",

@@ -82,8 +82,8 @@ _STAND_IN = re.compile("\ue000(\\d+)\ue001")  # private-use characters no templa
 
 def _template_parts(tokenizer: Tokenizer, messages: Sequence[dict], think: bool) -> list[Part]:
     """A foreign chat template's prompt as parts: rendered with a stand-in for each message text, which is
-    then put back as a plain-text part. A template that alters the stand-ins (it edits message text) is
-    rendered as it is, when no message holds a special-token string; otherwise refused."""
+    then put back as a plain-text part. A template that edits message text (the two renderings differ) is
+    used as it renders, when no message holds a special-token string; otherwise refused."""
     texts: list[str] = []
 
     def stand_in(value: str) -> str:
@@ -93,8 +93,9 @@ def _template_parts(tokenizer: Tokenizer, messages: Sequence[dict], think: bool)
     keys = ("content", *REASONING_KEYS)
     marked = [{k: stand_in(v) if k in keys and isinstance(v, str) and v else v for k, v in m.items()} for m in messages]
     pieces = _STAND_IN.split(render_chat_prompt(tokenizer, marked, think=think))
-    if not any("\ue000" in piece or "\ue001" in piece for piece in pieces[::2]):
-        parts = [(texts[int(piece)], False) if k % 2 else (piece, True) for k, piece in enumerate(pieces)]
+    parts = [(texts[int(piece)], False) if k % 2 else (piece, True) for k, piece in enumerate(pieces)]
+    rendered = render_chat_prompt(tokenizer, messages, think=think)
+    if "".join(text for text, _ in parts) == rendered:
         return [(text, is_markup) for text, is_markup in parts if text]
     specials = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
     if any(token in text for text in texts for token in specials):
@@ -102,7 +103,7 @@ def _template_parts(tokenizer: Tokenizer, messages: Sequence[dict], think: bool)
             f"{tokenizer.path}: its chat template edits message text, so a message holding a special token "
             "string cannot be encoded safely; remove the <|...|> markup from the message"
         )
-    return [(render_chat_prompt(tokenizer, messages, think=think), True)]
+    return [(rendered, True)]
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> set[int]:

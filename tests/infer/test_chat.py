@@ -118,3 +118,26 @@ def test_unknown_command_shows_help_and_the_repl_goes_on(session):
     assert "(unknown command /bogus)\n" + HELP_TEXT in text
     assert "(error: /think takes on or off, not 'maybe')" in text and "(reasoning shown)" in text
     assert text.count("assistant> ") == 1  # /quit ended it before the last message
+
+
+def test_bytes_that_are_not_utf8_skip_one_line_and_the_chat_goes_on(session):
+    session.history.clear()
+    stdin = io.TextIOWrapper(io.BytesIO(b'one two\n\xff\xfe bad \xc3\n"""\nthree \xff\n"""\nfour\n'), encoding="utf-8")
+    out = io.StringIO()
+    run_repl(session, stdin, out)
+    assert out.getvalue().count("(that line is not UTF-8 text; it was skipped)") == 2
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["one two", "four"]
+
+
+def test_a_library_error_on_one_turn_keeps_the_conversation(session, monkeypatch):
+    session.history.clear()
+    out = io.StringIO()
+    assert session.handle("one two", out) and len(session.history) == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory\nsecond line")
+
+    monkeypatch.setattr("darkhorse.infer.chat.Engine.stream", broken)
+    assert session.handle("three four", out)
+    assert "(error: RuntimeError: DefaultCPUAllocator: not enough memory (the conversation is kept" in out.getvalue()
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["one two"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from darkhorse.infer.engine import Engine
 from darkhorse.infer.generate import DIM, RESET, print_reply, stream_reply
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think
 
+_UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape spells a byte that is not UTF-8
 CONTINUE, BLOCK = "\\", '"""'  # multi-line input: a trailing backslash, or lines between two """ lines
 HELP_TEXT = f"""commands:
   /think [on|off]      show or hide the model's reasoning (toggles without an argument)
@@ -185,12 +187,16 @@ class ChatSession:
         return len(messages)
 
     def handle(self, text: str, out: TextIO) -> bool:
-        """Run one input (a user message or a command); False means the user asked to quit."""
+        """Run one input (a user message or a command); False means the user asked to quit. An error ends the
+        turn, never the session: the conversation so far stays (and /save can still keep it)."""
         try:
             return self._handle(text, out)
         except DarkhorseError as exc:
             self.note(out, f"error: {exc}")
-            return True
+        except Exception as exc:  # a library's error on one turn (e.g. out of memory) must not lose the chat
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            self.note(out, f"error: {type(exc).__name__}: {first} (the conversation is kept; /save stores it)")
+        return True
 
     def _handle(self, text: str, out: TextIO) -> bool:
         if not text.strip():
@@ -250,6 +256,8 @@ def run_repl(session: ChatSession, stdin: TextIO | None = None, out: TextIO | No
     piped input is read line by line (each line one message, with the same multi-line rules)."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 arrive escaped, the stream keeps its place
+        stdin.reconfigure(errors="surrogateescape")
     if interactive and stdin is sys.stdin:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -266,11 +274,18 @@ def run_repl(session: ChatSession, stdin: TextIO | None = None, out: TextIO | No
         line = stdin.readline()
         return line.rstrip("\n") if line else None
 
+    def read_text(prompt: str) -> str | None:
+        line = read_line(prompt)
+        if line is not None and _UNDECODED.search(line):
+            session.note(out, "that line is not UTF-8 text; it was skipped")
+            return ""
+        return line
+
     if interactive:
         out.write("darkhorse chat: /help lists the commands, /quit leaves\n")
     while True:
         try:
-            text = read_message(read_line, interactive)
+            text = read_message(read_text, interactive)
         except KeyboardInterrupt:
             out.write("\n")
             return

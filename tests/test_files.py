@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from darkhorse.errors import DarkhorseError
@@ -72,3 +74,12 @@ def test_read_json_object_names_file_and_line(tmp_path):
     listed.write_text("[1, 2]")
     with pytest.raises(DarkhorseError, match=r"list\.json: expected a JSON object, found list"):
         read_json_object(listed)
+
+
+def test_an_atomic_file_gets_the_mode_open_gives_whatever_wrote_it(tmp_path):
+    target = tmp_path / "model.gguf"
+    with atomic_file(target, force=False) as temp:
+        os.close(os.open(temp, os.O_CREAT | os.O_WRONLY, 0o600))  # as a writer using mkstemp would
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -38,6 +38,12 @@ def _fsync_tree(path: Path) -> None:
     _fsync(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
     target = Path(target)
@@ -51,6 +57,8 @@ def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
             if is_dir:
                 staged.mkdir()
             yield staged
+            if not is_dir:  # whatever wrote it (llama.cpp, a library's mkstemp), a file gets the mode open() gives
+                staged.chmod(0o666 & ~_umask())
             _fsync_tree(staged)
             if is_dir and target.exists():
                 target.rename(holder / "replaced")  # a dir cannot be renamed over; the old one goes with the holder

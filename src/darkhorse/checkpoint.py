@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_into
 from torch import nn
 
 from darkhorse import __version__
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES, TOKENIZER_FILE, Tokenizer
-from darkhorse.errors import ConfigError, DarkhorseError, naming
+from darkhorse.errors import ConfigError, DarkhorseError, naming, parsing
 from darkhorse.files import atomic_dir, check_fields, read_json_object, remove_partial_writes
 
 MODEL_FILE = "model.safetensors"
@@ -255,7 +255,7 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
     """Fill `model` from a checkpoint's model.safetensors; names and shapes must match exactly."""
     path = Path(folder) / MODEL_FILE
     try:
-        with naming(path):
+        with parsing(path, "safetensors file", SafetensorError):
             load_safetensors_into(model, str(path), strict=True, device=str(device))
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -273,7 +273,7 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
 def open_safetensors(path: str | Path):
     """A safetensors handle that reads with pread: with mmap every page read stays mapped into the
     process until the handle closes, so streaming a whole model out would hold the file in RSS."""
-    with naming(path):
+    with naming(path), parsing(path, "safetensors file", SafetensorError):
         try:
             return safe_open(str(path), framework="pt", backend="pread")
         except TypeError:  # safetensors < 0.8 has only mmap
@@ -316,7 +316,7 @@ class CheckpointTensors:
         stored = self._stored_name(name)
         if stored is None:
             raise DarkhorseError(f"{self.weights_file}: tensor '{name}' is missing")
-        with naming(self.weights_file):
+        with parsing(self.weights_file, "safetensors file", SafetensorError):
             tensor = self._weights.get_tensor(stored)
         if name in self.expected and tuple(tensor.shape) != self.expected[name]:
             raise DarkhorseError(

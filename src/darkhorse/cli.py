@@ -18,7 +18,7 @@ import os
 import pickle
 import sys
 
-from darkhorse.errors import DarkhorseError, path_of
+from darkhorse.errors import CorruptFileError, DarkhorseError, path_of
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
@@ -106,6 +106,8 @@ def _first_line(exc: BaseException) -> str:
 
 def describe_error(exc: Exception) -> tuple[str, int]:
     """(one-line message, exit code) for any exception that reaches the CLI."""
+    if isinstance(exc, CorruptFileError):
+        return str(exc), EXIT_CODES["file"]
     if isinstance(exc, DarkhorseError):
         return str(exc), EXIT_CODES["input"]
     if isinstance(exc, FileExistsError) and os.path.isfile(path_of(exc) or ""):

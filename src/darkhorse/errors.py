@@ -15,6 +15,20 @@ class ConfigError(DarkhorseError):
     """A config key, value or combination that cannot work."""
 
 
+class CorruptFileError(DarkhorseError):
+    """A file whose bytes a library cannot parse (a truncated safetensors file, ...)."""
+
+
+@contextlib.contextmanager
+def parsing(path: str | os.PathLike, what: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Turn a parser's own exception (`kinds`) inside the block into a CorruptFileError naming `path`."""
+    try:
+        yield
+    except kinds as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CorruptFileError(f"{os.fspath(path)}: not a valid {what} ({first})") from None
+
+
 PATH_NOTE = "darkhorse path: "  # how `naming` tags an exception with the file it was about
 
 

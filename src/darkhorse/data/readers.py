@@ -292,6 +292,9 @@ class InputReader:
                 except json.JSONDecodeError as exc:
                     self._bad(where, f"malformed JSON ({exc.msg} at column {exc.colno})")
                     continue
+                except RecursionError:
+                    self._bad(where, "JSON nested too deeply")
+                    continue
                 document = self._document(record, where)
                 if document is not None:
                     yield document
@@ -352,6 +355,8 @@ class InputReader:
                     if refill():
                         continue
                     raise DarkhorseError(f"{self.path}: element {index}: malformed JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise DarkhorseError(f"{self.path}: element {index}: JSON nested too deeply") from None
                 pos, expect = end, ","
                 yield record
                 index += 1

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from darkhorse.checkpoint import load_for_inference, save_model_checkpoint
-from darkhorse.config import TrainConfig, run_config_from_dict
+from darkhorse.config import RunConfig, TrainConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES
 from darkhorse.errors import ConfigError, DarkhorseError
 from darkhorse.files import atomic_dir, check_fields, read_json_object
@@ -111,15 +111,9 @@ def load_hf_state(hf_dir: Path, model: torch.nn.Module, adapter, source: Safeten
         raise DarkhorseError(f"{hf_dir}: tensor shapes do not match config.json: {'; '.join(mismatched)}")
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """Convert `hf_dir` into a darkhorse checkpoint at `out`; returns `out`."""
-    from darkhorse.model import Transformer
-
-    hf_dir, out = Path(hf_dir), Path(out)
-    if not hf_dir.is_dir():
-        raise DarkhorseError(f"model directory not found: {hf_dir}")
-    if is_state_dict_export(hf_dir):
-        return _import_state_dict_export(hf_dir, out, force)
+def hf_run_config(hf_dir: Path) -> tuple[Any, RunConfig, SafetensorsDir]:
+    """(adapter, darkhorse RunConfig, its tensors) for an HF directory; a config.json field that cannot be
+    translated is a DarkhorseError naming config.json."""
     hf_config = read_hf_config(hf_dir)
     where = hf_dir / "config.json"
     adapter = adapter_for_import(hf_config, str(where))
@@ -138,6 +132,21 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Pa
         raise DarkhorseError(f"{where}: missing field {exc.args[0]!r}") from None
     except ConfigError as exc:
         raise DarkhorseError(f"{where}: gives a model darkhorse cannot build: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. num_attention_heads: 0
+        raise DarkhorseError(f"{where}: fields darkhorse cannot translate ({exc})") from None
+    return adapter, run_config, source
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Convert `hf_dir` into a darkhorse checkpoint at `out`; returns `out`."""
+    from darkhorse.model import Transformer
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise DarkhorseError(f"model directory not found: {hf_dir}")
+    if is_state_dict_export(hf_dir):
+        return _import_state_dict_export(hf_dir, out, force)
+    adapter, run_config, source = hf_run_config(hf_dir)
     with torch.device("meta"):
         model = Transformer(run_config.model)
     model.to_empty(device="cpu")  # allocates without initialising; every tensor is read below

@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from darkhorse.checkpoint import open_safetensors, write_safetensors
-from darkhorse.errors import DarkhorseError
+from darkhorse.errors import DarkhorseError, parsing
 from darkhorse.files import contained, read_json_object
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,10 +55,14 @@ class SafetensorsDir:
         return list(self._file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+        file = self._file_of[name]
+        with parsing(self.path / file, "safetensors file", SafetensorError):
+            return tuple(self._handles[file].get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        file = self._file_of[name]
+        with parsing(self.path / file, "safetensors file", SafetensorError):
+            return self._handles[file].get_tensor(name)
 
 
 class ShardWriter:

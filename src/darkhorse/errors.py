@@ -33,12 +33,12 @@ PATH_NOTE = "darkhorse path: "  # how `naming` tags an exception with the file i
 
 
 @contextlib.contextmanager
-def naming(path: str | os.PathLike, kind: type[Exception] = Exception) -> Iterator[None]:
-    """Tag an exception of `kind` raised inside the block with `path` (unless it names one already), so
-    the CLI's error line can say which file a library error was about."""
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Tag an exception raised inside the block with `path` (unless it names one already), so the CLI's
+    error line can say which file a library error was about."""
     try:
         yield
-    except kind as exc:
+    except Exception as exc:
         if not isinstance(exc, DarkhorseError) and path_of(exc) is None:
             exc.add_note(f"{PATH_NOTE}{os.fspath(path)}")
         raise

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from darkhorse.errors import DarkhorseError, naming
+from darkhorse.errors import DarkhorseError
 
 PARTIAL_MARK = ".partial-"  # in the name of every temp dir an atomic write stages in
 
@@ -49,11 +49,12 @@ def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not force:
         raise DarkhorseError(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent))
+    with _naming_output(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent))
     staged = holder / target.name
     try:
-        with naming(target, OSError):  # a full disk mid-write names the output being written
+        with _naming_output(target):
             if is_dir:
                 staged.mkdir()
             yield staged
@@ -66,6 +67,18 @@ def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
             _fsync(target.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _naming_output(target: Path) -> Iterator[None]:
+    """An OSError while staging `target` (a full disk, a read-only dir) names `target`, not the hidden
+    temp path it happened on, nor nothing (a failed write has no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or PARTIAL_MARK in os.fsdecode(exc.filename):
+            exc.filename, exc.filename2 = str(target), None
+        raise
 
 
 @contextlib.contextmanager

@@ -20,13 +20,15 @@ from hypothesis import strategies as st
 
 from darkhorse.checkpoint import read_meta, save_model_checkpoint
 from darkhorse.config import ModelConfig, RunConfig, TrainConfig
+from darkhorse.data.prepared import open_prepared
 from darkhorse.data.readers import InputReader, RecordError, record_to_document
-from darkhorse.data.tokenizer import Tokenizer
+from darkhorse.data.tokenizer import Tokenizer, declared_settings
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.safetensors_io import SafetensorsDir
+from tests.conftest import write_prepared_dir
 
 FUZZ = settings(
-    derandomize=True, deadline=None, max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    derandomize=True, deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
@@ -137,7 +139,7 @@ def _mutate(data: dict, path: list[str], value) -> dict:
 
 
 meta_paths = st.sampled_from(
-    [["config"], ["step"], ["loss"], ["import"], ["config", "model"], ["config", "train"],
+    [["config"], ["step"], ["loss"], ["import"], ["import", "tokenizer"], ["config", "model"], ["config", "train"],
      ["config", "model", "vocab_size"], ["config", "model", "dim"], ["config", "model", "moe"],
      ["config", "model", "rope_scaling"], ["config", "train", "lr"], ["config", "train", "seed"],
      ["config", "model", "attention"], ["config", "name"]]
@@ -147,12 +149,47 @@ meta_paths = st.sampled_from(
 @FUZZ
 @given(path=meta_paths, value=json_values, garbage=st.none() | st.binary(max_size=30))
 def test_meta_json(tiny, path, value, garbage):
+    """A checkpoint's meta.json, read as resume and a tokenizer's settings read it."""
     folder = _scratch()
     try:
         text = json.dumps(_mutate(tiny["meta"], path, value)).encode() if garbage is None else garbage
         (folder / "meta.json").write_bytes(text)
         with contextlib.suppress(DarkhorseError):
-            read_meta(folder)
+            int(read_meta(folder).get("step", 0))
+            declared_settings(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+@FUZZ
+@given(config=st.dictionaries(st.sampled_from(["bos_token", "eos_token", "pad_token", "chat_template"]), json_values))
+def test_tokenizer_config_json(config):
+    folder = _scratch()
+    try:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        with contextlib.suppress(DarkhorseError):
+            declared_settings(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+prepared_paths = st.sampled_from(
+    [["vocab_size"], ["splits"], ["splits", "train"], ["splits", "train", "tokens"], ["splits", "val", "bytes"],
+     ["domains"], ["format"], ["loss_mask"], ["tokenizer_sha256"]]
+)  # fmt: skip
+
+
+@FUZZ
+@given(path=prepared_paths, value=json_values)
+def test_prepared_meta_json(path, value):
+    folder = _scratch()
+    try:
+        write_prepared_dir(folder, train_tokens=64, val_tokens=32, loss_mask=True)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps(_mutate(meta, path, value)))
+        with contextlib.suppress(DarkhorseError):
+            data = open_prepared(folder)
+            data.tokens("train"), data.domain_names, data.split_info("val"), data.bytes_per_token("val")
     finally:
         shutil.rmtree(folder)
 

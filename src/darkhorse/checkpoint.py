@@ -173,7 +173,7 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     meta = read_json_object(meta_file)
     if "config" not in meta:
         raise DarkhorseError(f"{meta_file}: missing 'config'")
-    check_fields(meta_file, meta, META_TYPES)
+    check_fields(meta_file, meta, META_TYPES, nullable=("loss",))
     try:
         run_config_from_dict(meta["config"])  # every reader builds it: a wrong field fails here, naming the file
     except ConfigError as exc:

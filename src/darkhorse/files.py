@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +152,20 @@ JSON_TYPES = {int: "an integer", float: "a number", str: "a string", bool: "true
               dict: "an object"}  # fmt: skip
 
 
-def check_fields(path: str | Path, data: dict[str, Any], types: dict[str, type]) -> None:
+def check_fields(
+    path: str | Path, data: dict[str, Any], types: dict[str, type], nullable: Collection[str] | None = None
+) -> None:
     """Refuse a JSON object whose fields have the wrong JSON type, naming the file and the field.
 
-    `types` maps field -> int, float (an integer passes too), str, bool, list or dict; a missing or null
-    field passes (whoever reads it decides whether it is needed). A bool is never a number."""
+    `types` maps field -> int, float (an integer passes too), str, bool, list or dict; a missing field passes
+    (whoever reads it decides whether it is needed), and so does null, for the `nullable` fields only when
+    they are given. A bool is never a number."""
+    if not isinstance(data, dict):
+        raise DarkhorseError(f"{path}: expected a JSON object, found {type(data).__name__}")
     for key, expected in types.items():
-        value = data.get(key)
-        if value is None:
+        if key not in data or data[key] is None and (nullable is None or key in nullable):
             continue
+        value = data[key]
         allowed = (int, float) if expected is float else expected
         if isinstance(value, bool) and expected is not bool or not isinstance(value, allowed):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."

@@ -33,9 +33,14 @@ from typing import Any
 import numpy as np
 
 from darkhorse.errors import DarkhorseError
-from darkhorse.files import read_json_object
+from darkhorse.files import check_fields, read_json_object
 
 FORMAT = "darkhorse-prepared-v1"
+META_TYPES = {
+    "format": str, "vocab_size": int, "tokenizer_sha256": str, "domains": list, "loss_mask": bool, "splits": dict,
+    "special_tokens": dict, "bos_id": int, "eos_id": int, "pad_id": int,
+}  # fmt: skip
+SPLIT_TYPES = {"tokens": int, "documents": int, "bytes": int, "loss_tokens": int, "domains": dict}
 TOKEN_DTYPE = np.dtype("<u4")
 DOMAIN_DTYPE = np.dtype("u1")
 MASK_DTYPE = np.dtype("u1")
@@ -137,6 +142,9 @@ def open_prepared(path: str | Path, check_ids: bool = True) -> PreparedData:
     if not meta_file.exists():
         raise _fail(path, "no meta.json: this is not a prepared data directory (see `darkhorse prepare`)")
     meta = read_json_object(meta_file)
+    check_fields(meta_file, meta, META_TYPES, nullable=("bos_id",))
+    for split, info in meta.get("splits", {}).items():
+        check_fields(f"{meta_file} (splits.{split})", info, SPLIT_TYPES, nullable=())
     if "vocab_size" not in meta:
         raise _fail(meta_file, "missing 'vocab_size'")
     if meta.get("format", FORMAT) != FORMAT:

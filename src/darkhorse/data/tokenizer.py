@@ -94,8 +94,10 @@ def declared_settings(folder: Path) -> dict[str, str]:
     settings: dict[str, str] = {}
     meta = folder / "meta.json"
     if meta.is_file():
-        record = read_json_object(meta).get("import", {}).get("tokenizer", {})
-        settings.update({key: value for key, value in record.items() if isinstance(value, str) and value})
+        record = read_json_object(meta).get("import")
+        record = record.get("tokenizer") if isinstance(record, dict) else None
+        if isinstance(record, dict):
+            settings.update({key: value for key, value in record.items() if isinstance(value, str) and value})
     if (folder / SETTINGS_FILE).is_file():
         config = read_json_object(folder / SETTINGS_FILE)
         for key in OWN_NAMES:
@@ -103,7 +105,9 @@ def declared_settings(folder: Path) -> dict[str, str]:
                 settings[key] = _token_text(config[key])
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+            )
         if isinstance(template, str) and template:
             settings["chat_template"] = template
     if (folder / TEMPLATE_FILE).is_file():

@@ -41,7 +41,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from darkhorse.commands.common import add_run_arguments, take_run_overrides
+from darkhorse.commands.common import add_run_arguments, run_exit_status, take_run_overrides
 
 HELP = "LoRA fine-tuning of a frozen base (MoE router/expert LoRA, router schedule), PEFT-format adapters"
 # LoRASpec / RouterOptions field of each flag; a flag left out (None) keeps the default, or on --resume the run's
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # --expert-lora-r and --router-lora-r default to --lora-r
         r = lora.get("r", LoRASpec.r)
         spec, options = LoRASpec(r=r, expert_r=r, router_r=r), RouterOptions()
-    finetune(
+    result = finetune(
         args.base,
         args.data,
         args.out,
@@ -105,4 +105,4 @@ def run(args: argparse.Namespace) -> int:
         logger=args.logger,
         verbose=not args.quiet,
     )
-    return 0
+    return run_exit_status(result)

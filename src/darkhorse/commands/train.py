@@ -31,7 +31,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from darkhorse.commands.common import add_config_arguments, add_run_arguments, config_from_args, take_run_overrides
+from darkhorse.commands.common import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    run_exit_status,
+    take_run_overrides,
+)
 
 HELP = "train a model from a preset or config on prepared data, resumable exactly"
 
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise DarkhorseError("train needs --data PATH (a prepared dir or a .jsonl/.txt/.parquet file)")
     config = config_from_args(args, base=base)
     data = [parse_data_spec(spec) for spec in args.data]
-    train(
+    result = train(
         config,
         data,
         args.out,
@@ -85,4 +91,4 @@ def run(args: argparse.Namespace) -> int:
         logger=args.logger,
         verbose=not args.quiet,
     )
-    return 0
+    return run_exit_status(result)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import struct
@@ -300,18 +301,27 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise DarkhorseError(f"{path} does not match its meta.json config: {' '.join(lines[1:3])}") from None
+    check_loss(Path(folder))
     for name, tensor in model.state_dict().items():
         check_finite(tensor, name, Path(folder))
+
+
+def _diverged(folder: Path, reason: str) -> DarkhorseError:
+    step = read_meta(folder).get("step", "?")
+    return DarkhorseError(f"{folder} (step {step}) is from a diverged run ({reason}); use an earlier checkpoint")
+
+
+def check_loss(folder: Path) -> None:
+    """Refuse a checkpoint whose recorded loss is NaN or inf (saved before darkhorse refused to)."""
+    loss = read_meta(folder).get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise _diverged(folder, f"its loss is {loss}")
 
 
 def check_finite(tensor: torch.Tensor, name: str, folder: Path) -> None:
     """Refuse weights holding NaN or inf: what a diverged run would have saved (never usable)."""
     if tensor.is_floating_point() and tensor.element_size() > 1 and not bool(torch.isfinite(tensor).all()):
-        step = read_meta(folder).get("step", "?")
-        raise DarkhorseError(
-            f"{folder} (step {step}) has non-finite weights ({name} holds NaN or inf): the run diverged; "
-            "use an earlier checkpoint"
-        )
+        raise _diverged(folder, f"{name} holds NaN or inf")
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
@@ -345,6 +355,7 @@ class CheckpointTensors:
         self.config: RunConfig = run_config_from_dict(self.meta["config"])
         self.weights_file = _weights_file(self.path)
         self.tokenizer_file = _tokenizer_file(self.path)
+        check_loss(self.path)
         self._weights = open_safetensors(self.weights_file)
         self.names = set(self._weights.keys())
         self.expected = expected_shapes(self.config.model)

@@ -235,18 +235,20 @@ class Trainer:
         self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
         self.hooks.load_state(state)
 
-    def _nonfinite_weight(self) -> str | None:
-        """The first weight holding NaN or inf (a diverged run), or None."""
+    def _diverged(self) -> str | None:
+        """Why the model as it stands is unusable (its last loss, or a weight, not finite), or None."""
+        if self.bad_in_a_row:
+            return f"the loss at step {self.step} is not finite"
         for name, tensor in self.model.state_dict().items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return name
+                return f"{name} holds NaN or inf"
         return None
 
     def save(self, folder: Path, loss: float | None) -> Path | None:
-        """Save a checkpoint into `folder` and prune old ones; None (nothing saved) if the weights
-        are not finite: a diverged model never gets a valid checkpoint name."""
-        if bad := self._nonfinite_weight():
-            self.dashboard.message(f"warning: step {self.step}: {bad} holds NaN or inf; not saving {folder.name}")
+        """Save a checkpoint into `folder` and prune old ones; None (nothing saved) if the model has
+        diverged: a non-finite model never gets a valid checkpoint name."""
+        if reason := self._diverged():
+            self.dashboard.message(f"warning: not saving {folder.name}: {reason}")
             return None
         meta = {
             "step": self.step,
@@ -316,7 +318,7 @@ class Trainer:
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
-        if self.tokenizer_file is None or not self.val_batches or self._nonfinite_weight():
+        if self.tokenizer_file is None or not self.val_batches or self._diverged():
             return None
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
@@ -444,8 +446,8 @@ class Trainer:
                 saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
                 if saved is None:
                     raise DarkhorseError(
-                        f"the weights are not finite at step {self.step} (the run diverged), so no final/ was "
-                        "saved; lower train.lr or raise train.warmup_steps"
+                        f"the run diverged ({self._diverged()}), so no final/ was saved; "
+                        "lower train.lr or raise train.warmup_steps"
                     )
                 # domain ids are names only where every source lists the same domains
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}

@@ -27,9 +27,11 @@ the model), so saving a model costs no memory beyond the model itself.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import struct
@@ -164,8 +166,19 @@ def save_training_checkpoint(
     """A resumable checkpoint: the model files plus `trainer_state.pt`."""
     with atomic_dir(folder, force=True) as temp:
         _write_model_files(temp, model, config, tokenizer_file, meta)
-        torch.save(trainer_state, temp / STATE_FILE)
+        _save_trainer_state(trainer_state, temp / STATE_FILE)
     return Path(folder)
+
+
+def _save_trainer_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is (torch says only "unexpected pos")."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as exc:
+        disk = os.statvfs(path.parent)
+        if disk.f_bavail * disk.f_frsize >= 1 << 20:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

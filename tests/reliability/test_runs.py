@@ -215,6 +215,6 @@ def test_prepare_of_one_long_line_stays_within_bounded_memory(tmp_path):
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     growth_mib = int(probe.stdout.split()[-1])
-    # tokenizing the line whole took ~150 bytes per character (~600 MiB here, 6.7 GiB for 50 MB)
-    assert growth_mib < 250, growth_mib
+    # ~210 MiB measured; tokenized whole, the line took 870 MiB here (6.7 GB for a 50 MB one)
+    assert growth_mib < 400, growth_mib
     assert (tmp_path / "out" / "train.bin").stat().st_size > 2**20  # all of it was tokenized

@@ -31,7 +31,8 @@ trainer_state.pt (the adapters' optimizer state: checkpoints stay small); the ne
 step checkpoints are kept. metrics.jsonl also records the trainable parameters per group and how
 routing drifted from the base (KL, load entropy, dead experts); routing_drift.png shows the load before
 and after. A resumed run keeps its base (--base may say where it is now: same weights), LoRA and router
-settings: repeating them is fine, a changed one is refused. `darkhorse merge --adapter RUN_DIR/final`
+settings: repeating them is fine, a changed one is refused. As with train, Ctrl-C or SIGTERM save and
+exit with status 130 or 143, and one run at a time uses a RUN_DIR. `darkhorse merge --adapter RUN_DIR/final`
 folds the adapter into a standalone model.
 """
 

@@ -13,7 +13,9 @@ share one tokenizer. The model's vocab_size comes from the data (with --init-fro
 
 RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/, metrics.jsonl
 (one JSON record per logged step and evaluation) and loss.png. Ctrl-C or SIGTERM finish the
-current step, save a checkpoint and exit; --resume then continues with exactly the same losses.
+current step, save a checkpoint and exit with status 130 or 143; --resume then continues with exactly
+the same losses, from the newest intact checkpoint (a damaged one is reported and skipped). One run
+at a time uses a RUN_DIR: a second is refused, naming the first one's pid.
 A resumed run keeps its config; only max-steps, the intervals, keep_last, device, compile and
 max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.

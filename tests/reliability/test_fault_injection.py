@@ -30,6 +30,9 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.train.trainer import Trainer, train
 from tests.conftest import write_prepared_dir
 
+# the forked children train in one thread and touch nothing the parent's other threads hold
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
 SETTINGS = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2",

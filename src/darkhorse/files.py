@@ -12,6 +12,7 @@ leaves a half-deleted directory under its valid name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -107,10 +108,11 @@ def atomic_dir(target: str | Path, *, force: bool) -> Iterator[Path]:
         yield staged
 
 
-def remove_partial_writes(folder: str | Path, name: str = "*") -> None:
+def remove_partial_writes(folder: str | Path, name: str | None = None) -> None:
     """Temp dirs left in `folder` by atomic writes (of `name`, default any) or deletes whose process is
     gone; they never hold anything usable. A live process's are left alone: it is still writing."""
-    for stale in Path(folder).glob(f".{name}{PARTIAL_MARK}*"):
+    pattern = "*" if name is None else glob.escape(name)
+    for stale in Path(folder).glob(f".{pattern}{PARTIAL_MARK}*"):
         if stale.is_dir() and not _owner_alive(stale):
             shutil.rmtree(stale, ignore_errors=True)
 

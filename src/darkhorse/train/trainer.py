@@ -153,12 +153,11 @@ class Trainer:
 
             self.token_bytes = token_byte_lengths(Tokenizer.from_file(self.tokenizer_file)).to(self.device)
 
-        self.memory_warning = None
         if self.hooks.trains_all_weights:  # said before the model is built: building it may be what fails
             with torch.device("meta"):
-                self.memory_warning = self._fit_warning(Transformer(self.config.model))
-            if self.memory_warning and verbose:
-                print(f"warning: {self.memory_warning}", flush=True)
+                warning = self._fit_warning(Transformer(self.config.model))
+            if warning and verbose:
+                print(f"warning: {warning}", flush=True)
         torch.manual_seed(self.train_cfg.seed)
         with out_of_memory_as_advice(self.config, self.device), torch.device(self.device):
             self.model = Transformer(self.config.model)

@@ -320,8 +320,11 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
 
 
 def _diverged(folder: Path, reason: str) -> DarkhorseError:
-    step = read_meta(folder).get("step", "?")
-    return DarkhorseError(f"{folder} (step {step}) is from a diverged run ({reason}); use an earlier checkpoint")
+    try:
+        where = f"{folder} (step {read_meta(folder).get('step', '?')})"
+    except DarkhorseError:  # e.g. a PEFT adapter made elsewhere: no meta.json
+        where = str(folder)
+    return DarkhorseError(f"{where} is from a diverged run ({reason}); use an earlier checkpoint")
 
 
 def check_loss(folder: Path) -> None:

@@ -47,6 +47,14 @@ def test_a_second_run_into_a_locked_dir_is_refused_naming_the_holder(tmp_path, p
     assert train(config("train.max_steps=1"), [(prepared_dir, 1.0)], run_dir, verbose=False).step == 1
 
 
+def test_other_ranks_of_a_distributed_run_share_rank_0s_lock(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    with claimed_run_dir(run_dir):  # rank 0
+        monkeypatch.setenv("RANK", "1")
+        with claimed_run_dir(run_dir):
+            pass
+
+
 def test_a_failed_run_removes_the_run_dir_it_created_and_nothing_else(tmp_path, prepared_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the logger package is missing
     for kind in ("data", "logger"):

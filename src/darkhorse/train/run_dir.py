@@ -249,6 +249,9 @@ def claimed_run_dir(run_dir: str | Path) -> Iterator[Path]:
     """`run_dir`, created if need be and locked against other runs while the block runs (see the
     module doc). If the block fails and the dir it created holds nothing, the dir is removed."""
     run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the dir for every rank
+        yield run_dir
+        return
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

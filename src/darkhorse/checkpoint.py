@@ -250,6 +250,8 @@ def damage(folder: Path) -> str | None:
     try:
         with open(weights, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > weights.stat().st_size:
+                return f"{weights.name} is truncated"
             header = json.loads(handle.read(length))
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
         if weights.stat().st_size != 8 + length + max(ends, default=0):

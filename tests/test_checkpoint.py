@@ -67,7 +67,7 @@ def test_a_process_killed_mid_save_leaves_only_a_hidden_temp_dir(tmp_path, model
     model, config = model_and_config
     save(tmp_path / ckpt.step_name(1), model, config, 1)
     # what a SIGKILL between writing files and the rename leaves behind
-    half = tmp_path / f".{ckpt.step_name(2)}{PARTIAL_MARK}4242"
+    half = tmp_path / f".{ckpt.step_name(2)}{PARTIAL_MARK}99999999-x"  # a pid no process has
     (half / ckpt.step_name(2)).mkdir(parents=True)
     (half / ckpt.step_name(2) / ckpt.META_FILE).write_text(json.dumps({"config": config.to_dict(), "step": 2}))
     assert ckpt.training_checkpoints(tmp_path) == [tmp_path / ckpt.step_name(1)]

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir, atomic_file, read_json_object, remove_partial_writes
+from darkhorse.files import atomic_dir, atomic_file, read_json_object, remove_dir, remove_partial_writes
 
 
 def test_atomic_file_replaces_only_when_the_writer_finishes(tmp_path):
@@ -60,6 +60,30 @@ def test_remove_partial_writes_clears_what_a_killed_write_left(tmp_path):
     (tmp_path / ".hidden").mkdir()
     remove_partial_writes(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "out"]
+
+
+def test_the_next_write_clears_leftovers_of_dead_writers_only(tmp_path):
+    dead = tmp_path / ".out.partial-999999999-abc"  # a pid no process has: its writer was killed
+    live = tmp_path / f".out.partial-{os.getppid()}-abc"  # a live process still writing
+    for leftover in (dead, live):
+        (leftover / "out").mkdir(parents=True)
+    with atomic_dir(tmp_path / "out", force=False) as staged:
+        (staged / "file").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+
+
+def test_remove_dir_never_leaves_a_half_deleted_dir_under_its_name(tmp_path, monkeypatch):
+    folder = tmp_path / "step-000002"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a").write_text("a")
+
+    def killed(path, *args, **kwargs):  # the delete stops half-way, as a kill would stop it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("darkhorse.files.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_dir(folder)
+    assert not folder.exists() and [p.name.startswith(".step-000002.partial-") for p in tmp_path.iterdir()] == [True]
 
 
 def test_read_json_object_names_file_and_line(tmp_path):

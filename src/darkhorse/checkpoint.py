@@ -10,7 +10,11 @@
 A checkpoint is written with `files.atomic_dir` (a hidden temp dir beside its target, fsynced, then
 renamed into place), so a crash mid-save leaves the previous checkpoints intact and no half-written
 directory under a valid name. Nothing is ever unpickled: weights come from safetensors and the
-trainer state through `torch.load(weights_only=True)`.
+trainer state through `torch.load(weights_only=True)`. Pruning renames a checkpoint to a hidden name
+before deleting it (`files.remove_dir`), so a killed prune leaves no half-deleted `step-*` either.
+`damage` tells a torn checkpoint (truncated weights or trainer state, unreadable meta.json) from an
+intact one without loading it, so resume can fall back to the newest intact one. Weights that are not
+finite (a run that diverged) are refused wherever they are loaded, with the step they were saved at.
 
 Three ways to read one, all here: `load_model` (model, RunConfig, meta) for training code,
 `load_for_inference` (model, tokenizer, meta) for generate, chat, eval and the demo, and
@@ -23,11 +27,15 @@ the model), so saving a model costs no memory beyond the model itself.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
+import os
 import random
 import shutil
 import struct
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,7 @@ from darkhorse import __version__
 from darkhorse.config import ModelConfig, RunConfig, run_config_from_dict
 from darkhorse.data.tokenizer import SIDECAR_FILES, TOKENIZER_FILE, Tokenizer
 from darkhorse.errors import ConfigError, DarkhorseError, naming, parsing
-from darkhorse.files import atomic_dir, check_fields, read_json_object, remove_partial_writes
+from darkhorse.files import atomic_dir, check_fields, read_json_object, remove_dir, remove_partial_writes
 
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint (darkhorse.finetune) holds this instead
@@ -159,8 +167,19 @@ def save_training_checkpoint(
     """A resumable checkpoint: the model files plus `trainer_state.pt`."""
     with atomic_dir(folder, force=True) as temp:
         _write_model_files(temp, model, config, tokenizer_file, meta)
-        torch.save(trainer_state, temp / STATE_FILE)
+        _save_trainer_state(trainer_state, temp / STATE_FILE)
     return Path(folder)
+
+
+def _save_trainer_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is (torch says only "unexpected pos")."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as exc:
+        disk = os.statvfs(path.parent)
+        if disk.f_bavail * disk.f_frsize >= 1 << 20:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -192,21 +211,65 @@ def training_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The resumable checkpoint with the highest step: the newest `step-*` or `final/`."""
+def _step_of(folder: Path) -> int:
+    """The step a checkpoint was saved at: in its name for `step-*`, in meta.json for `final/`."""
+    try:
+        if folder.name.startswith(STEP_PREFIX):
+            return int(folder.name.removeprefix(STEP_PREFIX))
+        return int(read_meta(folder).get("step", 0))
+    except (DarkhorseError, OSError, TypeError, ValueError):
+        return -1  # unreadable: damaged, tried last
+
+
+def resumable_checkpoints(run_dir: str | Path) -> list[Path]:
+    """`step-*` and `final/` dirs with trainer state, newest (highest step) first; not checked for `damage`."""
     candidates = [p for p in training_checkpoints(run_dir) if (p / STATE_FILE).is_file()]
     final = Path(run_dir) / FINAL_NAME
     if is_complete(final) and (final / STATE_FILE).is_file():
         candidates.append(final)
-    return max(candidates, key=lambda p: int(read_meta(p).get("step", 0)), default=None)
+    return sorted(candidates, key=_step_of, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The resumable checkpoint with the highest step: the newest `step-*` or `final/`."""
+    return next(iter(resumable_checkpoints(run_dir)), None)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step checkpoints; `final/` is never touched."""
     removed = training_checkpoints(run_dir)[:-keep_last]
     for folder in removed:
-        shutil.rmtree(folder)
+        remove_dir(folder)
     return removed
+
+
+def damage(folder: Path) -> str | None:
+    """Why `folder` is not an intact resumable checkpoint, or None: meta.json must parse with a config,
+    model.safetensors must be as long as its header says and trainer_state.pt must be a whole zip
+    archive (torch.save's format; its directory is at the end, so any truncation shows). Cheap: no
+    tensor is read."""
+    try:
+        run_config_from_dict(read_meta(folder)["config"])
+    except (DarkhorseError, OSError, TypeError, ValueError) as exc:
+        return f"{META_FILE}: {exc}"
+    weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder / ADAPTER_FILE
+    try:
+        with open(weights, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > weights.stat().st_size:
+                return f"{weights.name} is truncated"
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if weights.stat().st_size != 8 + length + max(ends, default=0):
+            return f"{weights.name} is truncated or padded"
+    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError):
+        return f"{weights.name} is unreadable"
+    try:
+        with zipfile.ZipFile(folder / STATE_FILE) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return f"{STATE_FILE} is truncated or unreadable"
+    return None
 
 
 def _weights_file(folder: Path) -> Path:
@@ -260,6 +323,30 @@ def load_weights(model: nn.Module, folder: str | Path, device: str | torch.devic
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise DarkhorseError(f"{path} does not match its meta.json config: {' '.join(lines[1:3])}") from None
+    check_loss(Path(folder))
+    for name, tensor in model.state_dict().items():
+        check_finite(tensor, name, Path(folder))
+
+
+def _diverged(folder: Path, reason: str) -> DarkhorseError:
+    try:
+        where = f"{folder} (step {read_meta(folder).get('step', '?')})"
+    except DarkhorseError:  # e.g. a PEFT adapter made elsewhere: no meta.json
+        where = str(folder)
+    return DarkhorseError(f"{where} is from a diverged run ({reason}); use an earlier checkpoint")
+
+
+def check_loss(folder: Path) -> None:
+    """Refuse a checkpoint whose recorded loss is NaN or inf (saved before darkhorse refused to)."""
+    loss = read_meta(folder).get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise _diverged(folder, f"its loss is {loss}")
+
+
+def check_finite(tensor: torch.Tensor, name: str, folder: Path) -> None:
+    """Refuse weights holding NaN or inf: what a diverged run would have saved (never usable)."""
+    if tensor.is_floating_point() and tensor.element_size() > 1 and not bool(torch.isfinite(tensor).all()):
+        raise _diverged(folder, f"{name} holds NaN or inf")
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
@@ -295,6 +382,7 @@ class CheckpointTensors:
         self.config: RunConfig = run_config_from_dict(self.meta["config"])
         self.weights_file = _weights_file(self.path)
         self.tokenizer_file = _tokenizer_file(self.path)
+        check_loss(self.path)
         self._weights = open_safetensors(self.weights_file)
         self.names = set(self._weights.keys())
         self.expected = expected_shapes(self.config.model)
@@ -318,6 +406,7 @@ class CheckpointTensors:
             raise DarkhorseError(f"{self.weights_file}: tensor '{name}' is missing")
         with parsing(self.weights_file, "safetensors file", SafetensorError):
             tensor = self._weights.get_tensor(stored)
+        check_finite(tensor, name, self.path)
         if name in self.expected and tuple(tensor.shape) != self.expected[name]:
             raise DarkhorseError(
                 f"{self.weights_file}: {name} has shape {tuple(tensor.shape)}, its config needs {self.expected[name]}"

@@ -1,14 +1,18 @@
 """Writing outputs so a crash never leaves half a file, and reading JSON with errors a user can act on.
 
 Every output darkhorse writes (checkpoints, prepared data, downloads, exports, GGUF files) is built
-under a hidden temp dir beside its target, `.NAME.partial-XXXXXXXX/NAME`, fsynced, then renamed onto
+under a hidden temp dir beside its target, `.NAME.partial-PID-XXXXXXXX/NAME`, fsynced, then renamed onto
 the target and the parent dir fsynced: after a crash the target is either the old one or the new one,
-and what is left over is a `.partial-` dir that `remove_partial_writes` clears.
+and what is left over is a `.partial-` dir that `remove_partial_writes` clears (the next write of the same
+target does, and a run clears its run dir on start). Deleting a directory goes the same way round:
+`remove_dir` first renames it to a hidden `.partial-` name, so a delete that is killed half-way never
+leaves a half-deleted directory under its valid name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,6 +24,25 @@ from typing import Any
 from darkhorse.errors import DarkhorseError
 
 PARTIAL_MARK = ".partial-"  # in the name of every temp dir an atomic write stages in
+
+
+def _partial_name(name: str) -> str:
+    """Prefix of a temp dir staging `name` for this process (its pid tells a dead writer's leftovers)."""
+    return f".{name}{PARTIAL_MARK}{os.getpid()}-"
+
+
+def _owner_alive(partial: Path) -> bool:
+    """Whether the process that made the `.partial-PID-` dir `partial` still runs (False: a leftover)."""
+    pid = partial.name.partition(PARTIAL_MARK)[2].partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _fsync(path: Path) -> None:
@@ -51,7 +74,8 @@ def _staged(target: str | Path, *, force: bool, is_dir: bool) -> Iterator[Path]:
         raise DarkhorseError(f"{target} already exists; pass --force to replace it")
     with _naming_output(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        holder = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent))
+        remove_partial_writes(target.parent, target.name)  # what an earlier, killed write of it left
+        holder = Path(tempfile.mkdtemp(prefix=_partial_name(target.name), dir=target.parent))
     staged = holder / target.name
     try:
         with _naming_output(target):
@@ -106,10 +130,23 @@ def atomic_dir(target: str | Path, *, force: bool) -> Iterator[Path]:
         yield staged
 
 
-def remove_partial_writes(folder: str | Path) -> None:
-    """Temp dirs left in `folder` by an atomic write that was killed; they never hold anything usable."""
-    for stale in Path(folder).glob(f".*{PARTIAL_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def remove_partial_writes(folder: str | Path, name: str | None = None) -> None:
+    """Temp dirs left in `folder` by atomic writes (of `name`, default any) or deletes whose process is
+    gone; they never hold anything usable. A live process's are left alone: it is still writing."""
+    pattern = "*" if name is None else glob.escape(name)
+    for stale in Path(folder).glob(f".{pattern}{PARTIAL_MARK}*"):
+        if stale.is_dir() and not _owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_dir(folder: str | Path) -> None:
+    """Delete `folder`: renamed to a hidden `.partial-` name first (one atomic step), then removed, so
+    a kill half-way leaves a leftover `remove_partial_writes` clears, never a half-deleted `folder`."""
+    folder = Path(folder)
+    trash = Path(tempfile.mkdtemp(prefix=_partial_name(folder.name), dir=folder.parent))
+    folder.rename(trash / folder.name)
+    _fsync(folder.parent)
+    shutil.rmtree(trash)
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

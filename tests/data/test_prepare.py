@@ -138,8 +138,15 @@ def test_existing_output_needs_force(corpus, tmp_path):
     with pytest.raises(DarkhorseError, match="already exists; pass --force"):
         prepare(corpus, out, progress=False)
     assert (out / "precious.txt").read_text() == "mine"
-    prepare(corpus, out, vocab_size=300, force=True, progress=False)
-    assert not (out / "precious.txt").exists() and (out / "meta.json").exists()
+    # --force replaces a prepared dir only: this one holds a user's file, which must survive
+    with pytest.raises(DarkhorseError, match="not one"):
+        prepare(corpus, out, force=True, progress=False)
+    assert (out / "precious.txt").read_text() == "mine"
+    (out / "precious.txt").unlink()
+    prepare(corpus, out, vocab_size=300, force=True, progress=False)  # an empty dir may be filled
+    first = (out / "train.bin").read_bytes()
+    prepare(corpus, out, vocab_size=300, force=True, progress=False)  # a prepared dir is replaced
+    assert (out / "train.bin").read_bytes() == first and (out / "meta.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -143,6 +143,12 @@ def _zeroed(state: dict) -> dict:
     return {k: torch.zeros_like(v) if "mlp.gate.lora_B" in k else v for k, v in state.items()}
 
 
+def _diverged(state: dict) -> dict:
+    key = next(k for k in state if "lora_B" in k)
+    state[key] = torch.full_like(state[key], float("nan"))
+    return state
+
+
 BAD = {
     "missing weights": (dict(drop=("adapter_model.safetensors",)), "no adapter_model.safetensors"),
     "missing config": (dict(drop=("adapter_config.json",)), "no adapter_config.json"),
@@ -152,6 +158,7 @@ BAD = {
     "zero delta": (dict(tensors=_zeroed), "do not change"),
     "dora": (dict(config={"use_dora": True}), "use_dora=True is not supported"),
     "not lora": (dict(config={"peft_type": "IA3"}), "is not LORA"),
+    "diverged": (dict(tensors=_diverged), "is from a diverged run"),
 }
 
 

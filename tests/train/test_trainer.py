@@ -132,9 +132,11 @@ def test_skipped_step_leaves_the_weights_alone(tmp_path, prepared_dir, monkeypat
     torch.manual_seed(small_config().train.seed)
     untouched = Transformer(dataclasses.replace(small_config().model, vocab_size=64))
     config = small_config("train.max_steps=2", "train.max_bad_steps=5", "train.save_interval=0")
-    result = train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
-    model, _, _ = ckpt.load_model(result.checkpoint)
-    for name, value in model.state_dict().items():
+    trainer = Trainer(plan_run(config, [(prepared_dir, 1.0)], tmp_path / "run"), verbose=False)
+    with pytest.raises(DarkhorseError, match="diverged"):  # a model whose last loss is NaN is never saved
+        trainer.run()
+    assert not (tmp_path / "run" / ckpt.FINAL_NAME).exists()
+    for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, untouched.state_dict()[name]), name
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
+from typing import Any
 
 from darkhorse.config import RunConfig, list_presets, load_run_config, number_arg
 
@@ -61,3 +63,9 @@ def take_run_overrides(args: argparse.Namespace, shortcuts: tuple[str, ...] = ("
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"train.{flag}={value}")
+
+
+def run_exit_status(result: Any) -> int:
+    """0 for a finished run; 128 + the signal's number (130 SIGINT, 143 SIGTERM) for one a signal
+    stopped (after it saved), as shells report it, so scripts can tell the two apart."""
+    return 128 + signal.Signals[result.stopped_by].value if result.interrupted else 0

@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from darkhorse.checkpoint import load_for_inference
+    from darkhorse.commands.common import run_exit_status
     from darkhorse.data.demo_corpus import build_demo_corpus, write_jsonl
     from darkhorse.data.prepare import prepare
     from darkhorse.eval.exact_match import evaluate_exact_match
@@ -296,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = train(config, [(prepared.path, 1.0)], out / "run", force=True)
     train_seconds = time.perf_counter() - started
-    if result.interrupted or result.checkpoint is None:
+    if result.interrupted:  # the trainer said where it saved and how to continue
+        return run_exit_status(result)
+    if result.checkpoint is None:
         raise DarkhorseError(f"training stopped early; continue with: darkhorse train --out {out / 'run'} --resume")
 
     console.rule("4. held-out evaluation")

@@ -31,7 +31,8 @@ trainer_state.pt (the adapters' optimizer state: checkpoints stay small); the ne
 step checkpoints are kept. metrics.jsonl also records the trainable parameters per group and how
 routing drifted from the base (KL, load entropy, dead experts); routing_drift.png shows the load before
 and after. A resumed run keeps its base (--base may say where it is now: same weights), LoRA and router
-settings: repeating them is fine, a changed one is refused. `darkhorse merge --adapter RUN_DIR/final`
+settings: repeating them is fine, a changed one is refused. As with train, Ctrl-C or SIGTERM save and
+exit with status 130 or 143, and one run at a time uses a RUN_DIR. `darkhorse merge --adapter RUN_DIR/final`
 folds the adapter into a standalone model.
 """
 
@@ -41,7 +42,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from darkhorse.commands.common import add_run_arguments, take_run_overrides
+from darkhorse.commands.common import add_run_arguments, run_exit_status, take_run_overrides
 
 HELP = "LoRA fine-tuning of a frozen base (MoE router/expert LoRA, router schedule), PEFT-format adapters"
 # LoRASpec / RouterOptions field of each flag; a flag left out (None) keeps the default, or on --resume the run's
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # --expert-lora-r and --router-lora-r default to --lora-r
         r = lora.get("r", LoRASpec.r)
         spec, options = LoRASpec(r=r, expert_r=r, router_r=r), RouterOptions()
-    finetune(
+    result = finetune(
         args.base,
         args.data,
         args.out,
@@ -105,4 +106,4 @@ def run(args: argparse.Namespace) -> int:
         logger=args.logger,
         verbose=not args.quiet,
     )
-    return 0
+    return run_exit_status(result)

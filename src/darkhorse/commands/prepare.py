@@ -10,7 +10,9 @@ A directory as --input means every such file inside it. Chat records are rendere
 
 Writes OUT/tokenizer.json, train.bin and val.bin (uint32 token ids), train.domains.bin and val.domains.bin
 (uint8 domain id per token) and meta.json. A new byte-level BPE tokenizer is trained unless --tokenizer
-gives one. OUT must not exist unless --force.
+gives one. OUT must not exist unless --force, which replaces only a directory prepare wrote. Memory stays
+bounded however long a document is: one longer than 1 Mi characters is tokenized in pieces cut at spaces
+(same ids), using about 0.6 GiB plus a few copies of that document's text.
 
 examples:
   darkhorse prepare --input data/train.jsonl --out data/prepared
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train the tokenizer on at most this many MiB of text (default 128)",
     )
     parser.add_argument("--skip-bad", action="store_true", help="count, report and skip malformed records")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it already exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it is an earlier prepared dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 

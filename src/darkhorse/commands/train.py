@@ -13,7 +13,9 @@ share one tokenizer. The model's vocab_size comes from the data (with --init-fro
 
 RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/, metrics.jsonl
 (one JSON record per logged step and evaluation) and loss.png. Ctrl-C or SIGTERM finish the
-current step, save a checkpoint and exit; --resume then continues with exactly the same losses.
+current step, save a checkpoint and exit with status 130 or 143; --resume then continues with exactly
+the same losses, from the newest intact checkpoint (a damaged one is reported and skipped). One run
+at a time uses a RUN_DIR: a second is refused, naming the first one's pid.
 A resumed run keeps its config; only max-steps, the intervals, keep_last, device, compile and
 max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.
@@ -31,7 +33,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from darkhorse.commands.common import add_config_arguments, add_run_arguments, config_from_args, take_run_overrides
+from darkhorse.commands.common import (
+    add_config_arguments,
+    add_run_arguments,
+    config_from_args,
+    run_exit_status,
+    take_run_overrides,
+)
 from darkhorse.config import number_arg
 
 HELP = "train a model from a preset or config on prepared data, resumable exactly"
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise DarkhorseError("train needs --data PATH (a prepared dir or a .jsonl/.txt/.parquet file)")
     config = config_from_args(args, base=base)
     data = [parse_data_spec(spec) for spec in args.data]
-    train(
+    result = train(
         config,
         data,
         args.out,
@@ -88,4 +96,4 @@ def run(args: argparse.Namespace) -> int:
         logger=args.logger,
         verbose=not args.quiet,
     )
-    return 0
+    return run_exit_status(result)

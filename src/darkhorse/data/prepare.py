@@ -4,7 +4,12 @@ Two streaming passes over the inputs: the first trains the tokenizer (skipped wh
 second tokenizes and writes. A reader thread parses files into chunks of documents while the main thread
 encodes the previous chunk with `encode_batch` (Rust threads on all cores, GIL released) and appends
 the ids to the output files with `ndarray.tofile`, so memory holds a couple of chunks whatever the
-corpus size. Everything is written into a hidden temp directory that is renamed into place last.
+corpus size. A document longer than `PIECE_CHARS` (1 Mi characters) is tokenized in pieces cut just
+before a space (a pre-token boundary, so the ids are the same), at most `CHUNK_BYTES` of text per
+`encode_batch` call: the tokenizer's working memory (~150 bytes per character) stays bounded at about
+0.6 GiB however long one document is, and the rest is a few copies of the document's own text. A
+`--force` run replaces only a directory `prepare` wrote. Everything is written into a hidden temp
+directory that is renamed into place last.
 
 Each document is one training sequence framed as `<|bos|>...<|eos|>` (chat records are rendered with both
 already; plain text gets them added). Whether a document is validation data is decided by a hash of its
@@ -22,7 +27,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +43,20 @@ from darkhorse.data.prepared import (
     SPLITS,
     TOKEN_DTYPE,
     PreparedData,
+    looks_prepared,
     open_prepared,
     sha256_file,
 )
 from darkhorse.data.readers import ChatRenderer, Document, InputReader, expand_inputs
 from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.errors import DarkhorseError
-from darkhorse.files import atomic_dir
+from darkhorse.files import atomic_dir, remove_dir
 
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_TOKENIZER_SAMPLE_BYTES = 128 << 20  # BPE merges for a small vocab settle long before this
 CHUNK_BYTES = 4 << 20  # text per encode_batch call: big enough to keep all cores busy
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of at most this many characters
 
 
 def is_validation(text_bytes: bytes, val_fraction: float) -> bool:
@@ -144,6 +151,59 @@ def _parts(document: Document, tok: Tokenizer) -> list[Part]:
     return [(tok.bos_token or "", True), (document.text, False), (tok.eos_token, True)]
 
 
+def pieces(text: str, limit: int = PIECE_CHARS) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most `limit` characters covering `text`, each cut just before a space
+    that follows a non-space: there the pre-tokenizer splits anyway, so encoding the pieces gives the
+    ids of the whole text. A stretch without such a space is cut at `limit`."""
+    ranges = []
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit + 1)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = start + limit
+        ranges.append((start, cut))
+        start = cut
+    ranges.append((start, len(text)))
+    return ranges
+
+
+def encode_in_pieces(
+    encode: Callable[[list[str]], list[Any]], texts: list[str], chunk_chars: int, *, offsets: bool = False
+) -> list[Any]:
+    """`encode(texts)` (per text a list of ids, or of (start, end) offsets with `offsets`) with long
+    texts sent as `pieces` and about `chunk_chars` characters per call, so memory stays bounded. The
+    pieces' results are joined: ids as one uint32 array, offsets shifted back into the whole text."""
+    results: list[Any] = [None] * len(texts)
+    parts: dict[int, list[Any]] = {}
+    pending: list[tuple[int, int, str, bool]] = []  # (text index, piece start, piece, whole text)
+    size = 0
+
+    def flush() -> None:
+        for (index, start, _, whole), result in zip(pending, encode([p[2] for p in pending]), strict=True):
+            if whole:
+                results[index] = result
+            elif offsets:
+                parts.setdefault(index, []).extend((a + start, b + start) for a, b in result)
+            else:
+                parts.setdefault(index, []).append(np.asarray(result, dtype=TOKEN_DTYPE))
+        pending.clear()
+
+    for index, text in enumerate(texts):
+        ranges = pieces(text, min(PIECE_CHARS, chunk_chars))
+        for start, end in ranges:
+            pending.append((index, start, text[start:end], len(ranges) == 1))
+            size += end - start
+            if size >= chunk_chars:
+                flush()
+                size = 0
+    flush()
+    for index, joined in parts.items():
+        results[index] = joined if offsets else np.concatenate(joined)
+    return results
+
+
 def _chunks(readers: list[InputReader], chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
     """(documents, input bytes consumed since the previous chunk), across all readers in order."""
     documents: list[Document] = []
@@ -227,7 +287,8 @@ def _train_tokenizer(
                 encoded = document.text.encode("utf-8")
                 if is_validation(encoded, val_fraction):
                     continue
-                yield document.text
+                for start, end in pieces(document.text):  # bounded memory for a very long document
+                    yield document.text[start:end]
                 seen += len(encoded)
                 if seen - shown >= 1 << 20:
                     progress.update(task, completed=min(seen, sample_bytes))
@@ -249,6 +310,11 @@ def _check_out_dir(out_dir: Path, files: list[Path], force: bool) -> None:
     for path in files:
         if resolved in path.resolve().parents:
             raise DarkhorseError(f"output {out_dir} contains the input {path}; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not looks_prepared(out_dir):
+        raise DarkhorseError(
+            f"--force replaces only a prepared data dir, and {out_dir} is not one (no darkhorse meta.json); "
+            "choose another --out or empty it yourself"
+        )
 
 
 def _resolve_tokenizer(tokenizer: Tokenizer | str | Path | None) -> Tokenizer | None:
@@ -324,9 +390,16 @@ def _encode_all(
         for documents, consumed in _prefetched(_chunks(readers, chunk_bytes)):
             if not tok.has_chat_tokens and any(document.parts is not None for document in documents):
                 tok.require_special_tokens("chat records")
-            encoded = tok.encode_parts_batch([_parts(document, tok) for document in documents])
+            # long plain texts are encoded in pieces (memory stays bounded), as text: never control tokens
+            encoded = tok.encode_parts_batch(
+                [_parts(document, tok) for document in documents],
+                encode_text=lambda texts: encode_in_pieces(tok.encode_text_batch, texts, chunk_bytes),
+            )
             templated = [i for i, document in enumerate(documents) if document.assistant_chars is not None]
-            offsets = dict(zip(templated, tok.encode_offsets([documents[i].text for i in templated]), strict=True))
+            spans = encode_in_pieces(
+                tok.encode_offsets, [documents[i].text for i in templated], chunk_bytes, offsets=True
+            )
+            offsets = dict(zip(templated, spans, strict=True))
             batches: dict[str, tuple[list[list[int]], list[int], list[np.ndarray], list[int]]] = {
                 s: ([], [], [], []) for s in SPLITS
             }
@@ -409,12 +482,12 @@ def prepare_cached(
         key_parts["skip_bad"] = True
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = default_cache_dir() / f"{path.stem}-{key}"
-    if (out_dir / "meta.json").exists():
+    if out_dir.exists():
         try:
             open_prepared(out_dir)
             return out_dir
         except DarkhorseError:
-            pass  # damaged cache entry: prepare it again below
+            remove_dir(out_dir)  # a damaged entry of our own cache: prepare it again below
     prepare(
         [path], out_dir, vocab_size=vocab_size, tokenizer=tok, val_fraction=val_fraction, force=True,
         progress=progress, chat_renderer=chat_renderer, skip_bad=skip_bad,

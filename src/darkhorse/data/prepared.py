@@ -25,6 +25,7 @@ clear error before training starts, not a crash (or silent garbage) mid-run.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +36,8 @@ import numpy as np
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import check_fields, read_json_object
 
-FORMAT = "darkhorse-prepared-v1"
+FORMAT_NAME = "darkhorse-prepared"  # every version's format starts with it
+FORMAT = f"{FORMAT_NAME}-v1"
 META_TYPES = {
     "format": str, "vocab_size": int, "tokenizer_sha256": str, "domains": list, "loss_mask": bool, "splits": dict,
     "special_tokens": dict, "bos_id": int, "eos_id": int, "pad_id": int,
@@ -127,6 +129,16 @@ def _largest(path: Path, dtype: np.dtype, chunk: int = 1 << 20) -> int:
         while (block := np.fromfile(handle, dtype=dtype, count=chunk)).size:
             largest = max(largest, int(block.max()))
     return largest
+
+
+def looks_prepared(path: Path) -> bool:
+    """Whether `path` is a dir `prepare` wrote (its meta.json names our format), so --force may replace
+    it; anything else might hold a user's files. Damage inside does not matter: it is being replaced."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "vocab_size" in meta and str(meta.get("format", FORMAT)).startswith(FORMAT_NAME)
 
 
 def _fail(path: Path, message: str) -> DarkhorseError:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -200,16 +201,23 @@ class Tokenizer:
         """Rendered chat given as (text, is markup) parts (data/chat_format.py): see `encode_parts_batch`."""
         return self.encode_parts_batch([parts])[0]
 
-    def encode_parts_batch(self, documents: Sequence[Sequence[tuple[str, bool]]]) -> list[list[int]]:
+    def encode_parts_batch(
+        self,
+        documents: Sequence[Sequence[tuple[str, bool]]],
+        encode_text: Callable[[list[str]], Sequence[Sequence[int]]] | None = None,
+    ) -> list[list[int] | np.ndarray]:
         """Encode rendered documents: markup parts as written (special tokens included), every other
-        part with `encode_text`, so only the renderer can put control tokens into a document."""
+        part with `encode_text` (default `encode_text_batch`), so only the renderer can put control tokens
+        into a document. A document whose text came back as an array (a long text encoded in pieces)
+        stays one array."""
         markup = {text: self.encode(text) for parts in documents for text, is_markup in parts if is_markup}
         texts = iter(
-            self.encode_text_batch([text for parts in documents for text, is_markup in parts if not is_markup])
+            (encode_text or self.encode_text_batch)(
+                [text for parts in documents for text, is_markup in parts if not is_markup]
+            )
         )
         return [
-            [i for text, is_markup in parts for i in (markup[text] if is_markup else next(texts))]
-            for parts in documents
+            _joined([markup[text] if is_markup else next(texts) for text, is_markup in parts]) for parts in documents
         ]
 
     def encode_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
@@ -308,3 +316,10 @@ def _without_specials(texts: Iterable[str]) -> Iterator[str]:
             yield from (piece for piece in _SPECIALS_PATTERN.split(text) if piece)
         else:
             yield text
+
+
+def _joined(pieces: list[Sequence[int]]) -> list[int] | np.ndarray:
+    """One document's ids from its parts' ids: a list, or one uint32 array when a part is an array."""
+    if any(isinstance(piece, np.ndarray) for piece in pieces):
+        return np.concatenate([np.asarray(piece, dtype=np.uint32) for piece in pieces])
+    return [i for piece in pieces for i in piece]

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from darkhorse.checkpoint import load_model, save_model_checkpoint, weights_fingerprint
+from darkhorse.checkpoint import check_finite, load_model, save_model_checkpoint, weights_fingerprint
 from darkhorse.config import RunConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.files import atomic_dir, read_json_object
@@ -428,6 +428,8 @@ def merge_adapter(
         maps = loaded.adapter.tensor_maps(loaded.config.model)
         targets = resolve_targets(adapter, maps, loaded.model.state_dict())
         result = MergeResult(out, base_path, fingerprint, apply_targets(loaded.model, targets))
+        for name, tensor in loaded.model.state_dict().items():  # a diverged adapter merges into NaN
+            check_finite(tensor, name, adapter.path)
         if result.zero and not allow_zero_delta:
             names = ", ".join(t.hf_name for t in result.zero[:4]) + (" ..." if len(result.zero) > 4 else "")
             raise DarkhorseError(

@@ -52,7 +52,7 @@ from darkhorse.model import Transformer
 from darkhorse.model.moe import MoE, Routing
 from darkhorse.train.reports import write_load_heatmaps
 from darkhorse.train.routing import RoutingCounter, routing_drift
-from darkhorse.train.run_dir import find_resume_checkpoint, plan_run
+from darkhorse.train.run_dir import claimed_run_dir, find_resume_checkpoint, plan_run
 from darkhorse.train.trainer import Trainer, TrainingHooks, TrainResult
 
 # train.* defaults of a LoRA run where they differ from pre-training's (PEFT/HF Trainer's choices)
@@ -159,6 +159,8 @@ class RouterLosses:
 
 class LoRAHooks(TrainingHooks):
     """The trainer hooks of a LoRA run (see the module docstring)."""
+
+    trains_all_weights = False  # the frozen base needs no grads or optimizer state
 
     command = "darkhorse finetune"
 
@@ -426,7 +428,7 @@ def finetune(
     elif not data:
         raise DarkhorseError("finetune needs --data PATH[:WEIGHT] (chat .jsonl files or prepared dirs)")
     spec, router, base_dtype = spec or LoRASpec(), router or RouterOptions(), base_dtype or "fp32"
-    with tempfile.TemporaryDirectory(prefix="darkhorse-base-") as scratch:
+    with claimed_run_dir(out_dir), tempfile.TemporaryDirectory(prefix="darkhorse-base-") as scratch:
         resolved = resolve_base(base, Path(scratch))
         if not resume:
             meta = ckpt.read_meta(resolved.checkpoint)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -48,3 +50,22 @@ def out_of_memory_advice(config: RunConfig, device: torch.device) -> str:
         "a smaller preset",
     ]
     return f"out of memory on {device}; turn these knobs, in order: " + ", ".join(knobs)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU out-of-memory error, or the plain RuntimeError torch raises when CPU memory runs out."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator" in text or "not enough memory" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_advice(config: RunConfig, device: torch.device) -> Iterator[None]:
+    """Turn running out of memory (GPU or CPU) into a DarkhorseError with `out_of_memory_advice`."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise DarkhorseError(out_of_memory_advice(config, device)) from None

@@ -5,14 +5,25 @@ the checkpoint to resume or start from, the opened data sources and the config t
 really use (vocabulary from the data or the checkpoint; a resumed run's saved config). It also
 refuses to clobber an earlier run without --force. `base_config` gives the CLI the config a
 resumed or init-from run builds on, under the same rules and error messages.
+
+`claimed_run_dir` holds a run dir for the length of one run: an flock on RUN_DIR/.lock keeps a second
+`train`/`finetune` out (it names the holder's pid; the kernel drops the lock of a killed run, so a
+stale lock file is simply taken over), leftovers of killed saves and prunes are cleared, and a run that
+fails before writing anything removes the dir it created. Resume takes the newest intact checkpoint:
+a torn one (see `checkpoint.damage`) is reported and skipped. metrics.jsonl is cut back to the
+checkpoint's step (a torn last line, from a kill mid-write, is dropped), and a fresh start in a dir
+whose run never saved a checkpoint drops that run's records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
-import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +33,10 @@ from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.data.loader import open_sources
 from darkhorse.data.prepared import PreparedData
 from darkhorse.errors import DarkhorseError
+from darkhorse.files import remove_dir
 from darkhorse.train.dashboard import METRICS_FILE
+
+LOCK_FILE = ".lock"
 
 # train.* keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_KEYS = (
@@ -58,17 +72,26 @@ def check_run_flags(resume: bool | Path | None, init_from: Path | None, force: b
         raise DarkhorseError("--resume and --init-from contradict each other: a resumed run keeps its weights")
 
 
-def find_resume_checkpoint(run_dir: Path, resume: bool | Path) -> Path:
-    """The newest resumable checkpoint in `run_dir` for `resume=True`, else the given folder, checked."""
-    if resume is True:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise DarkhorseError(f"--resume: {run_dir} holds no checkpoint to resume from")
-        return found
-    folder = Path(resume)
-    if not (folder / ckpt.STATE_FILE).is_file():
-        raise DarkhorseError(f"--resume {folder}: not a resumable checkpoint (no {ckpt.STATE_FILE})")
-    return folder
+def find_resume_checkpoint(run_dir: Path, resume: bool | Path, *, report: bool = False) -> Path:
+    """The newest intact resumable checkpoint in `run_dir` for `resume=True` (with `report`, each
+    damaged one skipped is said on stderr), else the given folder, checked."""
+    if resume is not True:
+        folder = Path(resume)
+        if not (folder / ckpt.STATE_FILE).is_file():
+            raise DarkhorseError(f"--resume {folder}: not a resumable checkpoint (no {ckpt.STATE_FILE})")
+        if problem := ckpt.damage(folder):
+            raise DarkhorseError(f"--resume {folder}: the checkpoint is damaged ({problem})")
+        return folder
+    candidates = ckpt.resumable_checkpoints(run_dir)
+    for folder in candidates:
+        problem = ckpt.damage(folder)
+        if problem is None:
+            return folder
+        if report:
+            print(f"warning: {folder} is damaged ({problem}); trying the checkpoint before it", file=sys.stderr)
+    if candidates:
+        raise DarkhorseError(f"--resume: every checkpoint in {run_dir} is damaged; start over with --force")
+    raise DarkhorseError(f"--resume: {run_dir} holds no checkpoint to resume from")
 
 
 def base_config(
@@ -131,15 +154,14 @@ def _start_fresh(run_dir: Path, force: bool) -> None:
     """Refuse to clobber an earlier run unless forced; when forced, clear its checkpoints and logs."""
     old = [*ckpt.training_checkpoints(run_dir), run_dir / ckpt.FINAL_NAME]
     old = [p for p in old if p.exists()]
-    if not old:
-        return
-    if not force:
+    if old and not force:
         raise DarkhorseError(
             f"{run_dir} already holds a run ({old[-1].name}); pass --resume to continue it, "
             "--force to start over (deletes its checkpoints), or choose another --out"
         )
     for folder in old:
-        shutil.rmtree(folder)
+        remove_dir(folder)
+    # without a checkpoint an earlier run cannot be resumed: its records would mix with this run's
     for name in (METRICS_FILE, "loss.png"):
         (run_dir / name).unlink(missing_ok=True)
 
@@ -159,7 +181,7 @@ def plan_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_temp_dirs(run_dir)
-    resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    resume_from = find_resume_checkpoint(run_dir, resume, report=True) if resume else None
     if resume_from is None:
         _start_fresh(run_dir, force)
     saved_meta = ckpt.read_meta(resume_from) if resume_from else {}
@@ -205,9 +227,57 @@ def read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
     metrics = run_dir / METRICS_FILE
     if not metrics.exists():
         return []
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r.get("step", 0) <= up_to_step]
+    lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last line can be torn by a kill mid-write
+                raise DarkhorseError(f"{metrics}:{number}: invalid JSON; fix or delete that line") from None
+    kept = [r for r in records if isinstance(r, dict) and r.get("step", 0) <= up_to_step]
     temp = metrics.with_suffix(".jsonl.tmp")
     temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(temp, metrics)
     return kept
+
+
+@contextlib.contextmanager
+def claimed_run_dir(run_dir: str | Path) -> Iterator[Path]:
+    """`run_dir`, created if need be and locked against other runs while the block runs (see the
+    module doc). If the block fails and the dir it created holds nothing, the dir is removed."""
+    run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the dir for every rank
+        yield run_dir
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (closed below, when the lock is released)
+    except OSError as exc:
+        raise DarkhorseError(f"--out {run_dir}: cannot use it as a run directory ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise DarkhorseError(
+                f"{run_dir} is in use by another run (pid {holder}); wait for it to end or choose another --out"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        ckpt.remove_stale_temp_dirs(run_dir)
+        try:
+            yield run_dir
+        except BaseException:
+            if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+                (run_dir / LOCK_FILE).unlink()
+                run_dir.rmdir()
+            raise
+    finally:
+        lock.close()

@@ -30,14 +30,14 @@ from darkhorse.data.prepare import default_cache_dir
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
-from darkhorse.train.device import memory_in_use, out_of_memory_advice, resolve_device
+from darkhorse.train.device import memory_in_use, out_of_memory_as_advice, resolve_device
 from darkhorse.train.evaluate import evaluate
 from darkhorse.train.memory import available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
 from darkhorse.train.peak_flops import peak_flops
 from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter
-from darkhorse.train.run_dir import RunPlan, plan_run, read_history
+from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,6 +52,7 @@ class TrainResult:
     tokens_seen: int
     checkpoint: Path | None  # final/ after a full run, the interrupt checkpoint otherwise
     interrupted: bool = False
+    stopped_by: str | None = None  # the signal that interrupted it (SIGINT, SIGTERM)
     last_loss: float | None = None
     val_loss: float | None = None
     val_bpb: float | None = None
@@ -91,6 +92,7 @@ class TrainingHooks:
     per step, adds loss terms, and saves only what it trains."""
 
     command = "darkhorse train"  # what the interrupt message tells the user to resume with
+    trains_all_weights = True  # then the memory a run needs is known before its model is built
 
     def load_weights(self, model: Transformer, plan: RunPlan, device: torch.device) -> None:
         weights_from = plan.resume_from or plan.init_from
@@ -151,8 +153,13 @@ class Trainer:
 
             self.token_bytes = token_byte_lengths(Tokenizer.from_file(self.tokenizer_file)).to(self.device)
 
+        if self.hooks.trains_all_weights:  # said before the model is built: building it may be what fails
+            with torch.device("meta"):
+                warning = self._fit_warning(Transformer(self.config.model))
+            if warning and verbose:
+                print(f"warning: {warning}", flush=True)
         torch.manual_seed(self.train_cfg.seed)
-        with torch.device(self.device):
+        with out_of_memory_as_advice(self.config, self.device), torch.device(self.device):
             self.model = Transformer(self.config.model)
         self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
@@ -227,7 +234,21 @@ class Trainer:
         self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
         self.hooks.load_state(state)
 
-    def save(self, folder: Path, loss: float | None) -> Path:
+    def _diverged(self) -> str | None:
+        """Why the model as it stands is unusable (its last loss, or a weight, not finite), or None."""
+        if self.bad_in_a_row:
+            return f"the loss at step {self.step} is not finite"
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds NaN or inf"
+        return None
+
+    def save(self, folder: Path, loss: float | None) -> Path | None:
+        """Save a checkpoint into `folder` and prune old ones; None (nothing saved) if the model has
+        diverged: a non-finite model never gets a valid checkpoint name."""
+        if reason := self._diverged():
+            self.dashboard.message(f"warning: not saving {folder.name}: {reason}")
+            return None
         meta = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -296,7 +317,7 @@ class Trainer:
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
-        if self.tokenizer_file is None or not self.val_batches:
+        if self.tokenizer_file is None or not self.val_batches or self._diverged():
             return None
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
@@ -338,11 +359,13 @@ class Trainer:
                 )
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
-        hidden, _, _ = split_parameters(self.model)
-        estimate = estimate_training_memory(self.config, self.model.num_params(), sum(p.numel() for p in hidden))
-        warning = fit_warning(estimate, available_memory(self.device))
-        if warning:
+        if not self.hooks.trains_all_weights and (warning := self._fit_warning(self.model)):
             say(f"warning: {warning}")
+
+    def _fit_warning(self, model: Transformer) -> str | None:
+        hidden, _, _ = split_parameters(model)
+        estimate = estimate_training_memory(self.config, model.num_params(), sum(p.numel() for p in hidden))
+        return fit_warning(estimate, available_memory(self.device))
 
     def _log_record(
         self, loss: float, terms: dict[str, float], grad_norm, lr_step: int, elapsed: float, tokens: int
@@ -377,7 +400,7 @@ class Trainer:
             self._announce()
             self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
-            try:
+            with out_of_memory_as_advice(self.config, self.device):
                 while self.step < cfg.max_steps and stop.signal_name is None:
                     lr_step = self.step
                     loss, terms, grad_norm = self.train_step()
@@ -407,14 +430,12 @@ class Trainer:
                         self.history.append(last_eval)
                         self.dashboard.log_eval(last_eval, self.sample())
                     if cfg.save_interval > 0 and self.step % cfg.save_interval == 0:
-                        saved = self.save(self.run_dir / ckpt.step_name(self.step), loss)
-            except torch.OutOfMemoryError:
-                raise DarkhorseError(out_of_memory_advice(self.config, self.device)) from None
+                        saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
 
             interrupted = stop.signal_name is not None and self.step < cfg.max_steps
             if interrupted:
                 if self.step > 0 and (saved is None or saved.name != ckpt.step_name(self.step)):
-                    saved = self.save(self.run_dir / ckpt.step_name(self.step), loss)
+                    saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
                 where = f"checkpoint {saved}" if saved else "nothing to save yet"
                 self.dashboard.message(
                     f"stopped by {stop.signal_name} at step {self.step} ({where}); continue with: "
@@ -422,6 +443,11 @@ class Trainer:
                 )
             else:
                 saved = self.save(self.run_dir / ckpt.FINAL_NAME, loss)
+                if saved is None:
+                    raise DarkhorseError(
+                        f"the run diverged ({self._diverged()}), so no final/ was saved; "
+                        "lower train.lr or raise train.warmup_steps"
+                    )
                 # domain ids are names only where every source lists the same domains
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
@@ -436,6 +462,7 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             checkpoint=saved,
             interrupted=interrupted,
+            stopped_by=stop.signal_name if interrupted else None,
             last_loss=loss,
             val_loss=last_eval.get("val_loss"),
             val_bpb=last_eval.get("val_bpb"),
@@ -476,5 +503,6 @@ def train(
     `logger` also logs to "tensorboard" or "wandb"; `verbose=False` prints nothing; `live` forces
     the rich view on or off (default: on when stdout is a terminal).
     """
-    plan = plan_run(config, data, out_dir, resume, init_from=init_from, force=force)
-    return Trainer(plan, logger=logger, verbose=verbose, live=live).run()
+    with claimed_run_dir(out_dir):
+        plan = plan_run(config, data, out_dir, resume, init_from=init_from, force=force)
+        return Trainer(plan, logger=logger, verbose=verbose, live=live).run()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from darkhorse.errors import DarkhorseError
+from darkhorse.errors import DarkhorseError, RankFailure
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return int(args.handler(args) or 0)
     except DarkhorseError as exc:
-        print(f"darkhorse: error: {exc}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input: rank 0 says it once, the others exit quietly
+        if isinstance(exc, RankFailure) or os.environ.get("RANK", "0") == "0":
+            print(f"darkhorse: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("darkhorse: interrupted", file=sys.stderr)

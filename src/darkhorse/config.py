@@ -241,12 +241,16 @@ class TrainConfig:
     loss_mask: bool = True  # learn only tokens the data's loss mask marks (chat: the assistant's replies)
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
     device: str = "auto"
+    parallel: str = "none"  # none | ddp | fsdp (FSDP2, ZeRO-3); ddp and fsdp run under torchrun
+    dist_timeout: int = 600  # seconds a rank waits for the others before it gives up (a rank died)
 
     def __post_init__(self) -> None:
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
         _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _one_of("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
+        _require(self.dist_timeout > 0, "train.dist_timeout must be > 0")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last"):
             _require(getattr(self, name) > 0, f"train.{name} must be > 0")
         _require(self.lr > 0, "train.lr must be > 0")

@@ -7,3 +7,7 @@ class DarkhorseError(Exception):
 
 class ConfigError(DarkhorseError):
     """A config key, value or combination that cannot work."""
+
+
+class RankFailure(DarkhorseError):
+    """Another rank of a torchrun launch died or hung: every surviving rank reports it, not only rank 0."""

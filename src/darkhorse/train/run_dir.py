@@ -139,7 +139,7 @@ def _start_fresh(run_dir: Path, force: bool) -> None:
             "--force to start over (deletes its checkpoints), or choose another --out"
         )
     for folder in old:
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # every rank of a torchrun launch clears the same run
     for name in (METRICS_FILE, "loss.png"):
         (run_dir / name).unlink(missing_ok=True)
 

@@ -11,6 +11,7 @@ their own loss terms (`out.losses`) and metrics (`training_metrics()`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -31,14 +32,31 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
 from darkhorse.train.device import memory_in_use, out_of_memory_advice, resolve_device
+from darkhorse.train.distributed import (
+    any_rank,
+    average,
+    barrier,
+    collective_errors,
+    init_world,
+    per_rank_batch,
+    shutdown,
+)
 from darkhorse.train.evaluate import evaluate
 from darkhorse.train.memory import available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
+from darkhorse.train.parallel import (
+    check_parallel_config,
+    full_norm,
+    gradient_sync,
+    parallelize,
+    reduce_expert_load,
+)
 from darkhorse.train.peak_flops import peak_flops
 from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter
 from darkhorse.train.run_dir import RunPlan, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
+from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
@@ -139,10 +157,16 @@ class Trainer:
         self.run_dir, self.sources = plan.run_dir, plan.sources
         self.init_from, self.resumed_from = plan.init_from, plan.resume_from
         self.origin, self.origin_step = plan.origin, plan.origin_step
-        self.config, self.train_cfg = plan.config, plan.config.train
+        self.device = resolve_device(plan.config.train.device)
+        self.world = init_world(plan.config.train, self.device)
+        if self.device.type == "cuda" and self.world.launched:
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.config = self._fit_to_world(plan)
+        self.train_cfg = self.config.train
+        check_parallel_config(self.train_cfg, self.world)
+        self.sharded = self.train_cfg.parallel == "fsdp"
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
-        self.device = resolve_device(self.train_cfg.device)
         # UTF-8 bytes per token id, for exact val bits per byte (masked chat data included)
         self.token_bytes = None
         if self.tokenizer_file is not None:
@@ -154,10 +178,12 @@ class Trainer:
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
             self.model = Transformer(self.config.model)
-        self.hooks.load_weights(self.model, plan, self.device)
+        if not (plan.resume_from and ckpt.is_sharded(plan.resume_from)):  # shards load with the optimizer state
+            self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
-        self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
+        self.wrapped = parallelize(self.model, self.train_cfg, self.world)  # DDP/FSDP, or the model itself
+        self.forward = torch.compile(self.wrapped) if self.train_cfg.compile else self.wrapped
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
@@ -175,33 +201,53 @@ class Trainer:
             seed=self.train_cfg.seed,
             loss_mask=self.train_cfg.loss_mask,
             device=self.device,
+            rank=self.world.rank,
+            world_size=self.world.size,
         )
-        self.tokens_per_step = self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum
+        self.tokens_per_step = (
+            self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum * self.world.size
+        )
         self.step = self.tokens_seen = self.bad_in_a_row = self.bad_total = 0
         self.history: list[dict[str, Any]] = []
         if plan.resume_from:
             self._load_trainer_state(plan.resume_from)
-            self.history = read_history(self.run_dir, self.step)
+            self.history = read_history(self.run_dir, self.step) if self.world.is_main else []  # rank 0 rewrites it
         self.val_batches = self.loader.val_batches(self.train_cfg.eval_steps) if self.train_cfg.eval_steps else []
         self.flops_per_token = self.model.flops_per_token(self.train_cfg.seq_len)
-        self.external_logger = ExternalLogger(logger, self.run_dir, self.config.to_dict()) if logger else None
+        main = self.world.is_main
+        self.external_logger = ExternalLogger(logger, self.run_dir, self.config.to_dict()) if logger and main else None
         self.dashboard = Dashboard(
             self.run_dir,
             max_steps=self.train_cfg.max_steps,
             start_step=self.step,
             train_tokens=self.loader.train_tokens,
-            verbose=verbose,
+            verbose=verbose and main,
             live=live,
             logger=self.external_logger,
             history=self.history,
+            record=main,
+            log_file=self.run_dir / "logs" / f"rank-{self.world.rank}.log" if self.world.launched else None,
         )
         self._tokenizer = None
 
     # -- state ----------------------------------------------------------------------------------
 
+    def _fit_to_world(self, plan: RunPlan) -> RunConfig:
+        """The run's config, with the micro-batch per rank that keeps a resumed run's global batch
+        when it resumes on another number of ranks (batches are cut from the same windows)."""
+        config = plan.config
+        if not plan.resume_from:
+            return config
+        saved_world = int(ckpt.read_meta(plan.resume_from).get("world_size", 1))
+        if saved_world == self.world.size:
+            return config
+        batch_size = per_rank_batch(config.train.batch_size, saved_world, self.world.size)
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
+
     def _trainer_state(self) -> dict[str, Any]:
         return {
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            # a sharded checkpoint keeps the optimizer state with the weights, in its shards
+            "optimizers": [] if self.sharded else [optimizer.state_dict() for optimizer in self.optimizers],
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng_state(),
@@ -214,10 +260,13 @@ class Trainer:
 
     def _load_trainer_state(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
-        if len(state["optimizers"]) != len(self.optimizers):
+        if ckpt.is_sharded(folder):
+            load_sharded_checkpoint(folder, self.model, self.optimizers)
+        elif len(state["optimizers"]) != len(self.optimizers):
             raise DarkhorseError(f"{folder}: optimizer state does not match train.optimizer; cannot resume")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        else:
+            for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         if state["scaler"]:
@@ -234,11 +283,19 @@ class Trainer:
             "loss": loss,
             "tokenizer_sha256": self.sources[0][0].tokenizer_sha256,
             "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
+            "world_size": self.world.size,
         }
         if self.origin:
             meta["init_from"] = self.origin
-        saved = self.hooks.save(self, folder, meta, self._trainer_state())
-        ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
+        state, saved = self._trainer_state(), Path(folder)
+        if self.sharded:
+            args = (self.model, self.optimizers, self.config, self.tokenizer_file, meta, state, self.world)
+            saved = save_sharded_checkpoint(folder, *args)
+        elif self.world.is_main:  # every rank holds the same weights: one writes them
+            saved = self.hooks.save(self, folder, meta, state)
+        barrier(self.world)
+        if self.world.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
         return saved
 
     # -- one step -------------------------------------------------------------------------------
@@ -260,19 +317,23 @@ class Trainer:
         self.hooks.before_step(self)
         for micro_step in range(accum):
             batch = self.loader.batch(self.step, micro_step)
-            with self._autocast():
-                out = self.forward(
-                    batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
-                )
-                out_loss = out.loss
-                for name, term in self.hooks.loss_terms().items():
-                    out_loss = out_loss + term
-                    out.losses[name] = term.detach()
-            self.scaler.scale(out_loss / accum).backward()
+            with gradient_sync(self.wrapped, micro_step == accum - 1):  # ranks sync on the last micro-batch only
+                with self._autocast():
+                    out = self.forward(
+                        batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
+                    )
+                    out_loss = out.loss
+                    for name, term in self.hooks.loss_terms().items():
+                        out_loss = out_loss + term
+                        out.losses[name] = term.detach()
+                self.scaler.scale(out_loss / accum).backward()
             total += out_loss.detach()
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0) + value.detach().float() / accum
-        loss = (total / accum).item()
+        # the logged loss and terms are means over all ranks, so every rank agrees on skipping a step
+        means = average(self.world, torch.stack([total / accum, *terms.values()]).float())
+        terms = dict(zip(terms, means[1:], strict=True))
+        loss = means[0].item()
         if not math.isfinite(loss):
             self._zero_grad()
             return loss, {}, None
@@ -280,7 +341,7 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -296,8 +357,8 @@ class Trainer:
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
-        if self.tokenizer_file is None or not self.val_batches:
-            return None
+        if self.tokenizer_file is None or not self.val_batches or self.sharded or not self.world.is_main:
+            return None  # (decoding a sharded model would need every rank in step)
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
 
@@ -323,6 +384,12 @@ class Trainer:
             say(f"resuming from {self.resumed_from} at step {self.step}")
         elif self.init_from:
             say(f"starting from the weights of {self.init_from} (its step {self.origin_step}); optimizer state is new")
+        if self.world.launched:
+            say(
+                f"{self.world.size} ranks, train.parallel={cfg.parallel}: global batch {cfg.batch_size} x "
+                f"{cfg.grad_accum} x {self.world.size} = {cfg.batch_size * cfg.grad_accum * self.world.size} windows; "
+                f"each rank logs to {self.run_dir / 'logs'}"
+            )
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
             f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
@@ -368,6 +435,13 @@ class Trainer:
         return record
 
     def run(self) -> TrainResult:
+        try:
+            with collective_errors(self.world):
+                return self._run()
+        finally:
+            shutdown(self.world)
+
+    def _run(self) -> TrainResult:
         cfg = self.train_cfg
         stop = _StopRequest()
         loss: float | None = None
@@ -377,8 +451,12 @@ class Trainer:
             self._announce()
             self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
+            stopping = False
             try:
-                while self.step < cfg.max_steps and stop.signal_name is None:
+                # a signal may reach one rank only (or each at another step): all stop after the same step
+                while self.step < cfg.max_steps:
+                    if stopping := any_rank(self.world, stop.signal_name is not None):
+                        break
                     lr_step = self.step
                     loss, terms, grad_norm = self.train_step()
                     with warnings.catch_warnings():
@@ -393,6 +471,7 @@ class Trainer:
                         self._count_bad_step(loss)
                     else:
                         self.bad_in_a_row = 0
+                        reduce_expert_load(self.model, self.world)  # one ALF bias step on every rank
                         self.model.after_optimizer_step(self.step)
                     last = self.step == cfg.max_steps
                     if self.step % cfg.log_interval == 0 or last:
@@ -411,13 +490,14 @@ class Trainer:
             except torch.OutOfMemoryError:
                 raise DarkhorseError(out_of_memory_advice(self.config, self.device)) from None
 
-            interrupted = stop.signal_name is not None and self.step < cfg.max_steps
+            interrupted = stopping and self.step < cfg.max_steps
             if interrupted:
                 if self.step > 0 and (saved is None or saved.name != ckpt.step_name(self.step)):
                     saved = self.save(self.run_dir / ckpt.step_name(self.step), loss)
                 where = f"checkpoint {saved}" if saved else "nothing to save yet"
                 self.dashboard.message(
-                    f"stopped by {stop.signal_name} at step {self.step} ({where}); continue with: "
+                    f"stopped by {stop.signal_name or 'a signal to another rank'} at step {self.step} ({where}); "
+                    "continue with: "
                     f"{self.hooks.command} --out {self.run_dir} --resume"
                 )
             else:
@@ -425,8 +505,10 @@ class Trainer:
                 # domain ids are names only where every source lists the same domains
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
-                reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
-                self.hooks.on_finish(self)
+                reports = []
+                if self.world.is_main:  # rank 0's routing counts stand for the run's
+                    reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                    self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
                 if reports:
                     self.dashboard.message(f"reports in {self.run_dir}: {', '.join(p.name for p in reports)}")

@@ -1,4 +1,4 @@
-"""One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [--resume] [--die-at N] KEY=VALUE...`.
+"""One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [--resume] [--die-at N] K=V...`.
 
 It trains through the Python API, as the CLI would, then writes what the test compares and the CLI
 cannot show: this rank's ALF biases (`bias-rank{R}.pt`). `--die-at N` makes rank 1 exit hard before

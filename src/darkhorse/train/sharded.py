@@ -10,6 +10,7 @@ single-file checkpoint for export, merge and inference).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ def load_sharded_weights(folder: Path, model: nn.Module) -> None:
     """Only the weights of a sharded checkpoint, into `model` (fine-tuning or consolidating)."""
     check_shards(folder)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=Path(folder) / ckpt.SHARDS_DIR)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(folder) / ckpt.SHARDS_DIR)
     set_model_state_dict(model, state["model"])
 
 

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "quantize": "quantize",
     "finetune": "finetune",
     "merge": "merge",
+    "consolidate": "consolidate",
 }
 
 EPILOG = """workflow:
@@ -81,6 +82,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` hands to torchrun
     try:
         if args.command is None:
             if args.prompt is None:

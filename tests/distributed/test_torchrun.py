@@ -21,6 +21,7 @@ import torch
 
 from darkhorse.checkpoint import load_model
 from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError
 from darkhorse.train.sharded import consolidate
 from darkhorse.train.trainer import train
 
@@ -121,6 +122,8 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, sharded_run,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close(losses(tmp_path / "run"), want)
     if nproc == 3:  # the sharded final checkpoint becomes today's single file, with the 1-process weights
+        with pytest.raises(DarkhorseError, match="darkhorse consolidate"):
+            load_model(tmp_path / "run" / "final")
         model, _, meta = load_model(consolidate(tmp_path / "run" / "final", tmp_path / "consolidated"))
         reference, _, _ = load_model(root / "one" / "final")
         assert meta["step"] == 5
@@ -141,8 +144,46 @@ def test_a_dying_rank_makes_the_others_exit_with_a_clear_error(tmp_path, prepare
 
 
 def test_parallel_training_without_torchrun_is_refused(tmp_path, prepared_dir):
-    from darkhorse.errors import DarkhorseError
-
     config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=fsdp", "train.max_steps=1"])
     with pytest.raises(DarkhorseError, match="train.parallel=fsdp runs under torchrun"):
         train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+
+
+@pytest.mark.slow
+def test_resuming_with_a_missing_shard_names_it_once(tmp_path, sharded_run):
+    data, root, _ = sharded_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    for checkpoint in ("step-000003", "final"):
+        (tmp_path / "run" / checkpoint / "shards" / "__1_0.distcp").unlink()
+    done = torchrun(2, data, tmp_path / "run", *SHARDED, "train.max_steps=5", "--resume")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("darkhorse: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]  # rank 0 says it; rank 1 exits quietly
+    assert "missing 1 of its 2 shard files: __1_0.distcp" in errors[0]
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused():
+    from darkhorse.errors import DarkhorseError
+    from darkhorse.train.distributed import per_rank_batch
+
+    assert per_rank_batch(3, saved_world=2, world=3) == 2
+    with pytest.raises(DarkhorseError, match="4 ranks cannot split that evenly"):
+        per_rank_batch(3, saved_world=2, world=4)
+
+
+@pytest.mark.slow
+def test_train_nproc_starts_torchrun(tmp_path, prepared_dir):
+    overrides = [*SMALL, "train.max_steps=2", "train.save_interval=0", "train.batch_size=2"]
+    command = [sys.executable, "-m", "darkhorse", "train", "--nproc", "2", "--preset", "tiny-cpu"]
+    done = subprocess.run(
+        [*command, "--data", str(prepared_dir), "--out", str(tmp_path / "run"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks, train.parallel=ddp: global batch 2 x 1 x 2 = 4 windows" in done.stdout
+    assert done.stdout.count("training tiny-cpu") == 1  # only rank 0 prints
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "logs" / "rank-1.log").is_file()

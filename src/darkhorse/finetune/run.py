@@ -161,6 +161,7 @@ class LoRAHooks(TrainingHooks):
     """The trainer hooks of a LoRA run (see the module docstring)."""
 
     command = "darkhorse finetune"
+    sized_by_plan = False  # the frozen base has no gradients or optimizer state: sized after adapters are added
 
     def __init__(
         self,

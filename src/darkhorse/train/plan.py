@@ -33,7 +33,7 @@ from darkhorse.config import RunConfig, load_run_config
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.model.moe import RoutedExperts
-from darkhorse.train.memory import GIB, estimate_training_memory
+from darkhorse.train.memory import GIB, MemoryEstimate, estimate_training_memory
 
 MEASURED_MFU = 0.32  # forge-nano on one H100, torch.compile, docs/benchmarks.md "On an H100"
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s (train/peak_flops.py)
@@ -68,6 +68,10 @@ class DevicePlan:
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer + self.gathered + self.activations
+
+    def estimate(self) -> MemoryEstimate:
+        """As `train.memory`'s one-device estimate (gathered blocks counted with the activations)."""
+        return MemoryEstimate(self.weights, self.grads, self.optimizer, self.gathered + self.activations)
 
     def tokens_per_s(self, peak: float = H100_BF16_PEAK, mfu: float = MEASURED_MFU) -> float:
         """All devices together, at the measured single-GPU MFU (communication not counted)."""

@@ -42,7 +42,7 @@ from darkhorse.train.distributed import (
     shutdown,
 )
 from darkhorse.train.evaluate import evaluate
-from darkhorse.train.memory import available_memory, estimate_training_memory, fit_warning
+from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
 from darkhorse.train.parallel import (
     check_parallel_config,
@@ -52,6 +52,7 @@ from darkhorse.train.parallel import (
     reduce_expert_load,
 )
 from darkhorse.train.peak_flops import peak_flops
+from darkhorse.train.plan import Layout, plan_layout
 from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter
 from darkhorse.train.run_dir import RunPlan, plan_run, read_history
@@ -61,6 +62,8 @@ from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkp
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
 SAMPLE_NEW_TOKENS = 32
+SPEED_PROBE_STEPS = 3  # steps timed before judging whether the run would take days
+SLOW_RUN_SECONDS = 86400
 
 
 @dataclass
@@ -109,6 +112,7 @@ class TrainingHooks:
     per step, adds loss terms, and saves only what it trains."""
 
     command = "darkhorse train"  # what the interrupt message tells the user to resume with
+    sized_by_plan = True  # every weight trains: train/plan.py sizes the run before the model is built
 
     def load_weights(self, model: Transformer, plan: RunPlan, device: torch.device) -> None:
         weights_from = plan.resume_from or plan.init_from
@@ -175,6 +179,7 @@ class Trainer:
 
             self.token_bytes = token_byte_lengths(Tokenizer.from_file(self.tokenizer_file)).to(self.device)
 
+        self.memory_warning = self._check_plan() if self.hooks.sized_by_plan else None
         torch.manual_seed(self.train_cfg.seed)
         with torch.device(self.device):
             self.model = Transformer(self.config.model)
@@ -243,6 +248,21 @@ class Trainer:
             return config
         batch_size = per_rank_batch(config.train.batch_size, saved_world, self.world.size)
         return dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
+
+    def _check_plan(self) -> str | None:
+        """Size this run per device before building it: refuse one that needs over twice the free
+        memory, return a warning for one that likely does not fit."""
+        plan = plan_layout(self.config, Layout(self.world.size, self.train_cfg.parallel))
+        available = available_memory(self.device)
+        if available is not None and plan.total > 2 * available:
+            raise DarkhorseError(
+                f"this run needs about {plan.total / GIB:,.1f} GiB per device (weights, gradients and optimizer "
+                f"{(plan.weights + plan.grads + plan.optimizer) / GIB:,.1f}, "
+                f"activations {plan.activations / GIB:,.1f}) "
+                f"but {self.device} has {available / GIB:,.1f} GiB free; shard it over more devices "
+                "(`darkhorse params --world-size N --parallel fsdp` sizes a layout) or pick a smaller preset"
+            )
+        return fit_warning(plan.estimate(), available)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -405,9 +425,11 @@ class Trainer:
                 )
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
-        hidden, _, _ = split_parameters(self.model)
-        estimate = estimate_training_memory(self.config, self.model.num_params(), sum(p.numel() for p in hidden))
-        warning = fit_warning(estimate, available_memory(self.device))
+        warning = self.memory_warning
+        if not self.hooks.sized_by_plan:
+            hidden, _, _ = split_parameters(self.model)
+            estimate = estimate_training_memory(self.config, self.model.num_params(), sum(p.numel() for p in hidden))
+            warning = fit_warning(estimate, available_memory(self.device))
         if warning:
             say(f"warning: {warning}")
 
@@ -451,7 +473,7 @@ class Trainer:
             self._announce()
             self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
-            stopping = False
+            run_start, stopping = window_start, False
             try:
                 # a signal may reach one rank only (or each at another step): all stop after the same step
                 while self.step < cfg.max_steps:
@@ -466,6 +488,8 @@ class Trainer:
                             scheduler.step()
                     self.step += 1
                     self.tokens_seen += self.tokens_per_step
+                    if self.step - self.dashboard.start_step == SPEED_PROBE_STEPS:
+                        self._warn_if_slow(time.perf_counter() - run_start)
                     window_tokens += self.tokens_per_step
                     if grad_norm is None:
                         self._count_bad_step(loss)
@@ -524,6 +548,18 @@ class Trainer:
             bad_steps=self.bad_total,
             history=self.history,
         )
+
+    def _warn_if_slow(self, elapsed: float) -> None:
+        """Say so when the first steps' speed puts the end of the run more than a day away."""
+        remaining = self.train_cfg.max_steps - self.step
+        eta = elapsed / SPEED_PROBE_STEPS * remaining
+        if eta > SLOW_RUN_SECONDS:
+            tokens_per_s = SPEED_PROBE_STEPS * self.tokens_per_step / max(elapsed, 1e-9)
+            self.dashboard.message(
+                f"warning: at {tokens_per_s:,.0f} tokens/s (the first {SPEED_PROBE_STEPS} steps) the remaining "
+                f"{remaining:,} steps take about {eta / 86400:,.1f} days on {self.device}; a smaller preset, "
+                "fewer train.max_steps or more devices (`darkhorse params --world-size N`) shorten it"
+            )
 
     def _count_bad_step(self, loss: float) -> None:
         self.bad_in_a_row += 1

@@ -187,3 +187,18 @@ def test_train_nproc_starts_torchrun(tmp_path, prepared_dir):
     assert done.stdout.count("training tiny-cpu") == 1  # only rank 0 prints
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     assert (tmp_path / "run" / "logs" / "rank-1.log").is_file()
+
+
+@pytest.mark.slow
+def test_expert_parallel_layer_equals_the_whole_layer(tmp_path):
+    """Two ranks, four experts each, half the batch each: outputs and gradients equal the whole layer's."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*command, str(WORKER.with_name("ep_worker.py"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "rank 0: equal" in done.stdout and "rank 1: equal" in done.stdout

@@ -243,6 +243,7 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "none"  # none | ddp | fsdp (FSDP2, ZeRO-3); ddp and fsdp run under torchrun
     dist_timeout: int = 600  # seconds a rank waits for the others before it gives up (a rank died)
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (ddp; all ranks)
 
     def __post_init__(self) -> None:
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
@@ -251,6 +252,7 @@ class TrainConfig:
         _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
         _one_of("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
         _require(self.dist_timeout > 0, "train.dist_timeout must be > 0")
+        _require(self.expert_parallel >= 1, "train.expert_parallel must be >= 1")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last"):
             _require(getattr(self, name) > 0, f"train.{name} must be > 0")
         _require(self.lr > 0, "train.lr must be > 0")

@@ -202,3 +202,36 @@ def test_expert_parallel_layer_equals_the_whole_layer(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "rank 0: equal" in done.stdout and "rank 1: equal" in done.stdout
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_one_process_and_resumes(tmp_path, prepared_dir):
+    settings = [*SMALL, *MOE, "train.save_interval=3"]
+    want = one_process(prepared_dir, tmp_path / "one", *settings, "train.batch_size=4", "train.max_steps=5")
+    ep = [*settings, "train.batch_size=2", "train.parallel=ddp", "train.expert_parallel=2"]
+    first = torchrun(2, prepared_dir, tmp_path / "ep", *ep, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(2, prepared_dir, tmp_path / "ep", *ep, "train.max_steps=5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(losses(tmp_path / "ep"), want)
+    model, _, _ = load_model(tmp_path / "ep" / "final")  # the checkpoint holds every expert, as one process saves
+    reference, _, _ = load_model(tmp_path / "one" / "final")
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
+
+
+def test_expert_parallel_layouts_that_cannot_work_are_refused(tmp_path, prepared_dir):
+    from darkhorse.train.distributed import World
+    from darkhorse.train.parallel import check_parallel_config
+
+    def check(*overrides: str, world: int = 2) -> None:
+        check_parallel_config(load_run_config("tiny-cpu", overrides=[*SMALL, *overrides]), World(size=world))
+
+    with pytest.raises(DarkhorseError, match="runs with train.parallel=ddp"):
+        check(*MOE, "train.expert_parallel=2", "train.parallel=fsdp")
+    with pytest.raises(DarkhorseError, match="start 2 ranks, not 4"):
+        check(*MOE, "train.expert_parallel=2", "train.parallel=ddp", world=4)
+    with pytest.raises(DarkhorseError, match=r"must divide model.moe.n_routed_experts \(4\)"):
+        check(*MOE, "train.expert_parallel=3", "train.parallel=ddp", world=3)
+    with pytest.raises(DarkhorseError, match="needs an MoE model"):
+        check("train.expert_parallel=2", "train.parallel=ddp")

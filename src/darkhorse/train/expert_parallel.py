@@ -10,11 +10,17 @@ their names with E/K rows, so the rest of the model (and its gradient sync, whic
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from darkhorse.model.moe import RoutedExperts
+
+EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -45,7 +51,7 @@ class ExpertParallelExperts(RoutedExperts):
         self.rank, self.size, self.group, self.n_experts = rank, size, group, n_experts
         rows = slice(rank * local, (rank + 1) * local)
         with torch.no_grad():
-            for name in ("gate_proj", "up_proj", "down_proj"):
+            for name in EXPERT_TENSORS:
                 getattr(self, name).copy_(getattr(experts, name)[rows])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
@@ -91,3 +97,82 @@ def full_expert_tensor(local: torch.Tensor, size: int, group=None) -> torch.Tens
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()]
+
+
+@torch.no_grad()
+def average_expert_gradients(model: nn.Module, size: int) -> None:
+    """An expert's gradient sums the losses of all `size` ranks, whose mean is the objective: divide."""
+    for param in expert_parameters(model):
+        if param.grad is not None:
+            param.grad /= size
+
+
+def clip_gradients(params: list[nn.Parameter], experts: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by the global norm: the replicated gradients' (equal on every rank) plus every rank's experts'."""
+    held = {id(p) for p in experts}
+    replicated = [p.grad for p in params if id(p) not in held]
+    own = [p.grad for p in params if id(p) in held]
+    expert_sq = torch.nn.utils.get_total_norm(own) ** 2 if own else torch.zeros(())
+    dist.all_reduce(expert_sq)
+    total = (torch.nn.utils.get_total_norm(replicated) ** 2 + expert_sq).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+@contextlib.contextmanager
+def gathered_experts(model: nn.Module) -> Iterator[None]:
+    """Every expert tensor whole (E rows) for the duration, on every rank: what a checkpoint saves."""
+    modules = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    local = [{name: getattr(m, name) for name in EXPERT_TENSORS} for m in modules]
+    try:
+        for module in modules:
+            for name in EXPERT_TENSORS:
+                full = full_expert_tensor(getattr(module, name).detach(), module.size, module.group)
+                setattr(module, name, nn.Parameter(full, requires_grad=False))
+        yield
+    finally:
+        for module, params in zip(modules, local, strict=True):
+            for name, param in params.items():
+                setattr(module, name, param)
+
+
+def _expert_state_indices(optimizer: torch.optim.Optimizer, experts: list[nn.Parameter]) -> list[int]:
+    held = {id(p) for p in experts}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [index for index, param in enumerate(params) if id(param) in held]
+
+
+def _map_expert_moments(optimizer: torch.optim.Optimizer, state: dict[str, Any], experts, change) -> dict[str, Any]:
+    """`state` (an optimizer state dict) with `change` applied to every expert moment, in new dicts:
+    `optimizer.state_dict()` shares its per-parameter dicts with the live optimizer."""
+    for index in _expert_state_indices(optimizer, experts):
+        entry = state["state"].get(index)
+        if entry is not None:
+            state["state"][index] = {
+                key: change(value) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in entry.items()
+            }
+    return state
+
+
+def gather_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], experts: list[nn.Parameter], size: int
+) -> dict[str, Any]:
+    """`optimizer.state_dict()` with each expert moment whole (E rows), as one process would hold it."""
+    return _map_expert_moments(optimizer, state, experts, lambda value: full_expert_tensor(value, size))
+
+
+def slice_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], experts: list[nn.Parameter], rank: int, size: int
+) -> dict[str, Any]:
+    """The inverse of `gather_optimizer_state`: this rank's rows of each expert moment."""
+
+    def mine(value: torch.Tensor) -> torch.Tensor:
+        rows = value.shape[0] // size
+        return value[rank * rows : (rank + 1) * rows].clone()
+
+    return _map_expert_moments(optimizer, state, experts, mine)

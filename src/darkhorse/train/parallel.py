@@ -7,6 +7,9 @@ the model code never knows whether it runs alone, under DDP or sharded by FSDP2.
   gradients reduce-scattered. With train.dtype=bf16 a `MixedPrecisionPolicy` computes in bf16 and
   reduces in fp32 over fp32 master shards.
 
+With train.expert_parallel=K (DDP, K = all ranks) each rank keeps 1/K of every MoE layer's experts
+(train/expert_parallel.py), which DDP leaves out of its all-reduce.
+
 Gradient accumulation syncs only on a step's last micro-batch (`gradient_sync`). MoE layers count
 their expert load per rank; `reduce_expert_load` sums the counts over ranks before the ALF bias
 update, so every rank takes the same bias step and the collapse warning sees the global load.
@@ -21,15 +24,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from darkhorse.config import TrainConfig
+from darkhorse.config import RunConfig, TrainConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train.distributed import World
+from darkhorse.train.expert_parallel import apply_expert_parallel, expert_parameter_names
+from darkhorse.train.plan import Layout, check_layout
 from darkhorse.train.routing import moe_layers
 
 
-def check_parallel_config(train: TrainConfig, world: World) -> None:
-    """Combinations a sharded run cannot honour, refused before the model is built."""
+def check_parallel_config(config: RunConfig, world: World) -> None:
+    """Combinations this launch cannot honour, refused before the model is built."""
+    train, ep = config.train, config.train.expert_parallel
+    if ep > 1:
+        if train.parallel != "ddp":
+            raise DarkhorseError(
+                f"train.expert_parallel={ep} runs with train.parallel=ddp (not {train.parallel}) for now"
+            )
+        if ep != world.size:
+            raise DarkhorseError(
+                f"train.expert_parallel={ep} splits the experts over all ranks: start {ep} ranks, not {world.size}"
+            )
+        check_layout(config, Layout(world.size, train.parallel, ep))  # an MoE model whose experts divide
     if train.parallel != "fsdp":
         return
     if train.optimizer == "muon":
@@ -58,6 +74,9 @@ def parallelize(model: Transformer, train: TrainConfig, world: World) -> nn.Modu
     if train.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if train.expert_parallel > 1:  # each rank's experts are its own: DDP must not average them
+            apply_expert_parallel(model, world.rank, world.size)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
         device_ids = [world.local_rank] if next(model.parameters()).is_cuda else None
         # buffers (the ALF bias) stay each rank's own: reduce_expert_load keeps them equal, and a test checks it;
         # torch's FutureWarning says to keep broadcast_buffers=False for that until init_sync_buffers exists

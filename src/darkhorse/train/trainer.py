@@ -42,6 +42,14 @@ from darkhorse.train.distributed import (
     shutdown,
 )
 from darkhorse.train.evaluate import evaluate
+from darkhorse.train.expert_parallel import (
+    average_expert_gradients,
+    clip_gradients,
+    expert_parameters,
+    gather_optimizer_state,
+    gathered_experts,
+    slice_optimizer_state,
+)
 from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
 from darkhorse.train.parallel import (
@@ -167,7 +175,7 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
         self.config = self._fit_to_world(plan)
         self.train_cfg = self.config.train
-        check_parallel_config(self.train_cfg, self.world)
+        check_parallel_config(self.config, self.world)
         self.sharded = self.train_cfg.parallel == "fsdp"
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
@@ -189,6 +197,7 @@ class Trainer:
         self.model.train()
         self.wrapped = parallelize(self.model, self.train_cfg, self.world)  # DDP/FSDP, or the model itself
         self.forward = torch.compile(self.wrapped) if self.train_cfg.compile else self.wrapped
+        self.experts = expert_parameters(self.model)  # this rank's own part of the experts (expert parallelism)
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
@@ -267,7 +276,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {
             # a sharded checkpoint keeps the optimizer state with the weights, in its shards
-            "optimizers": [] if self.sharded else [optimizer.state_dict() for optimizer in self.optimizers],
+            "optimizers": [] if self.sharded else [self._whole_state(optimizer) for optimizer in self.optimizers],
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng_state(),
@@ -278,6 +287,12 @@ class Trainer:
             **self.hooks.state(),
         }
 
+    def _whole_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state as one process holds it (expert moments gathered from every rank)."""
+        if not self.experts:
+            return optimizer.state_dict()
+        return gather_optimizer_state(optimizer, optimizer.state_dict(), self.experts, self.world.size)
+
     def _load_trainer_state(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
         if ckpt.is_sharded(folder):
@@ -286,6 +301,8 @@ class Trainer:
             raise DarkhorseError(f"{folder}: optimizer state does not match train.optimizer; cannot resume")
         else:
             for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                if self.experts:
+                    saved = slice_optimizer_state(optimizer, saved, self.experts, self.world.rank, self.world.size)
                 optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
@@ -311,8 +328,10 @@ class Trainer:
         if self.sharded:
             args = (self.model, self.optimizers, self.config, self.tokenizer_file, meta, state, self.world)
             saved = save_sharded_checkpoint(folder, *args)
-        elif self.world.is_main:  # every rank holds the same weights: one writes them
-            saved = self.hooks.save(self, folder, meta, state)
+        else:
+            with gathered_experts(self.model):  # every rank holds the same weights now: one writes them
+                if self.world.is_main:
+                    saved = self.hooks.save(self, folder, meta, state)
         barrier(self.world)
         if self.world.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
@@ -350,6 +369,7 @@ class Trainer:
             total += out_loss.detach()
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0) + value.detach().float() / accum
+        average_expert_gradients(self.model, self.world.size if self.experts else 1)
         # the logged loss and terms are means over all ranks, so every rank agrees on skipping a step
         means = average(self.world, torch.stack([total / accum, *terms.values()]).float())
         terms = dict(zip(terms, means[1:], strict=True))
@@ -361,7 +381,10 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
-        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.experts:
+            grad_norm = clip_gradients(params, self.experts, max_norm)
+        else:
+            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -377,8 +400,10 @@ class Trainer:
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
-        if self.tokenizer_file is None or not self.val_batches or self.sharded or not self.world.is_main:
-            return None  # (decoding a sharded model would need every rank in step)
+        if self.tokenizer_file is None or not self.val_batches or not self.world.is_main:
+            return None
+        if self.sharded or self.experts:  # decoding would need every rank in step
+            return None
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
 

@@ -229,7 +229,7 @@ def markdown(presets: list[str], device_memory: int) -> str:
         f"({MEASURED_MFU:.0%}, docs/benchmarks.md) on every GPU; the communication share assumes "
         f"{NETWORK_BYTES_PER_S / 1e9:.0f} GB/s",
         "per GPU (400 Gb/s InfiniBand) and no overlap with compute, so it is an upper bound. Expert",
-        "parallelism is sized here; darkhorse does not train with it yet (see the README).",
+        "parallelism with FSDP is sized here; darkhorse trains it with DDP over all ranks only so far (README).",
         "",
         "How to read it: FSDP all-gathers every block's weights twice per micro-batch, so with the presets'",
         "micro-batch of one 4096-token sequence and several micro-batches per step the network, not the GPU,",

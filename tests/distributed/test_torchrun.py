@@ -235,3 +235,26 @@ def test_expert_parallel_layouts_that_cannot_work_are_refused(tmp_path, prepared
         check(*MOE, "train.expert_parallel=3", "train.parallel=ddp", world=3)
     with pytest.raises(DarkhorseError, match="needs an MoE model"):
         check("train.expert_parallel=2", "train.parallel=ddp")
+
+
+def test_fsdp_refuses_hooks_that_save_their_own_format(tmp_path, prepared_dir, monkeypatch):
+    """LoRA fine-tuning writes adapters, which sharded training cannot yet: one line, under torchrun too."""
+    import torch.distributed as dist
+
+    from darkhorse.train.run_dir import plan_run
+    from darkhorse.train.trainer import Trainer, TrainingHooks
+
+    class OwnFormat(TrainingHooks):
+        def save(self, trainer, folder, meta, state):
+            raise AssertionError("never reached")
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=fsdp", "train.max_steps=1"])
+    try:
+        with pytest.raises(DarkhorseError, match="saves its own checkpoint format"):
+            Trainer(plan_run(config, [(prepared_dir, 1.0)], tmp_path / "run"), hooks=OwnFormat(), verbose=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -177,6 +177,11 @@ class Trainer:
         self.train_cfg = self.config.train
         check_parallel_config(self.config, self.world)
         self.sharded = self.train_cfg.parallel == "fsdp"
+        if self.sharded and type(self.hooks).save is not TrainingHooks.save:
+            raise DarkhorseError(
+                f"train.parallel=fsdp: `{self.hooks.command}` saves its own checkpoint format, which sharded "
+                "training does not write yet; use train.parallel=ddp"
+            )
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
         # UTF-8 bytes per token id, for exact val bits per byte (masked chat data included)

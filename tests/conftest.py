@@ -133,6 +133,12 @@ def prepared_dir(tmp_path):
     return write_prepared_dir(tmp_path / "prepared")
 
 
+@pytest.fixture(scope="module")
+def module_prepared_dir(tmp_path_factory):
+    """`prepared_dir` shared by the tests of one module (for module-scoped fixtures that train on it)."""
+    return write_prepared_dir(tmp_path_factory.mktemp("data") / "prepared")
+
+
 @pytest.fixture
 def make_prepared():
     """The `write_prepared_dir` factory, for tests that need several or unusual dirs."""

@@ -6,6 +6,9 @@
         tokenizer.json      copied from the prepared data dir (with a foreign tokenizer's
                             tokenizer_config.json / chat_template.jinja when it has them)
         trainer_state.pt    optimizer, scheduler, scaler, RNG and data position (training only)
+        shards/             instead of model.safetensors and the optimizer state, in a checkpoint of an
+                            FSDP run: torch.distributed.checkpoint shards (train/sharded.py), which
+                            `darkhorse consolidate` turns into model.safetensors
 
 A checkpoint is written with `files.atomic_dir` (a hidden temp dir beside its target, fsynced, then
 renamed into place), so a crash mid-save leaves the previous checkpoints intact and no half-written
@@ -56,6 +59,7 @@ MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint (darkhorse.finetune) holds this instead
 META_FILE = "meta.json"
 STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"  # an FSDP run's torch.distributed.checkpoint shards, instead of model.safetensors
 FINAL_NAME = "final"
 STEP_PREFIX = "step-"
 META_TYPES = {"config": dict, "step": int, "tokens_seen": int, "loss": float, "darkhorse_version": str, "import": dict}
@@ -118,6 +122,13 @@ def _write_model_files(
     folder: Path, model: nn.Module, config: RunConfig, tokenizer_file: Path | None, meta: dict[str, Any]
 ) -> None:
     write_safetensors(folder / MODEL_FILE, unique_state(model), {"format": "pt"})
+    write_meta_and_tokenizer(folder, config, tokenizer_file, meta)
+
+
+def write_meta_and_tokenizer(
+    folder: Path, config: RunConfig, tokenizer_file: Path | None, meta: dict[str, Any]
+) -> None:
+    """meta.json and the tokenizer: everything of a checkpoint but its weights and trainer state."""
     record = {**meta, "config": config.to_dict(), "darkhorse_version": __version__}  # the model saved decides
     (folder / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     copy_tokenizer(tokenizer_file, folder)
@@ -200,9 +211,15 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def is_sharded(folder: Path) -> bool:
+    """A checkpoint an FSDP run saved: its weights and optimizer state are shards (train/sharded.py)."""
+    return (Path(folder) / SHARDS_DIR / ".metadata").is_file()
+
+
 def is_complete(folder: Path) -> bool:
-    """meta.json plus weights: a model, or a LoRA adapter (only the trainer resumes from one)."""
-    return (folder / META_FILE).is_file() and ((folder / MODEL_FILE).is_file() or (folder / ADAPTER_FILE).is_file())
+    """meta.json plus weights: a model, a LoRA adapter or shards (only the trainer resumes from those)."""
+    weights = (folder / MODEL_FILE).is_file() or (folder / ADAPTER_FILE).is_file() or is_sharded(folder)
+    return (folder / META_FILE).is_file() and weights
 
 
 def training_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -276,6 +293,10 @@ def _weights_file(folder: Path) -> Path:
     path = folder / MODEL_FILE
     if (folder / ADAPTER_FILE).is_file() and not path.is_file():
         raise DarkhorseError(f"{folder} holds a LoRA adapter, not a model: merge it into its base first")
+    if is_sharded(folder) and not path.is_file():
+        raise DarkhorseError(
+            f"{folder} holds a sharded (FSDP) checkpoint: turn it into one file with `darkhorse consolidate {folder}`"
+        )
     if not path.is_file():
         raise DarkhorseError(f"{folder} is not a darkhorse checkpoint (no {MODEL_FILE})")
     return path

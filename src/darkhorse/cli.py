@@ -18,7 +18,7 @@ import os
 import pickle
 import sys
 
-from darkhorse.errors import CorruptFileError, DarkhorseError, path_of
+from darkhorse.errors import CorruptFileError, DarkhorseError, RankFailure, path_of
 
 # Command name -> module in darkhorse.commands. Order is the order `darkhorse --help` shows.
 SUBCOMMANDS = {
@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "quantize": "quantize",
     "finetune": "finetune",
     "merge": "merge",
+    "consolidate": "consolidate",
 }
 
 EPILOG = """workflow:
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("DARKHORSE_DEBUG", "") not in ("", "0")
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` hands to torchrun
     try:
         return _dispatch(parser, args)
     except KeyboardInterrupt:
@@ -150,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message, code = describe_error(exc)
-        print(f"darkhorse: error: {message}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input: rank 0 says it once, the others exit quietly
+        if isinstance(exc, RankFailure) or os.environ.get("RANK", "0") == "0":
+            print(f"darkhorse: error: {message}", file=sys.stderr)
         return code
 
 

@@ -293,6 +293,9 @@ class TrainConfig:
     loss_mask: bool = True  # learn only tokens the data's loss mask marks (chat: the assistant's replies)
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
     device: str = "auto"
+    parallel: str = "none"  # none | ddp | fsdp (FSDP2, ZeRO-3); ddp and fsdp run under torchrun
+    dist_timeout: int = 600  # seconds a rank waits for the others before it gives up (a rank died)
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (ddp; all ranks)
 
     def __post_init__(self) -> None:
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
@@ -315,6 +318,9 @@ class TrainConfig:
         check_range("train.beta2", self.beta2, ge=0, lt=1)
         check_range("train.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
         check_range("train.wsd_decay_fraction", self.wsd_decay_fraction, gt=0, le=1)
+        _one_of("train.parallel", self.parallel, ("none", "ddp", "fsdp"))
+        check_range("train.dist_timeout", self.dist_timeout, gt=0)
+        check_range("train.expert_parallel", self.expert_parallel, ge=1)
 
 
 @dataclass

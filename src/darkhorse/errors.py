@@ -51,3 +51,7 @@ def path_of(exc: BaseException) -> str | None:
         return os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else str(filename)
     notes = [note for note in getattr(exc, "__notes__", ()) if note.startswith(PATH_NOTE)]
     return notes[0][len(PATH_NOTE) :] if notes else None
+
+
+class RankFailure(DarkhorseError):
+    """Another rank of a torchrun launch died or hung: every surviving rank reports it, not only rank 0."""

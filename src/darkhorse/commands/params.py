@@ -1,7 +1,10 @@
 """Count parameters, FLOPs and memory of a config without allocating it.
 
 The model is built on PyTorch's meta device, so even the 500B presets are counted from the
-real module tree in a second and no memory."""
+real module tree in a second and no memory. --world-size/--parallel/--expert-parallel size the run per
+device (train/plan.py), and --device-memory says whether it fits:
+
+  darkhorse params --preset genesis-500b --world-size 128 --parallel fsdp --expert-parallel 8 --device-memory 80GiB"""
 
 from __future__ import annotations
 
@@ -10,13 +13,29 @@ import argparse
 from darkhorse.commands.common import add_config_arguments, config_from_args
 from darkhorse.config import number_arg
 
-HELP = "parameters, FLOPs per token, KV cache and training memory of a preset or config"
+HELP = "parameters, FLOPs per token, KV cache and training memory (per device for a layout) of a preset or config"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, default_preset="tiny-cpu")
     parser.add_argument(
         "--context", type=number_arg(int, gt=0), default=131072, help="context length for the KV-cache figure"
+    )
+    parser.add_argument(
+        "--world-size", type=number_arg(int, gt=0), default=1, metavar="N", help="ranks to size the run for"
+    )
+    parser.add_argument(
+        "--parallel", choices=["none", "ddp", "fsdp"], help="how the ranks split the model (default: train.parallel)"
+    )
+    parser.add_argument(
+        "--expert-parallel",
+        type=number_arg(int, gt=0),
+        default=1,
+        metavar="K",
+        help="ranks each MoE layer's experts are split over",
+    )
+    parser.add_argument(
+        "--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB: says whether the run fits"
     )
 
 
@@ -38,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from darkhorse.model import Transformer
     from darkhorse.train.memory import estimate_training_memory
+    from darkhorse.train.plan import MEASURED_MFU, Layout, parse_bytes, plan_layout
 
     config = config_from_args(args)
     with torch.device("meta"):
@@ -76,6 +96,24 @@ def run(args: argparse.Namespace) -> int:
         f"activations (micro-batch {config.train.batch_size} x {config.train.seq_len}, {config.train.dtype})",
         _gib(memory.activations),
     )
-    table.add_row("training memory per device", _gib(memory.total))
+    table.add_row("training memory, one device", _gib(memory.total))
+    layout = Layout(args.world_size, args.parallel or config.train.parallel, args.expert_parallel)
+    plan = plan_layout(config, layout)
+    table.add_section()
+    table.add_row(f"layout: {layout.describe()}", f"global batch {plan.global_tokens_per_step:,} tokens per step")
+    table.add_row("  weights + gradients + optimizer per device", _gib(plan.weights + plan.grads + plan.optimizer))
+    if plan.gathered:
+        table.add_row("  gathered blocks (FSDP, current + prefetched)", _gib(plan.gathered))
+    table.add_row("  activations per device", _gib(plan.activations))
+    table.add_row("training memory per device", _gib(plan.total))
+    if layout.world_size > 1 or layout.expert_parallel > 1:
+        table.add_row("  sent per device per step", _gib(plan.comm_bytes))
+    table.add_row(
+        f"expected tokens/s on H100s (measured {MEASURED_MFU:.0%} MFU, no communication)", f"{plan.tokens_per_s():,.0f}"
+    )
+    if args.device_memory:
+        device_memory = parse_bytes(args.device_memory)
+        verdict = "fits" if plan.total <= device_memory else "does NOT fit"
+        table.add_row(f"fits {_gib(device_memory)} per device?", f"{verdict} ({plan.total / device_memory:.0%})")
     Console().print(table)
     return 0

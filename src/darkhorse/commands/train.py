@@ -20,6 +20,13 @@ A resumed run keeps its config; only max-steps, the intervals, keep_last, device
 max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.
 
+Several processes (train.parallel=ddp, or fsdp: ZeRO-3 sharding with sharded checkpoints):
+  darkhorse train --nproc 2 --preset d20 --data DIR --out runs/d20      torchrun on this machine
+  torchrun --nproc-per-node 8 -m darkhorse train ... train.parallel=fsdp  (multi-node: see README)
+train.batch_size is per rank: a step reads batch_size x grad_accum x ranks windows. Only rank 0 prints
+and writes metrics.jsonl; each rank logs to RUN_DIR/logs/rank-N.log. --resume works at another number
+of ranks when it divides the global batch (the per-rank batch is adjusted).
+
 --init-from CKPT_DIR starts a new run (step 0, new optimizer and schedule) from the model config and
 weights of any checkpoint, including one written by `darkhorse import` (which has no trainer state).
 Train settings start from the checkpoint's train section, with --preset/--config/overrides over it
@@ -60,6 +67,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-interval", type=number_arg(int, gt=0), help="steps between log lines (train.log_interval)"
     )
+    parser.add_argument(
+        "--nproc",
+        type=number_arg(int, gt=0),
+        metavar="N",
+        help="train on N processes of this machine: starts torchrun (train.parallel defaults to ddp)",
+    )
+
+
+def _launch_torchrun(nproc: int, command_line: list[str], parallel: str) -> int:
+    """This same command under `torchrun --standalone` with N processes, without --nproc."""
+    import subprocess
+    import sys
+
+    argv, skip = [], False
+    for item in command_line:
+        if skip or item.startswith("--nproc="):
+            skip = False
+            continue
+        skip = item == "--nproc"
+        if not skip:
+            argv.append(item)
+    if parallel == "none":
+        argv.append("train.parallel=ddp")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run([*launcher, "-m", "darkhorse", *argv]).returncode
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.data and not args.resume:
         raise DarkhorseError("train needs --data PATH (a prepared dir or a .jsonl/.txt/.parquet file)")
     config = config_from_args(args, base=base)
+    if args.nproc is not None:
+        from darkhorse.train.distributed import launched_by_torchrun
+
+        if launched_by_torchrun():
+            raise DarkhorseError("--nproc starts torchrun itself; under torchrun leave it out")
+        return _launch_torchrun(args.nproc, args.command_line, config.train.parallel)
     data = [parse_data_spec(spec) for spec in args.data]
     result = train(
         config,

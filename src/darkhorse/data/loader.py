@@ -112,7 +112,10 @@ class WindowLoader:
         seed: int,
         loss_mask: bool = True,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        self.rank, self.world_size = rank, world_size
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
@@ -135,8 +138,12 @@ class WindowLoader:
         return sum(len(data.tokens("train")) for data in self.sources)
 
     def batch(self, step: int, micro_step: int) -> Batch:
-        """The micro-batch `micro_step` of optimizer step `step` (both 0-based)."""
-        first_window = (step * self.grad_accum + micro_step) * self.batch_size
+        """The micro-batch `micro_step` of optimizer step `step` (both 0-based) for this rank.
+
+        Step s reads windows [s * G, (s + 1) * G) with G = batch_size x grad_accum x world_size, each
+        rank a distinct block of them, so a step sees the same windows at any world size that keeps G."""
+        block = (step * self.grad_accum + micro_step) * self.world_size + self.rank
+        first_window = block * self.batch_size
         windows = range(first_window, first_window + self.batch_size)
         rows = [source_of_window(index, self.weights) for index in windows]
         return self._gather("train", windows, rows, self.with_domains)

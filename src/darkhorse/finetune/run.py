@@ -160,9 +160,8 @@ class RouterLosses:
 class LoRAHooks(TrainingHooks):
     """The trainer hooks of a LoRA run (see the module docstring)."""
 
-    trains_all_weights = False  # the frozen base needs no grads or optimizer state
-
     command = "darkhorse finetune"
+    sized_by_plan = False  # the frozen base has no gradients or optimizer state: sized after adapters are added
 
     def __init__(
         self,

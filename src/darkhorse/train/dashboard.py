@@ -114,9 +114,15 @@ class Dashboard:
         live: bool | None = None,
         logger: ExternalLogger | None = None,
         history: Sequence[dict[str, Any]] = (),
+        record: bool = True,
+        log_file: Path | None = None,
     ) -> None:
-        """`history`: the records a resumed run already logged, so the loss sparkline goes on where it was."""
+        """`history`: the records a resumed run already logged, so the loss sparkline goes on where it was.
+        `record=False` writes no metrics (ranks other than 0); `log_file` also gets every printed line."""
         self.metrics_file = Path(run_dir) / METRICS_FILE
+        self.record, self.log_file = record, log_file
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
         self.max_steps, self.start_step, self.train_tokens = max_steps, start_step, train_tokens
         self.verbose, self.logger = verbose, logger
         self.live_view = None
@@ -148,7 +154,14 @@ class Dashboard:
             return None
         return (time.perf_counter() - self.started) / done * (self.max_steps - step)
 
+    def _log(self, text: str) -> None:
+        if self.log_file is not None:
+            with self.log_file.open("a") as handle:
+                handle.write(text + "\n")
+
     def _append(self, record: dict[str, Any]) -> None:
+        if not self.record:
+            return
         with self.metrics_file.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.logger is not None:
@@ -162,12 +175,14 @@ class Dashboard:
         self._append(record)
         self.losses.append(record["loss"])
         self.latest = record
+        line = plain_line(record, self.max_steps, self.eta(record["step"]))
+        self._log(line)
         if not self.verbose:
             return
         if self.live_view is not None:
             self.live_view.update(self._render())
         else:
-            print(plain_line(record, self.max_steps, self.eta(record["step"])), flush=True)
+            print(line, flush=True)
 
     def log_eval(self, record: dict[str, Any], sample: str | None) -> None:
         self._append(record)
@@ -179,6 +194,7 @@ class Dashboard:
             self.message(f"sample: {sample!r}")
 
     def message(self, text: str) -> None:
+        self._log(text)
         if not self.verbose:
             return
         if self.live_view is not None:

@@ -159,8 +159,9 @@ def _start_fresh(run_dir: Path, force: bool) -> None:
             f"{run_dir} already holds a run ({old[-1].name}); pass --resume to continue it, "
             "--force to start over (deletes its checkpoints), or choose another --out"
         )
-    for folder in old:
-        remove_dir(folder)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 clears the old run for every rank
+        for folder in old:
+            remove_dir(folder)
     # without a checkpoint an earlier run cannot be resumed: its records would mix with this run's
     for name in (METRICS_FILE, "loss.png"):
         (run_dir / name).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ their own loss terms (`out.losses`) and metrics (`training_metrics()`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -31,18 +32,46 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
 from darkhorse.train.device import memory_in_use, out_of_memory_as_advice, resolve_device
+from darkhorse.train.distributed import (
+    any_rank,
+    average,
+    barrier,
+    collective_errors,
+    init_world,
+    per_rank_batch,
+    shutdown,
+)
 from darkhorse.train.evaluate import evaluate
-from darkhorse.train.memory import available_memory, estimate_training_memory, fit_warning
+from darkhorse.train.expert_parallel import (
+    average_expert_gradients,
+    clip_gradients,
+    expert_parameters,
+    gather_optimizer_state,
+    gathered_experts,
+    slice_optimizer_state,
+)
+from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
+from darkhorse.train.parallel import (
+    check_parallel_config,
+    full_norm,
+    gradient_sync,
+    parallelize,
+    reduce_expert_load,
+)
 from darkhorse.train.peak_flops import peak_flops
+from darkhorse.train.plan import Layout, plan_layout
 from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter
 from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
+from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
 SAMPLE_NEW_TOKENS = 32
+SPEED_PROBE_STEPS = 3  # steps timed before judging whether the run would take days
+SLOW_RUN_SECONDS = 86400
 
 
 @dataclass
@@ -92,7 +121,7 @@ class TrainingHooks:
     per step, adds loss terms, and saves only what it trains."""
 
     command = "darkhorse train"  # what the interrupt message tells the user to resume with
-    trains_all_weights = True  # then the memory a run needs is known before its model is built
+    sized_by_plan = True  # every weight trains: train/plan.py sizes the run before the model is built
 
     def load_weights(self, model: Transformer, plan: RunPlan, device: torch.device) -> None:
         weights_from = plan.resume_from or plan.init_from
@@ -141,10 +170,21 @@ class Trainer:
         self.run_dir, self.sources = plan.run_dir, plan.sources
         self.init_from, self.resumed_from = plan.init_from, plan.resume_from
         self.origin, self.origin_step = plan.origin, plan.origin_step
-        self.config, self.train_cfg = plan.config, plan.config.train
+        self.device = resolve_device(plan.config.train.device)
+        self.world = init_world(plan.config.train, self.device)
+        if self.device.type == "cuda" and self.world.launched:
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.config = self._fit_to_world(plan)
+        self.train_cfg = self.config.train
+        check_parallel_config(self.config, self.world)
+        self.sharded = self.train_cfg.parallel == "fsdp"
+        if self.sharded and type(self.hooks).save is not TrainingHooks.save:
+            raise DarkhorseError(
+                f"train.parallel=fsdp: `{self.hooks.command}` saves its own checkpoint format, which sharded "
+                "training does not write yet; use train.parallel=ddp"
+            )
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
-        self.device = resolve_device(self.train_cfg.device)
         # UTF-8 bytes per token id, for exact val bits per byte (masked chat data included)
         self.token_bytes = None
         if self.tokenizer_file is not None:
@@ -153,18 +193,20 @@ class Trainer:
 
             self.token_bytes = token_byte_lengths(Tokenizer.from_file(self.tokenizer_file)).to(self.device)
 
-        if self.hooks.trains_all_weights:  # said before the model is built: building it may be what fails
-            with torch.device("meta"):
-                warning = self._fit_warning(Transformer(self.config.model))
-            if warning and verbose:
+        if self.hooks.sized_by_plan:  # said before the model is built: building it may be what fails
+            warning = self._check_plan()
+            if warning and verbose and self.world.is_main:
                 print(f"warning: {warning}", flush=True)
         torch.manual_seed(self.train_cfg.seed)
         with out_of_memory_as_advice(self.config, self.device), torch.device(self.device):
             self.model = Transformer(self.config.model)
-        self.hooks.load_weights(self.model, plan, self.device)
+        if not (plan.resume_from and ckpt.is_sharded(plan.resume_from)):  # shards load with the optimizer state
+            self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
-        self.forward = torch.compile(self.model) if self.train_cfg.compile else self.model
+        self.wrapped = parallelize(self.model, self.train_cfg, self.world)  # DDP/FSDP, or the model itself
+        self.forward = torch.compile(self.wrapped) if self.train_cfg.compile else self.wrapped
+        self.experts = expert_parameters(self.model)  # this rank's own part of the experts (expert parallelism)
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
@@ -182,33 +224,68 @@ class Trainer:
             seed=self.train_cfg.seed,
             loss_mask=self.train_cfg.loss_mask,
             device=self.device,
+            rank=self.world.rank,
+            world_size=self.world.size,
         )
-        self.tokens_per_step = self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum
+        self.tokens_per_step = (
+            self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum * self.world.size
+        )
         self.step = self.tokens_seen = self.bad_in_a_row = self.bad_total = 0
         self.history: list[dict[str, Any]] = []
         if plan.resume_from:
             self._load_trainer_state(plan.resume_from)
-            self.history = read_history(self.run_dir, self.step)
+            self.history = read_history(self.run_dir, self.step) if self.world.is_main else []  # rank 0 rewrites it
         self.val_batches = self.loader.val_batches(self.train_cfg.eval_steps) if self.train_cfg.eval_steps else []
         self.flops_per_token = self.model.flops_per_token(self.train_cfg.seq_len)
-        self.external_logger = ExternalLogger(logger, self.run_dir, self.config.to_dict()) if logger else None
+        main = self.world.is_main
+        self.external_logger = ExternalLogger(logger, self.run_dir, self.config.to_dict()) if logger and main else None
         self.dashboard = Dashboard(
             self.run_dir,
             max_steps=self.train_cfg.max_steps,
             start_step=self.step,
             train_tokens=self.loader.train_tokens,
-            verbose=verbose,
+            verbose=verbose and main,
             live=live,
             logger=self.external_logger,
             history=self.history,
+            record=main,
+            log_file=self.run_dir / "logs" / f"rank-{self.world.rank}.log" if self.world.launched else None,
         )
         self._tokenizer = None
 
     # -- state ----------------------------------------------------------------------------------
 
+    def _fit_to_world(self, plan: RunPlan) -> RunConfig:
+        """The run's config, with the micro-batch per rank that keeps a resumed run's global batch
+        when it resumes on another number of ranks (batches are cut from the same windows)."""
+        config = plan.config
+        if not plan.resume_from:
+            return config
+        saved_world = int(ckpt.read_meta(plan.resume_from).get("world_size", 1))
+        if saved_world == self.world.size:
+            return config
+        batch_size = per_rank_batch(config.train.batch_size, saved_world, self.world.size)
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size))
+
+    def _check_plan(self) -> str | None:
+        """Size this run per device before building it: refuse one that needs over twice the free
+        memory, return a warning for one that likely does not fit."""
+        plan = plan_layout(self.config, Layout(self.world.size, self.train_cfg.parallel))
+        available = available_memory(self.device)
+        if available is not None and plan.total > 2 * available:
+            raise DarkhorseError(
+                f"this run needs about {plan.total / GIB:,.1f} GiB per device (weights, gradients and optimizer "
+                f"{(plan.weights + plan.grads + plan.optimizer) / GIB:,.1f}, "
+                f"activations {plan.activations / GIB:,.1f}) "
+                f"but {self.device} has {available / GIB:,.1f} GiB free; shard it over more devices "
+                "(`darkhorse params --world-size N --parallel fsdp` sizes a layout) or pick a smaller preset"
+            )
+        return fit_warning(plan.estimate(), available)
+
     def _trainer_state(self) -> dict[str, Any]:
         return {
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            # a sharded checkpoint keeps the optimizer state with the weights, in its shards
+            "optimizers": [] if self.sharded else [self._whole_state(optimizer) for optimizer in self.optimizers],
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng_state(),
@@ -219,12 +296,23 @@ class Trainer:
             **self.hooks.state(),
         }
 
+    def _whole_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state as one process holds it (expert moments gathered from every rank)."""
+        if not self.experts:
+            return optimizer.state_dict()
+        return gather_optimizer_state(optimizer, optimizer.state_dict(), self.experts, self.world.size)
+
     def _load_trainer_state(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
-        if len(state["optimizers"]) != len(self.optimizers):
+        if ckpt.is_sharded(folder):
+            load_sharded_checkpoint(folder, self.model, self.optimizers)
+        elif len(state["optimizers"]) != len(self.optimizers):
             raise DarkhorseError(f"{folder}: optimizer state does not match train.optimizer; cannot resume")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        else:
+            for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                if self.experts:
+                    saved = slice_optimizer_state(optimizer, saved, self.experts, self.world.rank, self.world.size)
+                optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         if state["scaler"]:
@@ -255,11 +343,21 @@ class Trainer:
             "loss": loss,
             "tokenizer_sha256": self.sources[0][0].tokenizer_sha256,
             "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
+            "world_size": self.world.size,
         }
         if self.origin:
             meta["init_from"] = self.origin
-        saved = self.hooks.save(self, folder, meta, self._trainer_state())
-        ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
+        state, saved = self._trainer_state(), Path(folder)
+        if self.sharded:
+            args = (self.model, self.optimizers, self.config, self.tokenizer_file, meta, state, self.world)
+            saved = save_sharded_checkpoint(folder, *args)
+        else:
+            with gathered_experts(self.model):  # every rank holds the same weights now: one writes them
+                if self.world.is_main:
+                    saved = self.hooks.save(self, folder, meta, state)
+        barrier(self.world)
+        if self.world.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
         return saved
 
     # -- one step -------------------------------------------------------------------------------
@@ -281,19 +379,24 @@ class Trainer:
         self.hooks.before_step(self)
         for micro_step in range(accum):
             batch = self.loader.batch(self.step, micro_step)
-            with self._autocast():
-                out = self.forward(
-                    batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
-                )
-                out_loss = out.loss
-                for name, term in self.hooks.loss_terms().items():
-                    out_loss = out_loss + term
-                    out.losses[name] = term.detach()
-            self.scaler.scale(out_loss / accum).backward()
+            with gradient_sync(self.wrapped, micro_step == accum - 1):  # ranks sync on the last micro-batch only
+                with self._autocast():
+                    out = self.forward(
+                        batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
+                    )
+                    out_loss = out.loss
+                    for name, term in self.hooks.loss_terms().items():
+                        out_loss = out_loss + term
+                        out.losses[name] = term.detach()
+                self.scaler.scale(out_loss / accum).backward()
             total += out_loss.detach()
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0) + value.detach().float() / accum
-        loss = (total / accum).item()
+        average_expert_gradients(self.model, self.world.size if self.experts else 1)
+        # the logged loss and terms are means over all ranks, so every rank agrees on skipping a step
+        means = average(self.world, torch.stack([total / accum, *terms.values()]).float())
+        terms = dict(zip(terms, means[1:], strict=True))
+        loss = means[0].item()
         if not math.isfinite(loss):
             self._zero_grad()
             return loss, {}, None
@@ -301,7 +404,10 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.experts:
+            grad_norm = clip_gradients(params, self.experts, max_norm)
+        else:
+            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -317,7 +423,9 @@ class Trainer:
 
     def sample(self) -> str | None:
         """A short continuation of the first val window's opening, to see what the model learned."""
-        if self.tokenizer_file is None or not self.val_batches or self._diverged():
+        if self.tokenizer_file is None or not self.val_batches or not self.world.is_main or self._diverged():
+            return None
+        if self.sharded or self.experts:  # decoding would need every rank in step
             return None
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
@@ -344,6 +452,12 @@ class Trainer:
             say(f"resuming from {self.resumed_from} at step {self.step}")
         elif self.init_from:
             say(f"starting from the weights of {self.init_from} (its step {self.origin_step}); optimizer state is new")
+        if self.world.launched:
+            say(
+                f"{self.world.size} ranks, train.parallel={cfg.parallel}: global batch {cfg.batch_size} x "
+                f"{cfg.grad_accum} x {self.world.size} = {cfg.batch_size * cfg.grad_accum * self.world.size} windows; "
+                f"each rank logs to {self.run_dir / 'logs'}"
+            )
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
             f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
@@ -359,7 +473,7 @@ class Trainer:
                 )
         if not self.val_batches:
             say("no val split long enough for one window: evaluation is off")
-        if not self.hooks.trains_all_weights and (warning := self._fit_warning(self.model)):
+        if not self.hooks.sized_by_plan and (warning := self._fit_warning(self.model)):
             say(f"warning: {warning}")
 
     def _fit_warning(self, model: Transformer) -> str | None:
@@ -391,6 +505,13 @@ class Trainer:
         return record
 
     def run(self) -> TrainResult:
+        try:
+            with collective_errors(self.world):
+                return self._run()
+        finally:
+            shutdown(self.world)
+
+    def _run(self) -> TrainResult:
         cfg = self.train_cfg
         stop = _StopRequest()
         loss: float | None = None
@@ -400,8 +521,12 @@ class Trainer:
             self._announce()
             self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
+            run_start, stopping = window_start, False
             with out_of_memory_as_advice(self.config, self.device):
-                while self.step < cfg.max_steps and stop.signal_name is None:
+                # a signal may reach one rank only (or each at another step): all stop after the same step
+                while self.step < cfg.max_steps:
+                    if stopping := any_rank(self.world, stop.signal_name is not None):
+                        break
                     lr_step = self.step
                     loss, terms, grad_norm = self.train_step()
                     with warnings.catch_warnings():
@@ -411,11 +536,14 @@ class Trainer:
                             scheduler.step()
                     self.step += 1
                     self.tokens_seen += self.tokens_per_step
+                    if self.step - self.dashboard.start_step == SPEED_PROBE_STEPS:
+                        self._warn_if_slow(time.perf_counter() - run_start)
                     window_tokens += self.tokens_per_step
                     if grad_norm is None:
                         self._count_bad_step(loss)
                     else:
                         self.bad_in_a_row = 0
+                        reduce_expert_load(self.model, self.world)  # one ALF bias step on every rank
                         self.model.after_optimizer_step(self.step)
                     last = self.step == cfg.max_steps
                     if self.step % cfg.log_interval == 0 or last:
@@ -432,13 +560,14 @@ class Trainer:
                     if cfg.save_interval > 0 and self.step % cfg.save_interval == 0:
                         saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
 
-            interrupted = stop.signal_name is not None and self.step < cfg.max_steps
+            interrupted = stopping and self.step < cfg.max_steps
             if interrupted:
                 if self.step > 0 and (saved is None or saved.name != ckpt.step_name(self.step)):
                     saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
                 where = f"checkpoint {saved}" if saved else "nothing to save yet"
                 self.dashboard.message(
-                    f"stopped by {stop.signal_name} at step {self.step} ({where}); continue with: "
+                    f"stopped by {stop.signal_name or 'a signal to another rank'} at step {self.step} ({where}); "
+                    "continue with: "
                     f"{self.hooks.command} --out {self.run_dir} --resume"
                 )
             else:
@@ -451,8 +580,10 @@ class Trainer:
                 # domain ids are names only where every source lists the same domains
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
-                reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
-                self.hooks.on_finish(self)
+                reports = []
+                if self.world.is_main:  # rank 0's routing counts stand for the run's
+                    reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                    self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
                 if reports:
                     self.dashboard.message(f"reports in {self.run_dir}: {', '.join(p.name for p in reports)}")
@@ -469,6 +600,18 @@ class Trainer:
             bad_steps=self.bad_total,
             history=self.history,
         )
+
+    def _warn_if_slow(self, elapsed: float) -> None:
+        """Say so when the first steps' speed puts the end of the run more than a day away."""
+        remaining = self.train_cfg.max_steps - self.step
+        eta = elapsed / SPEED_PROBE_STEPS * remaining
+        if eta > SLOW_RUN_SECONDS:
+            tokens_per_s = SPEED_PROBE_STEPS * self.tokens_per_step / max(elapsed, 1e-9)
+            self.dashboard.message(
+                f"warning: at {tokens_per_s:,.0f} tokens/s (the first {SPEED_PROBE_STEPS} steps) the remaining "
+                f"{remaining:,} steps take about {eta / 86400:,.1f} days on {self.device}; a smaller preset, "
+                "fewer train.max_steps or more devices (`darkhorse params --world-size N`) shorten it"
+            )
 
     def _count_bad_step(self, loss: float) -> None:
         self.bad_in_a_row += 1

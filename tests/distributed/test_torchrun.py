@@ -1,0 +1,260 @@
+"""Training on several processes with torchrun and gloo on CPU: DDP and FSDP against one process,
+sharded checkpoints resumed at other world sizes, ALF statistics across ranks, a rank that dies.
+
+Every run reads the same tiny prepared corpus; a 2-rank run with train.batch_size=B reads the
+windows a 1-process run with 2B does, so their losses agree up to float summation order (over 20
+steps of AdamW they stay within 1e-4 relative; we measured ~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkhorse.checkpoint import load_model
+from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError
+from darkhorse.train.sharded import consolidate
+from darkhorse.train.trainer import train
+
+WORKER = Path(__file__).with_name("worker.py")
+SMALL = [
+    "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+    "model.max_seq_len=64", "train.seq_len=32", "train.warmup_steps=2", "train.log_interval=1",
+    "train.eval_interval=0", "train.schedule=constant",
+]  # fmt: skip
+MOE = [
+    "model.ffn=moe", "model.moe.n_routed_experts=4", "model.moe.experts_per_token=2", "model.moe.first_k_dense=0",
+    "model.moe.moe_intermediate_size=32", "model.moe.bias_update_rate=0.01",
+]  # fmt: skip
+RTOL = 1e-4
+
+
+def torchrun(nproc: int, data: Path, run_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*command, str(WORKER), str(data), str(run_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def one_process(data: Path, run_dir: Path, *overrides: str) -> dict[int, float]:
+    config = load_run_config("tiny-cpu", overrides=[*SMALL, *overrides])
+    train(config, [(data, 1.0)], run_dir, verbose=False)
+    return losses(run_dir)
+
+
+def assert_close(got: dict[int, float], want: dict[int, float]) -> None:
+    assert list(got) == list(want)
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=RTOL), f"step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, prepared_dir, parallel):
+    steps = ["train.max_steps=20", "train.save_interval=0", "train.grad_accum=2"]
+    want = one_process(prepared_dir, tmp_path / "one", *steps, "train.batch_size=4")
+    done = torchrun(
+        2, prepared_dir, tmp_path / "two", *SMALL, *steps, "train.batch_size=2", f"train.parallel={parallel}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close(losses(tmp_path / "two"), want)
+    logs = sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())
+    assert logs == ["rank-0.log", "rank-1.log"]
+    assert "step 20/20" in (tmp_path / "two" / "logs" / "rank-1.log").read_text()
+
+
+@pytest.mark.slow
+def test_alf_bias_is_the_same_on_every_rank_and_follows_the_global_load(tmp_path, prepared_dir):
+    steps = ["train.max_steps=6", "train.save_interval=0", *MOE]
+    done = torchrun(2, prepared_dir, tmp_path / "two", *SMALL, *steps, "train.batch_size=2", "train.parallel=ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"bias-rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name, bias in rank0.items():
+        assert torch.equal(bias, rank1[name]), name  # DDP does not broadcast buffers: the reduction keeps them equal
+        assert bias.abs().sum() > 0
+    # the bias moved by the load of all 4 rows, as a 1-process run's did (same routing, same counts)
+    one_process(prepared_dir, tmp_path / "one", *steps, "train.batch_size=4")
+    single, _, _ = load_model(tmp_path / "one" / "final")
+    for name, bias in rank0.items():
+        assert torch.allclose(bias, single.get_buffer(name)), name
+
+
+SHARDED = [*SMALL, "train.parallel=fsdp", "train.batch_size=3", "train.save_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, module_prepared_dir):
+    """A 2-rank FSDP run stopped at step 3 (sharded checkpoints), and the 1-process run it continues."""
+    root, data = tmp_path_factory.mktemp("sharded"), module_prepared_dir
+    want = one_process(data, root / "one", "train.batch_size=6", "train.max_steps=5")
+    done = torchrun(2, data, root / "run", *SHARDED, "train.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "run" / "step-000003" / "shards" / ".metadata").is_file()
+    return data, root, want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 3])  # 6 rows per step: 6 on one rank, 2 on each of three
+def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, sharded_run, nproc):
+    data, root, want = sharded_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    resumed = torchrun(nproc, data, tmp_path / "run", *SHARDED, "train.max_steps=5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(losses(tmp_path / "run"), want)
+    if nproc == 3:  # the sharded final checkpoint becomes today's single file, with the 1-process weights
+        with pytest.raises(DarkhorseError, match="darkhorse consolidate"):
+            load_model(tmp_path / "run" / "final")
+        model, _, meta = load_model(consolidate(tmp_path / "run" / "final", tmp_path / "consolidated"))
+        reference, _, _ = load_model(root / "one" / "final")
+        assert meta["step"] == 5
+        for name, tensor in reference.state_dict().items():
+            assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_dying_rank_makes_the_others_exit_with_a_clear_error(tmp_path, prepared_dir):
+    started = time.monotonic()
+    done = torchrun(
+        2, prepared_dir, tmp_path / "run", *SMALL, "train.max_steps=50", "train.save_interval=0",
+        "train.batch_size=2", "train.parallel=ddp", "train.dist_timeout=20", "--die-at", "3", timeout=90,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "darkhorse: error: rank 0: lost the other ranks" in done.stderr
+
+
+def test_parallel_training_without_torchrun_is_refused(tmp_path, prepared_dir):
+    config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=fsdp", "train.max_steps=1"])
+    with pytest.raises(DarkhorseError, match="train.parallel=fsdp runs under torchrun"):
+        train(config, [(prepared_dir, 1.0)], tmp_path / "run", verbose=False)
+
+
+@pytest.mark.slow
+def test_resuming_with_a_missing_shard_names_it_once(tmp_path, sharded_run):
+    data, root, _ = sharded_run
+    shutil.copytree(root / "run", tmp_path / "run")
+    for checkpoint in ("step-000003", "final"):
+        (tmp_path / "run" / checkpoint / "shards" / "__1_0.distcp").unlink()
+    done = torchrun(2, data, tmp_path / "run", *SHARDED, "train.max_steps=5", "--resume")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("darkhorse: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]  # rank 0 says it; rank 1 exits quietly
+    assert "missing 1 of its 2 shard files: __1_0.distcp" in errors[0]
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused():
+    from darkhorse.errors import DarkhorseError
+    from darkhorse.train.distributed import per_rank_batch
+
+    assert per_rank_batch(3, saved_world=2, world=3) == 2
+    with pytest.raises(DarkhorseError, match="4 ranks cannot split that evenly"):
+        per_rank_batch(3, saved_world=2, world=4)
+
+
+@pytest.mark.slow
+def test_train_nproc_starts_torchrun(tmp_path, prepared_dir):
+    overrides = [*SMALL, "train.max_steps=2", "train.save_interval=0", "train.batch_size=2"]
+    command = [sys.executable, "-m", "darkhorse", "train", "--nproc", "2", "--preset", "tiny-cpu"]
+    done = subprocess.run(
+        [*command, "--data", str(prepared_dir), "--out", str(tmp_path / "run"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 ranks, train.parallel=ddp: global batch 2 x 1 x 2 = 4 windows" in done.stdout
+    assert done.stdout.count("training tiny-cpu") == 1  # only rank 0 prints
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "logs" / "rank-1.log").is_file()
+
+
+@pytest.mark.slow
+def test_expert_parallel_layer_equals_the_whole_layer(tmp_path):
+    """Two ranks, four experts each, half the batch each: outputs and gradients equal the whole layer's."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*command, str(WORKER.with_name("ep_worker.py"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "rank 0: equal" in done.stdout and "rank 1: equal" in done.stdout
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_matches_one_process_and_resumes(tmp_path, prepared_dir):
+    settings = [*SMALL, *MOE, "train.save_interval=3"]
+    want = one_process(prepared_dir, tmp_path / "one", *settings, "train.batch_size=4", "train.max_steps=5")
+    ep = [*settings, "train.batch_size=2", "train.parallel=ddp", "train.expert_parallel=2"]
+    first = torchrun(2, prepared_dir, tmp_path / "ep", *ep, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(2, prepared_dir, tmp_path / "ep", *ep, "train.max_steps=5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close(losses(tmp_path / "ep"), want)
+    model, _, _ = load_model(tmp_path / "ep" / "final")  # the checkpoint holds every expert, as one process saves
+    reference, _, _ = load_model(tmp_path / "one" / "final")
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
+
+
+def test_expert_parallel_layouts_that_cannot_work_are_refused(tmp_path, prepared_dir):
+    from darkhorse.train.distributed import World
+    from darkhorse.train.parallel import check_parallel_config
+
+    def check(*overrides: str, world: int = 2) -> None:
+        check_parallel_config(load_run_config("tiny-cpu", overrides=[*SMALL, *overrides]), World(size=world))
+
+    with pytest.raises(DarkhorseError, match="runs with train.parallel=ddp"):
+        check(*MOE, "train.expert_parallel=2", "train.parallel=fsdp")
+    with pytest.raises(DarkhorseError, match="start 2 ranks, not 4"):
+        check(*MOE, "train.expert_parallel=2", "train.parallel=ddp", world=4)
+    with pytest.raises(DarkhorseError, match=r"must divide model.moe.n_routed_experts \(4\)"):
+        check(*MOE, "train.expert_parallel=3", "train.parallel=ddp", world=3)
+    with pytest.raises(DarkhorseError, match="needs an MoE model"):
+        check("train.expert_parallel=2", "train.parallel=ddp")
+
+
+def test_fsdp_refuses_hooks_that_save_their_own_format(tmp_path, prepared_dir, monkeypatch):
+    """LoRA fine-tuning writes adapters, which sharded training cannot yet: one line, under torchrun too."""
+    import torch.distributed as dist
+
+    from darkhorse.train.run_dir import plan_run
+    from darkhorse.train.trainer import Trainer, TrainingHooks
+
+    class OwnFormat(TrainingHooks):
+        def save(self, trainer, folder, meta, state):
+            raise AssertionError("never reached")
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=fsdp", "train.max_steps=1"])
+    try:
+        with pytest.raises(DarkhorseError, match="saves its own checkpoint format"):
+            Trainer(plan_run(config, [(prepared_dir, 1.0)], tmp_path / "run"), hooks=OwnFormat(), verbose=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

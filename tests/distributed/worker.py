@@ -1,0 +1,52 @@
+"""One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [--resume] [--die-at N] K=V...`.
+
+It trains through the Python API, as the CLI would, then writes what the test compares and the CLI
+cannot show: this rank's ALF biases (`bias-rank{R}.pt`). `--die-at N` makes rank 1 exit hard before
+step N, as a crashed or killed process would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from darkhorse.config import load_run_config
+from darkhorse.errors import DarkhorseError, RankFailure
+from darkhorse.train.run_dir import plan_run
+from darkhorse.train.trainer import Trainer, TrainingHooks
+
+
+class DieAt(TrainingHooks):
+    def __init__(self, step: int) -> None:
+        self.die_step = step
+
+    def before_step(self, trainer: Trainer) -> None:
+        if trainer.step == self.die_step and trainer.world.rank == 1:
+            os._exit(9)
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    data, run_dir, *rest = argv
+    resume = "--resume" in rest
+    die_at = int(rest[rest.index("--die-at") + 1]) if "--die-at" in rest else None
+    overrides = [item for item in rest if "=" in item]
+    try:
+        config = load_run_config("tiny-cpu", overrides=overrides)
+        plan = plan_run(config, [] if resume else [(Path(data), 1.0)], run_dir, resume=resume or None)
+        trainer = Trainer(plan, verbose=False, hooks=DieAt(die_at) if die_at is not None else None)
+        trainer.run()
+    except DarkhorseError as exc:
+        if isinstance(exc, RankFailure) or os.environ.get("RANK") == "0":
+            print(f"darkhorse: error: {exc}", file=sys.stderr)
+        return 2
+    biases = {name: buf for name, buf in trainer.model.named_buffers() if name.endswith("e_score_correction_bias")}
+    torch.save(biases, Path(run_dir) / f"bias-rank{trainer.world.rank}.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -262,13 +262,27 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 def damage(folder: Path) -> str | None:
     """Why `folder` is not an intact resumable checkpoint, or None: meta.json must parse with a config,
-    model.safetensors must be as long as its header says and trainer_state.pt must be a whole zip
+    model.safetensors (not in a sharded one) must be as long as its header says and trainer_state.pt must be a whole zip
     archive (torch.save's format; its directory is at the end, so any truncation shows). Cheap: no
     tensor is read."""
     try:
         run_config_from_dict(read_meta(folder)["config"])
     except (DarkhorseError, OSError, TypeError, ValueError) as exc:
         return f"{META_FILE}: {exc}"
+    if not is_sharded(folder):  # shards: DCP's metadata names them; loading checks each is there
+        problem = _weights_damage(folder)
+        if problem:
+            return problem
+    try:
+        with zipfile.ZipFile(folder / STATE_FILE) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return f"{STATE_FILE} is truncated or unreadable"
+    return None
+
+
+def _weights_damage(folder: Path) -> str | None:
+    """Why the model or adapter file is not whole, or None (its safetensors header against its size)."""
     weights = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else folder / ADAPTER_FILE
     try:
         with open(weights, "rb") as handle:
@@ -281,11 +295,6 @@ def damage(folder: Path) -> str | None:
             return f"{weights.name} is truncated or padded"
     except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError):
         return f"{weights.name} is unreadable"
-    try:
-        with zipfile.ZipFile(folder / STATE_FILE) as archive:
-            archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return f"{STATE_FILE} is truncated or unreadable"
     return None
 
 

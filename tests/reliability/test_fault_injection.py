@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +31,12 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.train.trainer import Trainer, train
 from tests.conftest import write_prepared_dir
 
-# the forked children train in one thread and touch nothing the parent's other threads hold
-pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+# the forked children train in one thread and touch nothing the parent's other threads hold (macOS's
+# runtime may abort a child forked from a process that loaded torch: the module runs on Linux)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"),
+    pytest.mark.skipif(sys.platform != "linux", reason="forks a process that has torch loaded (Linux only)"),
+]
 
 SETTINGS = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message, code = describe_error(exc)
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
         print(f"darkhorse: error: {message}", file=sys.stderr)
         return code
 

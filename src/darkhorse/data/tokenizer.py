@@ -207,10 +207,13 @@ class Tokenizer:
         texts = iter(
             self.encode_text_batch([text for parts in documents for text, is_markup in parts if not is_markup])
         )
-        return [
-            [i for text, is_markup in parts for i in (markup[text] if is_markup else next(texts))]
-            for parts in documents
-        ]
+        encoded = []
+        for parts in documents:
+            ids: list[int] = []
+            for text, is_markup in parts:
+                ids.extend(markup[text] if is_markup else next(texts))  # whole lists: no per-token Python loop
+            encoded.append(ids)
+        return encoded
 
     def encode_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each token's [start, end) character range in its text (the fast batch path skips these)."""

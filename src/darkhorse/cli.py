@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message, code = describe_error(exc)
-        message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
+        lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+        message = " ".join(lines) or type(exc).__name__  # one line, always, never torch's advice to unpickle
         print(f"darkhorse: error: {message}", file=sys.stderr)
         return code
 

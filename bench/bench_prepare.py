@@ -38,12 +38,13 @@ if args["step"] == "prepare":
     result["tokens"] = sum(data.split_info(split)["tokens"] for split in ("train", "val"))
 else:
     from tokenizers import Tokenizer
-    from darkhorse.data.prepare import CHUNK_BYTES, _frame
+    from darkhorse.data.prepare import CHUNK_BYTES
     from darkhorse.data.readers import InputReader
+    from darkhorse.data.tokenizer import BOS, EOS
     tokenizer = Tokenizer.from_file(args["tokenizer"])
     chunks, chunk, size = [], [], 0
     for document in InputReader(Path(args["corpus"])):
-        chunk.append(_frame(document.text))
+        chunk.append(document.text if document.chat else BOS + document.text + EOS)  # the same tokens as prepare
         size += len(document.text)
         if size >= CHUNK_BYTES:
             chunks.append(chunk)

@@ -224,3 +224,15 @@ def test_torch_unpickling_advice_never_shows(tmp_path):
 def test_every_kind_has_its_exit_code(exc, code):
     message, actual = describe_error(exc)
     assert actual == code and "\n" not in message
+
+
+def test_a_wrapped_library_message_is_still_one_line_without_the_unpickling_advice(capsys, monkeypatch):
+    def fail(args):
+        raise DarkhorseError(
+            "state.pt: cannot load it (Weights only load failed.\n(1) retry with weights_only=False\nx)"
+        )
+
+    monkeypatch.setattr("darkhorse.commands.params.run", fail)
+    monkeypatch.setattr("darkhorse.cli.SUBCOMMANDS", {"params": "params"})
+    code, err = run_cli(["params"], capsys)
+    assert code == INPUT and err == "darkhorse: error: state.pt: cannot load it (Weights only load failed. x)\n"

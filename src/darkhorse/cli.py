@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message, code = describe_error(exc)
+        lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+        message = " ".join(lines) or type(exc).__name__  # one line, always, never torch's advice to unpickle
         # under torchrun every rank meets the same bad input: rank 0 says it once, the others exit quietly
         if isinstance(exc, RankFailure) or os.environ.get("RANK", "0") == "0":
             print(f"darkhorse: error: {message}", file=sys.stderr)

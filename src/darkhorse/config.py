@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import operator
 import re
 import typing
 from collections.abc import Callable
@@ -45,11 +46,11 @@ def range_problem(
     config values and command-line arguments share. NaN and infinity never pass."""
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
-    bounds = [(">=", ge, value >= (ge or 0)), (">", gt, value > (gt or 0))]
-    bounds += [("<=", le, value <= (le or 0)), ("<", lt, value < (lt or 0))]
-    failed = [f"{sign} {bound}" for sign, bound, ok in bounds if bound is not None and not ok]
-    wanted = " and ".join(f"{sign} {bound}" for sign, bound, _ in bounds if bound is not None)
-    return f"must be {wanted}" if failed else None
+    tests = ((">=", ge, operator.ge), (">", gt, operator.gt), ("<=", le, operator.le), ("<", lt, operator.lt))
+    given = [(sign, bound, test) for sign, bound, test in tests if bound is not None]
+    if all(test(value, bound) for _, bound, test in given):
+        return None
+    return "must be " + " and ".join(f"{sign} {bound}" for sign, bound, _ in given)
 
 
 def check_range(name: str, value: float, **bounds: float) -> None:

@@ -100,7 +100,7 @@ def _naming_output(target: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.filename is None or PARTIAL_MARK in os.fsdecode(exc.filename):
+        if exc.errno is not None and (exc.filename is None or PARTIAL_MARK in os.fsdecode(exc.filename)):
             exc.filename, exc.filename2 = str(target), None
         raise
 

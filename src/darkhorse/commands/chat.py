@@ -10,7 +10,8 @@ model's reasoning is hidden unless --show-thinking or /think (then shown dim bef
 tokens are never printed. When the conversation outgrows the model's context the oldest turns are dropped
 with a notice; the system prompt stays.
 
-In a terminal: type a message and Enter. Piped input: each line is one message or command.
+In a terminal: type a message and Enter. Piped input: each line is one message or command. A line that is
+not UTF-8 text is skipped with a notice; an error on one turn never ends the chat.
 
 commands (type /help in the chat for details):
   /think [on|off]   show or hide reasoning      /reasoning on|off   reason first, or answer directly

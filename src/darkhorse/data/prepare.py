@@ -393,7 +393,7 @@ def _encode_all(
             # long plain texts are encoded in pieces (memory stays bounded), as text: never control tokens
             encoded = tok.encode_parts_batch(
                 [_parts(document, tok) for document in documents],
-                encode_text=lambda texts: encode_in_pieces(tok.encode_text_batch, texts, chunk_bytes),
+                run=lambda encode, texts: encode_in_pieces(encode, texts, chunk_bytes),
             )
             templated = [i for i, document in enumerate(documents) if document.assistant_chars is not None]
             spans = encode_in_pieces(

@@ -32,6 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -204,21 +205,37 @@ class Tokenizer:
     def encode_parts_batch(
         self,
         documents: Sequence[Sequence[tuple[str, bool]]],
-        encode_text: Callable[[list[str]], Sequence[Sequence[int]]] | None = None,
+        run: Callable[[Callable[[list[str]], list[list[int]]], list[str]], list[Any]] | None = None,
     ) -> list[list[int] | np.ndarray]:
         """Encode rendered documents: markup parts as written (special tokens included), every other
-        part with `encode_text` (default `encode_text_batch`), so only the renderer can put control tokens
-        into a document. A document whose text came back as an array (a long text encoded in pieces)
-        stays one array."""
-        markup = {text: self.encode(text) for parts in documents for text, is_markup in parts if is_markup}
+        part with `encode_text`, so only the renderer can put control tokens into a document.
+
+        A document whose text parts hold no special-token string encodes the same either way, so it is
+        encoded whole, in one batch (the common case: as fast as `encode_batch`). `run(encode, texts)`
+        applies an encoder to texts (default: directly; prepare passes one that cuts long texts into
+        pieces to bound memory); a document that came back as an array stays one array."""
+        run = run or (lambda encode, texts: encode(texts))
+        search = self._specials_in_text.search
+        forged = [any(not markup and search(text) for text, markup in parts) for parts in documents]
+        plain = ["".join(text for text, _ in parts) for parts, bad in zip(documents, forged, strict=True) if not bad]
+        whole = iter(run(self.encode_batch, plain))
+        risky = [parts for parts, bad in zip(documents, forged, strict=True) if bad]
+        markup = {text: self.encode(text) for parts in risky for text, is_markup in parts if is_markup}
         texts = iter(
-            (encode_text or self.encode_text_batch)(
-                [text for parts in documents for text, is_markup in parts if not is_markup]
-            )
+            run(self.encode_text_batch, [text for parts in risky for text, is_markup in parts if not is_markup])
         )
         return [
-            _joined([markup[text] if is_markup else next(texts) for text, is_markup in parts]) for parts in documents
+            next(whole)
+            if not bad
+            else _joined([markup[text] if is_markup else next(texts) for text, is_markup in parts])
+            for parts, bad in zip(documents, forged, strict=True)
         ]
+
+    @cached_property
+    def _specials_in_text(self) -> re.Pattern:
+        """Matches any special token's string (darkhorse's or a foreign tokenizer's own)."""
+        tokens = sorted((t.content for t in self.backend.get_added_tokens_decoder().values() if t.special), key=len)
+        return re.compile("|".join(re.escape(t) for t in reversed(tokens)) or "(?!)")
 
     def encode_offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each token's [start, end) character range in its text (the fast batch path skips these)."""

@@ -146,7 +146,15 @@ def test_running_out_of_cpu_memory_gives_the_advice_and_the_fit_warning_comes_fi
     with pytest.raises(RuntimeError, match="shape mismatch"), advice:  # any other RuntimeError passes through
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr("darkhorse.train.trainer.available_memory", lambda device: 1024)
+    from darkhorse.train import plan
+
+    planned = []
+    monkeypatch.setattr(
+        "darkhorse.train.trainer.plan_layout", lambda *args: planned.append(plan.plan_layout(*args)) or planned[-1]
+    )
+    # free memory that warns (the run needs > 1.2x it) but does not refuse (2x)
+    monkeypatch.setattr("darkhorse.train.trainer.available_memory", lambda device: int(planned[-1].total / 1.5))
+    run_config = config("train.max_steps=1")
     original = Transformer.__init__
 
     def build(self, model_config):
@@ -156,7 +164,7 @@ def test_running_out_of_cpu_memory_gives_the_advice_and_the_fit_warning_comes_fi
 
     monkeypatch.setattr(Transformer, "__init__", build)
     with pytest.raises(DarkhorseError, match="out of memory on cpu"):
-        train(config("train.max_steps=1"), [(prepared_dir, 1.0)], tmp_path / "run")
+        train(run_config, [(prepared_dir, 1.0)], tmp_path / "run")
     assert "it will likely run out of memory" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
 

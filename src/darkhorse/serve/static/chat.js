@@ -22,11 +22,12 @@ function headers() {
 }
 
 async function errorMessage(response) {
-  let message = `${response.status} ${response.statusText}`;
+  let message = response.statusText;
   try {
     message = (await response.json()).error.message || message;
   } catch {} // not OpenAI's error shape: the status line says enough
-  return response.status === 401 ? `${message} (set the API key under Settings)` : message;
+  const hint = response.status === 401 ? " (set the API key under Settings)" : "";
+  return `${response.status} ${message}${hint}`;
 }
 
 async function loadModel() {

@@ -11,7 +11,7 @@ work=$(mktemp -d)
 name=darkhorse-smoke-$$
 trap 'podman rm -f "$name" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
-"$PYTHON" container/tiny_checkpoint.py "$work/ckpt/final"
+"$PYTHON" tools/tiny_checkpoint.py "$work/ckpt/final"
 port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 podman run -d --name "$name" --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
     -p "127.0.0.1:$port:8000" -v "$work/ckpt/final:/ckpt:ro" "$IMAGE" \

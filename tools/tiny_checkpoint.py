@@ -1,7 +1,7 @@
 """Write an untrained two-layer checkpoint for the image smoke test: it exercises loading, the chat
 template and the server in seconds (its replies are noise, which is all a smoke test needs).
 
-    python container/tiny_checkpoint.py OUT_DIR
+    python tools/tiny_checkpoint.py OUT_DIR
 """
 
 import sys

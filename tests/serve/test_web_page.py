@@ -187,10 +187,14 @@ def test_page_streams_replies_with_a_foldable_think_block(server, page, tmp_path
     page.click(f"{think} summary")
     assert page.js(f"document.querySelector('{think}').open") is was_open
 
-    # A second turn carries the first: the page keeps the conversation.
-    page.type_into("#prompt", "and after two?", then="Enter")
+    # A second turn, thinking switched off, carries the first: the page keeps the conversation.
+    page.click("#think")
+    page.type_into("#prompt", "after two?", then="Enter")
     page.wait_for("document.querySelectorAll('.msg.assistant[data-done]').length === 2")
-    assert page.js("document.querySelector('.msg.error')") is None
+    second = "document.querySelectorAll('.msg.assistant')[1]"
+    assert page.js("document.querySelector('.msg.error')") is None, page.js(f"{second}.innerText")
+    assert page.js(f"{second}.querySelector('.content').textContent.trim().length > 0")
+    assert page.js(f"{second}.querySelector('.think')") is None
     assert page.js("conversation.map((message) => message.role).join()") == "user,assistant,user,assistant"
 
     shot = base64.b64decode(page.call("Page.captureScreenshot", session=True, format="png")["data"])

@@ -10,10 +10,12 @@ let controller = null; // AbortController of the reply in flight
 let model; // the id /v1/models lists first
 
 // Settings survive a reload (the API key included: it stays in this browser's storage).
-for (const id of ["system", "api-key", "max-tokens", "temperature"]) {
+for (const id of ["system", "api-key", "max-tokens", "temperature", "think"]) {
+  const field = $(id);
+  const property = field.type === "checkbox" ? "checked" : "value";
   const saved = localStorage.getItem(`darkhorse.${id}`);
-  if (saved !== null) $(id).value = saved;
-  $(id).addEventListener("change", () => localStorage.setItem(`darkhorse.${id}`, $(id).value));
+  if (saved !== null) field[property] = property === "checked" ? saved === "true" : saved;
+  field.addEventListener("change", () => localStorage.setItem(`darkhorse.${id}`, field[property]));
 }
 
 function headers() {
@@ -99,6 +101,7 @@ async function send(text) {
     stream_options: { include_usage: true },
     max_tokens: Number($("max-tokens").value) || undefined,
     temperature: Number($("temperature").value),
+    chat_template_kwargs: { enable_thinking: $("think").checked }, // vLLM's name for the template's switch
   };
   controller = new AbortController();
   setBusy(true);

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "eval": "eval",
+    "serve": "serve",
     "params": "params",
     "export": "export",
     "import": "import_hf",
@@ -35,6 +36,7 @@ EPILOG = """workflow:
   darkhorse train --preset tiny-cpu --data DIR --out runs/tiny
   darkhorse train --out runs/tiny --resume         continue where it stopped
   darkhorse generate --checkpoint runs/tiny/final --prompt "Hello"
+  darkhorse serve --checkpoint runs/tiny/final     an OpenAI-compatible server on 127.0.0.1:8000
   darkhorse --prompt "Hello"                       generate with the most recent run
   darkhorse --params 1b --prompt "Hello"           ... the most recent run of preset genesis-1b
 

@@ -14,6 +14,12 @@ cache written in place), `Transformer.forward` with its caches for every other m
 takes each row's maximum without the sampler, and `generate` reads the steps' tensors once at the end.
 
 Streaming one prompt is the batch-of-one case (`Engine.stream`).
+
+Continuous batching (`ContinuousBatch`, what `darkhorse serve` runs) is the same engine with one cache
+position per row: requests join and leave between steps, a joining prompt is prefilled in its own cache
+row, and each step feeds every live row its last token at its own position, in one batched forward
+through `Transformer.forward` with per-row positions. Each row samples with its own settings and its
+own seeded generator, so a request decodes as it would alone whoever shares the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.dense_forward import forward_step
@@ -180,3 +187,179 @@ class Engine:
         for (token,) in self.decode([prompt], **options):
             if token is not None:
                 yield token
+
+
+class Row:
+    """One request of a `ContinuousBatch`: its prompt, its sampling settings (as for `Engine.steps`) and
+    what it has decoded. `logprobs` k: record each new token's logprob and the k likeliest (id, logprob);
+    `prompt_logprobs`: the same for the prompt's tokens (None for the first, which nothing predicts).
+    Logprobs are over the model's whole output head, as `darkhorse eval` scores."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Iterable[int] = (),
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+    ) -> None:
+        self.prompt = list(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                         "repetition_penalty": repetition_penalty}  # fmt: skip
+        self.greedy = temperature <= 0 and repetition_penalty == 1.0
+        self.seed = seed
+        self.stop_ids = frozenset(stop_ids)
+        self.logprobs = logprobs
+        self.want_prompt_logprobs = prompt_logprobs
+        self.tokens: list[int] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.prompt_token_logprobs: list[float | None] = []
+        self.prompt_top_logprobs: list[list[tuple[int, float]] | None] = []
+        self.finish_reason: str | None = None  # "stop" (a stop id), "length", or "cancelled"
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # tokens so far, for the repetition penalty
+
+    def _record(self, logits: torch.Tensor, token: int) -> None:
+        if self.logprobs is not None:
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            self.token_logprobs.append(float(logprobs[token]))
+            self.top_logprobs.append(_top(logprobs, self.logprobs))
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0].long())
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+class ContinuousBatch:
+    """Up to `max_rows` requests decoding together, joining and leaving between steps (see the module
+    docstring). Live rows are kept first in the cache, so a step runs over exactly those."""
+
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.max_rows = max_rows
+        self.context = self.model.config.max_seq_len
+        self.cache = self.model.new_cache(max_rows, self.context)
+        self.rows: list[Row] = []  # row i lives in cache row i
+        self.decoding = 0  # rows[:decoding] have been prefilled; the rest join at the next step
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.max_rows
+
+    def add(self, row: Row) -> None:
+        """Queue `row` to join at the next step (its prompt is checked now)."""
+        if self.full:
+            raise DarkhorseError(f"the batch is full ({self.max_rows} rows)")
+        if not row.prompt:
+            raise DarkhorseError("the prompt is empty: give at least one token")
+        if len(row.prompt) >= self.context:
+            raise DarkhorseError(
+                f"the prompt has {len(row.prompt)} tokens but the model's context is {self.context}; shorten it"
+            )
+        self.rows.append(row)
+
+    def remove(self, row: Row) -> None:
+        """Free `row`'s slot (a client went away); the last live row moves into it."""
+        if row in self.rows:
+            row.finish_reason = row.finish_reason or "cancelled"
+            self._drop(self.rows.index(row))
+
+    def _drop(self, index: int) -> None:
+        last = len(self.rows) - 1
+        prefilled = index < self.decoding
+        if prefilled and index != self.decoding - 1:  # the last prefilled row fills the gap
+            self._move(self.decoding - 1, index)
+            index = self.decoding - 1
+        if prefilled:
+            self.decoding -= 1
+        if index != last:  # a joining row moves down (nothing cached yet: just its place)
+            self.rows[index] = self.rows[last]
+        self.rows.pop()
+
+    def _move(self, source: int, target: int) -> None:
+        for layer_cache in self.cache:
+            layer_cache.move_row(source, target)
+        self.rows[target] = self.rows[source]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int | None]]:
+        """Decode one token for every prefilled row (one batched forward), then prefill the joining rows
+        (each its own forward, sampling its first token). Returns each row that moved with its new token
+        (None: it ended without one); finished rows have `finish_reason` set and have left the batch."""
+        model, vocab = self.model, self.engine.vocab_size
+        moved: list[tuple[Row, int | None]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            live = self.rows[: self.decoding]
+            if live:
+                device = model.embed.weight.device
+                feed = torch.tensor([[row.tokens[-1]] for row in live], device=device)
+                positions = torch.tensor([len(row.prompt) + len(row.tokens) - 1 for row in live], device=device)
+                cache = [layer_cache.rows(0, len(live)) for layer_cache in self.cache]
+                logits = model(feed, cache=cache, start_pos=positions).logits[:, -1]
+                greedy = logits[:, :vocab].max(dim=-1).indices.tolist()
+                for row, row_logits, best in zip(live, logits, greedy, strict=True):
+                    moved.append((row, self._take(row, row_logits, best)))
+            for index in range(self.decoding, len(self.rows)):
+                row = self.rows[index]
+                moved.append((row, self._prefill(index, row)))
+            self.decoding = len(self.rows)
+        finally:
+            model.train(was_training)
+        for index in reversed(range(len(self.rows))):
+            if self.rows[index].finish_reason is not None:
+                self._drop(index)
+        return moved
+
+    def _prefill(self, index: int, row: Row) -> int | None:
+        device = self.model.embed.weight.device
+        prompt = torch.tensor([row.prompt], device=device)
+        cache = [layer_cache.rows(index, index + 1) for layer_cache in self.cache]
+        logits = self.model(prompt, cache=cache, start_pos=0).logits[0]
+        if row.want_prompt_logprobs:
+            logprobs = F.log_softmax(logits[:-1].float(), dim=-1)
+            picked = logprobs.gather(-1, prompt[0, 1:, None])[:, 0].tolist()
+            row.prompt_token_logprobs = [None, *picked]
+            row.prompt_top_logprobs = [None, *(_top(lp, row.logprobs or 0) for lp in logprobs)]
+        if row.seed is not None:
+            row.generator = torch.Generator(device=device).manual_seed(row.seed)
+        if row.sampling["repetition_penalty"] != 1.0:
+            row.seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=device)
+            row.seen[0, prompt[0]] = True
+        if self._limit(row) <= 0:
+            row.finish_reason = "length"
+            return None
+        return self._take(row, logits[-1], None)
+
+    def _limit(self, row: Row) -> int:
+        """New tokens `row` may write: its budget, within the model's context."""
+        return min(row.max_new_tokens, self.context - len(row.prompt))
+
+    def _take(self, row: Row, logits: torch.Tensor, greedy: int | None) -> int:
+        """Sample `row`'s next token from its `logits` (the whole head) and note whether it finished."""
+        vocab = self.engine.vocab_size
+        if row.greedy:
+            token = greedy if greedy is not None else int(logits[:vocab].argmax())
+        else:
+            seen = row.seen[:, :vocab] if row.seen is not None else torch.zeros(0, dtype=torch.bool)
+            token = int(sample_next(logits[None, :vocab], seen, generator=row.generator, **row.sampling)[0])
+            if row.seen is not None:
+                row.seen[0, token] = True
+        row.tokens.append(token)
+        row._record(logits, token)
+        if token in row.stop_ids:
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= self._limit(row):
+            row.finish_reason = "length"
+        return token

@@ -53,29 +53,44 @@ def stream_text(tokenizer: TextCodec, ids: Iterable[int]) -> Iterator[str]:
             yield piece
 
 
-def stream_reply(tokenizer, ids: Iterable[int], *, opened_think: bool) -> Iterator[tuple[str, str]]:
-    """A chat reply's (part, text) pieces as its ids arrive; part is REASONING or ANSWER.
+class ReplySplitter:
+    """A chat reply's (part, text) pieces as its ids arrive one by one; part is REASONING or ANSWER.
 
     The think markers of the tokenizer's chat format switch the part; special tokens are never text, so
     none reaches the pieces (`<|/think|><|assistant|>` between reasoning and answer included). Each part's
     leading whitespace is dropped. `opened_think`: the prompt left the model inside a think block."""
-    opening, closing = think_marker_ids(tokenizer)
-    hidden = tokenizer.special_ids
-    part = REASONING if opened_think else ANSWER
-    delta, started = TextDelta(tokenizer), False
-    for token_id in ids:
-        if token_id in opening or token_id in closing:
-            part = REASONING if token_id in opening else ANSWER
-            delta, started = TextDelta(tokenizer), False
-            continue
-        if token_id in hidden:
-            continue
-        piece = delta.push(token_id)
-        if not started:
+
+    def __init__(self, tokenizer, *, opened_think: bool) -> None:
+        self.tokenizer = tokenizer
+        self.opening, self.closing = think_marker_ids(tokenizer)
+        self.hidden = tokenizer.special_ids
+        self.part = REASONING if opened_think else ANSWER
+        self.delta, self.started = TextDelta(tokenizer), False
+
+    def push(self, token_id: int) -> tuple[str, str] | None:
+        """The piece `token_id` adds, or None when it adds no text."""
+        if token_id in self.opening or token_id in self.closing:
+            self.part = REASONING if token_id in self.opening else ANSWER
+            self.delta, self.started = TextDelta(self.tokenizer), False
+            return None
+        if token_id in self.hidden:
+            return None
+        piece = self.delta.push(token_id)
+        if not self.started:
             piece = piece.lstrip()
-        if piece:
-            started = True
-            yield part, piece
+        if not piece:
+            return None
+        self.started = True
+        return self.part, piece
+
+
+def stream_reply(tokenizer, ids: Iterable[int], *, opened_think: bool) -> Iterator[tuple[str, str]]:
+    """A chat reply's (part, text) pieces as its ids arrive (see `ReplySplitter`)."""
+    splitter = ReplySplitter(tokenizer, opened_think=opened_think)
+    for token_id in ids:
+        piece = splitter.push(token_id)
+        if piece is not None:
+            yield piece
 
 
 def print_reply(

@@ -2,7 +2,9 @@
 
 The shared contract: `forward(x, rope, cache=None, start_pos=0)` where `rope` is the (cos, sin)
 pair already sliced to the positions of `x`, and `new_cache(batch, max_len, device, dtype)`
-returns the object that `forward` fills while decoding.
+returns the object that `forward` fills while decoding. `start_pos` is one int for the whole batch,
+or a (batch,) tensor of each row's own first position (continuous batching: rows at different
+points of their sequences decode together, each attending to its own cached positions only).
 
 MLA (`model.attention: mla`) uses HF DeepseekV3's tensor names and layouts, so the HF exporter
 renames `layers.{i}.attn.X` to `model.layers.{i}.self_attn.X` and nothing else:
@@ -22,6 +24,8 @@ both exporters copy these rows unchanged.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,34 +34,86 @@ from darkhorse.config import ModelConfig
 from darkhorse.model.layers import RMSNorm, apply_rope, yarn_mscale
 
 
-class KVCache:
+def row_positions(start_pos: torch.Tensor, seq: int) -> torch.Tensor:
+    """(batch, seq) positions of `seq` new tokens per row, each row from its own `start_pos`."""
+    return start_pos[:, None] + torch.arange(seq, device=start_pos.device)
+
+
+class RowCache:
+    """Preallocated cache tensors, batch first (`FIELDS` names them), written at one position for the whole
+    batch or at each row's own. Rows can be viewed and moved, so a continuous batch keeps its live rows
+    first and runs a step over just those."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def _write(self, name: str, new: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """Write `new` (batch, heads, seq, dim) at the positions; return the cache up to the last one written."""
+        stored = getattr(self, name)
+        seq = new.shape[2]
+        if isinstance(start_pos, torch.Tensor):
+            positions = row_positions(start_pos, seq)
+            end = int(positions.max()) + 1
+            if end > stored.shape[2]:
+                raise ValueError(f"KV cache holds {stored.shape[2]} positions, decoding reached {end}")
+            rows = torch.arange(len(positions), device=positions.device)[:, None]
+            stored[rows, :, positions] = new.transpose(1, 2)  # indexed dims first: (batch, seq, heads, dim)
+        else:
+            end = start_pos + seq
+            if end > stored.shape[2]:
+                raise ValueError(f"KV cache holds {stored.shape[2]} positions, decoding reached {end}")
+            stored[:, :, start_pos:end] = new
+        return stored[:, :, :end]
+
+    def rows(self, start: int, stop: int) -> RowCache:
+        """A cache of rows start..stop-1 that shares this one's memory."""
+        view = copy.copy(self)
+        for name in self.FIELDS:
+            setattr(view, name, getattr(self, name)[start:stop])
+        return view
+
+    def move_row(self, source: int, target: int) -> None:
+        for name in self.FIELDS:
+            stored = getattr(self, name)
+            stored[target] = stored[source]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.FIELDS)
+
+
+class KVCache(RowCache):
     """Preallocated keys and values, (batch, kv_heads, max_len, head_dim) each."""
+
+    FIELDS = ("keys", "values")
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:
         self.keys = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.values = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start_pos + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, decoding reached {end}")
-        self.keys[:, :, start_pos:end] = keys
-        self.values[:, :, start_pos:end] = values
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._write("keys", keys, start_pos), self._write("values", values, start_pos)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    start_pos: int | torch.Tensor = 0,
+) -> torch.Tensor:
     """SDPA over (batch, heads, seq, dim) where the last q position lines up with the last k one.
 
     During decoding q covers the newest positions only, so the causal mask is offset by the
     cached length; the common cases (full sequence, or one new token) need no explicit mask.
+    With per-row positions (a `start_pos` tensor) each row sees its own cached positions only.
     """
     q_len, k_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(start_pos, torch.Tensor):
+        seen = torch.arange(k_len, device=q.device) <= row_positions(start_pos, q_len)[..., None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None], scale=scale, enable_gqa=gqa)
     if q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if q_len == 1:
@@ -104,7 +160,7 @@ class GroupedQueryAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -116,29 +172,23 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
-        out = causal_attention(q, k, v)
+        out = causal_attention(q, k, v, start_pos=start_pos)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class LatentCache:
+class LatentCache(RowCache):
     """MLA's decoding cache: per token only [kv_norm(c_kv) | roped k_pe], (batch, 1, max_len, c + dr).
 
     Read as one shared key head, its first c channels are also the shared value head.
     """
 
+    FIELDS = ("entries",)
+
     def __init__(self, batch: int, max_len: int, width: int, device, dtype) -> None:
         self.entries = torch.zeros(batch, 1, max_len, width, device=device, dtype=dtype)
 
-    def update(self, entries: torch.Tensor, start_pos: int) -> torch.Tensor:
-        end = start_pos + entries.shape[2]
-        if end > self.entries.shape[2]:
-            raise ValueError(f"KV cache holds {self.entries.shape[2]} positions, decoding reached {end}")
-        self.entries[:, :, start_pos:end] = entries
-        return self.entries[:, :, :end]
-
-    @property
-    def nbytes(self) -> int:
-        return self.entries.nbytes
+    def update(self, entries: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        return self._write("entries", entries, start_pos)
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +253,7 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LatentCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         cos, sin = rope
@@ -226,7 +276,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)
             values = entries[..., : self.latent_dim]
             out_latent = causal_attention(
-                torch.cat([q_latent, q_rope], dim=-1), entries, values, scale=self.softmax_scale
+                torch.cat([q_latent, q_rope], dim=-1), entries, values, scale=self.softmax_scale, start_pos=start_pos
             )
             out = torch.einsum("bhsc,hdc->bhsd", out_latent, w_uv)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

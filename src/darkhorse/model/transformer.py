@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from darkhorse.config import ModelConfig
-from darkhorse.model.attention import build_attention
+from darkhorse.model.attention import build_attention, row_positions
 from darkhorse.model.layers import RMSNorm, dense_ffn, rope_tables
 from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
 from darkhorse.model.moe import MoE
@@ -62,7 +62,7 @@ class Block(nn.Module):
         h = self.ffn_norm(h)
         return self.ffn(h, domains) if self.ffn_takes_domains else self.ffn(h)
 
-    def forward(self, x, rope, cache=None, start_pos: int = 0, domains=None) -> torch.Tensor:
+    def forward(self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None) -> torch.Tensor:
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, cache, start_pos))
             return self.ffn_hc(x, lambda h: self._ffn(h, domains))
@@ -117,13 +117,20 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         cache: list | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         domains: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The final normed hidden states; `start_pos`: one int for the batch, or each row's own (a tensor)."""
         seq = tokens.shape[1]
-        if start_pos + seq > self.config.max_seq_len:
-            raise ValueError(f"sequence reaches position {start_pos + seq} > max_seq_len {self.config.max_seq_len}")
-        rope = (self.rope_cos[start_pos : start_pos + seq], self.rope_sin[start_pos : start_pos + seq])
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + seq if per_row else start_pos + seq
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence reaches position {end} > max_seq_len {self.config.max_seq_len}")
+        if per_row:
+            positions = row_positions(start_pos, seq)
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        else:
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
         x = self.embed(tokens)
         if self.config.residual == "mhc":
             x = expand_streams(x, self.config.mhc.expansion)
@@ -143,7 +150,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: list | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         domains: torch.Tensor | None = None,
         mtp_weight: float = 0.0,
     ) -> ModelOutput:

@@ -33,7 +33,13 @@ async function errorMessage(response) {
 }
 
 async function loadModel() {
-  const response = await fetch("v1/models", { headers: headers() });
+  let response;
+  try {
+    response = await fetch("v1/models", { headers: headers() });
+  } catch (error) {
+    $("model").textContent = `cannot reach the server (${error.message})`;
+    return;
+  }
   if (response.ok) {
     const ids = (await response.json()).data.map((entry) => entry.id);
     model = ids[0];

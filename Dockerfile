@@ -12,7 +12,7 @@ FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG TORCH_SPEC=torch==2.13.0
 ARG PYTHON_VERSION=3.11
 
-COPY --from=ghcr.io/astral-sh/uv:0.9 /uv /usr/local/bin/uv
+COPY --from=ghcr.io/astral-sh/uv:0.12.1 /uv /usr/local/bin/uv
 ENV VIRTUAL_ENV=/opt/darkhorse PATH=/opt/darkhorse/bin:$PATH PYTHONUNBUFFERED=1 UV_PYTHON_INSTALL_DIR=/opt/python
 RUN uv venv --python "$PYTHON_VERSION" "$VIRTUAL_ENV"
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -34,12 +35,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(ready, what: str, process: subprocess.Popen, timeout: float = 90):
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """Run in the background, output to a file (a pipe nobody reads would fill and stall the process)."""
+    with log.open("w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "LANG": "C.UTF-8"})
+
+
+def wait_until(ready, what: str, process: subprocess.Popen, log: Path, timeout: float = 90):
     """Poll `ready()` until it returns something truthy; fail with the process's output if it dies first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{what}: the process exited ({process.returncode}): {process.stdout.read()[-2000:]}")
+            pytest.fail(f"{what}: the process exited ({process.returncode}): {log.read_text()[-2000:]}")
         value = ready()
         if value:
             return value
@@ -51,9 +58,8 @@ def wait_until(ready, what: str, process: subprocess.Popen, timeout: float = 90)
 def server(tiny_dense_checkpoint, tmp_path):
     port = free_port()
     command = [*DARKHORSE, "serve", "--checkpoint", str(tiny_dense_checkpoint), "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--api-key", API_KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
-    )
+    log = tmp_path / "server.log"
+    process = start([*command, "--api-key", API_KEY], log)
     url = f"http://127.0.0.1:{port}/"
 
     def healthy() -> bool:
@@ -64,7 +70,7 @@ def server(tiny_dense_checkpoint, tmp_path):
             return False
 
     try:
-        wait_until(healthy, "darkhorse serve", process)
+        wait_until(healthy, "darkhorse serve", process, log)
         yield url
     finally:
         process.terminate()
@@ -138,15 +144,16 @@ class Page:
 @pytest.fixture
 def page(tmp_path):
     profile = tmp_path / "chromium-profile"
-    browser = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1000,900",
-         f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-         "about:blank"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "LANG": "C.UTF-8"},
+    log = tmp_path / "chromium.log"
+    browser = start(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--window-size=1000,900", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", "about:blank"],
+        log,
     )  # fmt: skip
     port_file = profile / "DevToolsActivePort"
     try:
-        lines = wait_until(lambda: port_file.exists() and port_file.read_text().split(), "chromium", browser, 60)
+        lines = wait_until(lambda: port_file.exists() and port_file.read_text().split(), "chromium", browser, log, 60)
         tab = Page(f"ws://127.0.0.1:{lines[0]}{lines[1]}")
         yield tab
         tab.close()

@@ -25,7 +25,7 @@ VENV=/opt/darkhorse
 # runc refuses podman's default rlimits (above this machine's hard limits), so every run names its own.
 RUN=(podman run --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=4096:4096)
 
-log() { printf '== %s\n' "$*" >&2; }
+log() { printf '== [%4ds] %s\n' "$SECONDS" "$*" >&2; }  # seconds since the start
 key() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
 have_image() { podman image exists "$1"; }
 # Keep only the current tag of a cache layer: old keys are dead weight (each deps layer is ~1 GB).

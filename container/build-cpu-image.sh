@@ -47,6 +47,10 @@ commit_step() {
     podman rm "$builder" >/dev/null
 }
 
+[[ $EUID -eq 0 ]] || { echo "build-cpu-image: run as root (mmdebstrap --mode=root, podman's system store)" >&2; exit 1; }
+for tool in mmdebstrap podman runc; do
+    command -v "$tool" >/dev/null || { echo "build-cpu-image: $tool is missing (apt-get install $tool)" >&2; exit 1; }
+done
 host_python=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 [[ $host_python == "$CONTAINER_PYTHON" ]] || {
     echo "build-cpu-image: $PYTHON is Python $host_python but the image's is $CONTAINER_PYTHON (wheels must match)" >&2

@@ -73,3 +73,14 @@ constraints: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# -- container images (container/, README "Container images") ------------------------------------
+# The CPU image builds with no registry (mmdebstrap + podman, as root); the GPU one is the Dockerfile.
+# image-smoke serves a tiny checkpoint from the image and asks it one question (.ci/run, after make test).
+.PHONY: image image-smoke
+
+image: $(STAMP)
+	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(BIN)/python container/build-cpu-image.sh
+
+image-smoke: image
+	PYTHON=$(BIN)/python container/smoke-cpu-image.sh

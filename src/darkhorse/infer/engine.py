@@ -52,9 +52,10 @@ def sample_next(
         # CTRL-style penalty: make already-seen tokens less likely whatever the logit's sign.
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
-    if temperature <= 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small it would divide by zero in float32
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted so the best logit is 0 first: a tiny temperature then scales the rest to -inf, never to inf/nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -342,11 +343,23 @@ def create_app(
         return Detokenized(prompt=tokenizer.decode(body.tokens))
 
     app.include_router(api)
+    app.openapi = lambda: _declared_schema(app)
     if STATIC_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
 
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
+
+
+def _declared_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI schema without the 422 it declares by default: invalid requests are 400s here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class ChatReply:

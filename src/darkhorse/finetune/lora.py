@@ -9,8 +9,9 @@ state-dict names) and becomes a LoRA subclass that adds `scaling * B(A(dropout(x
     Router ([E, D], logits in fp32)                     lora_A [r, D], lora_B [E, r]
 
 scaling = alpha / r, B starts at zero (the model starts as the base), A as nn.Linear's default.
-The expert term runs as two grouped matmuls over the tokens each expert received (`project`),
-so no [E, out, in] delta is ever materialised, unlike PEFT's ParamWrapper.
+The expert term runs as two grouped matmuls over the tokens each expert received (`project`; gate
+and up, which read the same rows, share one for their A factors), so no [E, out, in] delta is ever
+materialised, unlike PEFT's ParamWrapper.
 """
 
 from __future__ import annotations

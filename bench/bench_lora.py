@@ -11,9 +11,10 @@ AdamW settings and token batches by
 each in a fresh child process (peak RSS is per process), fp32 on CPU by default, with fused AdamW on
 every side (what both tools train with on CPU: darkhorse's `build_optimizers`, and transformers'
 Trainer, whose default `optim` is `adamw_torch_fused`). Reported: tokens/s over the timed steps (wall
-clock), tokens per CPU-second of the worker process (on a machine other jobs load, time-slicing moves
-the wall figure but hardly the CPU one), peak RSS, and the bytes a checkpoint of what trains takes
-(weights/adapters + AdamW state).
+clock), tokens per CPU-second of the worker process, peak RSS, and the bytes a checkpoint of what trains
+takes (weights/adapters + AdamW state). On a machine other jobs load, separate processes meet different
+load, so a fourth worker also runs darkhorse and peft alternating step by step in one process and
+reports their ratio: that one is the load-robust speed figure.
 
     python bench/bench_lora.py                         # default shape, 1 thread
     python bench/bench_lora.py --hidden 512 --layers 4 --steps 10 --threads 2
@@ -67,8 +68,8 @@ def checkpoint_bytes(tensors: dict[str, torch.Tensor], optimizer: torch.optim.Op
         return sum(p.stat().st_size for p in Path(scratch).iterdir())
 
 
-def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+def trainer(kind: str, folder: Path, args: argparse.Namespace):
+    """One side ready to train: (step(batch) -> loss, its trainable tensors, its optimizer)."""
     torch.manual_seed(0)
     if kind == "peft":
         import peft
@@ -105,26 +106,48 @@ def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0, fused=True)
-    data = batches(args)
-    losses = []
-    for i, batch in enumerate(data):
-        if i == args.warmup:
-            start, start_cpu = time.perf_counter(), time.process_time()
+
+    def step(batch: torch.Tensor) -> float:
         loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        return loss.item()
+
+    return step, trainable, optimizer
+
+
+def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
+    """One side in this process, or with `pair` darkhorse and peft alternating step by step in it, so
+    that whatever else loads the machine hits both alike (its ratio is the load-robust one; its peak RSS
+    is the two sides' together, so memory comes from the single-side workers)."""
+    torch.set_num_threads(args.threads)
+    sides = {k: trainer(k, folder, args) for k in (("darkhorse", "peft") if kind == "pair" else (kind,))}
+    wall, cpu, first_loss = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0.0), {}
+    for i, batch in enumerate(batches(args)):
+        for side, (step, _, _) in sides.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            loss = step(batch)
+            if i >= args.warmup:
+                wall[side] += time.perf_counter() - started
+                cpu[side] += time.process_time() - started_cpu
+            first_loss.setdefault(side, loss)
+    if kind == "pair":
+        return {
+            "kind": kind,
+            "tokens_per_s_ratio": wall["peft"] / wall["darkhorse"],
+            "tokens_per_cpu_s_ratio": cpu["peft"] / cpu["darkhorse"],
+        }
     tokens = args.steps * args.batch * args.seq_len
+    _, trainable, optimizer = sides[kind]
     return {
         "kind": kind,
-        "tokens_per_s": tokens / elapsed,
-        "tokens_per_cpu_s": tokens / elapsed_cpu,
+        "tokens_per_s": tokens / wall[kind],
+        "tokens_per_cpu_s": tokens / cpu[kind],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable": sum(p.numel() for p in trainable.values()),
         "checkpoint_bytes": checkpoint_bytes(trainable, optimizer),
-        "first_loss": losses[0],
+        "first_loss": first_loss[kind],
     }
 
 
@@ -151,13 +174,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="fresh child processes per side, interleaved")
-    parser.add_argument("--worker", choices=["darkhorse", "peft", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["darkhorse", "peft", "full", "pair"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.model_dir, args)))
         return
-    runs: dict[str, list[dict]] = {kind: [] for kind in ("darkhorse", "peft", "full")}
+    runs: dict[str, list[dict]] = {kind: [] for kind in ("darkhorse", "peft", "full", "pair")}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "mixtral"
         build_model(folder, args)
@@ -169,12 +192,13 @@ def main() -> None:
                     raise SystemExit(f"{kind} worker failed:\n{done.stderr[-2000:]}")
                 runs[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     results = {kind: median_run(done) for kind, done in runs.items()}
-    dh, pf, full = results["darkhorse"], results["peft"], results["full"]
+    dh, pf, full, pair = results["darkhorse"], results["peft"], results["full"], results.pop("pair")
     print(json.dumps(results, indent=1))
-    if args.repeats > 1:
-        for key in ("tokens_per_s", "tokens_per_cpu_s"):
-            pairs = zip(runs["darkhorse"], runs["peft"], strict=True)
-            print(f"darkhorse / peft {key} per repeat:", " ".join(f"{d[key] / p[key]:.2f}" for d, p in pairs))
+    for key in ("tokens_per_s", "tokens_per_cpu_s"):
+        pairs = zip(runs["darkhorse"], runs["peft"], strict=True)
+        print(f"darkhorse / peft {key}, separate processes, per repeat:", *(f"{d[key] / p[key]:.2f}" for d, p in pairs))
+        print(f"darkhorse / peft {key}, alternating in one process, per repeat:", *(
+            f"{r[key + '_ratio']:.2f}" for r in runs["pair"]))  # fmt: skip
     print(
         f"\nMixtral hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-2, r {args.r}, "
         f"batch {args.batch}x{args.seq_len}, {args.threads} thread(s), fp32 CPU; medians of {args.repeats} "
@@ -192,6 +216,10 @@ def main() -> None:
         f"{dh['peak_rss_mib'] / pf['peak_rss_mib']:.2f}x peak RSS; LoRA / full: "
         f"{dh['peak_rss_mib'] / full['peak_rss_mib']:.2f}x peak RSS, "
         f"{dh['checkpoint_bytes'] / full['checkpoint_bytes']:.3f}x checkpoint bytes"
+    )
+    print(
+        f"darkhorse / peft alternating step by step in one process: {pair['tokens_per_s_ratio']:.2f}x tokens/s, "
+        f"{pair['tokens_per_cpu_s_ratio']:.2f}x tokens/CPU-s"
     )
 
 

@@ -9,8 +9,9 @@ state-dict names) and becomes a LoRA subclass that adds `scaling * B(A(dropout(x
     Router ([E, D], logits in fp32)                     lora_A [r, D], lora_B [E, r]
 
 scaling = alpha / r, B starts at zero (the model starts as the base), A as nn.Linear's default.
-The expert term runs as two grouped matmuls over the tokens each expert received (`project`),
-so no [E, out, in] delta is ever materialised, unlike PEFT's ParamWrapper.
+The expert term runs as two grouped matmuls over the tokens each expert received (`project`; gate
+and up, which read the same rows, share one for their A factors), so no [E, out, in] delta is ever
+materialised, unlike PEFT's ParamWrapper.
 """
 
 from __future__ import annotations
@@ -143,9 +144,28 @@ class LoRAExperts(RoutedExperts, _LoRA):
     def project(
         self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
     ) -> torch.Tensor:
+        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts)
+        return self._plus_lora(name, x, low, counts, use_grouped_mm)
+
+    def gate_up(
+        self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One grouped matmul for both A factors ([E, 2r, in]) over the rows gate and up share, so the
+        # backward also runs one input-gradient and one A-gradient GEMM for the pair instead of two each.
+        a = torch.cat([self.gate_proj_lora_A, self.up_proj_lora_A], dim=1)
+        low_gate, low_up = grouped_matmul(self.lora_dropout(x), a, counts).split(self.lora_r, dim=1)
+        return (
+            self._plus_lora("gate_proj", x, low_gate, counts, use_grouped_mm),
+            self._plus_lora("up_proj", x, low_up, counts, use_grouped_mm),
+        )
+
+    def _plus_lora(
+        self, name: str, x: torch.Tensor, low: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None
+    ) -> torch.Tensor:
+        """The base projection plus B's product of `low` (x's A product, [N, r])."""
         out = super().project(name, x, counts, use_grouped_mm)
         # Scaled at rank r ([N, r]), summed in place into the base output (its backward does not keep it).
-        low = grouped_matmul(self.lora_dropout(x), getattr(self, f"{name}_lora_A"), counts) * self.lora_scaling
+        low = low * self.lora_scaling
         return out.add_(grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype))
 
 

@@ -135,9 +135,14 @@ class RoutedExperts(nn.Module):
         """`x` [N, D]: token slots sorted by expert, `counts[e]` of them for expert e."""
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        gate = self.project("gate_proj", x, counts, use_grouped_mm)
-        up = self.project("up_proj", x, counts, use_grouped_mm)
+        gate, up = self.gate_up(x, counts, use_grouped_mm)
         return self.project("down_proj", F.silu(gate) * up, counts, use_grouped_mm)
+
+    def gate_up(
+        self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections, which read the same rows (a LoRA stack shares work between them)."""
+        return self.project("gate_proj", x, counts, use_grouped_mm), self.project("up_proj", x, counts, use_grouped_mm)
 
     def project(
         self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None

@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(CONSTRAIN) --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(CONSTRAIN) -e ".[interop]"
+	$(PIP) install -q $(CONSTRAIN) -e ".[interop,serve]"
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
@@ -45,7 +45,7 @@ $(TEST_STAMP): $(STAMP)
 		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_CPP_WHEELS) \
 			"llama-cpp-python==$(LLAMA_CPP_VERSION)"; }
 	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
-	$(PIP) install -q $(CONSTRAIN) -e ".[interop,dev,gguf-check]"
+	$(PIP) install -q $(CONSTRAIN) -e ".[interop,serve,dev,gguf-check]"
 	touch $@
 
 install: $(STAMP)

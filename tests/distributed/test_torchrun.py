@@ -258,3 +258,37 @@ def test_fsdp_refuses_hooks_that_save_their_own_format(tmp_path, prepared_dir, m
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lora_finetune_under_fsdp_matches_one_process(tmp_path, tiny_dense_checkpoint):
+    """The frozen base is sharded, the adapters stay whole on every rank; same losses and adapter as one process."""
+    from safetensors.torch import load_file
+
+    from darkhorse.data.chat_format import render_conversation  # noqa: F401  (the format the records use)
+    from darkhorse.finetune.run import finetune
+
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    chats = tmp_path / "chats.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": f"after {a}?"}, {"role": "assistant", "content": f"{b} {a} {b}"}]}
+        for a, b in zip(words * 3, words[1:] * 3, strict=False)
+    ]
+    chats.write_text("".join(json.dumps(record) + "\n" for record in records))
+    settings = ["train.seq_len=32", "train.log_interval=1", "train.eval_interval=0", "train.lr=1e-2",
+                "train.max_steps=4", "train.save_interval=0"]  # fmt: skip
+    finetune(
+        tiny_dense_checkpoint,
+        [str(chats)],
+        tmp_path / "one",
+        overrides=[*settings, "train.batch_size=4"],
+        verbose=False,
+    )  # fmt: skip  (also prepares the chats into the cache the ranks then read)
+    fsdp = [*settings, "train.batch_size=2", "train.parallel=fsdp"]
+    done = torchrun(2, chats, tmp_path / "two", "--finetune", str(tiny_dense_checkpoint), *fsdp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    one, two = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys() and one
+    for name, tensor in one.items():
+        assert torch.allclose(two[name], tensor, atol=1e-5), name

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from darkhorse.config import TrainConfig
 from darkhorse.errors import DarkhorseError, RankFailure
+from darkhorse.model.transformer import IGNORE_INDEX
 
 LAUNCH_HINT = "torchrun --nproc-per-node N -m darkhorse train ... (or `darkhorse train --nproc N`)"
 
@@ -104,6 +105,20 @@ def average(world: World, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= world.size
     return tensor
+
+
+def token_weight(world: World, targets: torch.Tensor) -> torch.Tensor | float:
+    """This rank's share of the learned (unmasked) targets of a micro-batch, times the world size.
+
+    Each rank's loss is a mean over its own learned tokens; scaled by this weight, the ranks' average
+    is the mean over every learned token of the global micro-batch, as one process computes it (with
+    loss-masked chat data the ranks learn different numbers of tokens)."""
+    if world.size == 1:
+        return 1.0
+    count = (targets != IGNORE_INDEX).sum().float().reshape(1)
+    total = count.clone()
+    dist.all_reduce(total)
+    return (count * world.size / total.clamp(min=1)).squeeze()
 
 
 def any_rank(world: World, flag: bool) -> bool:

@@ -277,7 +277,9 @@ class Trainer:
     def _check_plan(self) -> str | None:
         """Size this run per device before building it: refuse one that needs over twice the free
         memory, return a warning for one that likely does not fit."""
-        plan = plan_layout(self.config, Layout(self.world.size, self.train_cfg.parallel))
+        plan = plan_layout(
+            self.config, Layout(self.world.size, self.train_cfg.parallel, self.train_cfg.expert_parallel)
+        )
         available = available_memory(self.device)
         if available is not None and plan.total > 2 * available:
             raise DarkhorseError(

@@ -24,6 +24,7 @@ from darkhorse.config import TrainConfig
 from darkhorse.errors import DarkhorseError, RankFailure
 from darkhorse.model.transformer import IGNORE_INDEX
 
+COLLECTIVE_FAILURES = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timeout")
 LAUNCH_HINT = "torchrun --nproc-per-node N -m darkhorse train ... (or `darkhorse train --nproc N`)"
 
 
@@ -89,9 +90,10 @@ def collective_errors(world: World) -> Iterator[None]:
         yield
     except (DarkhorseError, KeyboardInterrupt):
         raise
-    except (RuntimeError, dist.DistError) as exc:
-        if not world.launched or world.size == 1:
-            raise
+    except RuntimeError as exc:  # dist.DistError is one; gloo raises plain RuntimeErrors too
+        lost = isinstance(exc, dist.DistError) or any(mark in str(exc) for mark in COLLECTIVE_FAILURES)
+        if not lost or not world.launched or world.size == 1:
+            raise  # a bug, not a lost rank: keep its traceback
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise RankFailure(
             f"rank {world.rank}: lost the other ranks (one died or hung past train.dist_timeout="

@@ -1,4 +1,6 @@
-"""One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [--resume] [--die-at N] K=V...`.
+"""One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [OPTIONS] K=V...`.
+
+Options: --resume, --die-at N, --finetune BASE.
 
 It trains through the Python API, as the CLI would, then writes what the test compares and the CLI
 cannot show: this rank's ALF biases (`bias-rank{R}.pt`). `--die-at N` makes rank 1 exit hard before
@@ -34,6 +36,12 @@ def main(argv: list[str]) -> int:
     resume = "--resume" in rest
     die_at = int(rest[rest.index("--die-at") + 1]) if "--die-at" in rest else None
     overrides = [item for item in rest if "=" in item]
+    if "--finetune" in rest:  # LoRA on the base checkpoint that follows, `data` a raw chat file
+        from darkhorse.finetune.run import finetune
+
+        base = rest[rest.index("--finetune") + 1]
+        finetune(base, [data], run_dir, overrides=overrides, verbose=False)
+        return 0
     try:
         config = load_run_config("tiny-cpu", overrides=overrides)
         plan = plan_run(config, [] if resume else [(Path(data), 1.0)], run_dir, resume=resume or None)

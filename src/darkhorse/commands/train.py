@@ -25,7 +25,8 @@ Several processes (train.parallel=ddp, or fsdp: ZeRO-3 sharding with sharded che
   torchrun --nproc-per-node 8 -m darkhorse train ... train.parallel=fsdp  (multi-node: see README)
 train.batch_size is per rank: a step reads batch_size x grad_accum x ranks windows. Only rank 0 prints
 and writes metrics.jsonl; each rank logs to RUN_DIR/logs/rank-N.log. --resume works at another number
-of ranks when it divides the global batch (the per-rank batch is adjusted).
+of ranks when it divides the global batch (the per-rank batch is adjusted). Under torchrun give prepared
+dirs (or let --nproc prepare raw files first): ranks preparing the same raw file at once would race.
 
 --init-from CKPT_DIR starts a new run (step 0, new optimizer and schedule) from the model config and
 weights of any checkpoint, including one written by `darkhorse import` (which has no trainer state).
@@ -122,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
         if launched_by_torchrun():
             raise DarkhorseError("--nproc starts torchrun itself; under torchrun leave it out")
+        if args.data:  # raw files are prepared here, once, into the cache the ranks then read
+            from darkhorse.data.loader import open_sources
+
+            open_sources([parse_data_spec(spec) for spec in args.data], vocab_size=config.model.vocab_size)
         return _launch_torchrun(args.nproc, args.command_line, config.train.parallel)
     data = [parse_data_spec(spec) for spec in args.data]
     result = train(

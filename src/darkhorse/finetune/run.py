@@ -203,6 +203,9 @@ class LoRAHooks(TrainingHooks):
     def loss_terms(self) -> dict[str, torch.Tensor]:
         return self.losses.terms()
 
+    def replicated_parameters(self, model: Transformer) -> list[torch.nn.Parameter]:
+        return list(lora_parameters(model).values())  # under FSDP only the frozen base is sharded
+
     # -- state and checkpoints --------------------------------------------------------------------
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:

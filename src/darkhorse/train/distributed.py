@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from darkhorse.config import TrainConfig
 from darkhorse.errors import DarkhorseError, RankFailure
+from darkhorse.model.transformer import IGNORE_INDEX
 
+COLLECTIVE_FAILURES = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timeout")
 LAUNCH_HINT = "torchrun --nproc-per-node N -m darkhorse train ... (or `darkhorse train --nproc N`)"
 
 
@@ -88,9 +90,10 @@ def collective_errors(world: World) -> Iterator[None]:
         yield
     except (DarkhorseError, KeyboardInterrupt):
         raise
-    except (RuntimeError, dist.DistError) as exc:
-        if not world.launched or world.size == 1:
-            raise
+    except RuntimeError as exc:  # dist.DistError is one; gloo raises plain RuntimeErrors too
+        lost = isinstance(exc, dist.DistError) or any(mark in str(exc) for mark in COLLECTIVE_FAILURES)
+        if not lost or not world.launched or world.size == 1:
+            raise  # a bug, not a lost rank: keep its traceback
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise RankFailure(
             f"rank {world.rank}: lost the other ranks (one died or hung past train.dist_timeout="
@@ -104,6 +107,20 @@ def average(world: World, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= world.size
     return tensor
+
+
+def token_weight(world: World, targets: torch.Tensor) -> torch.Tensor | float:
+    """This rank's share of the learned (unmasked) targets of a micro-batch, times the world size.
+
+    Each rank's loss is a mean over its own learned tokens; scaled by this weight, the ranks' average
+    is the mean over every learned token of the global micro-batch, as one process computes it (with
+    loss-masked chat data the ranks learn different numbers of tokens)."""
+    if world.size == 1:
+        return 1.0
+    count = (targets != IGNORE_INDEX).sum().float().reshape(1)
+    total = count.clone()
+    dist.all_reduce(total)
+    return (count * world.size / total.clamp(min=1)).squeeze()
 
 
 def any_rank(world: World, flag: bool) -> bool:

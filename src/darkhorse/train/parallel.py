@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,16 +58,21 @@ def check_parallel_config(config: RunConfig, world: World) -> None:
         raise DarkhorseError("train.dtype=fp16 is not supported with train.parallel=fsdp; use bf16")
 
 
-def parallelize(model: Transformer, train: TrainConfig, world: World) -> nn.Module:
+def parallelize(
+    model: Transformer, train: TrainConfig, world: World, replicated: Sequence[nn.Parameter] = ()
+) -> nn.Module:
     """Shard or wrap `model` for `train.parallel`; returns the module the forward pass goes through.
 
-    FSDP2 changes `model` in place (its parameters become DTensor shards) and returns it; DDP
-    returns a wrapper around the unchanged model."""
+    FSDP2 changes `model` in place (its parameters become DTensor shards, except `replicated`, which
+    every rank keeps whole and `average_gradients` syncs) and returns it; DDP returns a wrapper
+    around the unchanged model."""
     if train.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        options = {"mp_policy": policy} if train.dtype == "bf16" else {}
+        options: dict = {"mp_policy": policy} if train.dtype == "bf16" else {}
+        if replicated:
+            options["ignored_params"] = set(replicated)
         for block in [*model.layers, *model.mtp]:
             fully_shard(block, **options)
         fully_shard(model, **options)
@@ -94,6 +100,19 @@ def gradient_sync(wrapped: nn.Module, enabled: bool) -> contextlib.AbstractConte
     if hasattr(wrapped, "no_sync") and not enabled:  # DDP
         return wrapped.no_sync()
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def average_gradients(params: Sequence[nn.Parameter], world: World) -> None:
+    """Average the gradients of parameters FSDP leaves whole (adapters) over the ranks, in one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world.size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:

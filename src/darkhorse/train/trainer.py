@@ -40,6 +40,7 @@ from darkhorse.train.distributed import (
     init_world,
     per_rank_batch,
     shutdown,
+    token_weight,
 )
 from darkhorse.train.evaluate import evaluate
 from darkhorse.train.expert_parallel import (
@@ -53,6 +54,7 @@ from darkhorse.train.expert_parallel import (
 from darkhorse.train.memory import GIB, available_memory, estimate_training_memory, fit_warning
 from darkhorse.train.optim import build_optimizers, split_parameters
 from darkhorse.train.parallel import (
+    average_gradients,
     check_parallel_config,
     full_norm,
     gradient_sync,
@@ -135,6 +137,11 @@ class TrainingHooks:
         """Extra terms to add to the last forward's loss (logged as `<name>_loss`)."""
         return {}
 
+    def replicated_parameters(self, model: Transformer) -> list[torch.nn.Parameter]:
+        """Parameters every rank keeps whole under FSDP (adapters on a sharded frozen base), so
+        `state` and `save` can read them as in one process."""
+        return []
+
     def state(self) -> dict[str, Any]:
         """Extra entries for trainer_state.pt."""
         return {}
@@ -177,12 +184,6 @@ class Trainer:
         self.config = self._fit_to_world(plan)
         self.train_cfg = self.config.train
         check_parallel_config(self.config, self.world)
-        self.sharded = self.train_cfg.parallel == "fsdp"
-        if self.sharded and type(self.hooks).save is not TrainingHooks.save:
-            raise DarkhorseError(
-                f"train.parallel=fsdp: `{self.hooks.command}` saves its own checkpoint format, which sharded "
-                "training does not write yet; use train.parallel=ddp"
-            )
         first = self.sources[0][0]
         self.tokenizer_file = first.tokenizer_path if first.tokenizer_path.exists() else None
         # UTF-8 bytes per token id, for exact val bits per byte (masked chat data included)
@@ -204,7 +205,17 @@ class Trainer:
             self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
         self.model.train()
-        self.wrapped = parallelize(self.model, self.train_cfg, self.world)  # DDP/FSDP, or the model itself
+        fsdp = self.train_cfg.parallel == "fsdp"
+        # under FSDP adapters stay whole on every rank over the sharded frozen base; checkpoints are shards
+        # only when everything is sharded
+        self.replicated = self.hooks.replicated_parameters(self.model) if fsdp else []
+        self.sharded = fsdp and not self.replicated
+        if self.sharded and type(self.hooks).save is not TrainingHooks.save:
+            raise DarkhorseError(
+                f"train.parallel=fsdp: `{self.hooks.command}` saves its own checkpoint format, which sharded "
+                "training does not write; use train.parallel=ddp"
+            )
+        self.wrapped = parallelize(self.model, self.train_cfg, self.world, self.replicated)  # or the model itself
         self.forward = torch.compile(self.wrapped) if self.train_cfg.compile else self.wrapped
         self.experts = expert_parameters(self.model)  # this rank's own part of the experts (expert parallelism)
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
@@ -270,7 +281,9 @@ class Trainer:
     def _check_plan(self) -> str | None:
         """Size this run per device before building it: refuse one that needs over twice the free
         memory, return a warning for one that likely does not fit."""
-        plan = plan_layout(self.config, Layout(self.world.size, self.train_cfg.parallel))
+        plan = plan_layout(
+            self.config, Layout(self.world.size, self.train_cfg.parallel, self.train_cfg.expert_parallel)
+        )
         available = available_memory(self.device)
         if available is not None and plan.total > 2 * available:
             raise DarkhorseError(
@@ -379,6 +392,7 @@ class Trainer:
         self.hooks.before_step(self)
         for micro_step in range(accum):
             batch = self.loader.batch(self.step, micro_step)
+            weight = token_weight(self.world, batch.targets)  # 1 in one process
             with gradient_sync(self.wrapped, micro_step == accum - 1):  # ranks sync on the last micro-batch only
                 with self._autocast():
                     out = self.forward(
@@ -388,11 +402,13 @@ class Trainer:
                     for name, term in self.hooks.loss_terms().items():
                         out_loss = out_loss + term
                         out.losses[name] = term.detach()
+                    out_loss = out_loss * weight
                 self.scaler.scale(out_loss / accum).backward()
             total += out_loss.detach()
             for name, value in out.losses.items():
-                terms[name] = terms.get(name, 0) + value.detach().float() / accum
+                terms[name] = terms.get(name, 0) + value.detach().float() * weight / accum
         average_expert_gradients(self.model, self.world.size if self.experts else 1)
+        average_gradients(self.replicated, self.world)
         # the logged loss and terms are means over all ranks, so every rank agrees on skipping a step
         means = average(self.world, torch.stack([total / accum, *terms.values()]).float())
         terms = dict(zip(terms, means[1:], strict=True))
@@ -583,6 +599,7 @@ class Trainer:
                 reports = []
                 if self.world.is_main:  # rank 0's routing counts stand for the run's
                     reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                if self.world.is_main or self.train_cfg.parallel == "fsdp":  # a sharded model forwards on all ranks
                     self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
                 if reports:

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -179,16 +180,36 @@ def test_debug_shows_the_traceback(files, capsys, monkeypatch):
         main(argv)
 
 
-def test_read_only_output_is_one_line(files, tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes through read-only permissions")
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory no one may write into: mode 0555, or for root (whom permissions do not stop) a read-only
+    tmpfs; skipped where root cannot mount one."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+        yield locked, "Permission denied"
+        return
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)], capture_output=True
+        )
+    except OSError as exc:
+        pytest.skip(f"root, and cannot mount a read-only tmpfs here: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"root, and cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield locked, os.strerror(errno.EROFS)
+    finally:
+        subprocess.run(["umount", str(locked)], check=True)
+
+
+def test_read_only_output_is_one_line(files, read_only_dir, capsys):
+    locked, reason = read_only_dir
     code, err = run_cli(
         ["export", "--checkpoint", str(files["good"]), "--format", "hf", "--out", f"{locked}/x"], capsys
     )
-    assert code == OS and "Permission denied" in err and str(locked) in err
+    assert code == OS and reason in err and str(locked) in err and len(err.strip().splitlines()) == 1
 
 
 def test_full_disk_mid_write_names_the_output(tmp_path):

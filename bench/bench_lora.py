@@ -14,7 +14,8 @@ Trainer, whose default `optim` is `adamw_torch_fused`). Reported: tokens/s over 
 clock), tokens per CPU-second of the worker process, peak RSS, and the bytes a checkpoint of what trains
 takes (weights/adapters + AdamW state). On a machine other jobs load, separate processes meet different
 load, so a fourth worker also runs darkhorse and peft alternating step by step in one process and
-reports their ratio: that one is the load-robust speed figure.
+reports their ratio, which load skews far less (the two share one allocator there, which is not free of
+effects either: docs/experiments.md, 2026-11-30).
 
     python bench/bench_lora.py                         # default shape, 1 thread
     python bench/bench_lora.py --hidden 512 --layers 4 --steps 10 --threads 2
@@ -119,8 +120,8 @@ def trainer(kind: str, folder: Path, args: argparse.Namespace):
 
 def worker(kind: str, folder: Path, args: argparse.Namespace) -> dict:
     """One side in this process, or with `pair` darkhorse and peft alternating step by step in it, so
-    that whatever else loads the machine hits both alike (its ratio is the load-robust one; its peak RSS
-    is the two sides' together, so memory comes from the single-side workers)."""
+    that whatever else loads the machine hits both alike (its peak RSS is the two sides' together, so
+    memory comes from the single-side workers)."""
     torch.set_num_threads(args.threads)
     sides = {k: trainer(k, folder, args) for k in (("darkhorse", "peft") if kind == "pair" else (kind,))}
     wall, cpu, first_loss = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0.0), {}

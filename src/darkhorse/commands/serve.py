@@ -6,7 +6,7 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streams with
 "stream": true), and /tokenize, /detokenize, /tokenizer_info for lm-eval's local-completions. The schema
-is at /docs and /openapi.json. Concurrent requests decode together (continuous batching, up to
+is at /openapi.json. Concurrent requests decode together (continuous batching, up to
 --max-batch at once; more wait their turn). Binds to 127.0.0.1 unless --host says otherwise."""
 
 from __future__ import annotations

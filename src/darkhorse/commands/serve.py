@@ -6,7 +6,7 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streams with
 "stream": true), and /tokenize, /detokenize, /tokenizer_info for lm-eval's local-completions. The schema
-is at /docs and /openapi.json. Concurrent requests decode together (continuous batching, up to
+is at /openapi.json. Concurrent requests decode together (continuous batching, up to
 --max-batch at once; more wait their turn). Binds to 127.0.0.1 unless --host says otherwise."""
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batchi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint dir, or a Hugging Face model dir")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (default 16)")
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every API request")
-    parser.add_argument("--model-name", help="the model's id in the API (default: the checkpoint's folder name)")
+    parser.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` on every request but /health (and the page at /)"
+    )
+    parser.add_argument(
+        "--model-name", help="the model's id in the API (default: RUN for RUN/final, else the checkpoint's folder name)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_batch <= 0:
         raise DarkhorseError("--max-batch must be > 0")
-    if not 0 <= args.port <= 65535:
-        raise DarkhorseError("--port must be between 0 and 65535")
+    if not 1 <= args.port <= 65535:
+        raise DarkhorseError("--port must be between 1 and 65535")
     import uvicorn
 
     from darkhorse.interop.hf_import import load_checkpoint_or_hf

@@ -50,7 +50,7 @@ from darkhorse.serve.schemas import (
 from darkhorse.serve.text import StopText
 
 STATIC_DIR = Path(__file__).parent / "static"
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; a chat reply may run to the end of the context
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "a malformed or impossible request"},
     401: {"model": ErrorResponse, "description": "a missing or wrong API key"},
@@ -88,13 +88,15 @@ class Server:
             raise ApiError(400, f"token id {max(ids)} is not in the vocabulary (size {self.tokenizer.vocab_size})")
         return ids
 
-    def row(self, ids: list[int], body, stop_ids: set[int], **extra) -> Row:
-        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    def row(self, ids: list[int], body, stop_ids: set[int], default_max_tokens: int, **extra) -> Row:
+        """The engine's row for a request; unset options take OpenAI's defaults (temperature 1, top_p 1)."""
         return Row(
             ids,
-            max_new_tokens=max_tokens,
+            max_new_tokens=default_max_tokens if body.max_tokens is None else body.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
             stop_ids=stop_ids,
             **extra,
@@ -155,7 +157,8 @@ class Completer:
     def __init__(self, server: Server, ids: list[int], body: CompletionRequest) -> None:
         self.server, self.ids, self.body = server, ids, body
         self.scored = bool(body.echo) and body.logprobs is not None
-        row = server.row(ids, body, {server.tokenizer.eos_id}, logprobs=body.logprobs, prompt_logprobs=self.scored)
+        row = server.row(ids, body, {server.tokenizer.eos_id}, DEFAULT_MAX_TOKENS, logprobs=body.logprobs,
+                         prompt_logprobs=self.scored)  # fmt: skip
         self.ticket = server.scheduler.submit(row)
         self.stop_text = StopText(stops(body))
         self.delta = TextDelta(server.tokenizer)
@@ -223,7 +226,8 @@ def create_app(
         yield
         server.scheduler.close()
 
-    app = FastAPI(title="darkhorse", description=__doc__, version="1", lifespan=lifespan)
+    # no /docs or /redoc pages: they load their scripts from a CDN; the schema is at /openapi.json
+    app = FastAPI(title="darkhorse", description=__doc__, version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
     async def check_key(request: Request) -> None:
@@ -367,7 +371,7 @@ class ChatReply:
 
     def __init__(self, server: Server, ids: list[int], body: ChatCompletionRequest, *, opened_think: bool) -> None:
         self.server, self.body = server, body
-        self.ticket = server.scheduler.submit(server.row(ids, body, chat_stop_ids(server.tokenizer)))
+        self.ticket = server.scheduler.submit(server.row(ids, body, chat_stop_ids(server.tokenizer), server.context))
         self.splitter = ReplySplitter(server.tokenizer, opened_think=opened_think)
         self.stop_text = StopText(stops(body))
         self.count = 0

@@ -37,6 +37,8 @@ class Sampling(BaseModel):
     max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=1 << 20)] | None = Field(None, description="vLLM's extension; 0: off")
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = Field(None, description="vLLM's extension")
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Stop = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None

@@ -106,3 +106,17 @@ def test_speculative_refuses_what_it_cannot_do():
     dense = Transformer(ModelConfig(vocab_size=100, n_layers=1, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=64))
     with pytest.raises(DarkhorseError, match="MTP module"):
         decode(dense, [[1, 2]], max_new_tokens=4, speculative="mtp")
+
+
+def test_generate_speculative_mtp_prints_the_same_and_reports_acceptance(tiny_genesis_checkpoint, capsys):
+    from darkhorse.cli import main
+
+    args = ["generate", "--checkpoint", str(tiny_genesis_checkpoint), "--prompt", "the", "--max-new-tokens", "16"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "mtp"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain
+    assert "drafts accepted" in spec.err
+    assert main([*args, "--speculative", "mtp", "--temperature", "0.7"]) == 2
+    assert "greedily only" in capsys.readouterr().err

@@ -8,8 +8,10 @@ Tokens/s counts decode steps only: the prompt is evaluated first and not timed (
 prompt, then `generate`; darkhorse: the first streamed token comes from the prompt's forward; transformers:
 `generate` of N + 1 tokens minus `generate` of 1, both timed in the same round). The engines take turns for
 `--repeats` rounds and each reports its median, so a load spike on the shared machine hits all alike.
+`--clock cpu` times process CPU time instead of wall time: with `--threads 1` on a loaded machine it leaves
+out the time the process waits for a core (with more threads it would count their spin-waits).
 
-Usage: python bench/bench_decode.py [--checkpoint DIR] [--tokens 128] [--threads 2] [--repeats 5]
+Usage: python bench/bench_decode.py [--checkpoint DIR] [--tokens 128] [--threads 2] [--repeats 5] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -48,44 +50,44 @@ def make_checkpoint(work: Path) -> Path:
 Timer = Callable[[], float]  # one timed decode of --tokens tokens: seconds
 
 
-def darkhorse_timer(model, prompt: list[int], tokens: int, **options) -> Timer:
+def darkhorse_timer(model, prompt: list[int], tokens: int, clock: Callable[[], float]) -> Timer:
     from darkhorse.infer.engine import Engine
 
     engine = Engine(model)
 
     def run() -> float:
-        stream = engine.stream(prompt, max_new_tokens=tokens + 1, **options)
+        stream = engine.stream(prompt, max_new_tokens=tokens + 1)
         next(stream)  # the first token comes from the prompt's forward pass: not a decode step
-        start = time.perf_counter()
+        start = clock()
         produced = sum(1 for _ in stream)
         assert produced == tokens, produced
-        return time.perf_counter() - start
+        return clock() - start
 
     return run
 
 
-def llama_cpp_timer(llm, prompt: list[int], tokens: int) -> Timer:
+def llama_cpp_timer(llm, prompt: list[int], tokens: int, clock: Callable[[], float]) -> Timer:
     def run() -> float:
         llm.reset()
         llm.eval(prompt)  # the prompt is not part of the decode timing
-        start = time.perf_counter()
+        start = clock()
         for produced, _ in enumerate(llm.generate([], top_k=1, temp=0.0, reset=False), start=1):
             if produced == tokens:
                 break
-        return time.perf_counter() - start
+        return clock() - start
 
     return run
 
 
-def transformers_timer(model, prompt: list[int], tokens: int) -> Timer:
+def transformers_timer(model, prompt: list[int], tokens: int, clock: Callable[[], float]) -> Timer:
     ids = torch.tensor([prompt])
 
     def generate(new: int) -> float:
-        start = time.perf_counter()
+        start = clock()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(prompt) + new
-        return time.perf_counter() - start
+        return clock() - start
 
     return lambda: generate(tokens + 1) - generate(1)
 
@@ -97,8 +99,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each engine decodes once per round")
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out (by name prefix)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import llama_cpp
     import transformers
@@ -112,15 +116,15 @@ def main() -> None:
         checkpoint = args.checkpoint or make_checkpoint(work)
         model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
         prompt = tokenizer.encode(PROMPT)
-        timers: dict[str, Timer] = {"darkhorse": darkhorse_timer(model, prompt, args.tokens)}
+        timers: dict[str, Timer] = {"darkhorse": darkhorse_timer(model, prompt, args.tokens, clock)}
         engines = []
         for outtype in ("f32", "f16"):
             path = export_gguf(checkpoint, work / f"model-{outtype}.gguf", outtype, force=True)
             llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + args.tokens + 8, n_threads=args.threads, verbose=False)
             engines.append(llm)
-            timers[f"llama.cpp {outtype}"] = llama_cpp_timer(llm, prompt, args.tokens)
+            timers[f"llama.cpp {outtype}"] = llama_cpp_timer(llm, prompt, args.tokens, clock)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(export_hf(checkpoint, work / "hf")))
-        timers["transformers generate"] = transformers_timer(hf.float().eval(), prompt, args.tokens)
+        timers["transformers generate"] = transformers_timer(hf.float().eval(), prompt, args.tokens, clock)
         timers = {n: t for n, t in timers.items() if not any(n.startswith(s) for s in args.skip)}
 
         for timer in timers.values():  # warm-up
@@ -139,6 +143,7 @@ def main() -> None:
     result = {
         "model": str(args.checkpoint) if args.checkpoint else "6 layers, dim 256, vocab 512 (random init)",
         "threads": args.threads,
+        "clock": args.clock,
         "tokens": args.tokens,
         "prompt_tokens": len(prompt),
         "repeats": args.repeats,

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     stream_completion(model, tokenizer, prompt, options, chat=args.chat, engine=engine)
     if args.speculative:
         stats = engine.speculation
+        sys.stdout.flush()  # the text first, then the report, also when both go to one pipe
         print(
             f"speculative {args.speculative}: {stats.accepted} of {stats.drafted} drafts accepted "
             f"({stats.acceptance:.0%}), {time.perf_counter() - started:.2f} s",

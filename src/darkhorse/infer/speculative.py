@@ -76,20 +76,24 @@ def mtp_steps(
     batch, device = len(lengths), tokens.device
     mtp, embed = model.mtp[0], model.embed
     start, longest, end = min(lengths), max(lengths), max(ends)
+    if start >= end:  # nothing to write (no new tokens asked for)
+        return
     cache = model.new_cache(batch, end)
-    mtp_cache = [mtp.block.attn.new_cache(batch, end, device, embed.weight.dtype)]
+    mtp_cache = mtp.block.attn.new_cache(batch, end, device, embed.weight.dtype)
     prompt_len = torch.tensor(lengths, device=device)
     row_end = torch.tensor(ends, device=device)
     at = torch.zeros(batch, end, dtype=torch.long, device=device)  # the token at each position
     at[:, :longest] = tokens
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    if start >= end:  # nothing to write (no new tokens asked for)
-        return
+
+    def pick(hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy next token after each of `hidden`'s positions."""
+        return model.lm_head(hidden)[..., :vocab_size].max(dim=-1).indices
 
     def forward(feed: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states and greedy picks of `feed` (batch, seq) placed at `pos`."""
         hidden = model.hidden_states(feed, cache, pos)
-        return hidden, model.lm_head(hidden)[..., :vocab_size].max(dim=-1).indices
+        return hidden, pick(hidden)
 
     def emit(sampled: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sampled, writing) for position `pos`; marks the rows it finishes."""
@@ -97,8 +101,8 @@ def mtp_steps(
         finished.logical_or_(writing & (torch.isin(sampled, stop) | (pos + 1 >= row_end)))
         return sampled, writing
 
-    hidden, picks = forward(tokens[:, :start], 0)
-    sampled, mtp_from, pos = picks[:, -1], 0, start  # hidden: positions mtp_from .. pos - 1
+    hidden = model.hidden_states(tokens[:, :start], cache, 0)
+    sampled, mtp_from, pos = pick(hidden[:, -1]), 0, start  # hidden: positions mtp_from .. pos - 1
     while True:
         yield emit(sampled, pos)
         if bool(finished.all()) or pos + 1 >= end:
@@ -106,8 +110,8 @@ def mtp_steps(
         at[:, pos] = torch.where(pos < prompt_len, at[:, pos], sampled)
         # MTP entries for the positions since the last draft; the last one drafts position pos + 1
         rope = (model.rope_cos[mtp_from:pos], model.rope_sin[mtp_from:pos])
-        drafted = mtp(hidden, embed(at[:, mtp_from + 1 : pos + 1]), rope, cache=mtp_cache[0], start_pos=mtp_from)
-        draft = model.lm_head(drafted[:, -1])[:, :vocab_size].max(dim=-1).indices
+        drafted = mtp(hidden, embed(at[:, mtp_from + 1 : pos + 1]), rope, cache=mtp_cache, start_pos=mtp_from)
+        draft = pick(drafted[:, -1])
         mtp_from = pos
         if pos + 1 < longest or pos + 2 >= end:  # a row still reads its prompt at pos + 1, or no room to gain
             hidden, picks = forward(at[:, pos : pos + 1], pos)

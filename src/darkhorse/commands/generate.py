@@ -3,7 +3,9 @@
 Greedy decoding (--temperature 0, the default) is deterministic; sampling is reproducible with
 --seed. With --chat the prompt is wrapped as a user turn in darkhorse's chat format, or, for an imported
 model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds;
-the reply prints its reasoning after `thinking:`, then the answer on a line of its own, never a special token."""
+the reply prints its reasoning after `thinking:`, then the answer on a line of its own, never a special token.
+`--speculative mtp` (models with an MTP module) drafts with it and prints the same greedy text, then the
+drafts' acceptance rate on stderr."""
 
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
         "--repetition-penalty", type=number_arg(float, gt=0), default=1.0, help=">1 discourages repeats (1.0 = off)"
     )
     parser.add_argument("--seed", type=number_arg(int, ge=0), default=None, help="seed for sampling")
+    parser.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        help="mtp: the model's MTP module drafts a token per step and the model verifies it; the same "
+        "greedy output, faster when drafts are right (genesis models; greedy only, sampling is refused)",
+    )
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, mps (default cpu)")
 
 
@@ -54,6 +62,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
         "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
+        "speculative": args.speculative,
     }
 
 
@@ -68,14 +77,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from darkhorse.checkpoint import load_for_inference
+    from darkhorse.infer.engine import Engine
     from darkhorse.infer.generate import prepare_prompt, stream_completion
     from darkhorse.train.device import resolve_device
 
     options = sampling_options(args)
     model, tokenizer, _ = load_for_inference(args.checkpoint, resolve_device(args.device))
     prompt = prepare_prompt(tokenizer, args.prompt, chat=args.chat, think=not args.no_think)
-    stream_completion(model, tokenizer, prompt, options, chat=args.chat)
+    engine = Engine(model, tokenizer.vocab_size)
+    started = time.perf_counter()
+    stream_completion(model, tokenizer, prompt, options, chat=args.chat, engine=engine)
+    if args.speculative:
+        stats = engine.speculation
+        sys.stdout.flush()  # the text first, then the report, also when both go to one pipe
+        print(
+            f"speculative {args.speculative}: {stats.accepted} of {stats.drafted} drafts accepted "
+            f"({stats.acceptance:.0%}), {time.perf_counter() - started:.2f} s",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -6,7 +6,9 @@ dispatch and the module calls cost as much as the arithmetic. So, for one `Engin
 
 - each layer's q/k/v projections are one matmul and gate/up another, against weights concatenated and
   stored transposed once per call (x @ W runs faster than `F.linear` at these shapes), with the RMSNorm
-  weight before them folded in; the residual adds ride in `addmm`;
+  weight before them folded in, and sqrt(dim) too: RMSNorm's x / sqrt(mean(x^2) + eps) is then
+  x / sqrt(x.x + dim * eps), a dot product (`vecdot`, one kernel) instead of square, mean and add; the
+  residual adds ride in `addmm`;
 - RoPE turns q and k in one complex product (each half-split pair of channels stored side by side);
 - keys and values go into preallocated caches, in place;
 - one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call);
@@ -111,61 +113,75 @@ class DenseForward:
             shape = (batch, self.n_kv_heads, max_len, self.head_dim)
             self.layers.append(
                 (
-                    block.attn_norm.eps,
+                    self._eps(block.attn_norm.eps),
                     _fold(block.attn_norm.weight, qkv),
                     attn.o_proj.weight.t().contiguous(),
-                    block.ffn_norm.eps,
+                    self._eps(block.ffn_norm.eps),
                     _fold(block.ffn_norm.weight, gate_up),
                     ffn.down_proj.weight.t().contiguous(),
                     torch.empty(shape, device=device, dtype=dtype),
                     torch.empty(shape, device=device, dtype=dtype),
                 )
             )
-        self.norm_eps = model.norm.eps
+        self.norm_eps = self._eps(model.norm.eps)
         self.head = _fold(model.norm.weight, model.lm_head.weight[:vocab_size])
         self.max_len = max_len
 
+    def _eps(self, eps: float) -> torch.Tensor:
+        """A norm's eps times dim, as a tensor (adding a Python float costs a scalar wrap per call)."""
+        return torch.tensor(eps * self.embed.shape[1], device=self.embed.device, dtype=self.embed.dtype)
+
     @staticmethod
-    def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-        """RMSNorm before its weight (folded into the next matmul's)."""
-        return x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    def _normalize(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """RMSNorm times 1/sqrt(dim), before its weight (both folded into the next matmul's); `eps` is dim * eps."""
+        return x * torch.linalg.vecdot(x, x).unsqueeze(-1).add(eps).rsqrt()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
         batch, seq = tokens.shape
-        end = start_pos + seq
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {end}")
-        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        rotation = self.rotation[start_pos:end, None]
+        if start_pos + seq > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {start_pos + seq}")
+        attend = self._attend_one if seq == 1 else self._attend
         x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
         for attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w, keys, values in self.layers:
-            qkv = (self._normalize(x, attn_eps) @ qkv_w).view(batch, seq, heads + 2 * kv_heads, head_dim)
-            qk = torch.view_as_complex(qkv[:, :, : heads + kv_heads].unflatten(-1, (self.half, 2)))
-            qk = torch.view_as_real(qk * rotation).flatten(-2)  # (batch, seq, heads + kv_heads, head_dim)
-            keys[:, :, start_pos:end] = qk[:, :, heads:].transpose(1, 2)
-            values[:, :, start_pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            k, v = keys[:, :, :end], values[:, :, :end]
-            if seq == 1:
-                # One token sees every cached position: its query heads are the rows of their KV head.
-                q = qk[:, 0, :heads].reshape(batch, kv_heads, heads // kv_heads, head_dim)
-                out = F.scaled_dot_product_attention(q, k, v).reshape(batch, heads * head_dim)
-            else:
-                out = (
-                    causal_attention(qk[:, :, :heads].transpose(1, 2), k, v)
-                    .transpose(1, 2)
-                    .reshape(batch * seq, heads * head_dim)
-                )
-            x = torch.addmm(x, out, o_w)
+            qkv = self._normalize(x, attn_eps) @ qkv_w
+            x = torch.addmm(x, attend(qkv, keys, values, batch, start_pos), o_w)
             gate_up = self._normalize(x, ffn_eps) @ gate_up_w
             x = torch.addmm(x, F.silu(gate_up[:, : self.ffn_dim]).mul_(gate_up[:, self.ffn_dim :]), down_w)
-        last = x.view(batch, seq, -1)[:, -1]
-        return self._normalize(last, self.norm_eps) @ self.head
+        if seq > 1:
+            x = x.view(batch, seq, -1)[:, -1]
+        return self._normalize(x, self.norm_eps) @ self.head
+
+    def _attend(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: int, start_pos: int):
+        """Attention output (batch * seq, heads * head_dim) of several new positions per row; caches them."""
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = qkv.view(batch, -1, heads + 2 * kv_heads, head_dim)
+        end = start_pos + qkv.shape[1]
+        qk = torch.view_as_complex(qkv[:, :, : heads + kv_heads].unflatten(-1, (self.half, 2)))
+        qk = torch.view_as_real(qk * self.rotation[start_pos:end, None]).flatten(-2)
+        keys[:, :, start_pos:end] = qk[:, :, heads:].transpose(1, 2)
+        values[:, :, start_pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        out = causal_attention(qk[:, :, :heads].transpose(1, 2), keys[:, :, :end], values[:, :, :end])
+        return out.transpose(1, 2).reshape(-1, heads * head_dim)
+
+    def _attend_one(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: int, pos: int):
+        """`_attend` for one new position per row, in fewer ops: the token sees every cached position, so
+        no mask, and its query heads attend as the rows of their KV head (GQA as a plain SDPA call)."""
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        rotated = (heads + kv_heads) * head_dim
+        qk = torch.view_as_complex(qkv[:, :rotated].view(batch, heads + kv_heads, self.half, 2))
+        qk = torch.view_as_real(qk * self.rotation[pos])  # (batch, heads + kv_heads, half, 2)
+        keys[:, :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
+        values[:, :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
+        q = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(q, keys[:, :, : pos + 1], values[:, :, : pos + 1])
+        return out.view(batch, heads * head_dim)
 
 
 def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in) transposed, with the RMSNorm weight before it folded in: (x * g) @ W.T == x @ (g * W).T."""
-    return (weight * norm_weight).t().contiguous()
+    """`weight` (out, in) transposed, with the RMSNorm weight g before it folded in, times sqrt(in) (see
+    `DenseForward._normalize`): (x * g) @ W.T == x @ (g * W).T."""
+    return (weight * (norm_weight * weight.shape[1] ** 0.5)).t().contiguous()
 
 
 def forward_step(model: nn.Module, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:

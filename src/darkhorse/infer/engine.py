@@ -13,7 +13,9 @@ computation with fewer, larger ops: fused projections, RMSNorm weights folded in
 cache written in place), `Transformer.forward` with its caches for every other model. Greedy decoding
 takes each row's maximum without the sampler, and `generate` reads the steps' tensors once at the end.
 
-Streaming one prompt is the batch-of-one case (`Engine.stream`).
+Streaming one prompt is the batch-of-one case (`Engine.stream`). `speculative="mtp"` decodes greedily with
+the model's MTP module drafting a token per step and the model verifying it (infer/speculative.py): the
+same tokens, fewer forwards when the drafts are right.
 
 Continuous batching (`ContinuousBatch`, what `darkhorse serve` runs) is the same engine with one cache
 position per row: requests join and leave between steps, a joining prompt is prefilled in its own cache
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.dense_forward import forward_step
+from darkhorse.infer.speculative import SpeculationStats, check_mtp, mtp_steps
 from darkhorse.model import Transformer
 
 
@@ -70,11 +73,13 @@ def sample_next(
 
 class Engine:
     """Decodes prompts (lists of token ids) with `model`; `vocab_size` masks the output head's
-    padding rows that no tokenizer id maps to (default: the whole head)."""
+    padding rows that no tokenizer id maps to (default: the whole head). `speculation` counts the drafts of
+    its speculative decodes."""
 
     def __init__(self, model: Transformer, vocab_size: int | None = None) -> None:
         self.model = model
         self.vocab_size = vocab_size or model.config.padded_vocab_size
+        self.speculation = SpeculationStats()
 
     def decode(self, prompts: Sequence[Sequence[int]], **options) -> Iterator[list[int | None]]:
         """Per step, each row's new token, or None for a row still reading its prompt or finished
@@ -94,13 +99,15 @@ class Engine:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop_ids: Iterable[int] = (),
+        speculative: str | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per step, as tensors: each row's sampled id, and whether the row wrote it (False while it
         still reads its prompt or after it finished).
 
         A row finishes after writing a stop id (yielded), `max_new_tokens` tokens, or at the end of
         the model's context; decoding ends when every row has finished. A seed makes the whole
-        batch's sampling reproducible (a row's draws depend on the rows beside it).
+        batch's sampling reproducible (a row's draws depend on the rows beside it). `speculative`: None,
+        or "mtp" (greedy only).
         """
         model = self.model
         lengths = [len(prompt) for prompt in prompts]
@@ -111,6 +118,10 @@ class Engine:
             raise DarkhorseError(
                 f"the prompt has {max(lengths)} tokens but the model's context is {context}; shorten it"
             )
+        if speculative not in (None, "mtp"):
+            raise DarkhorseError(f"unknown speculative decoding {speculative!r}; the one there is: mtp")
+        if speculative:
+            check_mtp(model, temperature, repetition_penalty)
         device = model.embed.weight.device
         ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
         end = max(ends)
@@ -132,6 +143,9 @@ class Engine:
         was_training = model.training
         model.eval()
         try:
+            if speculative:
+                yield from mtp_steps(model, tokens, lengths, ends, self.vocab_size, stop, self.speculation)
+                return
             step = forward_step(model, len(prompts), end, self.vocab_size)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0

@@ -149,15 +149,18 @@ def stream_completion(
     options: dict,
     out: TextIO | None = None,
     chat: bool = False,
+    engine: Engine | None = None,
 ) -> str:
-    """Print the completion of `prompt` (its text and ids: `prepare_prompt`) as it is generated and return its text.
+    """Print the completion of `prompt` (its text and ids: `prepare_prompt`) as it is generated and return its
+    text (decoded by `engine`, by default a new one).
 
     Plain text stops at the tokenizer's eos. A chat reply also stops at the end of the assistant turn and is
     printed as `print_reply` prints it (reasoning, then the answer, no special tokens); its answer is returned."""
     out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
     prompt_text, prompt_ids = prompt
-    ids = Engine(model, tokenizer.vocab_size).stream(prompt_ids, stop_ids=stop_ids, **options)
+    engine = engine or Engine(model, tokenizer.vocab_size)
+    ids = engine.stream(prompt_ids, stop_ids=stop_ids, **options)
     ids = takewhile(lambda i: i not in stop_ids, ids)
     if chat:
         pieces = stream_reply(tokenizer, ids, opened_think=prompt_opens_think(prompt_text))

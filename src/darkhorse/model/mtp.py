@@ -10,7 +10,8 @@ token i+k and predicts token i+k+1:
 Tensors (`mtp.{k-1}.` prefix): `enorm.weight`, `hnorm.weight`, `eh_proj.weight [D, 2D]`,
 `block.*` (a full decoder layer), `norm.weight` (HF/DeepSeek `shared_head.norm`). DeepSeek's
 checkpoint layout puts them at `model.layers.{n_layers + k - 1}.` with copies of `embed_tokens` and
-`shared_head.head`. Inference never runs these modules; they only add a training signal.
+`shared_head.head`. Training uses them for a loss; inference can draft a token with module 1 for
+speculative decoding (infer/speculative.py), with the block's own KV cache (`cache`, `start_pos`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ class MTPModule(nn.Module):
         next_embeddings: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         domains: torch.Tensor | None = None,
+        cache=None,
+        start_pos: int = 0,
     ) -> torch.Tensor:
         """Normalised hidden state for this depth; `previous` and `next_embeddings` are aligned (b, s, D)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
         if self.streams:
-            x = merge_streams(self.block(expand_streams(x, self.streams), rope, None, 0, domains))
+            x = merge_streams(self.block(expand_streams(x, self.streams), rope, cache, start_pos, domains))
         else:
-            x = self.block(x, rope, None, 0, domains)
+            x = self.block(x, rope, cache, start_pos, domains)
         return self.norm(x)

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from darkhorse.errors import DarkhorseError
@@ -349,10 +350,18 @@ def create_app(
     app.include_router(api)
     app.openapi = lambda: _declared_schema(app)
     if STATIC_DIR.is_dir():
-        from fastapi.staticfiles import StaticFiles
-
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        app.mount("/", _PageFiles(directory=STATIC_DIR, html=True), name="static")
     return app
+
+
+class _PageFiles(StaticFiles):
+    """The web page's files at `/`. The mount sees every path no route took: a POST to an unknown path is the
+    API's 404 in OpenAI's shape, not the file server's 405."""
+
+    async def get_response(self, path: str, scope: Any) -> Any:
+        if scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(status_code=404, detail=f"no such endpoint: {scope['method']} {scope['path']}")
+        return await super().get_response(path, scope)
 
 
 def _declared_schema(app: FastAPI) -> dict[str, Any]:

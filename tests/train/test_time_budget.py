@@ -15,6 +15,7 @@ from darkhorse import checkpoint as ckpt
 from darkhorse.cli import main
 from darkhorse.config import TrainConfig, load_run_config
 from darkhorse.errors import ConfigError
+from darkhorse.train.dashboard import plain_line
 from darkhorse.train.run_dir import plan_run
 from darkhorse.train.schedule import lr_multiplier
 from darkhorse.train.trainer import Trainer
@@ -73,6 +74,7 @@ def test_a_budget_run_stops_when_the_time_is_spent_with_the_decay_at_its_end(tmp
     assert all(a > b for a, b in zip(lrs[8:], lrs[9:], strict=False))  # decays over the last 20% ...
     assert lrs[-1] == pytest.approx(1e-4)  # ... to the floor on the last step
     assert records[12]["spent_s"] == 6.0
+    assert plain_line(records[12], 0, 0.0, budget_s=6.0).startswith("step 12 (0.1/0.1 min) | loss")
     assert ckpt.load_trainer_state(result.checkpoint)["spent_seconds"] == 6.0
 
 
@@ -102,6 +104,16 @@ def test_bad_budgets_are_refused(tmp_path, prepared_dir, capsys):
             main(["train", "--preset", "tiny-cpu", "--data", str(prepared_dir), "--out", "x", "--minutes", value])
         assert refused.value.code == 2 and "argument --minutes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_minutes_on_the_real_clock_stops_on_time_with_the_lr_decayed(tmp_path, prepared_dir):
+    out = tmp_path / "run"
+    args = ["--preset", "tiny-cpu", "--data", str(prepared_dir), "--out", str(out), "--minutes", "0.02", "--quiet"]
+    assert main(["train", *args, *SMALL, "train.warmup_steps=0"]) == 0
+    records = steps_logged(out)
+    last = records[max(records)]
+    assert last["spent_s"] >= 1.2 and (out / "final" / "model.safetensors").is_file()
+    assert last["lr"] < 0.5e-3  # the decay ran: wsd ends near min_lr_ratio x lr on the budget's last step
 
 
 def test_minutes_flag_sets_the_budget_and_lifts_the_step_cap_unless_one_is_given():

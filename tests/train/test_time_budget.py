@@ -74,7 +74,7 @@ def test_a_budget_run_stops_when_the_time_is_spent_with_the_decay_at_its_end(tmp
     assert all(a > b for a, b in zip(lrs[8:], lrs[9:], strict=False))  # decays over the last 20% ...
     assert lrs[-1] == pytest.approx(1e-4)  # ... to the floor on the last step
     assert records[12]["spent_s"] == 6.0
-    assert plain_line(records[12], 0, 0.0, budget_s=6.0).startswith("step 12 (0.1/0.1 min) | loss")
+    assert plain_line(records[12], 0, 0.0, budget_s=6.0).startswith("step 12 (6s of 6s) | loss")
     assert ckpt.load_trainer_state(result.checkpoint)["spent_seconds"] == 6.0
 
 

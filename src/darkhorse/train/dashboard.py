@@ -49,11 +49,11 @@ def format_rate(tokens_per_s: float) -> str:
 
 
 def progress_text(record: dict[str, Any], max_steps: int, budget_s: float = 0.0) -> str:
-    """`step 120/1000`; under a time budget `step 120 (2.5/10 min)`, with `/cap` when max_steps caps it."""
+    """`step 120/1000`; under a time budget `step 120 (2m30s of 10m00s)`, with `/cap` when max_steps caps it."""
     if not budget_s:
         return f"step {record['step']}/{max_steps}"
     cap = f"/{max_steps}" if max_steps else ""
-    return f"step {record['step']}{cap} ({record['spent_s'] / 60:.1f}/{budget_s / 60:g} min)"
+    return f"step {record['step']}{cap} ({format_duration(record['spent_s'])} of {format_duration(budget_s)})"
 
 
 def plain_line(record: dict[str, Any], max_steps: int, eta_s: float | None, budget_s: float = 0.0) -> str:

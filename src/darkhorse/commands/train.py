@@ -22,12 +22,12 @@ A resumed run keeps its config; only max-steps, minutes, the intervals, keep_las
 and max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.
 
---minutes N (train.minutes) is a wall-clock budget: the lr schedule's decay (cosine from the end
-of warmup, wsd over the budget's last train.wsd_decay_fraction) follows the share of the budget
-spent rather than of the steps, so it lands on the budget's end however the machine's load moves,
+--minutes N (train.minutes) is a wall-clock budget: the lr schedule's decay (cosine over the whole
+budget, wsd over its last train.wsd_decay_fraction) follows the share of the budget spent rather
+than of the steps, so it lands on the budget's end however the machine's load moves,
 and the run stops (saving final/) once the budget is spent. Warmup stays in steps. There is no step
 cap unless --max-steps (or train.max_steps=K) gives one. The time spent is saved with every
-checkpoint, so --resume spends only what is left (the time between the runs does not count), and
+checkpoint, so --resume spends only what is left (setup and the time between runs do not count), and
 `--resume --minutes 20` makes the budget 20 minutes in all.
 
 Several processes (train.parallel=ddp, or fsdp: ZeRO-3 sharding with sharded checkpoints):

@@ -49,8 +49,8 @@ def lr_multiplier(train: TrainConfig, spent: Callable[[], float] | None = None) 
 
 
 def budget_multiplier(train: TrainConfig, spent: Callable[[], float]) -> Callable[[int], float]:
-    """The schedule driven by wall-clock time: warmup stays in steps, the decay (cosine from the
-    end of warmup, wsd over the last `wsd_decay_fraction` of the budget) follows the share of
+    """The schedule driven by wall-clock time: warmup stays in steps, the decay (cosine over the
+    whole budget, wsd over its last `wsd_decay_fraction`) follows the share of
     `train.minutes` that will be spent when step `step` ends, projected from the mean step time so
     far (`spent()` seconds over `step` steps). The decay lands on the budget's end however the
     machine's load moves, and the step that ends it runs at `min_lr_ratio`."""

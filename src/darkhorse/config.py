@@ -268,7 +268,8 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8  # micro-batch, sequences per forward pass
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int = 1000  # with a time budget (minutes), a cap; 0 = none
+    minutes: float = 0.0  # wall-clock budget: the schedule follows the time spent and the run stops at it; 0 = off
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -307,8 +308,12 @@ class TrainConfig:
             bool(DEVICE_PATTERN.fullmatch(self.device)),
             f"train.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",
         )
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_interval", "keep_last", "max_bad_steps"):
+        for name in ("seq_len", "batch_size", "grad_accum", "log_interval", "keep_last", "max_bad_steps"):
             check_range(f"train.{name}", getattr(self, name), gt=0)
+        check_range("train.minutes", self.minutes, ge=0)  # 0: no time budget
+        if self.minutes == 0:
+            _require(self.max_steps > 0, f"train.max_steps must be > 0 without train.minutes, got {self.max_steps}")
+        check_range("train.max_steps", self.max_steps, ge=0)  # 0: no step cap under a time budget
         for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "grad_clip", "weight_decay"):
             check_range(f"train.{name}", getattr(self, name), ge=0)  # 0: off
         check_range("train.seed", self.seed, ge=0)

@@ -151,6 +151,13 @@ def test_resume_keeps_the_runs_lora_and_router_settings(mixtral_run, capsys, tmp
         assert message in run_cli(capsys, "--out", run, "--resume", *flags)
     assert main(["finetune", "--out", str(run), "--resume", *same, "--quiet", "train.max_steps=5"]) == 0
     assert ckpt.read_meta(run / "final")["step"] == 5
+    spent = ckpt.load_trainer_state(run / "final")["spent_seconds"]
+    # a time budget on resume (shared with train): the clock goes on from the time spent; --max-steps caps it
+    budget = ["--minutes", "60", "--max-steps", "6"]
+    assert main(["finetune", "--out", str(run), "--resume", *same, "--quiet", *budget]) == 0
+    meta = ckpt.read_meta(run / "final")
+    assert meta["config"]["train"]["minutes"] == 60 and meta["step"] == 6
+    assert ckpt.load_trainer_state(run / "final")["spent_seconds"] > spent
 
 
 def test_lora_checkpoints_are_small_and_resume_exactly(mixtral_run, mixtral_base, chat_files, tmp_path):

@@ -34,10 +34,17 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> RunC
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
-    """--data, --out, --max-steps, --resume, --force, --logger and --quiet, as train and finetune take them."""
+    """--data, --out, --max-steps, --minutes, --resume, --force, --logger and --quiet (train and finetune take them)."""
     parser.add_argument("--data", action="append", default=[], metavar="PATH[:WEIGHT]", help=data_help)
     parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
     parser.add_argument("--max-steps", type=number_arg(int, gt=0), help="optimizer steps in total (train.max_steps)")
+    parser.add_argument(
+        "--minutes",
+        type=number_arg(float, gt=0),
+        metavar="N",
+        help="wall-clock budget in total (train.minutes): the lr decay follows the time spent and the run stops "
+        "when it is spent; --max-steps, if given, still caps the steps",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -55,11 +62,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
 
 def take_run_overrides(args: argparse.Namespace, shortcuts: tuple[str, ...] = ("max_steps",)) -> None:
     """Put `--resume train.max_steps=500` back (argparse gave the override to --resume's optional CKPT_DIR)
-    and turn the given train.<flag> shortcuts (--max-steps ...) into overrides."""
+    and turn the given train.<flag> shortcuts (--max-steps ...) into overrides. --minutes N is
+    train.minutes=N with no step cap unless --max-steps or a train.max_steps=K override sets one."""
     if isinstance(args.resume, Path) and "=" in str(args.resume) and not args.resume.exists():
         args.overrides.insert(0, str(args.resume))
         args.resume = True
-    for flag in shortcuts:
+    if args.minutes is not None:  # the flags win over KEY=VALUE overrides, which win over this step cap
+        args.overrides.insert(0, "train.max_steps=0")
+    for flag in ("minutes", *shortcuts):
         value = getattr(args, flag)
         if value is not None:
             args.overrides.append(f"train.{flag}={value}")

@@ -20,9 +20,10 @@ model's do (0.39M active parameters against 0.46M) and it learns the skills in f
 module makes a CPU step ~1.7x longer (`model.mtp_depth=0` drops it). docs/benchmarks.md, "Demo
 accuracy", has both models side by side.
 
---minutes turns the time budget into a step count from a measured step time (on CPU with 1 thread
-or all cores, whichever is faster here), so the learning-rate schedule runs to its end; --max-steps makes
-a run repeatable.
+--minutes is the trainer's wall-clock budget (train.minutes): the learning-rate decay follows the time
+spent and training stops when it is spent, so the schedule runs to its end however the machine's load
+moves. A few steps are timed first (on CPU with 1 thread and with all cores, and the faster is kept);
+that speed only sizes the warmup and the evaluation interval. --max-steps makes a run repeatable.
 
 OUT (default runs/demo) gets data/ (train.jsonl, heldout.jsonl), prepared/, run/ (checkpoints,
 metrics.jsonl, loss.png), eval.json and demo.json. An earlier demo in OUT is replaced; any other
@@ -149,7 +150,7 @@ def probe_step_seconds(config, data: Path, console) -> float:
 
 
 def _build_config(args: argparse.Namespace, prepared, console) -> Any:
-    """Preset, then the demo's settings, then the step budget, then the user's KEY=VALUE overrides."""
+    """Preset, then the demo's settings, then the time or step budget, then the user's KEY=VALUE overrides."""
     from darkhorse.config import load_run_config
 
     demo = [*DEMO_OVERRIDES, f"model.vocab_size={prepared.vocab_size}", f"train.seed={args.seed}"]
@@ -159,16 +160,18 @@ def _build_config(args: argparse.Namespace, prepared, console) -> Any:
         torch.set_num_threads(1)  # a smoke run, often beside other jobs (CI workers): keep it predictable
         demo += QUICK_OVERRIDES
         steps = QUICK["max_steps"]
+        budget = [f"train.max_steps={steps}"]
     else:
         probe_config = load_run_config(preset=args.preset, overrides=demo + args.overrides)
         step_seconds = probe_step_seconds(probe_config, prepared.path, console)
         if args.max_steps is not None:
             steps = args.max_steps
-        else:
+            budget = [f"train.max_steps={steps}"]
+        else:  # the clock ends the run; the expected step count only sizes warmup and evaluations
             steps = max(20, int(args.minutes * 60 / step_seconds))
-            console.print(f"{steps} steps fill {args.minutes:g} minutes")
-    budget = [
-        f"train.max_steps={steps}",
+            budget = [f"train.minutes={args.minutes}", "train.max_steps=0"]
+            console.print(f"training for {args.minutes:g} minutes, about {steps} steps at this speed")
+    budget += [
         f"train.warmup_steps={max(1, steps // 20)}",
         f"train.eval_interval={max(1, steps // 4)}",
     ]

@@ -11,7 +11,7 @@ train.dtype=bf16); only the adapters train and enter the optimizer. Raw --data f
 base's own chat format (an imported model's chat template) and the loss counts the assistant's tokens
 only; several --data are mixed by weight; --skip-bad skips malformed records. Train settings are
 train.* KEY=VALUE overrides (train.lr=1e-4 train.batch_size=2 train.grad_accum=8 train.max_steps=1000
-train.keep_last=3 ...).
+train.keep_last=3 ...); --minutes N is a wall-clock budget, as in `darkhorse train --help`.
 
 LoRA targets (--lora-targets, comma-separated): attention, shared_experts, routed_experts, router,
 dense_mlp. Default: attention,router,routed_experts for MoE bases, attention,dense_mlp for dense ones.

@@ -48,9 +48,17 @@ def format_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s:.0f}"
 
 
-def plain_line(record: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
+def progress_text(record: dict[str, Any], max_steps: int, budget_s: float = 0.0) -> str:
+    """`step 120/1000`; under a time budget `step 120 (2m30s of 10m00s)`, with `/cap` when max_steps caps it."""
+    if not budget_s:
+        return f"step {record['step']}/{max_steps}"
+    cap = f"/{max_steps}" if max_steps else ""
+    return f"step {record['step']}{cap} ({format_duration(record['spent_s'])} of {format_duration(budget_s)})"
+
+
+def plain_line(record: dict[str, Any], max_steps: int, eta_s: float | None, budget_s: float = 0.0) -> str:
     """`step 120/1000 | loss 3.412 | lr 3.0e-04 | 12.3k tok/s | MFU 4.1% | mem 1.2 GiB | ETA 3m12s`."""
-    parts = [f"step {record['step']}/{max_steps}", f"loss {record['loss']:.3f}", f"lr {record['lr']:.1e}"]
+    parts = [progress_text(record, max_steps, budget_s), f"loss {record['loss']:.3f}", f"lr {record['lr']:.1e}"]
     parts.append(f"{format_rate(record['tokens_per_s'])} tok/s")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
@@ -109,6 +117,7 @@ class Dashboard:
         *,
         max_steps: int,
         start_step: int,
+        budget_s: float = 0.0,
         train_tokens: int,
         verbose: bool = True,
         live: bool | None = None,
@@ -118,12 +127,14 @@ class Dashboard:
         log_file: Path | None = None,
     ) -> None:
         """`history`: the records a resumed run already logged, so the loss sparkline goes on where it was.
+        `budget_s`: a time budget (train.minutes): progress and ETA follow the records' `spent_s`.
         `record=False` writes no metrics (ranks other than 0); `log_file` also gets every printed line."""
         self.metrics_file = Path(run_dir) / METRICS_FILE
         self.record, self.log_file = record, log_file
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
         self.max_steps, self.start_step, self.train_tokens = max_steps, start_step, train_tokens
+        self.budget_s = budget_s
         self.verbose, self.logger = verbose, logger
         self.live_view = None
         self.losses: list[float] = [record["loss"] for record in history if "loss" in record]
@@ -148,7 +159,10 @@ class Dashboard:
         if self.logger is not None:
             self.logger.close()
 
-    def eta(self, step: int) -> float | None:
+    def eta(self, record: dict[str, Any]) -> float | None:
+        if self.budget_s:
+            return max(self.budget_s - record["spent_s"], 0.0)
+        step = record["step"]
         done = step - self.start_step
         if done <= 0:
             return None
@@ -175,7 +189,7 @@ class Dashboard:
         self._append(record)
         self.losses.append(record["loss"])
         self.latest = record
-        line = plain_line(record, self.max_steps, self.eta(record["step"]))
+        line = plain_line(record, self.max_steps, self.eta(record), self.budget_s)
         self._log(line)
         if not self.verbose:
             return
@@ -209,14 +223,15 @@ class Dashboard:
         from rich.table import Table
 
         record = self.latest
-        step = record["step"]
-        eta = self.eta(step)
+        eta = self.eta(record)
         header = Table.grid(expand=True)
         header.add_column(ratio=1)
         header.add_column(justify="right")
+        total, completed = (self.budget_s, record["spent_s"]) if self.budget_s else (self.max_steps, record["step"])
         header.add_row(
-            ProgressBar(total=self.max_steps, completed=step),
-            f" step {step}/{self.max_steps}  ETA {format_duration(eta) if eta is not None else '-'}",
+            ProgressBar(total=total, completed=completed),
+            f" {progress_text(record, self.max_steps, self.budget_s)}  "
+            f"ETA {format_duration(eta) if eta is not None else '-'}",
         )
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")

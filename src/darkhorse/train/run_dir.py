@@ -41,6 +41,7 @@ LOCK_FILE = ".lock"
 # train.* keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_KEYS = (
     "max_steps",
+    "minutes",
     "eval_interval",
     "eval_steps",
     "save_interval",

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,8 +161,9 @@ class TrainingHooks:
 
 class Trainer:
     """One run, set up from a `RunPlan` (a fresh start or a checkpoint); `run()` trains until
-    max_steps or a signal. `train()` plans and runs in one call; `hooks` change what is trained
-    and saved (see `TrainingHooks`)."""
+    max_steps, the time budget (train.minutes) or a signal. `train()` plans and runs in one call;
+    `hooks` change what is trained and saved (see `TrainingHooks`); `clock` (seconds) times the
+    budget, so a test can drive it."""
 
     def __init__(
         self,
@@ -172,8 +173,11 @@ class Trainer:
         verbose: bool = True,
         live: bool | None = None,
         hooks: TrainingHooks | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hooks = hooks or TrainingHooks()
+        self.clock = clock
+        self.spent = 0.0  # seconds of training so far, over every resume (what a time budget counts)
         self.run_dir, self.sources = plan.run_dir, plan.sources
         self.init_from, self.resumed_from = plan.init_from, plan.resume_from
         self.origin, self.origin_step = plan.origin, plan.origin_step
@@ -221,8 +225,8 @@ class Trainer:
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
         self.optimizers = build_optimizers(self.model, self.train_cfg, self.device)
-        self.schedulers = build_schedulers(self.optimizers, self.train_cfg)
-        self.lr_multiplier = lr_multiplier(self.train_cfg)
+        self.schedulers = build_schedulers(self.optimizers, self.train_cfg, self._spent)
+        self.lr_multiplier = lr_multiplier(self.train_cfg, self._spent)
         fp16 = self.train_cfg.dtype == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.autocast_dtype = AUTOCAST_DTYPES.get(self.train_cfg.dtype)
@@ -254,6 +258,7 @@ class Trainer:
             self.run_dir,
             max_steps=self.train_cfg.max_steps,
             start_step=self.step,
+            budget_s=self.train_cfg.minutes * 60,
             train_tokens=self.loader.train_tokens,
             verbose=verbose and main,
             live=live,
@@ -265,6 +270,23 @@ class Trainer:
         self._tokenizer = None
 
     # -- state ----------------------------------------------------------------------------------
+
+    def _spent(self) -> float:
+        return self.spent
+
+    def _seconds_since(self, start: float) -> float:
+        """One reading of the clock per step; under a time budget with several ranks, their mean, so
+        that all of them stop after the same step."""
+        seconds = self.clock() - start
+        if self.world.size > 1 and self.train_cfg.minutes:
+            seconds = average(self.world, torch.tensor(seconds, dtype=torch.float64, device=self.device)).item()
+        return seconds
+
+    def finished(self) -> bool:
+        """Whether the run is over: max_steps reached (0: no cap) or its time budget spent."""
+        cfg = self.train_cfg
+        out_of_steps = cfg.max_steps > 0 and self.step >= cfg.max_steps
+        return out_of_steps or (cfg.minutes > 0 and self.spent >= cfg.minutes * 60)
 
     def _fit_to_world(self, plan: RunPlan) -> RunConfig:
         """The run's config, with the micro-batch per rank that keeps a resumed run's global batch
@@ -304,6 +326,7 @@ class Trainer:
             "rng": ckpt.capture_rng_state(),
             "step": self.step,  # the data position too: batches are a function of (seed, step)
             "tokens_seen": self.tokens_seen,
+            "spent_seconds": self.spent,  # a time budget goes on from here on resume
             "bad_in_a_row": self.bad_in_a_row,
             "bad_total": self.bad_total,
             **self.hooks.state(),
@@ -332,6 +355,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.spent = float(state.get("spent_seconds", 0.0))  # checkpoints from before time budgets lack it
         self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
         self.hooks.load_state(state)
 
@@ -474,10 +498,13 @@ class Trainer:
                 f"{cfg.grad_accum} x {self.world.size} = {cfg.batch_size * cfg.grad_accum * self.world.size} windows; "
                 f"each rank logs to {self.run_dir / 'logs'}"
             )
+        length = f"{cfg.max_steps} steps"
+        if cfg.minutes:
+            length = f"{cfg.minutes:g} minutes" + (f" (at most {cfg.max_steps} steps)" if cfg.max_steps else "")
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
             f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
-            f"{cfg.max_steps} steps -> {self.run_dir}"
+            f"{length} -> {self.run_dir}"
         )
         cache = default_cache_dir().resolve()
         for data, _ in self.sources:
@@ -498,14 +525,14 @@ class Trainer:
         return fit_warning(estimate, available_memory(self.device))
 
     def _log_record(
-        self, loss: float, terms: dict[str, float], grad_norm, lr_step: int, elapsed: float, tokens: int
+        self, loss: float, terms: dict[str, float], grad_norm, lr_scale: float, elapsed: float, tokens: int
     ) -> dict[str, Any]:
         tokens_per_s = tokens / max(elapsed, 1e-9)
         peak = peak_flops(self.device, self.train_cfg.dtype)
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
-            "lr": self.train_cfg.lr * self.lr_multiplier(lr_step),
+            "lr": self.train_cfg.lr * lr_scale,
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / peak,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -514,8 +541,10 @@ class Trainer:
             "memory_gib": memory_in_use(self.device),
             "bad_steps": self.bad_total,
         }
+        if self.train_cfg.minutes:
+            record["spent_s"] = self.spent
         if self.train_cfg.optimizer == "muon":
-            record["muon_lr"] = self.train_cfg.muon_lr * self.lr_multiplier(lr_step)
+            record["muon_lr"] = self.train_cfg.muon_lr * lr_scale
         record.update({f"{name}_loss": value for name, value in terms.items()})
         record.update(self.model.training_metrics())
         return record
@@ -538,13 +567,15 @@ class Trainer:
             self.hooks.on_start(self)
             window_start, window_tokens = time.perf_counter(), 0
             run_start, stopping = window_start, False
+            clock_start, spent_before = self.clock(), self.spent
             with out_of_memory_as_advice(self.config, self.device):
                 # a signal may reach one rank only (or each at another step): all stop after the same step
-                while self.step < cfg.max_steps:
+                while not self.finished():
                     if stopping := any_rank(self.world, stop.signal_name is not None):
                         break
-                    lr_step = self.step
+                    lr_scale = self.lr_multiplier(self.step)  # what the schedulers set for this step
                     loss, terms, grad_norm = self.train_step()
+                    self.spent = spent_before + self._seconds_since(clock_start)
                     with warnings.catch_warnings():
                         # a skipped step (NaN loss, or fp16 overflow) still advances the schedule
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -561,10 +592,10 @@ class Trainer:
                         self.bad_in_a_row = 0
                         reduce_expert_load(self.model, self.world)  # one ALF bias step on every rank
                         self.model.after_optimizer_step(self.step)
-                    last = self.step == cfg.max_steps
+                    last = self.finished()
                     if self.step % cfg.log_interval == 0 or last:
                         record = self._log_record(
-                            loss, terms, grad_norm, lr_step, time.perf_counter() - window_start, window_tokens
+                            loss, terms, grad_norm, lr_scale, time.perf_counter() - window_start, window_tokens
                         )
                         self.history.append(record)
                         self.dashboard.log_step(record)
@@ -576,7 +607,7 @@ class Trainer:
                     if cfg.save_interval > 0 and self.step % cfg.save_interval == 0:
                         saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
 
-            interrupted = stopping and self.step < cfg.max_steps
+            interrupted = stopping and not self.finished()
             if interrupted:
                 if self.step > 0 and (saved is None or saved.name != ckpt.step_name(self.step)):
                     saved = self.save(self.run_dir / ckpt.step_name(self.step), loss) or saved
@@ -620,6 +651,8 @@ class Trainer:
 
     def _warn_if_slow(self, elapsed: float) -> None:
         """Say so when the first steps' speed puts the end of the run more than a day away."""
+        if self.train_cfg.minutes:  # the budget says when it ends
+            return
         remaining = self.train_cfg.max_steps - self.step
         eta = elapsed / SPEED_PROBE_STEPS * remaining
         if eta > SLOW_RUN_SECONDS:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkhorse.config import MAX_DOMAINS
+from darkhorse.config import MAX_DOMAINS, MoEConfig
 from darkhorse.model.moe import MoE, Routing
 
 
@@ -31,6 +31,18 @@ def mutual_information(counts: torch.Tensor) -> float:
     outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
     cells = joint > 0
     return float((joint[cells] * (joint[cells] / outer[cells]).log2()).sum())
+
+
+def isolated_partition(moe: MoEConfig, domain_names: list[str]) -> str:
+    """One line saying which routed experts each domain's group holds (domain_routing=isolated)."""
+    size = moe.n_routed_experts // moe.n_groups
+    names = [domain_names[d] if d < len(domain_names) else f"domain {d}" for d in range(moe.n_groups)]
+    groups = ", ".join(f"{name} {d * size}-{(d + 1) * size - 1}" for d, name in enumerate(names))
+    shared = f" + {moe.n_shared_experts} shared for every token" if moe.n_shared_experts else ""
+    return (
+        f"isolated routing: {moe.n_routed_experts} routed experts in {moe.n_groups} groups of {size} "
+        f"(experts {groups}){shared}; untagged tokens route freely"
+    )
 
 
 class RoutingCounter:

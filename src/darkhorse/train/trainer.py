@@ -64,7 +64,7 @@ from darkhorse.train.parallel import (
 from darkhorse.train.peak_flops import peak_flops
 from darkhorse.train.plan import Layout, plan_layout
 from darkhorse.train.reports import write_run_reports
-from darkhorse.train.routing import RoutingCounter
+from darkhorse.train.routing import RoutingCounter, isolated_partition
 from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
@@ -198,6 +198,8 @@ class Trainer:
             warning = self._check_plan()
             if warning and verbose and self.world.is_main:
                 print(f"warning: {warning}", flush=True)
+        if self.config.model.moe.domain_routing == "isolated" and verbose and self.world.is_main:
+            print(isolated_partition(self.config.model.moe, first.domain_names), flush=True)
         torch.manual_seed(self.train_cfg.seed)
         with out_of_memory_as_advice(self.config, self.device), torch.device(self.device):
             self.model = Transformer(self.config.model)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from darkhorse import checkpoint as ckpt
+from darkhorse.commands.eval import _held_out_routing
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
+from darkhorse.eval.report import ModelEval
 from darkhorse.train.device import out_of_memory_advice
 from darkhorse.train.run_dir import plan_run
 from darkhorse.train.trainer import Trainer, train
@@ -249,6 +252,13 @@ def test_isolated_routing_says_its_partition_and_reports_held_out_isolation(tmp_
     assert 0 <= layer["share_of_domain_entropy"] <= 1 and 0 <= layer["token_group_accuracy"] <= 1
     assert layer["domain_entropy_bits"] == pytest.approx(math.log2(3), abs=1e-3)
     assert layer["documents"] > 1
+    # `darkhorse eval --text` on the tagged dir reads the same figures, in its summary rows and JSON
+    model, _, _ = ckpt.load_model(tmp_path / "run" / "final")
+    result = ModelEval(label="run", routing=_held_out_routing(model, SimpleNamespace(bos_id=None), data, "val"))
+    rows = result.metrics()
+    assert "bits (" in rows["routing layer 0: I(domain; expert)"] and "routing layer 1: I(domain; expert)" in rows
+    assert "% / " in rows["routing layer 0: group accuracy tokens / documents"]
+    assert result.to_dict()["routing"]["tags"] == "withheld"
 
 
 def test_isolated_routing_refuses_untagged_data_and_too_few_experts(tmp_path, make_prepared, prepared_dir):

@@ -303,3 +303,11 @@ def test_isolated_refusals():
         moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=8)
     with pytest.raises(ConfigError, match="needs model.moe.n_domains"):
         MoE(moe_config(domain_routing="isolated"), layer_idx=0)
+
+
+def test_domain_prior_is_the_older_spelling_of_domain_routing_prior():
+    assert moe_config(domain_prior=True, n_domains=2).moe.domain_routing == "prior"
+    assert moe_config(domain_routing="prior", n_domains=2).moe.domain_prior
+    assert moe_config().moe.domain_routing == "none" and not moe_config().moe.domain_prior  # the default
+    with pytest.raises(ConfigError, match="exclude each other"):
+        moe_config(domain_prior=True, domain_routing="isolated", n_domains=2)

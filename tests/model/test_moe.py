@@ -311,3 +311,16 @@ def test_domain_prior_is_the_older_spelling_of_domain_routing_prior():
     assert moe_config().moe.domain_routing == "none" and not moe_config().moe.domain_prior  # the default
     with pytest.raises(ConfigError, match="exclude each other"):
         moe_config(domain_prior=True, domain_routing="isolated", n_domains=2)
+
+
+def test_isolated_collapse_is_judged_within_each_group(caplog):
+    layer = isolated_layer(collapse_steps=2)  # groups of 2, k = 2: every token takes its whole group
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([90.0, 90.0, 5.0, 5.0, 5.0, 5.0]))  # one domain dominates
+        layer.after_optimizer_step(step)
+    assert not layer.collapse_warned
+    layer = MoE(moe_config(domain_routing="isolated", n_domains=2, n_routed_experts=8, collapse_steps=2), 0).train()
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([40.0, 0, 0, 0, 10, 10, 10, 10]))  # expert 0 takes its group
+        layer.after_optimizer_step(step)
+    assert layer.collapse_warned

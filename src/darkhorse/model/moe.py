@@ -313,9 +313,21 @@ class MoE(nn.Module):
                 bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
         self.last_load = (load / load.mean()).tolist()
         self.last_dropped = float(self.dropped_since_step) / total
-        self._check_collapse(float(load.max()) * self.moe.experts_per_token / total)
+        self._check_collapse(self._top_share(load))
         load.zero_()
         self.dropped_since_step.zero_()
+
+    def _top_share(self, load: torch.Tensor) -> float:
+        """The busiest expert's share of the tokens it could take: the layer's, or with isolated routing its
+        group's (a domain's share of the data is no collapse); 0 where a group holds no more experts than a
+        token uses, so there is no choice to collapse."""
+        top_k = self.moe.experts_per_token
+        if self.moe.domain_routing != "isolated":
+            return float(load.max()) * top_k / float(load.sum())
+        grouped = load.view(self.moe.n_groups, -1)
+        if grouped.shape[1] <= top_k:
+            return 0.0
+        return float((grouped.max(-1).values * top_k / grouped.sum(-1).clamp(min=1)).max())
 
     def _check_collapse(self, top_share: float) -> None:
         self.collapse_streak = self.collapse_streak + 1 if top_share >= self.moe.collapse_share else 0

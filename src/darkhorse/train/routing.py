@@ -178,12 +178,9 @@ def held_out_isolation(
     usable = min(len(tokens), max_tokens) // seq_len * seq_len
     tokens, domains = tokens[:usable], domains[:usable].long()
     counter = route_windows(model, tokens, domains, seq_len, record_groups=True)
-    tagged = domains < len(domain_names)
-    starts = tokens == bos_id if bos_id is not None else torch.ones_like(tagged)
+    starts = tokens == bos_id if bos_id is not None else torch.ones_like(domains, dtype=torch.bool)
     if bos_id is None:
         starts[1:] = domains[1:] != domains[:-1]
-    starts[0] = True
-    document = starts.long().cumsum(0) - 1
     layers = []
     for layer in counter.layers:
         counts = counter.domain_counts[layer.layer_idx][: len(domain_names)].cpu()
@@ -195,16 +192,30 @@ def held_out_isolation(
         row["share_of_domain_entropy"] = mi / h_domain if h_domain > 0 else 0.0
         if layer.moe.domain_routing == "isolated":
             groups = torch.cat(counter.token_groups[layer.layer_idx]).view(-1)
-            right = groups[tagged] == domains[tagged]
-            votes = torch.zeros(int(document[-1]) + 1, layer.moe.n_groups, dtype=torch.long)
-            votes.index_put_((document[tagged], groups[tagged]), torch.ones_like(groups[tagged]), accumulate=True)
-            seen = votes.sum(1) > 0
-            doc_domain = torch.zeros(len(votes), dtype=torch.long).scatter_(0, document[tagged], domains[tagged])
-            row["token_group_accuracy"] = float(right.float().mean())
-            row["document_group_accuracy"] = float((votes.argmax(1) == doc_domain)[seen].float().mean())
-            row["documents"] = int(seen.sum())
+            row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
         layers.append(row)
     return {"domains": domain_names, "tokens": usable, "tags": "withheld", "layers": layers}
+
+
+def group_accuracy(groups: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, n_groups: int) -> dict[str, Any]:
+    """Per token, whether its expert group is its domain's; per document (a new one at each True of
+    `starts`), whether the group most of its tokens pick is. Tokens tagged >= n_groups are left out."""
+    starts = starts.clone()
+    starts[0] = True
+    document = starts.long().cumsum(0) - 1
+    tagged = domains < n_groups
+    groups, domains, document = groups[tagged], domains[tagged], document[tagged]
+    votes = torch.zeros(int(document.max()) + 1 if len(document) else 0, n_groups, dtype=torch.long)
+    votes.index_put_((document, groups), torch.ones_like(groups), accumulate=True)
+    seen = votes.sum(1) > 0
+    document_domain = torch.zeros(len(votes), dtype=torch.long).scatter_(0, document, domains)
+    return {
+        "token_group_accuracy": float((groups == domains).float().mean()) if len(groups) else 0.0,
+        "document_group_accuracy": float((votes.argmax(1) == document_domain)[seen].float().mean())
+        if bool(seen.any())
+        else 0.0,
+        "documents": int(seen.sum()),
+    }
 
 
 def isolation_lines(report: dict[str, Any]) -> list[str]:

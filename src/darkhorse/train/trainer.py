@@ -360,6 +360,8 @@ class Trainer:
             "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
             "world_size": self.world.size,
         }
+        if self.config.model.moe.domain_routing == "isolated":  # names the groups for `export --domains`
+            meta["domains"] = self.sources[0][0].domain_names
         if self.origin:
             meta["init_from"] = self.origin
         state, saved = self._trainer_state(), Path(folder)

@@ -148,7 +148,11 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss, off by default
     z_loss_weight: float = 0.0  # router z-loss, off by default
     n_domains: int = 0  # domains in the training data (the trainer sets it from meta.json); 0 = untagged
-    domain_prior: bool = False
+    # none | prior (an annealed selection bonus towards each domain's experts) | isolated (one expert
+    # group per domain: tagged tokens route inside their group, the router learns to predict it)
+    domain_routing: str = "none"
+    domain_prior: bool = False  # the older spelling of domain_routing=prior
+    group_loss_weight: float = 0.1  # isolated: weight of the router's group-prediction loss
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200
     collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
@@ -157,6 +161,16 @@ class MoEConfig:
     def __post_init__(self) -> None:
         _one_of("model.moe.scoring", self.scoring, ("sigmoid", "softmax"))
         _require(self.n_routed_experts >= 1, "model.moe.n_routed_experts must be >= 1")
+        _one_of("model.moe.domain_routing", self.domain_routing, ("none", "prior", "isolated"))
+        if self.domain_prior and self.domain_routing == "none":
+            self.domain_routing = "prior"
+        _require(
+            not (self.domain_prior and self.domain_routing == "isolated"),
+            "model.moe.domain_prior and domain_routing=isolated exclude each other",
+        )
+        self.domain_prior = self.domain_routing == "prior"
+        if self.domain_routing == "isolated" and self.n_domains > 0:
+            self._partition_by_domain()
         _require(
             1 <= self.experts_per_token <= self.n_routed_experts,
             f"model.moe.experts_per_token ({self.experts_per_token}) must be between 1 and "
@@ -179,7 +193,13 @@ class MoEConfig:
         _require(self.capacity_factor >= 0, "model.moe.capacity_factor must be >= 0")
         _require(self.moe_intermediate_size > 0, "model.moe.moe_intermediate_size must be > 0")
         _require(self.routed_scaling_factor > 0, "model.moe.routed_scaling_factor must be > 0")
-        for name in ("bias_update_rate", "aux_loss_alpha", "z_loss_weight", "domain_prior_anneal_steps"):
+        for name in (
+            "bias_update_rate",
+            "aux_loss_alpha",
+            "z_loss_weight",
+            "domain_prior_anneal_steps",
+            "group_loss_weight",
+        ):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0")
         _require(
             0 <= self.n_domains <= MAX_DOMAINS,
@@ -187,6 +207,26 @@ class MoEConfig:
         )
         _require(0 < self.collapse_share <= 1, "model.moe.collapse_share must be in (0, 1]")
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
+
+    def _partition_by_domain(self) -> None:
+        """Isolated routing: the routed experts split into one group of equal size per domain, in order."""
+        experts, domains = self.n_routed_experts, self.n_domains
+        _require(
+            experts >= domains,
+            f"model.moe.domain_routing=isolated needs at least one routed expert per domain: "
+            f"{experts} routed experts for {domains} domains",
+        )
+        _require(
+            experts % domains == 0,
+            f"model.moe.domain_routing=isolated splits the routed experts into equal groups, one per domain: "
+            f"{experts} routed experts do not divide into {domains} domains (use a multiple of {domains})",
+        )
+        _require(
+            self.n_groups in (1, domains),
+            f"model.moe.domain_routing=isolated uses one expert group per domain ({domains}), "
+            f"not model.moe.n_groups={self.n_groups}",
+        )
+        self.n_groups = domains
 
 
 @dataclass

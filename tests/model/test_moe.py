@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from darkhorse.config import MoEConfig, load_run_config
+from darkhorse.errors import ConfigError
 from darkhorse.model.moe import MoE, Router, domain_expert_mask, grouped_mm_supported
 
 
@@ -226,3 +227,100 @@ def test_idle_params_make_active_count_right():
     layer = MoE(moe_config(), layer_idx=0)
     per_expert = 3 * 32 * 16
     assert layer.idle_params_per_token() == (8 - 2) * per_expert
+
+
+def isolated_layer(**moe) -> MoE:
+    return MoE(moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=6, **moe), layer_idx=0).train()
+
+
+def chosen_experts(layer: MoE, x: torch.Tensor, domains: torch.Tensor | None) -> torch.Tensor:
+    chosen = []
+    handle = layer.gate.register_forward_hook(lambda router, args, routing: chosen.append(routing.experts))
+    layer(x, domains=domains)
+    handle.remove()
+    return chosen[0]
+
+
+def test_isolated_partition_is_one_group_per_domain():
+    moe = isolated_layer().moe
+    assert (moe.n_groups, moe.topk_groups) == (3, 1)  # inference picks one group through group-limited top-k
+
+
+def test_isolated_tagged_tokens_route_inside_their_group_untagged_freely():
+    torch.manual_seed(0)
+    layer = isolated_layer()
+    domains = torch.tensor([[0] * 8 + [1] * 8 + [2] * 8 + [3] * 8 + [255] * 8], dtype=torch.uint8)
+    experts = chosen_experts(layer, torch.randn(1, 40, 32), domains)
+    groups = experts // 2
+    for d in range(3):
+        assert (groups[8 * d : 8 * (d + 1)] == d).all()
+    # untagged (3 = unknown, 255 = untagged): the router picks; one group per token, not one for all
+    free = groups[24:]
+    assert (free == free[:, :1]).all() and len(free[:, 0].unique()) > 1
+    # tags never steer evaluation: inference has none
+    layer.eval()
+    x = torch.randn(1, 8, 32)
+    assert torch.equal(chosen_experts(layer, x, domains[:, :8]), chosen_experts(layer, x, None))
+
+
+def test_group_prediction_loss_trains_the_router():
+    torch.manual_seed(0)
+    layer = isolated_layer(group_loss_weight=1.0)
+    centres = torch.randn(3, 32) * 2
+    optimizer = torch.optim.Adam(layer.gate.parameters(), lr=0.05)
+
+    def accuracy() -> float:
+        layer.eval()
+        domains = torch.arange(3).repeat_interleave(20)
+        x = centres[domains] + torch.randn(60, 32)
+        experts = chosen_experts(layer, x.unsqueeze(0), None)
+        layer.train()
+        return float((experts[:, 0] // 2 == domains).float().mean())
+
+    before = accuracy()
+    for _ in range(30):
+        domains = torch.randint(0, 3, (4, 16))
+        layer(centres[domains] + torch.randn(4, 16, 32), domains=domains.to(torch.uint8))
+        loss = layer.take_losses()["group"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before < 0.9 < accuracy()
+
+
+def test_isolated_alf_balances_within_each_group():
+    layer = isolated_layer(bias_update_rate=0.1)
+    layer.load_since_step.copy_(torch.tensor([9.0, 1.0, 5.0, 5.0, 1.0, 1.0]))  # group 0 uneven, group 2 idle
+    layer.after_optimizer_step(1)
+    bias = layer.gate.e_score_correction_bias
+    assert bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0, 0.0, 0.0])  # no group favoured over another
+
+
+def test_isolated_refusals():
+    with pytest.raises(ConfigError, match="at least one routed expert per domain: 2 routed experts for 3 domains"):
+        moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=2, experts_per_token=1)
+    with pytest.raises(ConfigError, match="do not divide into 3 domains"):
+        moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=8)
+    with pytest.raises(ConfigError, match="needs model.moe.n_domains"):
+        MoE(moe_config(domain_routing="isolated"), layer_idx=0)
+
+
+def test_domain_prior_is_the_older_spelling_of_domain_routing_prior():
+    assert moe_config(domain_prior=True, n_domains=2).moe.domain_routing == "prior"
+    assert moe_config(domain_routing="prior", n_domains=2).moe.domain_prior
+    assert moe_config().moe.domain_routing == "none" and not moe_config().moe.domain_prior  # the default
+    with pytest.raises(ConfigError, match="exclude each other"):
+        moe_config(domain_prior=True, domain_routing="isolated", n_domains=2)
+
+
+def test_isolated_collapse_is_judged_within_each_group(caplog):
+    layer = isolated_layer(collapse_steps=2)  # groups of 2, k = 2: every token takes its whole group
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([90.0, 90.0, 5.0, 5.0, 5.0, 5.0]))  # one domain dominates
+        layer.after_optimizer_step(step)
+    assert not layer.collapse_warned
+    layer = MoE(moe_config(domain_routing="isolated", n_domains=2, n_routed_experts=8, collapse_steps=2), 0).train()
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([40.0, 0, 0, 0, 10, 10, 10, 10]))  # expert 0 takes its group
+        layer.after_optimizer_step(step)
+    assert layer.collapse_warned

@@ -11,7 +11,13 @@ import torch
 from darkhorse.config import load_run_config
 from darkhorse.model import Transformer
 from darkhorse.train.reports import write_routing_reports
-from darkhorse.train.routing import RoutingCounter, moe_layers, mutual_information, route_windows
+from darkhorse.train.routing import (
+    RoutingCounter,
+    group_accuracy,
+    moe_layers,
+    mutual_information,
+    route_windows,
+)
 
 
 def test_mutual_information_bounds():
@@ -76,3 +82,14 @@ def test_route_windows_measures_eval_routing_and_leaves_the_model_as_it_was():
     assert model.training
     layer = moe_layers(model)[0]
     assert not layer.gate._forward_hooks and not model._forward_pre_hooks  # the hooks are gone
+
+
+def test_group_accuracy_per_token_and_per_document():
+    groups = torch.tensor([0, 0, 1, 1, 1, 0, 2, 2, 2, 0, 1])
+    domains = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 255, 1])  # 255: untagged, left out
+    starts = torch.tensor([1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    result = group_accuracy(groups, domains, starts, n_groups=3)
+    assert result["token_group_accuracy"] == pytest.approx(8 / 10)
+    assert result == {**result, "documents": 4, "document_group_accuracy": 1.0}  # majorities: 0, 1, 2; and 1
+    result = group_accuracy(torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), torch.tensor([1, 0, 0]).bool(), 3)
+    assert (result["document_group_accuracy"], result["token_group_accuracy"]) == (0.0, pytest.approx(1 / 3))

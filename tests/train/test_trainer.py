@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from darkhorse import checkpoint as ckpt
+from darkhorse.commands.eval import _held_out_routing
 from darkhorse.config import load_run_config
 from darkhorse.errors import DarkhorseError
+from darkhorse.eval.report import ModelEval
 from darkhorse.train.device import out_of_memory_advice
 from darkhorse.train.run_dir import plan_run
 from darkhorse.train.trainer import Trainer, train
@@ -225,6 +228,46 @@ def test_domain_prior_takes_its_domain_count_from_the_data(tmp_path, make_prepar
     reports = "loss.png, expert_utilization.png, domain_routing.json, domain_routing.png"
     assert f"reports in {tmp_path / 'run'}: {reports}" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "domain_routing.json").read_text())["domains"] == ["a", "b", "c"]
+
+
+def isolated_config(*overrides: str):
+    return small_config(
+        "model.ffn=moe", "model.moe.moe_intermediate_size=32", "model.moe.domain_routing=isolated",
+        "model.moe.first_k_dense=0", "model.moe.n_routed_experts=6", *overrides,
+    )  # fmt: skip
+
+
+def test_isolated_routing_says_its_partition_and_reports_held_out_isolation(tmp_path, make_prepared, capsys):
+    data = make_prepared(tmp_path / "tagged", domains=True)
+    train(isolated_config("train.max_steps=2"), [(data, 1.0)], tmp_path / "run", verbose=True, live=False)
+    out = capsys.readouterr().out
+    assert "isolated routing: 6 routed experts in 3 groups of 2 (experts a 0-1, b 2-3, c 4-5) + 1 shared" in out
+    assert "held-out routing, tags withheld, layer 0: I(domain; expert) = " in out
+    _, saved, _ = ckpt.load_model(tmp_path / "run" / "final")
+    assert (saved.model.moe.n_domains, saved.model.moe.n_groups, saved.model.moe.topk_groups) == (3, 3, 1)
+    report = json.loads((tmp_path / "run" / "domain_routing.json").read_text())
+    held_out = report["held_out"]
+    assert held_out["domains"] == ["a", "b", "c"] and held_out["tags"] == "withheld"
+    layer = held_out["layers"][0]
+    assert 0 <= layer["share_of_domain_entropy"] <= 1 and 0 <= layer["token_group_accuracy"] <= 1
+    assert layer["domain_entropy_bits"] == pytest.approx(math.log2(3), abs=1e-3)
+    assert layer["documents"] > 1
+    # `darkhorse eval --text` on the tagged dir reads the same figures, in its summary rows and JSON
+    model, _, _ = ckpt.load_model(tmp_path / "run" / "final")
+    result = ModelEval(label="run", routing=_held_out_routing(model, SimpleNamespace(bos_id=None), data, "val"))
+    rows = result.metrics()
+    assert "bits (" in rows["routing layer 0: I(domain; expert)"] and "routing layer 1: I(domain; expert)" in rows
+    assert "% / " in rows["routing layer 0: group accuracy tokens / documents"]
+    assert result.to_dict()["routing"]["tags"] == "withheld"
+
+
+def test_isolated_routing_refuses_untagged_data_and_too_few_experts(tmp_path, make_prepared, prepared_dir):
+    with pytest.raises(DarkhorseError, match="routes by domain tags, but --data .* has none"):
+        plan_run(isolated_config(), [(prepared_dir, 1.0)], tmp_path / "run")
+    tagged = make_prepared(tmp_path / "tagged", domains=True)
+    config = isolated_config("model.moe.n_routed_experts=2", "model.moe.experts_per_token=1")
+    with pytest.raises(DarkhorseError, match="2 routed experts for 3 domains"):
+        plan_run(config, [(tagged, 1.0)], tmp_path / "run2")
 
 
 def test_resumed_dashboard_continues_the_loss_sparkline(tmp_path, prepared_dir):

@@ -15,6 +15,9 @@ demo`'s corpus, scored by exact match.
 bytes; special tokens 0), so chat data scored on the assistant's part (as trained; --all-tokens scores
 every token) gets an exact figure too. Each document is scored on its own in windows of the model's
 context (--window), as lm-evaluation-harness's loglikelihood_rolling does; per domain for tagged data.
+A MoE model on a tagged prepared dir also gets its routing read with the tags withheld: per layer
+I(domain; expert), its share of H(domain), and with domain_routing=isolated the share of tokens and of
+documents routed to their own domain's expert group.
 
 --tasks FILE.jsonl: your records, {"prompt": ..., "answer": ...} or {"messages": [...], "answer": ...},
 answered greedily in batches and scored by --match exact (after normalising spaces and a final full
@@ -116,12 +119,35 @@ def evaluate_one(args: argparse.Namespace, path: Path, tasks: dict[str, list[dic
             result.text = score_text(
                 model, tokenizer, args.text, split=args.split, all_tokens=args.all_tokens, window=args.window
             )
+        with console.status(f"{path}: routing on {args.text}, tags withheld"):
+            result.routing = _held_out_routing(model, tokenizer, args.text, args.split)
     for name, records in tasks.items():
         with console.status(f"{path}: {len(records)} tasks of {name}"):
             result.tasks[name] = evaluate_exact_match(
                 model, tokenizer, records, think=args.think, match=args.match, **options
             )
     return result
+
+
+def _held_out_routing(model, tokenizer, path: Path, split: str) -> dict[str, Any] | None:
+    """A MoE model's routing on a tagged prepared dir's split with the tags withheld (None otherwise)."""
+    import torch
+
+    from darkhorse.data.prepared import looks_prepared, open_prepared
+    from darkhorse.train.routing import held_out_isolation, moe_layers
+
+    if not (moe_layers(model) and looks_prepared(path)):
+        return None
+    data = open_prepared(path)
+    domains = data.domains(split)
+    if domains is None or not data.domain_names:
+        return None
+    tokens = torch.from_numpy(data.tokens(split).astype("int64"))
+    seq_len = min(model.config.max_seq_len, 512)
+    with torch.inference_mode():
+        return held_out_isolation(
+            model, tokens, torch.from_numpy(domains.astype("int64")), seq_len, tokenizer.bos_id, data.domain_names
+        )
 
 
 def _suite_table(result) -> Any:

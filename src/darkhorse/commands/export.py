@@ -13,7 +13,9 @@ reason. Output goes to a temp path first and is renamed at the end; an existing 
 
 examples:
   darkhorse export --checkpoint runs/tiny/final --format hf --out exports/tiny-hf
-  darkhorse export --checkpoint runs/tiny/final --format gguf --outtype q8_0 --out exports/tiny.gguf"""
+  darkhorse export --checkpoint runs/tiny/final --format gguf --outtype q8_0 --out exports/tiny.gguf
+  darkhorse export --checkpoint runs/iso/final --format gguf --domains code --out exports/code.gguf
+                        (a specialist of a model trained with model.moe.domain_routing=isolated)"""
 
 from __future__ import annotations
 
@@ -38,13 +40,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--outtype", default="f16", choices=("f32", "f16", "bf16", "q8_0"), help="gguf: tensor type (default f16)"
     )
+    parser.add_argument(
+        "--domains",
+        metavar="NAME[,NAME]",
+        help="a model trained with model.moe.domain_routing=isolated: export a specialist that keeps only the "
+        "shared experts and these domains' expert groups, the router restricted to them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="darkhorse-specialist-") as temp:
+        checkpoint = args.checkpoint
+        if args.domains:
+            from darkhorse.errors import DarkhorseError
+            from darkhorse.interop.specialist import cut_specialist
+
+            if not (args.checkpoint / "tokenizer.json").exists():  # said before any work, about the user's path
+                raise DarkhorseError(
+                    f"{args.checkpoint} has no tokenizer.json; copy the one from the prepared data dir"
+                )
+
+            checkpoint = cut_specialist(args.checkpoint, args.domains.split(","), Path(temp) / "specialist")
+            print(f"specialist for {args.domains}: {_params(checkpoint):,} of {_params(args.checkpoint):,} parameters")
+        out = _export(args, checkpoint)
+    print(f"wrote {args.format} export to {out}")
+    return 0
+
+
+def _params(checkpoint: Path) -> int:
+    from darkhorse.checkpoint import load_model
+
+    return sum(p.numel() for p in load_model(checkpoint)[0].parameters())
+
+
+def _export(args: argparse.Namespace, checkpoint: Path) -> Path:
     from darkhorse.interop.export import export_checkpoint
 
-    out = export_checkpoint(
-        args.checkpoint,
+    return export_checkpoint(
+        checkpoint,
         args.out,
         args.format,
         force=args.force,
@@ -52,5 +87,3 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         outtype=args.outtype,
     )
-    print(f"wrote {args.format} export to {out}")
-    return 0

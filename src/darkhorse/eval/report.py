@@ -18,6 +18,7 @@ class ModelEval:
     skills: ExactMatchReport | None = None
     text: TextScore | None = None
     tasks: dict[str, ExactMatchReport] = field(default_factory=dict)
+    routing: dict[str, Any] | None = None  # MoE on tagged text: train.routing.held_out_isolation's report
 
     def accuracies(self) -> dict[str, float]:
         """Accuracy per task: each demo skill family, each task file (the bar chart's bars)."""
@@ -47,6 +48,15 @@ class ModelEval:
                 bpb = tally.bits_per_byte
                 rows[f"text{name}: bits/byte"] = "-" if bpb is None else f"{bpb:.4f}"
                 rows[f"text{name}: perplexity"] = f"{tally.perplexity:.3f}"
+        for layer in (self.routing or {}).get("layers", []):
+            name = f"routing layer {layer['layer']}"
+            rows[f"{name}: I(domain; expert)"] = (
+                f"{layer['mutual_information_bits']:.3f} bits ({layer['share_of_domain_entropy']:.0%} of H(domain))"
+            )
+            if "token_group_accuracy" in layer:
+                rows[f"{name}: group accuracy tokens / documents"] = (
+                    f"{layer['token_group_accuracy']:.1%} / {layer['document_group_accuracy']:.1%}"
+                )
         for name, report in self.tasks.items():
             overall = report.overall()
             rows[f"task {name}"] = f"{100 * overall.accuracy:.1f}% ({overall.correct}/{overall.total})"
@@ -58,5 +68,6 @@ class ModelEval:
             "suite": suite_to_dict(self.suite) if self.suite is not None else None,
             "skills": self.skills.to_dict() if self.skills is not None else None,
             "text": self.text.to_dict() if self.text is not None else None,
+            "routing": self.routing,
             "tasks": {name: report.to_dict() for name, report in self.tasks.items()},
         }

@@ -75,12 +75,18 @@ class Router(nn.Module):
         return Routing(logits, scores, experts, weights * moe.routed_scaling_factor)
 
 
+def group_scores(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """[T, E] -> [T, n_groups]: each group's score, the sum of its best two experts' (DeepSeek-V3)."""
+    grouped = scores.view(scores.shape[0], n_groups, -1)
+    return grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+
+
 def _limit_to_top_groups(selection: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
     """DeepSeek-V3 group-limited routing: keep the experts of the groups with the best top-2 sums."""
+    best = group_scores(selection, n_groups)
+    keep = torch.zeros_like(best, dtype=torch.bool)
+    keep.scatter_(1, best.topk(topk_groups, dim=-1).indices, True)
     grouped = selection.view(selection.shape[0], n_groups, -1)
-    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(selection)
 
 
@@ -160,9 +166,10 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         moe = config.moe
-        if moe.domain_prior and moe.n_domains < 1:
+        if moe.domain_routing != "none" and moe.n_domains < 1:
             raise ConfigError(
-                "model.moe.domain_prior needs model.moe.n_domains (the number of domains in the prepared data)"
+                f"model.moe.domain_routing={moe.domain_routing} needs model.moe.n_domains "
+                "(the number of domains in the prepared data)"
             )
         self.moe = moe
         self.layer_idx = layer_idx
@@ -179,6 +186,8 @@ class MoE(nn.Module):
         if moe.domain_prior:
             self.register_buffer("domain_prior_mask", domain_expert_mask(moe.n_domains, n_experts), persistent=False)
             self.register_buffer("domain_prior_scale", torch.ones(()))
+        if moe.domain_routing == "isolated":
+            self.register_buffer("domain_group_mask", domain_group_mask(moe.n_domains, n_experts), persistent=False)
         self.pending_losses: dict[str, torch.Tensor] = {}
         self.last_load: list[float] = []
         self.last_dropped = 0.0
@@ -190,16 +199,20 @@ class MoE(nn.Module):
         per_expert = sum(p[0].numel() for p in self.experts.parameters())
         return (self.moe.n_routed_experts - self.moe.experts_per_token) * per_expert
 
-    def _prior_bonus(self, domains: torch.Tensor | None) -> torch.Tensor | None:
-        if not (self.moe.domain_prior and self.training and domains is not None):
+    def _selection_bonus(self, domains: torch.Tensor | None) -> torch.Tensor | None:
+        """What the tags add to expert selection, in training only: the annealed prior's bonus, or
+        -inf outside a tagged token's group (isolated). Untagged and unknown ids get the free last row."""
+        if not (self.training and domains is not None) or self.moe.domain_routing == "none":
             return None
-        ids = domains.reshape(-1).long().clamp(max=self.moe.n_domains)  # unknown ids get the zero row
+        ids = domains.reshape(-1).long().clamp(max=self.moe.n_domains)
+        if self.moe.domain_routing == "isolated":
+            return torch.where(self.domain_group_mask[ids], 0.0, float("-inf"))
         return self.domain_prior_mask[ids] * (self.moe.domain_prior_bonus * self.domain_prior_scale)
 
     def forward(
         self, x: torch.Tensor, domains: torch.Tensor | None = None, use_grouped_mm: bool | None = None
     ) -> torch.Tensor:
-        """`domains` (per-token ids) matter only with a domain prior, and only while training."""
+        """`domains` (per-token ids) matter only with domain routing, and only while training."""
         batch, seq, dim = x.shape
         # A gradient-checkpointing recompute runs this again inside backward: its loss terms must not
         # leak into the next forward, and its load counts double (shares and signs unchanged).
@@ -207,7 +220,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        routing = self.gate(flat, self._prior_bonus(domains))
+        routing = self.gate(flat, self._selection_bonus(domains))
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
 
         slot_experts = routing.experts.reshape(-1)
@@ -232,7 +245,7 @@ class MoE(nn.Module):
 
         if self.training:
             self._record(counts, kept)
-            self._collect_losses(routing, batch, seq)
+            self._collect_losses(routing, batch, seq, domains)
         return out.view(batch, seq, dim)
 
     def _apply_capacity(
@@ -249,9 +262,17 @@ class MoE(nn.Module):
         self.load_since_step += counts.to(self.load_since_step.dtype)
         self.dropped_since_step += (counts - kept).sum()
 
-    def _collect_losses(self, routing: Routing, batch: int, seq: int) -> None:
-        """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20) and router z-loss."""
+    def _collect_losses(self, routing: Routing, batch: int, seq: int, domains: torch.Tensor | None) -> None:
+        """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20), router z-loss, and with isolated
+        routing the group-prediction loss."""
         moe = self.moe
+        if moe.domain_routing == "isolated" and moe.group_loss_weight > 0 and domains is not None:
+            ids = domains.reshape(-1).long()
+            tagged = ids < moe.n_domains
+            if bool(tagged.any()):
+                # cross-entropy of the tag against the scores group-limited routing ranks groups by
+                groups = group_scores(routing.scores[tagged], moe.n_groups)
+                self.pending_losses["group"] = moe.group_loss_weight * F.cross_entropy(groups, ids[tagged])
         if moe.aux_loss_alpha > 0:
             n_experts, top_k = moe.n_routed_experts, moe.experts_per_token
             chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
@@ -281,12 +302,32 @@ class MoE(nn.Module):
         if total == 0:
             return
         if self.moe.bias_update_rate > 0:
-            self.gate.e_score_correction_bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
+            bias = self.gate.e_score_correction_bias
+            if self.moe.domain_routing == "isolated":
+                # balance within each domain's group, and keep every group's mean bias at 0 so that the
+                # bias never favours one group over another when routing picks the group
+                grouped = load.view(self.moe.n_groups, -1)
+                bias += self.moe.bias_update_rate * torch.sign(grouped.mean(-1, keepdim=True) - grouped).view(-1)
+                bias.view(self.moe.n_groups, -1).sub_(bias.view(self.moe.n_groups, -1).mean(-1, keepdim=True))
+            else:
+                bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
         self.last_load = (load / load.mean()).tolist()
         self.last_dropped = float(self.dropped_since_step) / total
-        self._check_collapse(float(load.max()) * self.moe.experts_per_token / total)
+        self._check_collapse(self._top_share(load))
         load.zero_()
         self.dropped_since_step.zero_()
+
+    def _top_share(self, load: torch.Tensor) -> float:
+        """The busiest expert's share of the tokens it could take: the layer's, or with isolated routing its
+        group's (a domain's share of the data is no collapse); 0 where a group holds no more experts than a
+        token uses, so there is no choice to collapse."""
+        top_k = self.moe.experts_per_token
+        if self.moe.domain_routing != "isolated":
+            return float(load.max()) * top_k / float(load.sum())
+        grouped = load.view(self.moe.n_groups, -1)
+        if grouped.shape[1] <= top_k:
+            return 0.0
+        return float((grouped.max(-1).values * top_k / grouped.sum(-1).clamp(min=1)).max())
 
     def _check_collapse(self, top_share: float) -> None:
         self.collapse_streak = self.collapse_streak + 1 if top_share >= self.moe.collapse_share else 0
@@ -329,3 +370,10 @@ def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:
     domains = torch.arange(n_domains).unsqueeze(1)
     mask = experts % n_domains == domains if n_domains <= n_experts else experts == domains % n_experts
     return torch.cat([mask.float(), torch.zeros(1, n_experts)])
+
+
+def domain_group_mask(n_domains: int, n_experts: int) -> torch.Tensor:
+    """[n_domains + 1, E] bool, True where expert e is in domain d's group (equal contiguous groups,
+    as group-limited routing lays them out); the last row, for untagged tokens, allows every expert."""
+    group = torch.arange(n_experts) // (n_experts // n_domains)
+    return torch.cat([group == torch.arange(n_domains).unsqueeze(1), torch.ones(1, n_experts, dtype=torch.bool)])

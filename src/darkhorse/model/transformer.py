@@ -52,8 +52,8 @@ class Block(nn.Module):
         self.attn = build_attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = build_ffn(config, layer_idx)
-        # only a MoE with a domain prior routes by the tokens' domains; every other FFN sees hidden states only
-        self.ffn_takes_domains = isinstance(self.ffn, MoE) and config.moe.domain_prior
+        # only a MoE with domain routing routes by the tokens' domains; every other FFN sees hidden states only
+        self.ffn_takes_domains = isinstance(self.ffn, MoE) and config.moe.domain_routing != "none"
         if config.residual == "mhc":
             self.attn_hc = HyperConnection(config)
             self.ffn_hc = HyperConnection(config)
@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         """Logits, and with `targets` the loss to backprop: next-token loss plus block losses.
 
         `mtp_weight` (train.mtp_weight) scales the multi-token-prediction loss of models that have
-        MTP modules; `domains` (per-token domain ids) reach the MoE layers that have a domain prior
+        MTP modules; `domains` (per-token domain ids) reach the MoE layers that route by domain
         (and forward hooks, e.g. the trainer's routing statistics, can read them from the call).
         MTP runs only when `targets` are given, so generation never pays for it.
         """

@@ -49,8 +49,14 @@ def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path | None:
     return path
 
 
-def write_routing_reports(run_dir: Path, routing: RoutingCounter, domain_names: list[str] | None = None) -> list[Path]:
-    """`expert_utilization.png`, and with domain-tagged data `domain_routing.{png,json}`; [] for dense models."""
+def write_routing_reports(
+    run_dir: Path,
+    routing: RoutingCounter,
+    domain_names: list[str] | None = None,
+    held_out: dict[str, Any] | None = None,
+) -> list[Path]:
+    """`expert_utilization.png`, and with domain-tagged data `domain_routing.{png,json}` (with `held_out`,
+    the routing on validation text with the tags withheld, under "held_out"); [] for dense models."""
     layer_ids, shares = routing.utilization()
     if not layer_ids or shares.sum() == 0:
         return []
@@ -68,32 +74,41 @@ def write_routing_reports(run_dir: Path, routing: RoutingCounter, domain_names: 
     report = routing.domain_report(domain_names)
     if not report["domains"]:
         return written
+    if held_out:
+        report["held_out"] = held_out
     (run_dir / "domain_routing.json").write_text(json.dumps(report, indent=1))
     written.append(run_dir / "domain_routing.json")
     rows = len(report["layers"])
-    height = 1 + rows * (0.8 + 0.3 * len(report["domains"]))
-    with _figure(run_dir / "domain_routing.png", (width, height), rows) as (_, grid):
+    # wide enough for the domain names and the colour bar; titles short enough for the narrowest panel
+    height = 1.2 + rows * (0.9 + 0.3 * len(report["domains"]))
+    with _figure(run_dir / "domain_routing.png", (max(width, 6.0), height), rows) as (figure, grid):
+        figure.suptitle("share of each domain's routed slots per expert", fontsize=10)
         for axes, layer in zip(grid, report["layers"], strict=True):
             counts = torch.tensor(layer["counts"], dtype=torch.float64)
-            axes.imshow((counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy(), aspect="auto", cmap="magma")
+            shares = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
+            image = axes.imshow(shares, aspect="auto", cmap="magma", vmin=0.0)
             axes.set_yticks(range(len(report["domains"])), report["domains"])
+            axes.set_xticks(range(n_experts))
             axes.set_title(
-                f"layer {layer['layer']}: share of each domain's tokens per expert, "
-                f"I(domain; expert) = {layer['mutual_information_bits']:.3f} bits",
-                fontsize=9,
+                f"layer {layer['layer']}: I(domain; expert) = {layer['mutual_information_bits']:.3f} bits", fontsize=9
             )
+            figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
         grid[-1].set_xlabel("expert")
     written.append(run_dir / "domain_routing.png")
     return written
 
 
 def write_run_reports(
-    run_dir: Path, history: list[dict[str, Any]], routing: RoutingCounter, domain_names: list[str] | None = None
+    run_dir: Path,
+    history: list[dict[str, Any]],
+    routing: RoutingCounter,
+    domain_names: list[str] | None = None,
+    held_out: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Every report for a finished run; returns the files written (the trainer names them all)."""
     written = [write_loss_curve(Path(run_dir) / "loss.png", history)]
     # MoE: utilization heatmap, domain x expert matrix
-    written += write_routing_reports(Path(run_dir), routing, domain_names)
+    written += write_routing_reports(Path(run_dir), routing, domain_names, held_out)
     return [path for path in written if path is not None]
 
 

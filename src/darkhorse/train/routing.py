@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkhorse.config import MAX_DOMAINS
+from darkhorse.config import MAX_DOMAINS, MoEConfig
 from darkhorse.model.moe import MoE, Routing
 
 
@@ -33,6 +33,18 @@ def mutual_information(counts: torch.Tensor) -> float:
     return float((joint[cells] * (joint[cells] / outer[cells]).log2()).sum())
 
 
+def isolated_partition(moe: MoEConfig, domain_names: list[str]) -> str:
+    """One line saying which routed experts each domain's group holds (domain_routing=isolated)."""
+    size = moe.n_routed_experts // moe.n_groups
+    names = [domain_names[d] if d < len(domain_names) else f"domain {d}" for d in range(moe.n_groups)]
+    groups = ", ".join(f"{name} {d * size}-{(d + 1) * size - 1}" for d, name in enumerate(names))
+    shared = f" + {moe.n_shared_experts} shared for every token" if moe.n_shared_experts else ""
+    return (
+        f"isolated routing: {moe.n_routed_experts} routed experts in {moe.n_groups} groups of {size} "
+        f"(experts {groups}){shared}; untagged tokens route freely"
+    )
+
+
 class RoutingCounter:
     """Counts the experts the MoE routers of `model` choose: per layer, slots per expert (`load`)
     and a [MAX_DOMAINS, experts] domain x expert matrix (`domain_counts`, from forwards that are
@@ -41,11 +53,15 @@ class RoutingCounter:
     Under gradient checkpointing the recompute in backward routes again, so every count doubles
     (shares and mutual information unchanged). `remove()` detaches the hooks."""
 
-    def __init__(self, model: nn.Module, *, training_only: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, training_only: bool = False, record_groups: bool = False) -> None:
         self.training_only = training_only
         self.layers = moe_layers(model)
         self.load: dict[int, torch.Tensor] = {}
         self.domain_counts: dict[int, torch.Tensor] = {}
+        # record_groups: per layer, the expert group of each full-sequence call's tokens ([batch, seq] per call)
+        self.token_groups: dict[int, list[torch.Tensor]] | None = (
+            {layer.layer_idx: [] for layer in self.layers} if record_groups else None
+        )
         self._domains: torch.Tensor | None = None
         self._handles = []
         if not self.layers:
@@ -72,6 +88,9 @@ class RoutingCounter:
         # an MTP module at depth k routes the last seq - k positions of every row
         batch, seq = self._domains.shape
         routed = routing.experts.shape[0] // batch
+        if self.token_groups is not None and routed == seq:
+            group_size = router.moe.n_routed_experts // router.moe.n_groups
+            self.token_groups[layer_idx].append((routing.experts[:, 0] // group_size).view(batch, seq).cpu())
         rows = self._domains[:, seq - routed :].reshape(-1, 1).long().expand_as(routing.experts).reshape(-1)
         counts = self.domain_counts[layer_idx]
         counts.view(-1).index_add_(0, rows * counts.shape[1] + experts, ones)
@@ -112,17 +131,22 @@ class RoutingCounter:
 
 @torch.no_grad()
 def route_windows(
-    model: nn.Module, tokens: torch.Tensor, domains: torch.Tensor, seq_len: int, batch_size: int = 16
+    model: nn.Module,
+    tokens: torch.Tensor,
+    domains: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 16,
+    record_groups: bool = False,
 ) -> RoutingCounter:
-    """Routing counts of `model` in eval mode (no prior: routing as inference sees it) reading the
-    1-D `tokens`, whose per-token domain ids are `domains`, in windows of `seq_len`."""
+    """Routing counts of `model` in eval mode (tags steer nothing: routing as inference sees it)
+    reading the 1-D `tokens`, whose per-token domain ids are `domains`, in windows of `seq_len`."""
     usable = (len(tokens) // seq_len) * seq_len
     windows = tokens[:usable].view(-1, seq_len).long()
     window_domains = domains[:usable].view(-1, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counter = RoutingCounter(model)
+    counter = RoutingCounter(model, record_groups=record_groups)
     try:
         for start in range(0, len(windows), batch_size):
             rows = slice(start, start + batch_size)
@@ -131,6 +155,84 @@ def route_windows(
         counter.remove()
         model.train(was_training)
     return counter
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    p = counts.double()[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def held_out_isolation(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    domains: torch.Tensor,
+    seq_len: int,
+    bos_id: int | None,
+    domain_names: list[str],
+    max_tokens: int = 1 << 16,
+) -> dict[str, Any]:
+    """How much routing knows the domain on held-out text with the tags withheld, per MoE layer:
+    I(domain; expert), the share of H(domain) it reaches, and the share of tokens and of documents
+    (split at `bos_id`; else at domain changes) whose expert group is their domain's (a document's
+    group: the one most of its tokens pick). Reads at most `max_tokens` tokens of whole windows."""
+    usable = min(len(tokens), max_tokens) // seq_len * seq_len
+    tokens, domains = tokens[:usable], domains[:usable].long()
+    counter = route_windows(model, tokens, domains, seq_len, record_groups=True)
+    starts = tokens == bos_id if bos_id is not None else torch.ones_like(domains, dtype=torch.bool)
+    if bos_id is None:
+        starts[1:] = domains[1:] != domains[:-1]
+    layers = []
+    for layer in counter.layers:
+        counts = counter.domain_counts[layer.layer_idx][: len(domain_names)].cpu()
+        if counts.sum() == 0:  # e.g. an MTP block, which plain reading does not run
+            continue
+        h_domain = entropy_bits(counts.sum(1))
+        mi = mutual_information(counts)
+        row = {"layer": layer.layer_idx, "mutual_information_bits": mi, "domain_entropy_bits": h_domain}
+        row["share_of_domain_entropy"] = mi / h_domain if h_domain > 0 else 0.0
+        if layer.moe.domain_routing == "isolated" and layer.moe.n_groups == len(domain_names):  # not a specialist
+            groups = torch.cat(counter.token_groups[layer.layer_idx]).view(-1)
+            row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
+        layers.append(row)
+    return {"domains": domain_names, "tokens": usable, "tags": "withheld", "layers": layers}
+
+
+def group_accuracy(groups: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, n_groups: int) -> dict[str, Any]:
+    """Per token, whether its expert group is its domain's; per document (a new one at each True of
+    `starts`), whether the group most of its tokens pick is. Tokens tagged >= n_groups are left out."""
+    starts = starts.clone()
+    starts[0] = True
+    document = starts.long().cumsum(0) - 1
+    tagged = domains < n_groups
+    groups, domains, document = groups[tagged], domains[tagged], document[tagged]
+    votes = torch.zeros(int(document.max()) + 1 if len(document) else 0, n_groups, dtype=torch.long)
+    votes.index_put_((document, groups), torch.ones_like(groups), accumulate=True)
+    seen = votes.sum(1) > 0
+    document_domain = torch.zeros(len(votes), dtype=torch.long).scatter_(0, document, domains)
+    return {
+        "token_group_accuracy": float((groups == domains).float().mean()) if len(groups) else 0.0,
+        "document_group_accuracy": float((votes.argmax(1) == document_domain)[seen].float().mean())
+        if bool(seen.any())
+        else 0.0,
+        "documents": int(seen.sum()),
+    }
+
+
+def isolation_lines(report: dict[str, Any]) -> list[str]:
+    """`held_out_isolation`'s report as one line per layer."""
+    lines = []
+    for row in report["layers"]:
+        line = (
+            f"held-out routing, tags withheld, layer {row['layer']}: I(domain; expert) = "
+            f"{row['mutual_information_bits']:.2f} bits, {row['share_of_domain_entropy']:.0%} of H(domain)"
+        )
+        if "token_group_accuracy" in row:
+            line += (
+                f"; group predicted for {row['token_group_accuracy']:.0%} of tokens, "
+                f"{row['document_group_accuracy']:.0%} of {row['documents']} documents"
+            )
+        lines.append(line)
+    return lines
 
 
 def routing_drift(

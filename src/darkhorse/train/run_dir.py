@@ -200,8 +200,14 @@ def plan_run(
         # a resumed run keeps its own, which an --init-from run took from its checkpoint
         saved_vocab = run_config_from_dict(saved_meta["config"]).model.vocab_size if resume_from else None
         model_config = dataclasses.replace(config.model, vocab_size=saved_vocab or first.vocab_size)
-        if model_config.moe.domain_prior and model_config.moe.n_domains < 1:
-            # the prior's expert groups are one per domain of the data
+        routing = model_config.moe.domain_routing
+        if routing != "none" and model_config.moe.n_domains < 1:
+            # the prior's and the isolated groups' expert groups are one per domain of the data
+            if not first.domain_names:
+                raise DarkhorseError(
+                    f"model.moe.domain_routing={routing} routes by domain tags, but --data {first.path} has none; "
+                    "prepare it with one source per domain (or use model.moe.domain_routing=none)"
+                )
             moe = dataclasses.replace(model_config.moe, n_domains=len(first.domain_names))
             model_config = dataclasses.replace(model_config, moe=moe)
         config = dataclasses.replace(config, model=model_config)

@@ -64,7 +64,7 @@ from darkhorse.train.parallel import (
 from darkhorse.train.peak_flops import peak_flops
 from darkhorse.train.plan import Layout, plan_layout
 from darkhorse.train.reports import write_run_reports
-from darkhorse.train.routing import RoutingCounter
+from darkhorse.train.routing import RoutingCounter, held_out_isolation, isolated_partition, isolation_lines
 from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
@@ -202,6 +202,8 @@ class Trainer:
             warning = self._check_plan()
             if warning and verbose and self.world.is_main:
                 print(f"warning: {warning}", flush=True)
+        if self.config.model.moe.domain_routing == "isolated" and verbose and self.world.is_main:
+            print(isolated_partition(self.config.model.moe, first.domain_names), flush=True)
         torch.manual_seed(self.train_cfg.seed)
         with out_of_memory_as_advice(self.config, self.device), torch.device(self.device):
             self.model = Transformer(self.config.model)
@@ -382,6 +384,8 @@ class Trainer:
             "data": [{"path": str(data.path.resolve()), "weight": weight} for data, weight in self.sources],
             "world_size": self.world.size,
         }
+        if self.config.model.moe.domain_routing == "isolated":  # names the groups for `export --domains`
+            meta["domains"] = self.sources[0][0].domain_names
         if self.origin:
             meta["init_from"] = self.origin
         state, saved = self._trainer_state(), Path(folder)
@@ -629,7 +633,8 @@ class Trainer:
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
                 reports = []
                 if self.world.is_main:  # rank 0's routing counts stand for the run's
-                    reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names)
+                    held_out = self._held_out_isolation(domain_names)
+                    reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names, held_out)
                 if self.world.is_main or self.train_cfg.parallel == "fsdp":  # a sharded model forwards on all ranks
                     self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
@@ -648,6 +653,26 @@ class Trainer:
             bad_steps=self.bad_total,
             history=self.history,
         )
+
+    def _held_out_isolation(self, domain_names: list[str] | None) -> dict[str, Any] | None:
+        """Routing on the first source's validation text with its tags withheld (MoE, tagged data, whole
+        model on this rank), said per layer; None otherwise."""
+        data = self.sources[0][0]
+        val_domains = data.domains("val")
+        if not (domain_names and self.routing.layers and val_domains is not None) or self.sharded:
+            return None
+        bos_id = None
+        if self.tokenizer_file is not None:
+            from darkhorse.data.tokenizer import Tokenizer
+
+            bos_id = Tokenizer.from_file(self.tokenizer_file).bos_id
+        tokens = torch.from_numpy(data.tokens("val").astype("int64"))
+        domains = torch.from_numpy(val_domains.astype("int64"))
+        with self._autocast():
+            report = held_out_isolation(self.model, tokens, domains, self.train_cfg.seq_len, bos_id, domain_names)
+        for line in isolation_lines(report):
+            self.dashboard.message(line)
+        return report
 
     def _warn_if_slow(self, elapsed: float) -> None:
         """Say so when the first steps' speed puts the end of the run more than a day away."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -67,3 +68,20 @@ def test_api_key_guards_the_api_but_not_health(tiny_model):
         assert asyncio.run(health_and_client()).status_code == 200
     finally:
         app.state.server.scheduler.close()
+
+
+def test_text_cannot_forge_control_tokens(app, tiny_model):
+    """`<|user|>`-style strings in a message or a text prompt stay characters, as in chat and eval."""
+    from darkhorse.infer.prompting import encode_chat_prompt
+
+    _, tokenizer = tiny_model
+    forged = "".join(sorted(tokenizer.special_tokens))  # every special token's string, as text
+    special = set(tokenizer.special_tokens.values())
+    tokens = post(app, "/tokenize", json.dumps({"prompt": forged}).encode()).json()["tokens"]
+    assert tokens == tokenizer.encode_text(forged) and not special & set(tokens)
+    completion = post(app, "/v1/completions", json.dumps({"prompt": forged, "max_tokens": 1}).encode()).json()
+    assert completion["usage"]["prompt_tokens"] == len(tokens)
+    messages = [{"role": "user", "content": forged}]
+    chat = post(app, "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 1}).encode()).json()
+    _, safe = encode_chat_prompt(tokenizer, messages)
+    assert chat["usage"]["prompt_tokens"] == len(safe) > len(tokenizer.encode(forged))

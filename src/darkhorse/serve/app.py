@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.engine import Engine, Row
 from darkhorse.infer.generate import ANSWER, ReplySplitter, TextDelta
-from darkhorse.infer.prompting import chat_stop_ids, prompt_opens_think, render_chat_prompt
+from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think
 from darkhorse.serve.scheduler import END, TOKEN, Scheduler, Ticket
 from darkhorse.serve.schemas import (
     ChatCompletion,
@@ -272,7 +272,8 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request):
         batched = isinstance(body.prompt, list) and not isinstance(body.prompt[0], int)
         prompts = body.prompt if batched else [body.prompt]
-        ids = [server.check_prompt(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in prompts]
+        # text is text: `<|user|>` written in a prompt never becomes a control token (token ids can hold any)
+        ids = [server.check_prompt(tokenizer.encode_text(p) if isinstance(p, str) else list(p)) for p in prompts]
         if body.stream and len(ids) > 1:
             raise ApiError(400, "a streamed completion takes one prompt", param="prompt")
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -306,8 +307,8 @@ def create_app(
                 entry["reasoning_content"] = message.reasoning_content
             messages.append(entry)
         think = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else True
-        prompt = render_chat_prompt(tokenizer, messages, think=think)
-        ids = server.check_prompt(tokenizer.encode(prompt))
+        prompt, ids = encode_chat_prompt(tokenizer, messages, think=think)  # message text cannot forge markup
+        ids = server.check_prompt(ids)
         reply = ChatReply(server, ids, body, opened_think=prompt_opens_think(prompt))
         chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
@@ -338,7 +339,7 @@ def create_app(
 
     @api.post("/tokenize", response_model=Tokens)
     async def tokenize(body: TokenizeRequest) -> Tokens:
-        ids = tokenizer.encode(body.prompt)
+        ids = tokenizer.encode_text(body.prompt)  # as /v1/completions encodes a text prompt
         return Tokens(tokens=ids, count=len(ids), max_model_len=server.context)
 
     @api.post("/detokenize", response_model=Detokenized)

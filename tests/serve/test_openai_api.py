@@ -13,8 +13,7 @@ import openai
 
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.prompting import chat_stop_ids, render_chat_prompt
-
-from .conftest import MODEL_NAME
+from tests.serve.conftest import MODEL_NAME
 
 TIMEOUT = 60  # seconds per request: bounded even on a loaded machine
 

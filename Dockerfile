@@ -1,9 +1,9 @@
 # The GPU image: darkhorse on a CUDA base, for Docker or podman hosts with the NVIDIA container toolkit.
 #   docker build -t darkhorse-gpu .            (TORCH_SPEC: any torch build, e.g. --build-arg TORCH_SPEC=torch==2.14.1)
 #   docker run --gpus all -p 127.0.0.1:8000:8000 -v $PWD/runs:/work/runs darkhorse-gpu \
-#       serve --checkpoint runs/NAME/final --host 0.0.0.0
-# It needs a registry (the CUDA base image, PyPI) and was not built on our CI machine, which reaches none;
-# the CPU image (make image, container/) is the one CI builds and tests.
+#       serve --checkpoint runs/NAME/final --host 0.0.0.0 --device cuda
+# It needs registries (Docker Hub, ghcr.io) that our CI machine cannot reach, so CI builds and tests the CPU
+# image (make image, container/) instead; docs/benchmarks.md checks these steps there with local stand-ins.
 # The CUDA libraries come with torch's wheels; the base image brings the CUDA user-space setup the
 # toolkit expects. constraints.txt pins Python 3.11, which uv fetches (Ubuntu 24.04 ships 3.12).
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04

@@ -42,24 +42,31 @@ def documents(vocabulary: tuple[str, ...]) -> list[str]:
     return docs
 
 
-@pytest.mark.slow
-def test_lm_eval_bits_per_byte_equals_darkhorse_eval(tmp_path, tiny_dense_checkpoint, tiny_words):
-    hf_dir = tmp_path / "hf"
-    assert main(["export", "--checkpoint", str(tiny_dense_checkpoint), "--format", "hf", "--out", str(hf_dir)]) == 0
+def lm_eval_bits_per_byte(tmp_path, words: tuple[str, ...], model: str, model_args: str, *args: str, env=None):
+    """(lm-eval's bits per byte of `documents(words)` as the local `darkhorse_text` task, the .jsonl it read):
+    `lm_eval run --model MODEL`, offline, in a child process."""
     data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents(tiny_words)))
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in documents(words)))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "darkhorse_text.yaml").write_text(TASK_YAML.format(data=data))
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_HOME": str(tmp_path / "hf-home"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    lm_eval = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-               f"pretrained={hf_dir},dtype=float32", "--tasks", "darkhorse_text", "--include_path",
-               str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4",
+               "HF_HOME": str(tmp_path / "hf-home"), "TOKENIZERS_PARALLELISM": "false", **(env or {})}  # fmt: skip
+    lm_eval = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
+               "--tasks", "darkhorse_text", "--include_path", str(tmp_path / "tasks"), *args,
                "--output_path", str(tmp_path / "out")]  # fmt: skip
     done = subprocess.run(lm_eval, env={**os.environ, **offline}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = (tmp_path / "out").rglob("results_*.json")
-    theirs = json.loads(results.read_text())["results"]["darkhorse_text"]["bits_per_byte,none"]
+    return json.loads(results.read_text())["results"]["darkhorse_text"]["bits_per_byte,none"], data
+
+
+@pytest.mark.slow
+def test_lm_eval_bits_per_byte_equals_darkhorse_eval(tmp_path, tiny_dense_checkpoint, tiny_words):
+    hf_dir = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(tiny_dense_checkpoint), "--format", "hf", "--out", str(hf_dir)]) == 0
+    theirs, data = lm_eval_bits_per_byte(
+        tmp_path, tiny_words, "hf", f"pretrained={hf_dir},dtype=float32", "--device", "cpu", "--batch_size", "4"
+    )
 
     out = tmp_path / "darkhorse.json"
     assert main(["eval", "--checkpoint", str(tiny_dense_checkpoint), "--text", str(data), "--json", str(out),

@@ -43,8 +43,10 @@ def test_serve_answers_the_openai_client(tiny_dense_checkpoint):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [tiny_dense_checkpoint.parent.name]  # not "final"
         reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "after one?"}])
-        assert reply.choices[0].finish_reason in ("stop", "length")
-        assert reply.usage.completion_tokens > 16  # a chat reply is not cut at the completions default
+        # a chat reply is not cut at the completions default of 16 tokens: it stops on its own or runs longer
+        # (which, depends on the tiny model's weights, which float rounding in its training moves)
+        finish, count = reply.choices[0].finish_reason, reply.usage.completion_tokens
+        assert (finish == "stop" and count >= 1) or (finish == "length" and count > 16), (finish, count)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -12,8 +12,7 @@ from darkhorse.checkpoint import load_for_inference
 from darkhorse.data.tokenizer import ASSISTANT, ASSISTANT_END, THINK_END, Tokenizer
 from darkhorse.infer.chat import HELP_TEXT, ChatSession, read_message, run_repl
 from darkhorse.infer.generate import ANSWER, REASONING, print_reply, stream_reply
-
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": None}
+from darkhorse.infer.sampling import SamplingOptions
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_multi_line_input_by_backslash_or_triple_quotes():
 @pytest.fixture
 def session(tiny_dense_checkpoint):
     model, tokenizer, _ = load_for_inference(tiny_dense_checkpoint)
-    return ChatSession(model, tokenizer, {**GREEDY, "max_new_tokens": 8}, think=False, system="be brief")
+    return ChatSession(model, tokenizer, SamplingOptions(max_new_tokens=8), think=False, system="be brief")
 
 
 def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(session):

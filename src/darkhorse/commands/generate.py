@@ -15,6 +15,7 @@ from pathlib import Path
 
 from darkhorse.config import device_arg, number_arg
 from darkhorse.errors import DarkhorseError
+from darkhorse.infer.sampling import BOUNDS, SamplingOptions
 
 HELP = "generate text from a checkpoint (streams tokens; greedy by default)"
 RUNS_DIR = Path("runs")
@@ -32,18 +33,27 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
         help=f"tokens to generate at most (default {max_new_tokens})",
     )
     parser.add_argument(
-        "--temperature", type=number_arg(float, ge=0), default=0.0, help="0 = greedy (default); e.g. 0.7 to sample"
+        "--temperature",
+        type=number_arg(float, **BOUNDS["temperature"]),
+        default=0.0,
+        help="0 = greedy (default); e.g. 0.7 to sample",
     )
     parser.add_argument(
-        "--top-k", type=number_arg(int, ge=0), default=0, help="sample among the k likeliest tokens (0 = off)"
+        "--top-k",
+        type=number_arg(int, **BOUNDS["top_k"]),
+        default=0,
+        help="sample among the k likeliest tokens (0 = off)",
     )
     parser.add_argument(
-        "--top-p", type=number_arg(float, gt=0, le=1), default=1.0, help="nucleus sampling mass (1.0 = off)"
+        "--top-p", type=number_arg(float, **BOUNDS["top_p"]), default=1.0, help="nucleus sampling mass (1.0 = off)"
     )
     parser.add_argument(
-        "--repetition-penalty", type=number_arg(float, gt=0), default=1.0, help=">1 discourages repeats (1.0 = off)"
+        "--repetition-penalty",
+        type=number_arg(float, **BOUNDS["repetition_penalty"]),
+        default=1.0,
+        help=">1 discourages repeats (1.0 = off)",
     )
-    parser.add_argument("--seed", type=number_arg(int, ge=0), default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=number_arg(int, **BOUNDS["seed"]), default=None, help="seed for sampling")
     parser.add_argument(
         "--speculative",
         choices=["mtp"],
@@ -53,17 +63,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, mps (default cpu)")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The decode options (each checked by its argparse type)."""
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "speculative": args.speculative,
-    }
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The decode options the arguments ask for (stop ids come with the prompt's format)."""
+    return SamplingOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        speculative=args.speculative,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,13 +145,6 @@ def run_latest(prompt: str, preset: str | None = None) -> int:
         )
     print(f"[{checkpoint}]", file=sys.stderr)
     model, tokenizer, _ = load_for_inference(checkpoint)
-    defaults = {
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "temperature": 0.0,
-        "top_k": 0,
-        "top_p": 1.0,
-        "repetition_penalty": 1.0,
-        "seed": None,
-    }
-    stream_completion(model, tokenizer, prepare_prompt(tokenizer, prompt), defaults)
+    greedy = SamplingOptions(max_new_tokens=MAX_NEW_TOKENS)
+    stream_completion(model, tokenizer, prepare_prompt(tokenizer, prompt), greedy)
     return 0

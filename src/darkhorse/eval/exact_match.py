@@ -19,6 +19,7 @@ from typing import Any
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, split_reply
+from darkhorse.infer.sampling import SamplingOptions
 
 UNTAGGED = "-"
 MATCHES = ("exact", "contains")
@@ -140,6 +141,7 @@ def evaluate_exact_match(
         raise DarkhorseError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
     engine = Engine(model, tokenizer.vocab_size)
     stop_ids = chat_stop_ids(tokenizer)
+    options = SamplingOptions(max_new_tokens=max_new_tokens, stop_ids=stop_ids)  # greedy
     items = []
     for record in records:
         prompt_messages, expected = split_record(record)
@@ -151,7 +153,7 @@ def evaluate_exact_match(
     outcomes: list[Outcome | None] = [None] * len(items)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        continuations = engine.generate([items[i][4] for i in chunk], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        continuations = engine.generate([items[i][4] for i in chunk], options)
         for index, continuation in zip(chunk, continuations, strict=True):
             record, prompt_messages, expected, use_think, _ = items[index]
             generated = len(continuation)

@@ -19,6 +19,7 @@ from darkhorse.data.tokenizer import Tokenizer
 from darkhorse.eval.exact_match import is_match
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, split_reply
+from darkhorse.infer.sampling import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,12 @@ def run_suite(
     """Answer each prompt greedily, alone (so its seconds are its own), in the model's chat format."""
     engine = Engine(model, tokenizer.vocab_size)
     stop_ids = chat_stop_ids(tokenizer)
+    options = SamplingOptions(max_new_tokens=max_new_tokens, stop_ids=stop_ids)  # greedy
     rows = []
     for item in prompts:
         _, ids = encode_chat_prompt(tokenizer, [{"role": "user", "content": item.prompt}], think=think)
         started = time.perf_counter()
-        (continuation,) = engine.generate([ids], max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        (continuation,) = engine.generate([ids], options)
         seconds = time.perf_counter() - started
         text = tokenizer.decode(continuation[:-1] if continuation and continuation[-1] in stop_ids else continuation)
         reasoning, answer = split_reply(tokenizer, text, opened_think=think)

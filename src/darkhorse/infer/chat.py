@@ -27,6 +27,7 @@ from darkhorse.files import atomic_file, read_json_object
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.generate import DIM, RESET, print_reply, stream_reply
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think
+from darkhorse.infer.sampling import SamplingOptions
 
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape spells a byte that is not UTF-8
 CONTINUE, BLOCK = "\\", '"""'  # multi-line input: a trailing backslash, or lines between two """ lines
@@ -58,7 +59,7 @@ class ChatSession:
 
     model: object
     tokenizer: Tokenizer
-    options: dict
+    options: SamplingOptions
     think: bool = True
     show_thinking: bool = False
     system: str | None = None
@@ -92,7 +93,7 @@ class ChatSession:
         if needed >= self.context:
             self.note(out, f"that message needs {needed} tokens but the context is {self.context}: shorten it")
             return None
-        room = min(self.options["max_new_tokens"], self.context // 2)  # tokens kept free for the reply
+        room = min(self.options.max_new_tokens, self.context // 2)  # tokens kept free for the reply
         dropped = 0
         while True:
             prompt, ids = encode_chat_prompt(self.tokenizer, self.messages(), think=self.think)
@@ -135,7 +136,7 @@ class ChatSession:
                 yield token_id
 
         started = time.perf_counter()
-        ids = Engine(self.model, self.tokenizer.vocab_size).stream(prompt_ids, stop_ids=stop_ids, **self.options)
+        ids = Engine(self.model, self.tokenizer.vocab_size).stream(prompt_ids, self.options, stop_ids=stop_ids)
         replied = takewhile(lambda i: i not in stop_ids, counted(ids))
         pieces = stream_reply(self.tokenizer, replied, opened_think=prompt_opens_think(prompt))
         out.write("assistant> ")

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from darkhorse.model import Transformer
-from darkhorse.model.attention import GroupedQueryAttention, causal_attention
+from darkhorse.model.attention import GroupedQueryAttention, causal_attention, row_positions
 from darkhorse.model.layers import RMSNorm, SwiGLU
 from darkhorse.model.transformer import Block
 
@@ -45,13 +45,25 @@ class ModelForward:
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, vocab_size: int) -> None:
         self.model = model
+        self.batch = batch
         self.cache = model.new_cache(batch, max_len)
         self.vocab_size = vocab_size
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
-        logits = self.model(tokens, cache=self.cache, start_pos=start_pos).logits
-        return logits[:, -1, : self.vocab_size]
+    def __call__(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor, *, row: int = 0, all_positions: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos` (one
+        int, or each row's own: a (batch,) tensor) in cache rows `row`.. (all positions' with `all_positions`)."""
+        cache = self.cache
+        if row or len(tokens) != self.batch:
+            cache = [layer_cache.rows(row, row + len(tokens)) for layer_cache in cache]
+        logits = self.model(tokens, cache=cache, start_pos=start_pos).logits
+        return logits[..., : self.vocab_size] if all_positions else logits[:, -1, : self.vocab_size]
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy cache row `source` over row `target` (a continuous batch keeps its live rows first)."""
+        for layer_cache in self.cache:
+            layer_cache.move_row(source, target)
 
 
 class DenseForward:
@@ -103,6 +115,7 @@ class DenseForward:
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
         self.half = half
         self.layers = []
+        self.caches = []  # each layer's (keys, values), zeroed: a masked-out position is still multiplied by 0
         device, dtype = self.embed.device, self.embed.dtype
         for block in model.layers:
             attn, ffn = block.attn, block.ffn
@@ -110,7 +123,6 @@ class DenseForward:
             k_w = attn.k_proj.weight.view(self.n_kv_heads, self.head_dim, -1)[:, pairs].flatten(0, 1)
             qkv = torch.cat([q_w, k_w, attn.v_proj.weight])
             gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
-            shape = (batch, self.n_kv_heads, max_len, self.head_dim)
             self.layers.append(
                 (
                     self._eps(block.attn_norm.eps),
@@ -119,13 +131,17 @@ class DenseForward:
                     self._eps(block.ffn_norm.eps),
                     _fold(block.ffn_norm.weight, gate_up),
                     ffn.down_proj.weight.t().contiguous(),
-                    torch.empty(shape, device=device, dtype=dtype),
-                    torch.empty(shape, device=device, dtype=dtype),
                 )
+            )
+            shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+            self.caches.append(
+                (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             )
         self.norm_eps = self._eps(model.norm.eps)
         self.head = _fold(model.norm.weight, model.lm_head.weight[:vocab_size])
-        self.max_len = max_len
+        self.batch, self.max_len = batch, max_len
+        self.row_ids = torch.arange(batch, device=device)  # for per-row cache writes
+        self.cache_positions = torch.arange(max_len, device=device)  # for per-row attention masks
 
     def _eps(self, eps: float) -> torch.Tensor:
         """A norm's eps times dim, as a tensor (adding a Python float costs a scalar wrap per call)."""
@@ -136,45 +152,87 @@ class DenseForward:
         """RMSNorm times 1/sqrt(dim), before its weight (both folded into the next matmul's); `eps` is dim * eps."""
         return x * torch.linalg.vecdot(x, x).unsqueeze(-1).add(eps).rsqrt()
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`."""
+    def __call__(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor, *, row: int = 0, all_positions: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, vocab_size) of the last position of `tokens` (batch, seq) placed at `start_pos`, in
+        cache rows `row`..; all positions' logits (batch, seq, vocab_size) with `all_positions`.
+
+        `start_pos` is one int for every row (no attention mask for one new token), or each row's own, a
+        (batch,) tensor (continuous batching): each row then attends to its own positions, under a mask."""
         batch, seq = tokens.shape
-        if start_pos + seq > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {start_pos + seq}")
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + seq if per_row else start_pos + seq
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, decoding reached {end}")
+        caches = self.caches
+        if row or batch != self.batch:
+            caches = [(keys[row : row + batch], values[row : row + batch]) for keys, values in caches]
+        mask = None
+        if per_row and seq == 1:  # built once for every layer
+            mask = (self.cache_positions[:end] <= start_pos[:, None]).view(batch, 1, 1, end)
         attend = self._attend_one if seq == 1 else self._attend
         x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
-        for attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w, keys, values in self.layers:
+        for (attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w), (keys, values) in zip(self.layers, caches, strict=True):
             qkv = self._normalize(x, attn_eps) @ qkv_w
-            x = torch.addmm(x, attend(qkv, keys, values, batch, start_pos), o_w)
+            x = torch.addmm(x, attend(qkv, keys, values, start_pos, end, mask), o_w)
             gate_up = self._normalize(x, ffn_eps) @ gate_up_w
             x = torch.addmm(x, F.silu(gate_up[:, : self.ffn_dim]).mul_(gate_up[:, self.ffn_dim :]), down_w)
+        if all_positions:
+            return (self._normalize(x, self.norm_eps) @ self.head).view(batch, seq, -1)
         if seq > 1:
             x = x.view(batch, seq, -1)[:, -1]
         return self._normalize(x, self.norm_eps) @ self.head
 
-    def _attend(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: int, start_pos: int):
+    def move_row(self, source: int, target: int) -> None:
+        """Copy cache row `source` over row `target` (a continuous batch keeps its live rows first)."""
+        for keys, values in self.caches:
+            keys[target] = keys[source]
+            values[target] = values[source]
+
+    def _attend(self, qkv, keys, values, start_pos: int | torch.Tensor, end: int, mask) -> torch.Tensor:
         """Attention output (batch * seq, heads * head_dim) of several new positions per row; caches them."""
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        batch = keys.shape[0]
         qkv = qkv.view(batch, -1, heads + 2 * kv_heads, head_dim)
-        end = start_pos + qkv.shape[1]
+        seq = qkv.shape[1]
+        per_row = isinstance(start_pos, torch.Tensor)
+        if per_row:
+            positions = row_positions(start_pos, seq)  # (batch, seq)
+            rotation = self.rotation[positions].unsqueeze(2)
+        else:
+            rotation = self.rotation[start_pos:end, None]
         qk = torch.view_as_complex(qkv[:, :, : heads + kv_heads].unflatten(-1, (self.half, 2)))
-        qk = torch.view_as_real(qk * self.rotation[start_pos:end, None]).flatten(-2)
-        keys[:, :, start_pos:end] = qk[:, :, heads:].transpose(1, 2)
-        values[:, :, start_pos:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        out = causal_attention(qk[:, :, :heads].transpose(1, 2), keys[:, :, :end], values[:, :, :end])
+        qk = torch.view_as_real(qk * rotation).flatten(-2)
+        new_keys, new_values = qk[:, :, heads:], qkv[:, :, heads + kv_heads :]  # (batch, seq, kv_heads, head_dim)
+        if per_row:
+            keys[self.row_ids[:batch, None], :, positions] = new_keys
+            values[self.row_ids[:batch, None], :, positions] = new_values
+        else:
+            keys[:, :, start_pos:end] = new_keys.transpose(1, 2)
+            values[:, :, start_pos:end] = new_values.transpose(1, 2)
+        q = qk[:, :, :heads].transpose(1, 2)
+        out = causal_attention(q, keys[:, :, :end], values[:, :, :end], start_pos=start_pos)
         return out.transpose(1, 2).reshape(-1, heads * head_dim)
 
-    def _attend_one(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: int, pos: int):
-        """`_attend` for one new position per row, in fewer ops: the token sees every cached position, so
-        no mask, and its query heads attend as the rows of their KV head (GQA as a plain SDPA call)."""
+    def _attend_one(self, qkv, keys, values, pos: int | torch.Tensor, end: int, mask) -> torch.Tensor:
+        """`_attend` for one new position per row, in fewer ops: its query heads attend as the rows of their
+        KV head (GQA as a plain SDPA call), unmasked when every row is at `pos` (it sees every cached
+        position), else under `mask`, each row's own positions."""
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        batch = keys.shape[0]
         rotated = (heads + kv_heads) * head_dim
         qk = torch.view_as_complex(qkv[:, :rotated].view(batch, heads + kv_heads, self.half, 2))
-        qk = torch.view_as_real(qk * self.rotation[pos])  # (batch, heads + kv_heads, half, 2)
-        keys[:, :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
-        values[:, :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
+        if mask is None:
+            qk = torch.view_as_real(qk * self.rotation[pos])  # (batch, heads + kv_heads, half, 2)
+            keys[:, :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
+            values[:, :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
+        else:
+            qk = torch.view_as_real(qk * self.rotation[pos].unsqueeze(1))
+            keys[self.row_ids[:batch], :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
+            values[self.row_ids[:batch], :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
         q = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(q, keys[:, :, : pos + 1], values[:, :, : pos + 1])
+        out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
         return out.view(batch, heads * head_dim)
 
 

@@ -26,13 +26,14 @@ own seeded generator, so a request decodes as it would alone whoever shares the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.infer.dense_forward import forward_step
+from darkhorse.infer.sampling import SamplingOptions
 from darkhorse.infer.speculative import SpeculationStats, check_mtp, mtp_steps
 from darkhorse.model import Transformer
 
@@ -71,44 +72,110 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class Sampler:
+    """One decode's sampling: its options and its random generator (seeded: reproducible). Rows that share a
+    sampler draw together from one generator (an `Engine.steps` batch); a served request has its own."""
+
+    def __init__(self, options: SamplingOptions, device: torch.device) -> None:
+        self.options = options
+        seed = options.seed
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+
+class Decoder:
+    """The one place a decode step runs and samples: a forward step over `rows` cache rows up to `max_len`
+    positions (infer/dense_forward.py's `forward_step`, output head cut to `head` rows) and each row's
+    sampler. `Engine.steps` and `ContinuousBatch` both decode through `advance`."""
+
+    def __init__(self, model: Transformer, vocab_size: int, rows: int, max_len: int, head: int) -> None:
+        self.vocab_size, self.head = vocab_size, head
+        self.device = model.embed.weight.device
+        self.step = forward_step(model, rows, max_len, head)
+        self.samplers: list[Sampler | None] = [None] * rows
+        self.seen: torch.Tensor | None = None  # (rows, head): tokens each row was fed, for the repetition penalty
+
+    def seat(self, row: int, sampler: Sampler) -> None:
+        """Give cache row `row` to a new sequence that samples with `sampler`."""
+        self.samplers[row] = sampler
+        if self.seen is None and sampler.options.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(self.samplers), self.head, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[row] = False
+
+    def move(self, source: int, target: int) -> None:
+        """Move row `source`'s sequence (its cache and sampler) into row `target`."""
+        self.step.move_row(source, target)
+        self.samplers[target] = self.samplers[source]
+        if self.seen is not None:
+            self.seen[target] = self.seen[source]
+
+    def advance(
+        self, feed: torch.Tensor, start_pos: int | torch.Tensor, *, row: int = 0, all_positions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed `feed` (n, seq) to rows `row`..`row + n` at `start_pos` (one int, or each row's own as a (n,)
+        tensor) and sample each row's next token with its sampler: (logits, sampled ids (n,)). The logits are
+        the last position's (n, head), or with `all_positions` every position's (n, seq, head)."""
+        rows = slice(row, row + len(feed))
+        if self.seen is not None:
+            self.seen[rows].scatter_(1, feed, True)
+        logits = self.step(feed, start_pos, row=row, all_positions=all_positions)
+        last = logits[:, -1] if all_positions else logits
+        if self.head > self.vocab_size:
+            last = last[:, : self.vocab_size]
+        samplers = self.samplers[rows]
+        # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first maximum of a
+        # row) and on CPU a few times faster
+        sampled = last.max(dim=-1).indices
+        groups: dict[int, tuple[Sampler, list[int]]] = {}
+        for index, sampler in enumerate(samplers):
+            if not sampler.options.greedy:
+                groups.setdefault(id(sampler), (sampler, []))[1].append(index)
+        for sampler, indices in groups.values():
+            picked = slice(None) if len(indices) == len(samplers) else torch.tensor(indices, device=self.device)
+            seen = self.seen[rows][picked, : self.vocab_size] if self.seen is not None else None
+            options = sampler.options
+            sampled[picked] = sample_next(
+                last[picked],
+                seen if seen is not None else torch.zeros(0, dtype=torch.bool),
+                temperature=options.temperature,
+                top_k=options.top_k,
+                top_p=options.top_p,
+                repetition_penalty=options.repetition_penalty,
+                generator=sampler.generator,
+            )
+        return logits, sampled
+
+
 class Engine:
     """Decodes prompts (lists of token ids) with `model`; `vocab_size` masks the output head's
     padding rows that no tokenizer id maps to (default: the whole head). `speculation` counts the drafts of
-    its speculative decodes."""
+    its speculative decodes. Each method takes `SamplingOptions`, or its fields as keywords (or both: the
+    keywords replace those fields)."""
 
     def __init__(self, model: Transformer, vocab_size: int | None = None) -> None:
         self.model = model
         self.vocab_size = vocab_size or model.config.padded_vocab_size
         self.speculation = SpeculationStats()
 
-    def decode(self, prompts: Sequence[Sequence[int]], **options) -> Iterator[list[int | None]]:
-        """Per step, each row's new token, or None for a row still reading its prompt or finished
-        (options as for `steps`)."""
-        for sampled, writing in self.steps(prompts, **options):
+    def decode(
+        self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, **changes
+    ) -> Iterator[list[int | None]]:
+        """Per step, each row's new token, or None for a row still reading its prompt or finished."""
+        for sampled, writing in self.steps(prompts, options, **changes):
             yield [token if write else None for token, write in zip(sampled.tolist(), writing.tolist(), strict=True)]
 
     @torch.inference_mode()
     def steps(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_ids: Iterable[int] = (),
-        speculative: str | None = None,
+        self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, **changes
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per step, as tensors: each row's sampled id, and whether the row wrote it (False while it
         still reads its prompt or after it finished).
 
         A row finishes after writing a stop id (yielded), `max_new_tokens` tokens, or at the end of
-        the model's context; decoding ends when every row has finished. A seed makes the whole
-        batch's sampling reproducible (a row's draws depend on the rows beside it). `speculative`: None,
-        or "mtp" (greedy only).
+        the model's context; decoding ends when every row has finished. The rows share one sampler, so a
+        seed makes the whole batch's sampling reproducible (a row's draws depend on the rows beside it).
         """
+        options = SamplingOptions.of(options, **changes)
         model = self.model
         lengths = [len(prompt) for prompt in prompts]
         if not lengths or min(lengths) == 0:
@@ -118,53 +185,35 @@ class Engine:
             raise DarkhorseError(
                 f"the prompt has {max(lengths)} tokens but the model's context is {context}; shorten it"
             )
-        if speculative not in (None, "mtp"):
-            raise DarkhorseError(f"unknown speculative decoding {speculative!r}; the one there is: mtp")
-        if speculative:
-            check_mtp(model, temperature, repetition_penalty)
+        if options.speculative:
+            check_mtp(model)
         device = model.embed.weight.device
+        max_new_tokens = options.max_new_tokens
         ends = [n + max(0, min(max_new_tokens, context - n)) for n in lengths]  # each row's last position + 1
         end = max(ends)
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)  # the prompts
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        penalize = repetition_penalty != 1.0
-        if penalize:  # tokens each row has seen so far
-            seen = torch.zeros(len(prompts), model.config.padded_vocab_size, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(prompts):
-                seen[row, tokens[row, : len(prompt)]] = True
         longest, first_end = max(lengths), min(ends)
         prompt_len = torch.tensor(lengths, device=device)
         row_end = torch.tensor(ends, device=device)
-        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        stop = torch.tensor(sorted(options.stop_ids), dtype=torch.long, device=device)
         stop_id = int(stop[0]) if len(stop) == 1 else -1  # -1: no id matches
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         was_training = model.training
         model.eval()
         try:
-            if speculative:
+            if options.speculative:
                 yield from mtp_steps(model, tokens, lengths, ends, self.vocab_size, stop, self.speculation)
                 return
-            step = forward_step(model, len(prompts), end, self.vocab_size)
+            decoder = Decoder(model, self.vocab_size, len(prompts), end, self.vocab_size)
+            sampler = Sampler(options, device)
+            for row in range(len(prompts)):
+                decoder.seat(row, sampler)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0
             for pos in range(start, end):
-                logits = step(feed, feed_pos)
-                if temperature <= 0 and not penalize:
-                    # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first
-                    # maximum of a row) and on CPU a few times faster
-                    sampled = logits.max(dim=-1).indices
-                else:
-                    sampled = sample_next(
-                        logits,
-                        seen[:, : self.vocab_size] if penalize else torch.zeros(0, dtype=torch.bool),
-                        temperature=temperature,
-                        top_k=top_k,
-                        top_p=top_p,
-                        repetition_penalty=repetition_penalty,
-                        generator=generator,
-                    )
+                _, sampled = decoder.advance(feed, feed_pos)
                 if pos < longest:  # some rows still read their prompt: they are fed its next token
                     reading = pos < prompt_len
                     feed = torch.where(reading, tokens[:, pos], sampled)
@@ -172,8 +221,6 @@ class Engine:
                 else:
                     feed = sampled
                     writing = ~finished
-                if penalize:
-                    seen[writing, sampled[writing]] = True
                 yield sampled, writing
                 done = torch.isin(sampled, stop) if len(stop) > 1 else sampled == stop_id
                 if pos + 1 >= first_end:  # some rows reach their last position
@@ -185,9 +232,11 @@ class Engine:
         finally:
             model.train(was_training)
 
-    def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
-        """Each prompt's new tokens, ending with its stop id when it wrote one (options as for `steps`)."""
-        steps = list(self.steps(prompts, **options))  # the steps' tensors, read once at the end
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: SamplingOptions | None = None, **changes
+    ) -> list[list[int]]:
+        """Each prompt's new tokens, ending with its stop id when it wrote one."""
+        steps = list(self.steps(prompts, options, **changes))  # the steps' tensors, read once at the end
         if not steps:
             return [[] for _ in prompts]
         sampled = torch.stack([s for s, _ in steps], dim=1).tolist()
@@ -197,40 +246,30 @@ class Engine:
             for row, writes in zip(sampled, writing, strict=True)
         ]
 
-    def stream(self, prompt: Sequence[int], **options) -> Iterator[int]:
+    def stream(self, prompt: Sequence[int], options: SamplingOptions | None = None, **changes) -> Iterator[int]:
         """One prompt's new tokens as they are decoded: the batch-of-one case of `decode`."""
-        for (token,) in self.decode([prompt], **options):
+        for (token,) in self.decode([prompt], options, **changes):
             if token is not None:
                 yield token
 
 
 class Row:
-    """One request of a `ContinuousBatch`: its prompt, its sampling settings (as for `Engine.steps`) and
-    what it has decoded. `logprobs` k: record each new token's logprob and the k likeliest (id, logprob);
+    """One request of a `ContinuousBatch`: its prompt, its `SamplingOptions` (or their fields as keywords)
+    and what it has decoded. `logprobs` k: record each new token's logprob and the k likeliest (id, logprob);
     `prompt_logprobs`: the same for the prompt's tokens (None for the first, which nothing predicts).
     Logprobs are over the model's whole output head, as `darkhorse eval` scores."""
 
     def __init__(
         self,
         prompt: Sequence[int],
+        options: SamplingOptions | None = None,
         *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_ids: Iterable[int] = (),
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
+        **changes,
     ) -> None:
         self.prompt = list(prompt)
-        self.max_new_tokens = max_new_tokens
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                         "repetition_penalty": repetition_penalty}  # fmt: skip
-        self.greedy = temperature <= 0 and repetition_penalty == 1.0
-        self.seed = seed
-        self.stop_ids = frozenset(stop_ids)
+        self.options = SamplingOptions.of(options, **changes)
         self.logprobs = logprobs
         self.want_prompt_logprobs = prompt_logprobs
         self.tokens: list[int] = []
@@ -239,8 +278,6 @@ class Row:
         self.prompt_token_logprobs: list[float | None] = []
         self.prompt_top_logprobs: list[list[tuple[int, float]] | None] = []
         self.finish_reason: str | None = None  # "stop" (a stop id), "length", or "cancelled"
-        self.generator: torch.Generator | None = None
-        self.seen: torch.Tensor | None = None  # tokens so far, for the repetition penalty
 
     def _record(self, logits: torch.Tensor, token: int) -> None:
         if self.logprobs is not None:
@@ -263,7 +300,9 @@ class ContinuousBatch:
         self.model = engine.model
         self.max_rows = max_rows
         self.context = self.model.config.max_seq_len
-        self.cache = self.model.new_cache(max_rows, self.context)
+        # the whole output head: logprobs are over it; sampling looks at the tokenizer's ids only
+        head = self.model.config.padded_vocab_size
+        self.decoder = Decoder(self.model, engine.vocab_size, max_rows, self.context, head)
         self.rows: list[Row] = []  # row i lives in cache row i
         self.decoding = 0  # rows[:decoding] have been prefilled; the rest join at the next step
 
@@ -281,6 +320,8 @@ class ContinuousBatch:
             raise DarkhorseError(
                 f"the prompt has {len(row.prompt)} tokens but the model's context is {self.context}; shorten it"
             )
+        if row.options.speculative:
+            raise DarkhorseError("continuous batching decodes without speculation")
         self.rows.append(row)
 
     def remove(self, row: Row) -> None:
@@ -302,8 +343,7 @@ class ContinuousBatch:
         self.rows.pop()
 
     def _move(self, source: int, target: int) -> None:
-        for layer_cache in self.cache:
-            layer_cache.move_row(source, target)
+        self.decoder.move(source, target)
         self.rows[target] = self.rows[source]
 
     @torch.inference_mode()
@@ -311,21 +351,21 @@ class ContinuousBatch:
         """Decode one token for every prefilled row (one batched forward), then prefill the joining rows
         (each its own forward, sampling its first token). Returns each row that moved with its new token
         (None: it ended without one); finished rows have `finish_reason` set and have left the batch."""
-        model, vocab = self.model, self.engine.vocab_size
+        model = self.model
         moved: list[tuple[Row, int | None]] = []
         was_training = model.training
         model.eval()
         try:
             live = self.rows[: self.decoding]
             if live:
-                device = model.embed.weight.device
+                device = self.decoder.device
                 feed = torch.tensor([[row.tokens[-1]] for row in live], device=device)
-                positions = torch.tensor([len(row.prompt) + len(row.tokens) - 1 for row in live], device=device)
-                cache = [layer_cache.rows(0, len(live)) for layer_cache in self.cache]
-                logits = model(feed, cache=cache, start_pos=positions).logits[:, -1]
-                greedy = logits[:, :vocab].max(dim=-1).indices.tolist()
-                for row, row_logits, best in zip(live, logits, greedy, strict=True):
-                    moved.append((row, self._take(row, row_logits, best)))
+                positions = [len(row.prompt) + len(row.tokens) - 1 for row in live]
+                # one shared position needs no attention mask
+                at = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=device)
+                logits, sampled = self.decoder.advance(feed, at)
+                for row, row_logits, token in zip(live, logits, sampled.tolist(), strict=True):
+                    moved.append((row, self._take(row, row_logits, token)))
             for index in range(self.decoding, len(self.rows)):
                 row = self.rows[index]
                 moved.append((row, self._prefill(index, row)))
@@ -338,42 +378,29 @@ class ContinuousBatch:
         return moved
 
     def _prefill(self, index: int, row: Row) -> int | None:
-        device = self.model.embed.weight.device
-        prompt = torch.tensor([row.prompt], device=device)
-        cache = [layer_cache.rows(index, index + 1) for layer_cache in self.cache]
-        logits = self.model(prompt, cache=cache, start_pos=0).logits[0]
+        prompt = torch.tensor([row.prompt], device=self.decoder.device)
+        self.decoder.seat(index, Sampler(row.options, self.decoder.device))
+        logits, sampled = self.decoder.advance(prompt, 0, row=index, all_positions=row.want_prompt_logprobs)
         if row.want_prompt_logprobs:
-            logprobs = F.log_softmax(logits[:-1].float(), dim=-1)
+            logprobs = F.log_softmax(logits[0, :-1].float(), dim=-1)
             picked = logprobs.gather(-1, prompt[0, 1:, None])[:, 0].tolist()
             row.prompt_token_logprobs = [None, *picked]
             row.prompt_top_logprobs = [None, *(_top(lp, row.logprobs or 0) for lp in logprobs)]
-        if row.seed is not None:
-            row.generator = torch.Generator(device=device).manual_seed(row.seed)
-        if row.sampling["repetition_penalty"] != 1.0:
-            row.seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=device)
-            row.seen[0, prompt[0]] = True
+            logits = logits[:, -1]
         if self._limit(row) <= 0:
             row.finish_reason = "length"
             return None
-        return self._take(row, logits[-1], None)
+        return self._take(row, logits[0], int(sampled[0]))
 
     def _limit(self, row: Row) -> int:
         """New tokens `row` may write: its budget, within the model's context."""
-        return min(row.max_new_tokens, self.context - len(row.prompt))
+        return min(row.options.max_new_tokens, self.context - len(row.prompt))
 
-    def _take(self, row: Row, logits: torch.Tensor, greedy: int | None) -> int:
-        """Sample `row`'s next token from its `logits` (the whole head) and note whether it finished."""
-        vocab = self.engine.vocab_size
-        if row.greedy:
-            token = greedy if greedy is not None else int(logits[:vocab].argmax())
-        else:
-            seen = row.seen[:, :vocab] if row.seen is not None else torch.zeros(0, dtype=torch.bool)
-            token = int(sample_next(logits[None, :vocab], seen, generator=row.generator, **row.sampling)[0])
-            if row.seen is not None:
-                row.seen[0, token] = True
+    def _take(self, row: Row, logits: torch.Tensor, token: int) -> int:
+        """Append `row`'s sampled `token` (its `logits`: the whole head, for logprobs); note whether it finished."""
         row.tokens.append(token)
         row._record(logits, token)
-        if token in row.stop_ids:
+        if token in row.options.stop_ids:
             row.finish_reason = "stop"
         elif len(row.tokens) >= self._limit(row):
             row.finish_reason = "length"

@@ -10,6 +10,7 @@ from typing import Protocol, TextIO
 
 from darkhorse.infer.engine import Engine
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think, think_marker_ids
+from darkhorse.infer.sampling import SamplingOptions
 from darkhorse.model import Transformer
 
 REASONING, ANSWER = "reasoning", "answer"  # the two parts of a chat reply
@@ -127,10 +128,9 @@ def print_reply(
     return reasoning or None, "".join(parts[ANSWER]).strip()
 
 
-def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, **options) -> str:
-    """Complete `prompt` and return only the new text (options as for `Engine.steps`)."""
-    options.setdefault("max_new_tokens", 64)
-    ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt), **options)
+def generate_text(model: Transformer, tokenizer: TextCodec, prompt: str, options: SamplingOptions) -> str:
+    """Complete `prompt` and return only the new text."""
+    ids = Engine(model, tokenizer.vocab_size).stream(tokenizer.encode(prompt), options)
     return "".join(stream_text(tokenizer, ids))
 
 
@@ -146,7 +146,7 @@ def stream_completion(
     model: Transformer,
     tokenizer,
     prompt: tuple[str, list[int]],
-    options: dict,
+    options: SamplingOptions,
     out: TextIO | None = None,
     chat: bool = False,
     engine: Engine | None = None,
@@ -160,7 +160,7 @@ def stream_completion(
     stop_ids = chat_stop_ids(tokenizer) if chat else {tokenizer.eos_id}
     prompt_text, prompt_ids = prompt
     engine = engine or Engine(model, tokenizer.vocab_size)
-    ids = engine.stream(prompt_ids, stop_ids=stop_ids, **options)
+    ids = engine.stream(prompt_ids, options, stop_ids=stop_ids)
     ids = takewhile(lambda i: i not in stop_ids, ids)
     if chat:
         pieces = stream_reply(tokenizer, ids, opened_think=prompt_opens_think(prompt_text))

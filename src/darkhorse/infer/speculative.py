@@ -42,16 +42,12 @@ class SpeculationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def check_mtp(model: Transformer, temperature: float, repetition_penalty: float) -> None:
-    """Refuse, with the reason, what MTP speculation cannot do exactly."""
+def check_mtp(model: Transformer) -> None:
+    """Refuse, with the reason, a model MTP speculation cannot decode exactly (`SamplingOptions` refuses
+    sampling with it)."""
     if not getattr(model, "mtp", None):
         raise DarkhorseError(
             "--speculative mtp needs a model with an MTP module (model.mtp_depth >= 1, as the genesis presets have)"
-        )
-    if temperature > 0 or repetition_penalty != 1.0:
-        raise DarkhorseError(
-            "--speculative mtp decodes greedily only (--temperature 0, no --repetition-penalty): "
-            "speculative sampling is not implemented"
         )
     moe = model.config.moe
     if model.config.ffn == "moe" and moe.capacity_factor > 0:

@@ -32,6 +32,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.infer.engine import Engine, Row
 from darkhorse.infer.generate import ANSWER, ReplySplitter, TextDelta
 from darkhorse.infer.prompting import chat_stop_ids, encode_chat_prompt, prompt_opens_think
+from darkhorse.infer.sampling import SamplingOptions
 from darkhorse.serve.scheduler import END, TOKEN, Scheduler, Ticket
 from darkhorse.serve.schemas import (
     ChatCompletion,
@@ -91,8 +92,7 @@ class Server:
 
     def row(self, ids: list[int], body, stop_ids: set[int], default_max_tokens: int, **extra) -> Row:
         """The engine's row for a request; unset options take OpenAI's defaults (temperature 1, top_p 1)."""
-        return Row(
-            ids,
+        options = SamplingOptions(
             max_new_tokens=default_max_tokens if body.max_tokens is None else body.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
@@ -100,8 +100,8 @@ class Server:
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed,
             stop_ids=stop_ids,
-            **extra,
         )
+        return Row(ids, options, **extra)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -173,7 +173,7 @@ class Completer:
                 yield self.server.tokenizer.decode(self.ids)
             async for token in self.server.tokens(self.ticket):
                 self.count += 1
-                if token in self.ticket.row.stop_ids:
+                if token in self.ticket.row.options.stop_ids:
                     continue
                 piece = self.stop_text.push(self.delta.push(token))
                 if piece:

@@ -1,11 +1,14 @@
 """The OpenAI-compatible request and response bodies, as pydantic models: they validate requests and
-declare the OpenAPI schema. Bounds are declared, so a request out of range is a 400, never a 500."""
+declare the OpenAPI schema. Bounds are declared (the sampling ones are infer/sampling.py's, plus the API's
+own upper limits), so a request out of range is a 400, never a 500."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from darkhorse.infer.sampling import BOUNDS
 
 MAX_TOKENS = 1 << 20  # far above any context; the engine clamps to the model's
 MAX_SEED = (1 << 63) - 1
@@ -34,12 +37,16 @@ class Sampling(BaseModel):
     """What completions and chat completions share."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=1 << 20)] | None = Field(None, description="vLLM's extension; 0: off")
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = Field(None, description="vLLM's extension")
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    max_tokens: Annotated[int, Field(**BOUNDS["max_new_tokens"], le=MAX_TOKENS)] | None = None
+    temperature: Annotated[float, Field(**BOUNDS["temperature"], le=2)] | None = None
+    top_p: Annotated[float, Field(**BOUNDS["top_p"])] | None = None
+    top_k: Annotated[int, Field(**BOUNDS["top_k"], le=1 << 20)] | None = Field(
+        None, description="vLLM's extension; 0: off"
+    )
+    repetition_penalty: Annotated[float, Field(**BOUNDS["repetition_penalty"], le=10)] | None = Field(
+        None, description="vLLM's extension"
+    )
+    seed: Annotated[int, Field(**BOUNDS["seed"], le=MAX_SEED)] | None = None
     stop: Stop = None
     n: Annotated[int, Field(ge=1, le=1)] | None = None
     stream: bool | None = False

@@ -473,6 +473,7 @@ class Trainer:
             return None
         from darkhorse.data.tokenizer import Tokenizer
         from darkhorse.infer.generate import generate_text
+        from darkhorse.infer.sampling import SamplingOptions
 
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
@@ -481,10 +482,7 @@ class Trainer:
             self.model,
             self._tokenizer,
             prompt,
-            max_new_tokens=SAMPLE_NEW_TOKENS,
-            temperature=0.8,
-            top_k=50,
-            seed=self.train_cfg.seed,
+            SamplingOptions(max_new_tokens=SAMPLE_NEW_TOKENS, temperature=0.8, top_k=50, seed=self.train_cfg.seed),
         )
 
     # -- the loop -------------------------------------------------------------------------------

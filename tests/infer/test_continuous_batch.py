@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from darkhorse.config import MLAConfig, ModelConfig, MoEConfig
 from darkhorse.errors import DarkhorseError
+from darkhorse.infer.dense_forward import DenseForward, ModelForward
 from darkhorse.infer.engine import ContinuousBatch, Engine, Row
+from darkhorse.infer.sampling import SamplingOptions
 from darkhorse.model import Transformer
 
 PROMPTS = [[5, 17, 42, 8], [1, 2], [60, 2, 2, 2, 2, 2, 2], [7], [4, 5, 6], [9, 9], [30, 31, 32, 33, 34]]
@@ -109,3 +111,21 @@ def test_logprobs_of_prompt_and_new_tokens_are_the_models():
     top = logprobs[len(PROMPTS[2]) - 1].topk(2)
     assert [token for token, _ in row.top_logprobs[0]] == top.indices.tolist()
     assert row.tokens[0] == top.indices[0]  # greedy takes the likeliest
+
+
+def test_the_batch_decodes_dense_models_through_the_dense_step_at_ragged_positions():
+    """Serving's batched step is `DenseForward` with per-row positions (other models keep their forward), and
+    each row's logprobs, rows at different positions decoding together, are `Transformer.forward`'s."""
+    assert isinstance(ContinuousBatch(Engine(MODELS["mla-moe"](), 100), 2).decoder.step, ModelForward)
+    model = build()
+    batch = ContinuousBatch(Engine(model, 100), 4)
+    assert isinstance(batch.decoder.step, DenseForward)
+    rows = [Row(prompt, SamplingOptions(max_new_tokens=6), logprobs=1) for prompt in PROMPTS[:4]]
+    run(batch, rows)
+    for row in rows:
+        ids = row.prompt + row.tokens
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+        expected = [float(logprobs[i - 1, ids[i]]) for i in range(len(row.prompt), len(ids))]
+        assert row.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert row.tokens == Engine(model, 100).generate([row.prompt], max_new_tokens=6)[0]

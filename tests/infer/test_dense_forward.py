@@ -39,6 +39,38 @@ def test_dense_step_computes_the_model_forward(n_kv_heads):
         torch.testing.assert_close(logits, model(tokens).logits[:, -1, :100], rtol=1e-5, atol=1e-5)  # no cache
 
 
+def test_dense_step_with_per_row_positions_computes_the_model_forward():
+    """The continuous batch's use: prompts prefilled each in its own cache row, then one-token steps at each
+    row's own position (a tensor), a row moved into another's slot; logits equal `Transformer.forward`'s."""
+    model = make_model()
+    fast, slow = DenseForward(model, 3, 24, 100), ModelForward(model, 3, 24, 100)
+    torch.manual_seed(1)
+    histories = [torch.randint(0, 100, (1, n)) for n in (5, 2, 9)]
+
+    def check(logits, rows):  # against a cache-free forward of each row's whole history
+        expected = torch.cat([model(histories[r]).logits[:, -1, :100] for r in rows])
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        for row, prompt in enumerate(histories):
+            logits = fast(prompt, 0, row=row, all_positions=True)
+            torch.testing.assert_close(logits, model(prompt).logits[..., :100], rtol=1e-5, atol=1e-5)
+            slow(prompt, 0, row=row)
+        rows = [0, 1, 2]
+        for step in range(5):
+            if step == 3:  # row 0 leaves: the last row moves into its slot
+                fast.move_row(2, 0)
+                slow.move_row(2, 0)
+                rows = [2, 1]
+            feed = torch.randint(0, 100, (len(rows), 1))
+            positions = torch.tensor([histories[r].shape[1] for r in rows])
+            for i, r in enumerate(rows):
+                histories[r] = torch.cat([histories[r], feed[i : i + 1]], dim=1)
+            logits = fast(feed, positions)
+            torch.testing.assert_close(logits, slow(feed, positions), rtol=1e-5, atol=1e-5)
+            check(logits, rows)
+
+
 def test_models_it_does_not_restate_go_through_their_forward():
     assert isinstance(forward_step(make_model(), 2, 8, 100), DenseForward)
     for overrides in (dict(qk_norm=True), dict(attention_bias=True), dict(ffn="moe")):

@@ -2,7 +2,8 @@
 with a KV cache, restated with fewer, larger tensor ops.
 
 At decoding sizes (a few rows, one new token each) a step is dozens of small kernels, and the per-op
-dispatch and the module calls cost as much as the arithmetic. So, for one `Engine.decode` call:
+dispatch and the module calls cost as much as the arithmetic. So, for one decode (an `Engine.steps` call,
+or a server's continuous batch):
 
 - each layer's q/k/v projections are one matmul and gate/up another, against weights concatenated and
   stored transposed once per call (x @ W runs faster than `F.linear` at these shapes), with the RMSNorm
@@ -10,8 +11,10 @@ dispatch and the module calls cost as much as the arithmetic. So, for one `Engin
   x / sqrt(x.x + dim * eps), a dot product (`vecdot`, one kernel) instead of square, mean and add; the
   residual adds ride in `addmm`;
 - RoPE turns q and k in one complex product (each half-split pair of channels stored side by side);
-- keys and values go into preallocated caches, in place;
-- one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call);
+- keys and values go into preallocated caches, in place, at one position shared by the batch or at each
+  row's own (`start_pos` a tensor: continuous batching, where rows also move between cache rows);
+- one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call), with no
+  mask when the rows share a position, else with one (batch, end) mask built once for all layers;
 - the output head runs on the last position only, over the tokenizer's ids only.
 
 Every formula is the model's; only the order of float operations differs (grouped and folded matmuls, the
@@ -23,8 +26,13 @@ mHC, qk-norm, attention biases, non-fp32 weights, LoRA layers, hooks, anything t
 
 Measured (bench/bench_eval.py, docs/benchmarks.md "Eval throughput"): a left-padded one-call prefill of
 ragged prompts with a per-row pad mask was slower than feeding the longer prompts' tails token by token
-(the masked SDPA costs more per step than the ~3% of steps it saves), and attention as two matmuls was no
-faster than SDPA.
+(the masked SDPA costs more per step than the ~3% of steps it saves), so the shared position keeps its
+unmasked step; attention as two matmuls was no faster than SDPA.
+
+A step, whichever class: `step(tokens (batch, seq), start_pos, *, row=0, all_positions=False)` -> the last
+position's logits (batch, vocab_size), or every position's with `all_positions`; `start_pos` one int or a
+(batch,) tensor; the tokens go to cache rows `row`.. (a continuous batch prefills a joining request in its
+own row); and `move_row(source, target)`.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ class ModelForward:
 
 
 class DenseForward:
-    """The dense GQA step (see the module docstring); build one per decode call, as weights may change."""
+    """The dense GQA step (see the module docstring); build one per decode, as weights may change."""
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -243,6 +251,7 @@ def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def forward_step(model: nn.Module, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
-    """The fastest step that computes `model`'s forward for a decode of `batch` rows up to `max_len` positions."""
+    """The fastest step that computes `model`'s forward for a decode of `batch` cache rows up to `max_len`
+    positions, returning logits over the head's first `vocab_size` rows (see the module docstring)."""
     kind = DenseForward if DenseForward.supports(model) else ModelForward
     return kind(model, batch, max_len, vocab_size)

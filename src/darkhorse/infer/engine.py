@@ -1,27 +1,33 @@
-"""The one decode loop: a batch of prompts decoded together with the model's KV cache.
+"""The one decode engine: every decode (generate, chat, eval, serve, the trainer's samples) runs its steps
+through `Decoder.advance`, the one place a forward step runs and each row's next token is sampled. What
+a decode is asked for is a `SamplingOptions` (infer/sampling.py), checked there.
 
-The cache has one write position for the whole batch and attention takes no padding mask, so ragged
-prompts are not padded. Every row starts at position 0, the batch is prefilled up to its shortest
-prompt, and from there each step feeds every row one token: the next prompt token to a row still
-reading its prompt, the sampled one to the others. Each row sees exactly its own tokens at its own
-positions, so a row decodes as it would alone (equal-length prompts decode exactly as alone; a longer
-prompt's tail goes through token by token, the same numbers up to float rounding). Rows interact
-only through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch.
+A `Decoder` holds a forward step over a fixed number of cache rows (infer/dense_forward.py's: `DenseForward`
+for plain dense GQA fp32 models, the model's computation in fewer, larger ops with the KV cache written in
+place; `Transformer.forward` with its caches for every other model) and each row's `Sampler`. `advance`
+feeds some rows their tokens, at one position shared by all of them (no attention mask) or at each row's
+own (a (rows,) tensor: a masked attention), and samples: greedy rows take their maximum without the
+sampler; the other rows sample in groups, one call per `Sampler` (its options and seeded generator).
 
-The forward step is infer/dense_forward.py's: `DenseForward` for plain dense GQA fp32 models (the model's
-computation with fewer, larger ops: fused projections, RMSNorm weights folded into the matmuls, the KV
-cache written in place), `Transformer.forward` with its caches for every other model. Greedy decoding
-takes each row's maximum without the sampler, and `generate` reads the steps' tensors once at the end.
+Two callers drive it:
 
-Streaming one prompt is the batch-of-one case (`Engine.stream`). `speculative="mtp"` decodes greedily with
-the model's MTP module drafting a token per step and the model verifying it (infer/speculative.py): the
-same tokens, fewer forwards when the drafts are right.
+- `Engine.steps` (generate, chat, eval; `generate`, `decode` and `stream` are views of it): a fixed batch of
+  prompts sharing one sampler and one write position. Ragged prompts are not padded: every row starts at
+  position 0, the batch is prefilled up to its shortest prompt, and from there each step feeds every row one
+  token: the next prompt token to a row still reading its prompt, the sampled one to the others. Each row
+  sees exactly its own tokens at its own positions, so a row decodes as it would alone (equal-length prompts
+  exactly; a longer prompt's tail goes through token by token, the same numbers up to float rounding), and
+  the step loop does its bookkeeping in tensors that `generate` reads once at the end. Rows interact only
+  through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch, and through the
+  shared generator when sampling with a seed.
+- `ContinuousBatch` (what `darkhorse serve` runs): requests join and leave between steps, each with its
+  own sampler. A joining prompt is prefilled in its own cache row; each step feeds every live row its last
+  token at its own position in one batched `advance` (the unmasked shared-position step when they happen
+  to agree). Live rows stay first in the cache: a leaving row's slot takes the last live row, moved.
 
-Continuous batching (`ContinuousBatch`, what `darkhorse serve` runs) is the same engine with one cache
-position per row: requests join and leave between steps, a joining prompt is prefilled in its own cache
-row, and each step feeds every live row its last token at its own position, in one batched forward
-through `Transformer.forward` with per-row positions. Each row samples with its own settings and its
-own seeded generator, so a request decodes as it would alone whoever shares the batch.
+`speculative="mtp"` is the one decode that leaves `advance`: it decodes greedily with the model's MTP
+module drafting a token per step and the model verifying it (infer/speculative.py): the same tokens, fewer
+forwards when the drafts are right.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class Sampler:
     sampler draw together from one generator (an `Engine.steps` batch); a served request has its own."""
 
     def __init__(self, options: SamplingOptions, device: torch.device) -> None:
-        self.options = options
+        self.options, self.greedy = options, options.greedy
         seed = options.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
@@ -134,7 +134,7 @@ class Decoder:
         sampled = last.max(dim=-1).indices
         groups: dict[int, tuple[Sampler, list[int]]] = {}
         for index, sampler in enumerate(samplers):
-            if not sampler.options.greedy:
+            if not sampler.greedy:
                 groups.setdefault(id(sampler), (sampler, []))[1].append(index)
         for sampler, indices in groups.values():
             picked = slice(None) if len(indices) == len(samplers) else torch.tensor(indices, device=self.device)

@@ -14,7 +14,7 @@ or a server's continuous batch):
 - keys and values go into preallocated caches, in place, at one position shared by the batch or at each
   row's own (`start_pos` a tensor: continuous batching, where rows also move between cache rows);
 - one new token attends with its query heads as rows of its KV head (GQA as a plain SDPA call), with no
-  mask when the rows share a position, else with one (batch, end) mask built once for all layers;
+  mask when the rows share a position, else under one additive mask built once for all layers;
 - the output head runs on the last position only, over the tokenizer's ids only.
 
 Every formula is the model's; only the order of float operations differs (grouped and folded matmuls, the
@@ -176,14 +176,21 @@ class DenseForward:
         caches = self.caches
         if row or batch != self.batch:
             caches = [(keys[row : row + batch], values[row : row + batch]) for keys, values in caches]
-        mask = None
-        if per_row and seq == 1:  # built once for every layer
-            mask = (self.cache_positions[:end] <= start_pos[:, None]).view(batch, 1, 1, end)
+        # where the new tokens go, their RoPE turns and, per row, the attention mask: once for all layers
+        if per_row:
+            at = row_positions(start_pos, seq)  # (batch, seq)
+            rotation = self.rotation[at].unsqueeze(2)
+            seen = self.cache_positions[:end] <= at[..., None]
+            # additive: SDPA turns a bool mask into this in every call
+            mask = torch.zeros(seen.shape, dtype=self.embed.dtype, device=self.embed.device)
+            mask = mask.masked_fill_(~seen, float("-inf")).unsqueeze(1)  # (batch, 1, seq, end)
+        else:
+            at, rotation, mask = start_pos, self.rotation[start_pos:end, None], None
         attend = self._attend_one if seq == 1 else self._attend
         x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
         for (attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w), (keys, values) in zip(self.layers, caches, strict=True):
             qkv = self._normalize(x, attn_eps) @ qkv_w
-            x = torch.addmm(x, attend(qkv, keys, values, start_pos, end, mask), o_w)
+            x = torch.addmm(x, attend(qkv, keys, values, at, end, rotation, mask), o_w)
             gate_up = self._normalize(x, ffn_eps) @ gate_up_w
             x = torch.addmm(x, F.silu(gate_up[:, : self.ffn_dim]).mul_(gate_up[:, self.ffn_dim :]), down_w)
         if all_positions:
@@ -198,47 +205,47 @@ class DenseForward:
             keys[target] = keys[source]
             values[target] = values[source]
 
-    def _attend(self, qkv, keys, values, start_pos: int | torch.Tensor, end: int, mask) -> torch.Tensor:
-        """Attention output (batch * seq, heads * head_dim) of several new positions per row; caches them."""
+    def _attend(self, qkv, keys, values, at, end: int, rotation, mask) -> torch.Tensor:
+        """Attention output (batch * seq, heads * head_dim) of several new positions per row; caches them.
+        `at`: the first position (an int), or each new token's own (batch, seq) under `mask`."""
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         batch = keys.shape[0]
         qkv = qkv.view(batch, -1, heads + 2 * kv_heads, head_dim)
-        seq = qkv.shape[1]
-        per_row = isinstance(start_pos, torch.Tensor)
-        if per_row:
-            positions = row_positions(start_pos, seq)  # (batch, seq)
-            rotation = self.rotation[positions].unsqueeze(2)
-        else:
-            rotation = self.rotation[start_pos:end, None]
         qk = torch.view_as_complex(qkv[:, :, : heads + kv_heads].unflatten(-1, (self.half, 2)))
         qk = torch.view_as_real(qk * rotation).flatten(-2)
         new_keys, new_values = qk[:, :, heads:], qkv[:, :, heads + kv_heads :]  # (batch, seq, kv_heads, head_dim)
-        if per_row:
-            keys[self.row_ids[:batch, None], :, positions] = new_keys
-            values[self.row_ids[:batch, None], :, positions] = new_values
-        else:
-            keys[:, :, start_pos:end] = new_keys.transpose(1, 2)
-            values[:, :, start_pos:end] = new_values.transpose(1, 2)
         q = qk[:, :, :heads].transpose(1, 2)
-        out = causal_attention(q, keys[:, :, :end], values[:, :, :end], start_pos=start_pos)
+        if mask is None:
+            keys[:, :, at:end] = new_keys.transpose(1, 2)
+            values[:, :, at:end] = new_values.transpose(1, 2)
+            out = causal_attention(q, keys[:, :, :end], values[:, :, :end])
+        else:
+            keys[self.row_ids[:batch, None], :, at] = new_keys
+            values[self.row_ids[:batch, None], :, at] = new_values
+            out = F.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=heads != kv_heads
+            )
         return out.transpose(1, 2).reshape(-1, heads * head_dim)
 
-    def _attend_one(self, qkv, keys, values, pos: int | torch.Tensor, end: int, mask) -> torch.Tensor:
+    def _attend_one(self, qkv, keys, values, at, end: int, rotation, mask) -> torch.Tensor:
         """`_attend` for one new position per row, in fewer ops: its query heads attend as the rows of their
-        KV head (GQA as a plain SDPA call), unmasked when every row is at `pos` (it sees every cached
+        KV head (GQA as a plain SDPA call), unmasked when every row is at `at` (it sees every cached
         position), else under `mask`, each row's own positions."""
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         batch = keys.shape[0]
         rotated = (heads + kv_heads) * head_dim
         qk = torch.view_as_complex(qkv[:, :rotated].view(batch, heads + kv_heads, self.half, 2))
+        qk = torch.view_as_real(qk * rotation[:, 0])  # (batch, heads + kv_heads, half, 2)
+        new_keys, new_values = (
+            qk[:, heads:].view(batch, kv_heads, head_dim),
+            qkv[:, rotated:].view(batch, kv_heads, head_dim),
+        )
         if mask is None:
-            qk = torch.view_as_real(qk * self.rotation[pos])  # (batch, heads + kv_heads, half, 2)
-            keys[:, :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
-            values[:, :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
+            keys[:, :, at] = new_keys
+            values[:, :, at] = new_values
         else:
-            qk = torch.view_as_real(qk * self.rotation[pos].unsqueeze(1))
-            keys[self.row_ids[:batch], :, pos] = qk[:, heads:].view(batch, kv_heads, head_dim)
-            values[self.row_ids[:batch], :, pos] = qkv[:, rotated:].view(batch, kv_heads, head_dim)
+            keys[self.row_ids[:batch], :, at[:, 0]] = new_keys
+            values[self.row_ids[:batch], :, at[:, 0]] = new_values
         q = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, head_dim)
         out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
         return out.view(batch, heads * head_dim)

@@ -29,10 +29,10 @@ ragged prompts with a per-row pad mask was slower than feeding the longer prompt
 (the masked SDPA costs more per step than the ~3% of steps it saves), so the shared position keeps its
 unmasked step; attention as two matmuls was no faster than SDPA.
 
-A step, whichever class: `step(tokens (batch, seq), start_pos, *, row=0, all_positions=False)` -> the last
-position's logits (batch, vocab_size), or every position's with `all_positions`; `start_pos` one int or a
-(batch,) tensor; the tokens go to cache rows `row`.. (a continuous batch prefills a joining request in its
-own row); and `move_row(source, target)`.
+A step, whichever class: `step(tokens (batch, seq), start_pos)` -> the last position's logits (batch,
+vocab_size), `start_pos` one int or a (batch,) tensor; that is all `Engine.steps` calls. A continuous batch
+also passes `row=` (the tokens go to cache rows `row`..: a joining request is prefilled in its own row) and
+`all_positions=True` (every position's logits, for prompt logprobs), and calls `move_row(source, target)`.
 """
 
 from __future__ import annotations

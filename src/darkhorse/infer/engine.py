@@ -124,7 +124,10 @@ class Decoder:
         rows = slice(row, row + len(feed))
         if self.seen is not None:
             self.seen[rows].scatter_(1, feed, True)
-        logits = self.step(feed, start_pos, row=row, all_positions=all_positions)
+        if row or all_positions:  # a continuous batch's prefill
+            logits = self.step(feed, start_pos, row=row, all_positions=all_positions)
+        else:  # the plain `step(tokens, start_pos)` every forward step takes
+            logits = self.step(feed, start_pos)
         last = logits[:, -1] if all_positions else logits
         if self.head > self.vocab_size:
             last = last[:, : self.vocab_size]

@@ -11,8 +11,7 @@ state-dict names) and becomes a LoRA subclass that adds `scaling * B(A(dropout(x
 scaling = alpha / r, B starts at zero (the model starts as the base), A as nn.Linear's default.
 The expert term runs as two grouped matmuls over the tokens each expert received (`project`; gate
 and up, which read the same rows, share one for their A factors), so no [E, out, in] delta is ever
-materialised, unlike PEFT's ParamWrapper. In GQA attention, q/k/v, which also read the same rows,
-run as one projection (`LoRAAttention`).
+materialised, unlike PEFT's ParamWrapper.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from darkhorse.errors import DarkhorseError
-from darkhorse.model.attention import GroupedQueryAttention
 from darkhorse.model.layers import SwiGLU
 from darkhorse.model.moe import MoE, RoutedExperts, Router, grouped_matmul
 
@@ -171,52 +169,6 @@ class LoRAExperts(RoutedExperts, _LoRA):
         return out.add_(grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype))
 
 
-class LoRAAttention(GroupedQueryAttention):
-    """GQA whose q/k/v LoRA linears run as one: their frozen weights as one [q+k+v, in] product, their A
-    factors as one [3r, in] and their B factors as one block-diagonal [q+k+v, 3r], so the backward runs
-    one input-gradient GEMM for the base and one for the A factors instead of three each. Same math as
-    three `LoRALinear`s; with dropout on while training, each projection draws its own mask as PEFT's do,
-    so it runs them one by one."""
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        linears = (self.q_proj, self.k_proj, self.v_proj)
-        if self.training and not isinstance(self.q_proj.lora_dropout, nn.Identity):
-            return super().project_qkv(x)
-        flat = x.reshape(-1, x.shape[-1])
-        bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in linears])
-        out = F.linear(flat, _stacked([m.weight for m in linears]), bias)
-        low = F.linear(flat, torch.cat([m.lora_A for m in linears]).to(out.dtype))
-        b = torch.block_diag(*(m.lora_B for m in linears)).to(out.dtype)
-        out.addmm_(low, b.t(), alpha=self.q_proj.lora_scaling)  # in place, as LoRALinear
-        parts = out.split([m.out_features for m in linears], dim=-1)
-        return tuple(part.view(*x.shape[:-1], -1) for part in parts)
-
-
-def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The weights as one [sum of rows, in] matrix: a view where they lie back to back in one storage
-    (`apply_lora` packs them so), else a copy (e.g. after `.to()` moved each on its own)."""
-    first, rows = weights[0], sum(w.shape[0] for w in weights)
-    offsets = [first.storage_offset() + sum(w.numel() for w in weights[:i]) for i in range(len(weights))]
-    packed = all(
-        w.is_contiguous()
-        and w.dtype == first.dtype
-        and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        and w.storage_offset() == offset
-        for w, offset in zip(weights, offsets, strict=True)
-    )
-    return first.as_strided((rows, first.shape[1]), first.stride()) if packed else torch.cat(weights)
-
-
-def _pack_qkv(attn: GroupedQueryAttention) -> None:
-    """Turn `attn` (q/k/v already LoRALinear) into a LoRAAttention, its frozen q/k/v weights moved back
-    to back into one storage (same parameter objects) so that it reads them as one matrix without a copy."""
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
-    packed = torch.cat([m.weight.detach() for m in linears])
-    for m, part in zip(linears, packed.split([m.out_features for m in linears]), strict=True):
-        m.weight.data = part
-    attn.__class__ = LoRAAttention
-
-
 LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, Router: LoRARouter, RoutedExperts: LoRAExperts}
 
 
@@ -259,10 +211,6 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> dict[str, list[str]]:
         for _, module in modules:
             module.__class__ = LORA_CLASSES[type(module)]
             module.init_lora(group, spec.rank(group), spec.alpha, spec.dropout)
-    if "attention" in found:
-        for block in model.layers:
-            if type(block.attn) is GroupedQueryAttention:
-                _pack_qkv(block.attn)
     return {group: [name for name, _ in modules] for group, modules in found.items()}
 
 

@@ -155,10 +155,6 @@ class GroupedQueryAttention(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The query, key and value projections, which all read `x` (a LoRA attention shares work between them)."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -167,10 +163,9 @@ class GroupedQueryAttention(nn.Module):
         start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from darkhorse.infer.native_step import NativeStep
 from darkhorse.model import Transformer
 from darkhorse.model.attention import GroupedQueryAttention, causal_attention
 from darkhorse.model.layers import RMSNorm, SwiGLU
@@ -184,7 +185,12 @@ def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight * (norm_weight * weight.shape[1] ** 0.5)).t().contiguous()
 
 
-def forward_step(model: nn.Module, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
-    """The fastest step that computes `model`'s forward for a decode of `batch` rows up to `max_len` positions."""
+def forward_step(
+    model: nn.Module, batch: int, max_len: int, vocab_size: int
+) -> ModelForward | DenseForward | NativeStep:
+    """The fastest step that computes `model`'s forward for a decode of `batch` rows up to `max_len` positions:
+    a single row of a dense model decodes in native code where it builds (infer/native_step.py)."""
     kind = DenseForward if DenseForward.supports(model) else ModelForward
+    if kind is DenseForward and NativeStep.supports(model, batch):
+        kind = NativeStep
     return kind(model, batch, max_len, vocab_size)

@@ -102,14 +102,9 @@ def build(cache_dir: Path) -> ctypes.CDLL | None:
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
         warnings.warn(f"the native decode step did not build, decoding without it: {detail}", stacklevel=2)
         return None
-    lib.darkhorse_step.argtypes = [
-        ctypes.POINTER(_Model),
-        ctypes.POINTER(ctypes.c_int64),
-        ctypes.c_int64,
-        ctypes.c_int64,
-        _float_p,
-        ctypes.c_int,
-    ]
+    # pointers as plain addresses (tensor.data_ptr()): no ctypes object built per call
+    lib.darkhorse_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.darkhorse_step.argtypes += [ctypes.c_void_p, ctypes.c_int]
     lib.darkhorse_step.restype = ctypes.c_int
     return lib
 
@@ -157,6 +152,7 @@ class NativeStep:
         scratch = [torch.zeros(n) for n in sizes]
         self.tensors += [head, embed, norm, *scratch]
         self.logits = torch.empty(1, vocab_size)
+        self.logits_address = self.logits.data_ptr()
         self.model = _Model(
             config.dim,
             config.n_layers,
@@ -176,21 +172,22 @@ class NativeStep:
             self.layers,
             *(_ptr(t) for t in scratch),
         )
-        self.model_ref = ctypes.byref(self.model)
+        self.model_address = ctypes.addressof(self.model)
         self.max_len = max_len
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits (1, vocab_size) of the last position of `tokens` (1, seq) placed at `start_pos`."""
-        seq = tokens.shape[1]
-        ids = tokens.reshape(-1).to(torch.long).contiguous()
+        """Logits (1, vocab_size) of the last position of `tokens` (1, seq) placed at `start_pos`: one
+        buffer, overwritten by the next call (read it before stepping again)."""
+        if tokens.dtype != torch.long or not tokens.is_contiguous():
+            tokens = tokens.to(torch.long).contiguous()
         failed = self.lib.darkhorse_step(
-            self.model_ref,
-            ctypes.cast(ids.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
-            seq,
+            self.model_address,
+            tokens.data_ptr(),
+            tokens.shape[1],
             start_pos,
-            _ptr(self.logits),
+            self.logits_address,
             torch.get_num_threads(),
         )
         if failed:
             raise ValueError(f"{tokens.tolist()} at {start_pos}: an id outside the embedding or past {self.max_len}")
-        return self.logits.clone()
+        return self.logits

@@ -51,6 +51,22 @@ def test_native_step_computes_the_model_forward(n_kv_heads):
             fast(tokens[:, :1], 40)  # past the cache
 
 
+def test_threads_split_rows_without_changing_a_sum():
+    """Each thread computes whole rows of a product, so 2 threads give the very same logits as 1."""
+    model, tokens = make_model(), torch.randint(0, 99, (1, 20))
+    threads = torch.get_num_threads()
+    logits = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            step = forward_step(model, 1, 20, 99)
+            step(tokens[:, :19], 0)
+            logits.append(step(tokens[:, 19:], 19).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*logits)
+
+
 def test_greedy_tokens_equal_the_eager_step(monkeypatch):
     model, prompt = make_model(), [5, 17, 42, 8]
     native = Engine(model, 99).generate([prompt], max_new_tokens=40)[0]

@@ -44,6 +44,16 @@ inline float sum8(vec8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// a . b in vector lanes (a plain loop's sum is one serial chain: the compiler keeps its order)
+float dot(const float *a, const float *b, int64_t n) {
+    const int64_t whole = n - n % 8;
+    vec8 acc = {};
+    for (int64_t i = 0; i < whole; i += 8) acc += *(const vec8 *)(a + i) * *(const vec8 *)(b + i);
+    float s = sum8(acc);
+    for (int64_t i = whole; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
 // y[o] (+)= W[o, :] . x for o in [begin, end): four rows at a time so each load of x serves four rows.
 void matvec_rows(const float *w, const float *x, float *y, int64_t in, int64_t begin, int64_t end, bool add) {
     const int64_t whole = in - in % 8;
@@ -71,14 +81,7 @@ void matvec_rows(const float *w, const float *x, float *y, int64_t in, int64_t b
             y[o] = s0, y[o + 1] = s1, y[o + 2] = s2, y[o + 3] = s3;
         }
     }
-    for (; o < end; ++o) {
-        const float *r = w + o * in;
-        vec8 a = {};
-        for (int64_t i = 0; i < whole; i += 8) a += *(const vec8 *)(r + i) * *(const vec8 *)(x + i);
-        float s = sum8(a);
-        for (int64_t i = whole; i < in; ++i) s += r[i] * x[i];
-        y[o] = add ? y[o] + s : s;
-    }
+    for (; o < end; ++o) y[o] = add ? y[o] + dot(w + o * in, x, in) : dot(w + o * in, x, in);
 }
 
 // y = W x (or y += W x), W (out, in); split into blocks of rows over the threads.
@@ -101,9 +104,7 @@ void matvec(const float *w, const float *x, float *y, int64_t out, int64_t in, b
 
 // out = rms_norm(x) * weight, as F.rms_norm: x / sqrt(mean(x^2) + eps)
 void rms_norm(const float *x, const float *weight, float *out, int64_t n, float eps) {
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
-    const float scale = 1.f / std::sqrt(sum / n + eps);
+    const float scale = 1.f / std::sqrt(dot(x, x, n) / n + eps);
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * weight[i];
 }
 
@@ -141,10 +142,7 @@ void forward_token(const Model *m, int64_t token, int64_t pos, int threads) {
             const int64_t offset = (head / group) * hd;
             float top = -INFINITY;
             for (int64_t t = 0; t <= pos; ++t) {
-                const float *key = L.keys + t * kv_width + offset;
-                float s = 0.f;
-                for (int64_t i = 0; i < hd; ++i) s += q[i] * key[i];
-                m->scores[t] = s * scale;
+                m->scores[t] = dot(q, L.keys + t * kv_width + offset, hd) * scale;
                 top = m->scores[t] > top ? m->scores[t] : top;
             }
             float total = 0.f;

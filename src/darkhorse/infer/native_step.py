@@ -9,8 +9,9 @@ scratch vector allocated once per decode: nothing is dispatched or allocated per
 The library is compiled once per machine (g++ -O3 -march=native, so it is built where it runs, never
 shipped) into the cache dir ($DARKHORSE_CACHE or ~/.cache/darkhorse, under native/), keyed by the
 source, the compiler and the CPU. Without a compiler or a C++ source, or when the build fails, `library`
-returns None and the engine keeps the eager step. Only a row at a time: a prompt is fed token by token
-(the same numbers as a one-call prefill up to float rounding).
+returns None and the engine keeps the eager step. Only a row at a time. A prompt (several tokens at
+position 0) goes through the model's own batched forward and its keys and values are copied over; other
+multi-token steps are fed token by token.
 """
 
 from __future__ import annotations
@@ -134,13 +135,16 @@ class NativeStep:
 
         # every tensor the C side points at is kept alive here
         self.tensors = [weight(model.rope_cos), weight(model.rope_sin)]
+        self.kv: list[list[torch.Tensor]] = []  # per layer: keys, values (max_len, n_kv_heads, head_dim)
+        self.transformer, self.vocab_size = model, vocab_size
         layers = []
         for block in model.layers:
             attn, ffn = block.attn, block.ffn
             parts = [block.attn_norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
             parts += [attn.o_proj.weight, block.ffn_norm.weight, ffn.gate_proj.weight, ffn.up_proj.weight]
             parts = [weight(p) for p in [*parts, ffn.down_proj.weight]]
-            cache = [torch.zeros(max_len, kv_width) for _ in range(2)]
+            cache = [torch.zeros(max_len, config.n_kv_heads, config.head_dim) for _ in range(2)]
+            self.kv.append(cache)
             self.tensors += parts + cache
             pointers = [_ptr(t) for t in parts + cache]
             layers.append(_Layer(*pointers, block.attn_norm.eps, block.ffn_norm.eps))
@@ -178,6 +182,8 @@ class NativeStep:
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (1, vocab_size) of the last position of `tokens` (1, seq) placed at `start_pos`: one
         buffer, overwritten by the next call (read it before stepping again)."""
+        if start_pos == 0 and tokens.shape[1] > 1:
+            return self._prefill(tokens)
         if tokens.dtype != torch.long or not tokens.is_contiguous():
             tokens = tokens.to(torch.long).contiguous()
         failed = self.lib.darkhorse_step(
@@ -191,3 +197,16 @@ class NativeStep:
         if failed:
             raise ValueError(f"{tokens.tolist()} at {start_pos}: an id outside the embedding or past {self.max_len}")
         return self.logits
+
+    def _prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A prompt through the model's own forward, in one batched call (token by token would read every
+        weight once per token), its keys and values then copied into the native cache."""
+        seq = tokens.shape[1]
+        if seq > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, the prompt has {seq}")
+        cache = self.transformer.new_cache(1, seq)
+        logits = self.transformer(tokens, cache=cache).logits[:, -1, : self.vocab_size]
+        for (keys, values), layer_cache in zip(self.kv, cache, strict=True):
+            keys[:seq] = layer_cache.keys[0].transpose(0, 1)
+            values[:seq] = layer_cache.values[0].transpose(0, 1)
+        return self.logits.copy_(logits)

@@ -198,6 +198,7 @@ class NativeStep:
             raise ValueError(f"{tokens.tolist()} at {start_pos}: an id outside the embedding or past {self.max_len}")
         return self.logits
 
+    @torch.no_grad()
     def _prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """A prompt through the model's own forward, in one batched call (token by token would read every
         weight once per token), its keys and values then copied into the native cache."""

@@ -129,10 +129,23 @@ def test_a_failed_native_build_warns_and_gives_none(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_the_native_library_is_built_once_into_the_cache_dir(tmp_path):
-    assert native_step.build(tmp_path) is not None
-    built = list(tmp_path.glob("native_step-*.so"))
-    assert len(built) == 1
+def test_the_native_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
+    """...and without OpenMP where the compiler has none (one thread), here a g++ that refuses -fopenmp."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) exit 1;; esac\nexec g++ "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    cache = tmp_path / "cache"
+    lib = native_step.build(cache)
+    built = list(cache.glob("native_step-*.so"))
+    assert lib is not None and len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    assert native_step.build(tmp_path) is not None  # loaded, not rebuilt
-    assert [p.stat().st_mtime_ns for p in tmp_path.glob("native_step-*.so")] == [stamp]
+    assert native_step.build(cache) is not None  # loaded, not rebuilt
+    assert [p.stat().st_mtime_ns for p in cache.glob("native_step-*.so")] == [stamp]
+    model, tokens = make_model(), torch.tensor([[5, 17, 42]])
+    monkeypatch.setattr(native_step, "library", lambda: lib)
+    step = NativeStep(model, 1, 3, 100)
+    step(tokens[:, :2], 0)
+    with torch.inference_mode():
+        expected = model(tokens).logits[:, -1, :100]
+    torch.testing.assert_close(step(tokens[:, 2:], 2), expected, rtol=1e-5, atol=1e-5)

@@ -96,7 +96,10 @@ def build(cache_dir: Path) -> ctypes.CDLL | None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache_dir) as work:  # built aside, then moved in whole
                 built = Path(work) / path.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, check=True)
+                command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
+                if subprocess.run(command, capture_output=True, text=True).returncode:
+                    command.remove("-fopenmp")  # a compiler without OpenMP (Apple's clang): one thread
+                    subprocess.run(command, capture_output=True, text=True, check=True)
                 os.replace(built, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as exc:

@@ -1,4 +1,5 @@
-"""Single-stream decode speed: darkhorse's `Engine` against llama.cpp on the f32 and f16 GGUF of the same
+"""Single-stream decode speed: darkhorse's `Engine` (its native batch-1 step, and the eager `DenseForward`
+as "darkhorse eager") against llama.cpp on the f32 and f16 GGUF of the same
 model and against transformers' `generate` on its HF export, same prompt, same thread count, one run.
 
 The model (issue 13's): 6 layers, dim 256, 4 query / 2 KV heads, FFN 768, vocab 512 (~5M parameters),
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -50,14 +52,16 @@ def make_checkpoint(work: Path) -> Path:
 Timer = Callable[[], float]  # one timed decode of --tokens tokens: seconds
 
 
-def darkhorse_timer(model, prompt: list[int], tokens: int, clock: Callable[[], float]) -> Timer:
+def darkhorse_timer(model, prompt: list[int], tokens: int, clock: Callable[[], float], native: bool) -> Timer:
     from darkhorse.infer.engine import Engine
+    from darkhorse.infer.native_step import NativeStep
 
     engine = Engine(model)
 
     def run() -> float:
         stream = engine.stream(prompt, max_new_tokens=tokens + 1)
-        next(stream)  # the first token comes from the prompt's forward pass: not a decode step
+        with mock.patch.object(NativeStep, "supports", NativeStep.supports if native else lambda *_: False):
+            next(stream)  # the step is picked here; the first token comes from the prompt's forward pass
         start = clock()
         produced = sum(1 for _ in stream)
         assert produced == tokens, produced
@@ -108,6 +112,7 @@ def main() -> None:
     import transformers
 
     from darkhorse.checkpoint import load_for_inference
+    from darkhorse.infer import native_step
     from darkhorse.interop.export import export_hf
     from darkhorse.interop.gguf import export_gguf
 
@@ -116,7 +121,10 @@ def main() -> None:
         checkpoint = args.checkpoint or make_checkpoint(work)
         model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
         prompt = tokenizer.encode(PROMPT)
-        timers: dict[str, Timer] = {"darkhorse": darkhorse_timer(model, prompt, args.tokens, clock)}
+        timers: dict[str, Timer] = {
+            "darkhorse": darkhorse_timer(model, prompt, args.tokens, clock, native=True),
+            "darkhorse eager": darkhorse_timer(model, prompt, args.tokens, clock, native=False),
+        }
         engines = []
         for outtype in ("f32", "f16"):
             path = export_gguf(checkpoint, work / f"model-{outtype}.gguf", outtype, force=True)
@@ -138,6 +146,7 @@ def main() -> None:
         for llm in engines:
             llm.close()
 
+    assert native_step.library() is not None, "the native step did not build: the darkhorse row would be eager"
     rates = {name: args.tokens / statistics.median(values) for name, values in seconds.items()}
     ours = rates["darkhorse"]
     result = {

@@ -1,17 +1,25 @@
-"""The engine's dense GQA step (DenseForward) against `Transformer.forward`, and when it stands aside."""
+"""The engine's dense GQA steps (DenseForward, and NativeStep for one row) against `Transformer.forward`,
+and when they stand aside."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
 from darkhorse.config import ModelConfig
 from darkhorse.finetune.lora import LoRASpec, apply_lora
+from darkhorse.infer import native_step
 from darkhorse.infer.dense_forward import DenseForward, ModelForward, forward_step
 from darkhorse.infer.engine import Engine
+from darkhorse.infer.native_step import NativeStep
 from darkhorse.model import Transformer
 
 CONFIG = dict(vocab_size=100, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+# sizes off the native step's vector width and 4-row blocks, so its loops' tails run too
+ODD_SIZES = dict(vocab_size=99, dim=72, ffn_dim=100)
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: the eager step decodes")
 
 
 def make_model(**overrides) -> Transformer:
@@ -25,18 +33,25 @@ def make_model(**overrides) -> Transformer:
     return model.eval()
 
 
+@pytest.mark.parametrize(
+    "kind, batch, sizes",
+    [(DenseForward, 3, {}), (DenseForward, 3, ODD_SIZES), pytest.param(NativeStep, 1, ODD_SIZES, marks=needs_compiler)],
+)
 @pytest.mark.parametrize("n_kv_heads", [2, 4, 1])
-def test_dense_step_computes_the_model_forward(n_kv_heads):
-    model = make_model(n_kv_heads=n_kv_heads)
-    assert DenseForward.supports(model)
-    tokens = torch.randint(0, 100, (3, 12))
-    fast, slow = DenseForward(model, 3, 12, 100), ModelForward(model, 3, 12, 100)
+def test_dense_steps_compute_the_model_forward(kind, batch, sizes, n_kv_heads):
+    model = make_model(n_kv_heads=n_kv_heads, **sizes)
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (batch, 12))
+    fast, slow = forward_step(model, batch, 12, vocab), ModelForward(model, batch, 12, vocab)
+    assert type(fast) is kind
     with torch.inference_mode():
         steps = [(tokens[:, :5], 0), (tokens[:, 5:8], 5), *((tokens[:, p : p + 1], p) for p in range(8, 12))]
         for feed, start in steps:  # a prefill, a multi-token step behind the cache, one-token steps
             logits = fast(feed, start)
             torch.testing.assert_close(logits, slow(feed, start), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(logits, model(tokens).logits[:, -1, :100], rtol=1e-5, atol=1e-5)  # no cache
+        torch.testing.assert_close(logits, model(tokens).logits[:, -1, :vocab], rtol=1e-5, atol=1e-5)  # no cache
+        with pytest.raises(ValueError):
+            fast(tokens[:, :1], 12)  # past the cache
 
 
 def test_dense_step_with_per_row_positions_computes_the_model_forward():
@@ -75,7 +90,8 @@ def test_models_it_does_not_restate_go_through_their_forward():
     assert isinstance(forward_step(make_model(), 2, 8, 100), DenseForward)
     for overrides in (dict(qk_norm=True), dict(attention_bias=True), dict(ffn="moe")):
         assert isinstance(forward_step(make_model(**overrides), 2, 8, 100), ModelForward), overrides
-    assert isinstance(forward_step(make_model().to(torch.bfloat16), 2, 8, 100), ModelForward)
+    for batch in (2, 1):  # the native step (one row) takes what DenseForward takes, no more
+        assert isinstance(forward_step(make_model().to(torch.bfloat16), batch, 8, 100), ModelForward)
     hooked = make_model()
     hooked.layers[1].ffn.register_forward_hook(lambda *_: None)
     assert isinstance(forward_step(hooked, 2, 8, 100), ModelForward)
@@ -102,3 +118,66 @@ def test_lora_deltas_count_when_decoding():
         expected.append(ids[len(prompt) :])
     assert Engine(adapted, 100).generate(prompts, max_new_tokens=8) == expected
     assert Engine(base, 100).generate(prompts, max_new_tokens=8) != expected
+
+
+@needs_compiler
+def test_the_native_step_refuses_an_id_outside_the_embedding():
+    model = make_model()
+    with pytest.raises(ValueError):  # refused, not read out of bounds
+        NativeStep(model, 1, 8, 100)(torch.tensor([[model.embed.weight.shape[0]]]), 0)
+
+
+@needs_compiler
+def test_native_threads_split_rows_without_changing_a_sum():
+    """Each thread computes whole rows of a product, so 2 threads give the very same logits as 1."""
+    model, tokens = make_model(**ODD_SIZES), torch.randint(0, 99, (1, 20))
+    threads = torch.get_num_threads()
+    logits = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            step = NativeStep(model, 1, 20, 99)
+            step(tokens[:, :19], 0)
+            logits.append(step(tokens[:, 19:], 19).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*logits)
+
+
+@needs_compiler
+def test_native_greedy_tokens_equal_the_eager_step(monkeypatch):
+    model, prompt = make_model(), [5, 17, 42, 8]
+    assert isinstance(forward_step(model, 1, 8, 100), NativeStep)
+    native = Engine(model, 100).generate([prompt], max_new_tokens=40)[0]
+    monkeypatch.setattr(native_step, "library", lambda: None)  # as without a compiler
+    assert isinstance(forward_step(model, 1, 8, 100), DenseForward)
+    assert native == Engine(model, 100).generate([prompt], max_new_tokens=40)[0]
+
+
+def test_a_failed_native_build_warns_and_gives_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="did not build"):
+        assert native_step.build(tmp_path) is None
+
+
+@needs_compiler
+def test_the_native_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
+    """...and without OpenMP where the compiler has none (one thread), here a g++ that refuses -fopenmp."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) exit 1;; esac\nexec g++ "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    cache = tmp_path / "cache"
+    lib = native_step.build(cache)
+    built = list(cache.glob("native_step-*.so"))
+    assert lib is not None and len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert native_step.build(cache) is not None  # loaded, not rebuilt
+    assert [p.stat().st_mtime_ns for p in cache.glob("native_step-*.so")] == [stamp]
+    model, tokens = make_model(), torch.tensor([[5, 17, 42]])
+    monkeypatch.setattr(native_step, "library", lambda: lib)
+    step = NativeStep(model, 1, 3, 100)
+    step(tokens[:, :2], 0)
+    with torch.inference_mode():
+        expected = model(tokens).logits[:, -1, :100]
+    torch.testing.assert_close(step(tokens[:, 2:], 2), expected, rtol=1e-5, atol=1e-5)

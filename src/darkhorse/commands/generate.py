@@ -5,7 +5,9 @@ Greedy decoding (--temperature 0, the default) is deterministic; sampling is rep
 model whose tokenizer lacks darkhorse's chat tokens, in the chat template its tokenizer_config.json holds;
 the reply prints its reasoning after `thinking:`, then the answer on a line of its own, never a special token.
 `--speculative mtp` (models with an MTP module) drafts with it and prints the same greedy text, then the
-drafts' acceptance rate on stderr."""
+drafts' acceptance rate on stderr. On CPU a plain dense fp32 model decodes one prompt in a native step
+compiled with g++ on first use (about a second, kept in ~/.cache/darkhorse/native or $DARKHORSE_CACHE);
+without a compiler, or with DARKHORSE_NATIVE=0, it decodes in PyTorch."""
 
 from __future__ import annotations
 

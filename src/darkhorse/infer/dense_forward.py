@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from darkhorse.infer.native_step import NativeStep
 from darkhorse.model import Transformer
 from darkhorse.model.attention import GroupedQueryAttention, causal_attention, row_positions
 from darkhorse.model.layers import RMSNorm, SwiGLU
@@ -257,8 +258,14 @@ def _fold(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight * (norm_weight * weight.shape[1] ** 0.5)).t().contiguous()
 
 
-def forward_step(model: nn.Module, batch: int, max_len: int, vocab_size: int) -> ModelForward | DenseForward:
+def forward_step(
+    model: nn.Module, batch: int, max_len: int, vocab_size: int, *, per_row: bool = False
+) -> ModelForward | DenseForward | NativeStep:
     """The fastest step that computes `model`'s forward for a decode of `batch` cache rows up to `max_len`
-    positions, returning logits over the head's first `vocab_size` rows (see the module docstring)."""
+    positions, returning logits over the head's first `vocab_size` rows (see the module docstring). A single
+    row of a dense model decodes in native code where it builds (infer/native_step.py), unless the caller
+    needs a continuous batch's calls (`per_row`: per-row positions, row prefills, row moves)."""
     kind = DenseForward if DenseForward.supports(model) else ModelForward
+    if kind is DenseForward and not per_row and NativeStep.supports(model, batch):
+        kind = NativeStep
     return kind(model, batch, max_len, vocab_size)

@@ -93,10 +93,12 @@ class Decoder:
     positions (infer/dense_forward.py's `forward_step`, output head cut to `head` rows) and each row's
     sampler. `Engine.steps` and `ContinuousBatch` both decode through `advance`."""
 
-    def __init__(self, model: Transformer, vocab_size: int, rows: int, max_len: int, head: int) -> None:
+    def __init__(
+        self, model: Transformer, vocab_size: int, rows: int, max_len: int, head: int, *, per_row: bool = False
+    ) -> None:
         self.vocab_size, self.head = vocab_size, head
         self.device = model.embed.weight.device
-        self.step = forward_step(model, rows, max_len, head)
+        self.step = forward_step(model, rows, max_len, head, per_row=per_row)
         self.samplers: list[Sampler | None] = [None] * rows
         self.seen: torch.Tensor | None = None  # (rows, head): tokens each row was fed, for the repetition penalty
 
@@ -311,7 +313,7 @@ class ContinuousBatch:
         self.context = self.model.config.max_seq_len
         # the whole output head: logprobs are over it; sampling looks at the tokenizer's ids only
         head = self.model.config.padded_vocab_size
-        self.decoder = Decoder(self.model, engine.vocab_size, max_rows, self.context, head)
+        self.decoder = Decoder(self.model, engine.vocab_size, max_rows, self.context, head, per_row=True)
         self.rows: list[Row] = []  # row i lives in cache row i
         self.decoding = 0  # rows[:decoding] have been prefilled; the rest join at the next step
 

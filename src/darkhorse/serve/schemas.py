@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from darkhorse.infer.sampling import BOUNDS
 
 MAX_TOKENS = 1 << 20  # far above any context; the engine clamps to the model's
 MAX_SEED = (1 << 63) - 1
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=1 << 31)]], Field(min_length=1)]
+# strict: JSON's true/false are not token ids (pydantic's lax mode would read them as 1/0)
+TokenId = Annotated[StrictInt, Field(ge=0, le=1 << 31)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
 
@@ -193,7 +195,7 @@ class Tokens(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    tokens: list[Annotated[int, Field(ge=0, le=1 << 31)]]
+    tokens: list[TokenId]
 
 
 class Detokenized(BaseModel):

@@ -211,6 +211,10 @@ class MoEConfig:
         )
         _require(0 < self.collapse_share <= 1, "model.moe.collapse_share must be in (0, 1]")
         _require(0 <= self.domain_posterior <= 1, "model.moe.domain_posterior must be in [0, 1]")
+        _require(
+            self.domain_posterior == 0 or self.domain_routing == "isolated",
+            "model.moe.domain_posterior ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
+        )
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 
     def _partition_by_domain(self) -> None:

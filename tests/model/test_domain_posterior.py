@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from darkhorse.config import MLAConfig, ModelConfig, MoEConfig
+from darkhorse.errors import ConfigError
 from darkhorse.infer.engine import ContinuousBatch, Engine, Row
 from darkhorse.model import Transformer
 from darkhorse.model.moe import MoE
@@ -40,6 +41,13 @@ def test_groups_follow_the_running_vote_causally_and_the_cache_carries_it():
     assert chosen_groups(layer, both, cache=cache, start_pos=torch.tensor([7, 0])).tolist() == [0, 0]
     cache.move_row(0, 1)
     assert chosen_groups(layer, x[:, 1:2], cache=cache.rows(1, 2), start_pos=8).tolist() == [0]
+
+
+def test_the_posterior_needs_isolated_routing():
+    with pytest.raises(ConfigError, match="needs model.moe.domain_routing=isolated"):
+        MoEConfig(n_groups=2, domain_posterior=0.5)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+        MoEConfig(domain_routing="isolated", n_domains=2, domain_posterior=1.5)
 
 
 def posterior_model(weight: float) -> Transformer:

@@ -13,6 +13,7 @@ from darkhorse.model import Transformer
 from darkhorse.train.reports import write_routing_reports
 from darkhorse.train.routing import (
     RoutingCounter,
+    document_rows,
     group_accuracy,
     moe_layers,
     mutual_information,
@@ -93,3 +94,12 @@ def test_group_accuracy_per_token_and_per_document():
     assert result == {**result, "documents": 4, "document_group_accuracy": 1.0}  # majorities: 0, 1, 2; and 1
     result = group_accuracy(torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), torch.tensor([1, 0, 0]).bool(), 3)
     assert (result["document_group_accuracy"], result["token_group_accuracy"]) == (0.0, pytest.approx(1 / 3))
+
+
+def test_document_rows_read_each_document_from_its_start():
+    tokens, domains = torch.arange(10, 20), torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    starts = torch.tensor([1, 0, 0, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    rows, row_domains, real = document_rows(tokens, domains, starts, seq_len=3)
+    assert rows.tolist() == [[10, 11, 12], [13, 14, 0], [15, 16, 0], [17, 18, 19]]
+    assert row_domains.tolist() == [[0, 0, 0], [0, 0, 255], [1, 1, 255], [2, 2, 2]]  # padding: untagged
+    assert torch.equal(rows[real], tokens)  # the real tokens, in order

@@ -221,11 +221,15 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
         report = route_windows(model, tokens, domains, seq_len).domain_report(prepared.domain_names)
     from rich.table import Table
 
-    n_experts = model.config.moe.n_routed_experts
+    moe = model.config.moe
     table = Table(title="routing on validation tokens: % of each domain's tokens per expert")
     table.add_column("layer / domain")
-    for expert in range(n_experts):
-        table.add_column(f"e{expert}", justify="right")
+    group_size = moe.n_routed_experts // moe.n_groups
+    for expert in range(moe.n_routed_experts):
+        label = f"e{expert}"
+        if moe.domain_routing == "isolated":  # each expert under its group's domain, so the isolation shows
+            label += f"\n{prepared.domain_names[expert // group_size]}"
+        table.add_column(label, justify="right")
     for layer in report["layers"]:
         if not any(map(sum, layer["counts"])):  # e.g. the MTP block, which plain decoding does not run
             continue

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from torch import nn
 
 from darkhorse.config import ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
+from darkhorse.model.attention import RowCache
 from darkhorse.model.layers import SwiGLU
 
 log = logging.getLogger("darkhorse")
@@ -59,7 +62,14 @@ class Router(nn.Module):
         """[T, E] fp32 logits (a LoRA router adds its low-rank term here)."""
         return F.linear(x.float(), self.weight.float())
 
-    def forward(self, x: torch.Tensor, selection_bonus: torch.Tensor | None = None) -> Routing:
+    def forward(
+        self,
+        x: torch.Tensor,
+        selection_bonus: torch.Tensor | None = None,
+        rank_groups: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Routing:
+        """`rank_groups` maps the tokens' [T, n_groups] group scores to what ranks the groups instead
+        (the document's group posterior)."""
         moe = self.moe
         logits = self.router_logits(x)
         scores = logits.sigmoid() if moe.scoring == "sigmoid" else logits.softmax(dim=-1)
@@ -67,7 +77,10 @@ class Router(nn.Module):
         if selection_bonus is not None:
             selection = selection + selection_bonus
         if moe.n_groups > 1:
-            selection = _limit_to_top_groups(selection, moe.n_groups, moe.topk_groups)
+            ranking = group_scores(selection, moe.n_groups)
+            if rank_groups is not None:
+                ranking = rank_groups(ranking)
+            selection = _limit_to_top_groups(selection, ranking, moe.topk_groups)
         experts = selection.topk(moe.experts_per_token, dim=-1).indices
         weights = scores.gather(1, experts)
         if moe.norm_topk_prob:
@@ -81,12 +94,12 @@ def group_scores(scores: torch.Tensor, n_groups: int) -> torch.Tensor:
     return grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
 
 
-def _limit_to_top_groups(selection: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
-    """DeepSeek-V3 group-limited routing: keep the experts of the groups with the best top-2 sums."""
-    best = group_scores(selection, n_groups)
-    keep = torch.zeros_like(best, dtype=torch.bool)
-    keep.scatter_(1, best.topk(topk_groups, dim=-1).indices, True)
-    grouped = selection.view(selection.shape[0], n_groups, -1)
+def _limit_to_top_groups(selection: torch.Tensor, ranking: torch.Tensor, topk_groups: int) -> torch.Tensor:
+    """DeepSeek-V3 group-limited routing: keep the experts of the `topk_groups` best-ranked groups
+    (`ranking` [T, n_groups]: the top-2 sums of `selection`, or the document's posterior)."""
+    keep = torch.zeros_like(ranking, dtype=torch.bool)
+    keep.scatter_(1, ranking.topk(topk_groups, dim=-1).indices, True)
+    grouped = selection.view(selection.shape[0], ranking.shape[1], -1)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(selection)
 
 
@@ -209,10 +222,45 @@ class MoE(nn.Module):
             return torch.where(self.domain_group_mask[ids], 0.0, float("-inf"))
         return self.domain_prior_mask[ids] * (self.moe.domain_prior_bonus * self.domain_prior_scale)
 
-    def forward(
-        self, x: torch.Tensor, domains: torch.Tensor | None = None, use_grouped_mm: bool | None = None
+    def uses_posterior(self) -> bool:
+        """Whether inference ranks expert groups by the document's running group posterior."""
+        return self.moe.domain_posterior > 0 and self.moe.n_groups > 1 and not self.training
+
+    def new_cache(self, batch: int, max_len: int, device) -> GroupPosteriorCache:
+        return GroupPosteriorCache(batch, max_len, self.moe.n_groups, device)
+
+    def _rank_by_posterior(
+        self,
+        batch: int,
+        seq: int,
+        cache: GroupPosteriorCache | None,
+        start_pos: int | torch.Tensor,
+        groups: torch.Tensor,
     ) -> torch.Tensor:
-        """`domains` (per-token ids) matter only with domain routing, and only while training."""
+        """Causal domain posterior (after DEMix): a token's groups are ranked by its own [T, n_groups] group
+        scores mixed, with weight `domain_posterior`, with each group's share of the votes of the tokens so
+        far (a token votes for its own best group; the prompt and what was generated count, and a cache
+        carries the running counts between decode steps)."""
+        own = groups.view(batch, seq, -1)
+        votes = F.one_hot(own.argmax(-1), own.shape[-1]).to(own.dtype).cumsum(1)
+        seen = torch.arange(1, seq + 1, device=own.device, dtype=own.dtype).view(1, seq, 1)
+        if cache is not None:
+            votes = votes + cache.votes_before(start_pos).unsqueeze(1)
+            seen = seen + (start_pos.view(-1, 1, 1).to(own.dtype) if isinstance(start_pos, torch.Tensor) else start_pos)
+            cache.update(votes, start_pos)
+        weight = self.moe.domain_posterior
+        return ((1 - weight) * own + weight * votes / seen).view(batch * seq, -1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        domains: torch.Tensor | None = None,
+        use_grouped_mm: bool | None = None,
+        cache: GroupPosteriorCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
+        """`domains` (per-token ids) matter only with domain routing, and only while training; `cache` and
+        `start_pos` only to the domain posterior at inference."""
         batch, seq, dim = x.shape
         # A gradient-checkpointing recompute runs this again inside backward: its loss terms must not
         # leak into the next forward, and its load counts double (shares and signs unchanged).
@@ -220,7 +268,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        routing = self.gate(flat, self._selection_bonus(domains))
+        posterior = partial(self._rank_by_posterior, batch, seq, cache, start_pos) if self.uses_posterior() else None
+        routing = self.gate(flat, self._selection_bonus(domains), posterior)
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
 
         slot_experts = routing.experts.reshape(-1)
@@ -363,6 +412,30 @@ class MoE(nn.Module):
         if not loads:
             return {}
         return {"moe/load_max": max(map(max, loads)), "moe/load_min": min(map(min, loads))}
+
+
+class GroupPosteriorCache(RowCache):
+    """The domain posterior's decode state: per position, one MoE layer's running vote count per group
+    from the sequence's start. Kept per position like keys and values, so that rewriting a position (a
+    rejected speculative draft, a new prompt in a reused row) needs no undo."""
+
+    FIELDS = ("votes",)
+
+    def __init__(self, batch: int, max_len: int, n_groups: int, device) -> None:
+        self.votes = torch.zeros(batch, 1, max_len, n_groups, device=device, dtype=torch.float32)
+
+    def votes_before(self, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """[batch, n_groups]: each row's counts at the position before `start_pos` (0 at position 0)."""
+        if isinstance(start_pos, torch.Tensor):
+            rows = torch.arange(len(start_pos), device=start_pos.device)
+            return self.votes[rows, 0, (start_pos - 1).clamp(min=0)] * (start_pos > 0).unsqueeze(-1)
+        if start_pos == 0:
+            return self.votes.new_zeros(self.votes.shape[0], self.votes.shape[-1])
+        return self.votes[:, 0, start_pos - 1]
+
+    def update(self, counts: torch.Tensor, start_pos: int | torch.Tensor) -> None:
+        """Store [batch, seq, n_groups] running counts at the positions from `start_pos`."""
+        self._write("votes", counts.unsqueeze(1), start_pos)
 
 
 def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:

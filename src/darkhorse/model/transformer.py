@@ -58,16 +58,39 @@ class Block(nn.Module):
             self.attn_hc = HyperConnection(config)
             self.ffn_hc = HyperConnection(config)
 
-    def _ffn(self, h: torch.Tensor, domains: torch.Tensor | None) -> torch.Tensor:
+    def _ffn(self, h: torch.Tensor, domains: torch.Tensor | None, cache, start_pos) -> torch.Tensor:
         h = self.ffn_norm(h)
-        return self.ffn(h, domains) if self.ffn_takes_domains else self.ffn(h)
+        if not self.ffn_takes_domains:
+            return self.ffn(h)
+        return self.ffn(h, domains, cache=cache, start_pos=start_pos)
 
     def forward(self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None) -> torch.Tensor:
+        """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too."""
+        attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
         if hasattr(self, "attn_hc"):
-            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, cache, start_pos))
-            return self.ffn_hc(x, lambda h: self._ffn(h, domains))
-        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos)
-        return x + self._ffn(x, domains)
+            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos))
+            return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
+        x = x + self.attn(self.attn_norm(x), rope, attn_cache, start_pos)
+        return x + self._ffn(x, domains, ffn_cache, start_pos)
+
+
+class LayerCache:
+    """A block's decode state where its MoE keeps some too (the domain posterior's running sums): both
+    caches' rows are viewed and moved together."""
+
+    def __init__(self, attn, ffn) -> None:
+        self.attn, self.ffn = attn, ffn
+
+    def rows(self, start: int, stop: int) -> LayerCache:
+        return LayerCache(self.attn.rows(start, stop), self.ffn.rows(start, stop))
+
+    def move_row(self, source: int, target: int) -> None:
+        self.attn.move_row(source, target)
+        self.ffn.move_row(source, target)
+
+    @property
+    def nbytes(self) -> int:
+        return self.attn.nbytes + self.ffn.nbytes
 
 
 class Transformer(nn.Module):
@@ -201,9 +224,16 @@ class Transformer(nn.Module):
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:
+        """Per layer, the attention's cache; a `LayerCache` where a MoE routes by the domain posterior."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return [layer.attn.new_cache(batch, max_len, device, dtype) for layer in self.layers]
+        caches = []
+        for layer in self.layers:
+            cache = layer.attn.new_cache(batch, max_len, device, dtype)
+            if isinstance(layer.ffn, MoE) and layer.ffn_takes_domains and layer.ffn.moe.domain_posterior > 0:
+                cache = LayerCache(cache, layer.ffn.new_cache(batch, max_len, device))
+            caches.append(cache)
+        return caches
 
     # -- hooks the trainer calls ----------------------------------------------------------------
 

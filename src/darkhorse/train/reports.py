@@ -80,18 +80,21 @@ def write_routing_reports(
     written.append(run_dir / "domain_routing.json")
     rows = len(report["layers"])
     # wide enough for the domain names and the colour bar; titles short enough for the narrowest panel
-    height = 1.2 + rows * (0.9 + 0.3 * len(report["domains"]))
+    height = 1.2 + rows * (0.9 + 0.3 * len(report["domains"]) + 0.2 * bool(held_out))
     with _figure(run_dir / "domain_routing.png", (max(width, 6.0), height), rows) as (figure, grid):
-        figure.suptitle("share of each domain's routed slots per expert", fontsize=10)
+        figure.suptitle("share of each domain's routed slots per expert, in training", fontsize=10)
+        withheld = {row["layer"]: row for row in (held_out or {}).get("layers", [])}
         for axes, layer in zip(grid, report["layers"], strict=True):
             counts = torch.tensor(layer["counts"], dtype=torch.float64)
             shares = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
             image = axes.imshow(shares, aspect="auto", cmap="magma", vmin=0.0)
             axes.set_yticks(range(len(report["domains"])), report["domains"])
             axes.set_xticks(range(n_experts))
-            axes.set_title(
-                f"layer {layer['layer']}: I(domain; expert) = {layer['mutual_information_bits']:.3f} bits", fontsize=9
-            )
+            title = f"layer {layer['layer']}: I(domain; expert) = {layer['mutual_information_bits']:.3f} bits"
+            if layer["layer"] in withheld:  # what routing knows without the tags
+                share = withheld[layer["layer"]]["share_of_domain_entropy"]
+                title += f"\nheld out, tags withheld: {share:.0%} of H(domain)"
+            axes.set_title(title, fontsize=9)
             figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
         grid[-1].set_xlabel("expert")
     written.append(run_dir / "domain_routing.png")

@@ -129,7 +129,6 @@ class RoutingCounter:
         return {"domains": names, "domain_ids": seen, "layers": layers}
 
 
-@torch.no_grad()
 def route_windows(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -141,8 +140,19 @@ def route_windows(
     """Routing counts of `model` in eval mode (tags steer nothing: routing as inference sees it)
     reading the 1-D `tokens`, whose per-token domain ids are `domains`, in windows of `seq_len`."""
     usable = (len(tokens) // seq_len) * seq_len
-    windows = tokens[:usable].view(-1, seq_len).long()
-    window_domains = domains[:usable].view(-1, seq_len)
+    windows, window_domains = tokens[:usable].view(-1, seq_len), domains[:usable].view(-1, seq_len)
+    return route_rows(model, windows, window_domains, batch_size, record_groups)
+
+
+@torch.no_grad()
+def route_rows(
+    model: nn.Module,
+    windows: torch.Tensor,
+    window_domains: torch.Tensor,
+    batch_size: int = 16,
+    record_groups: bool = False,
+) -> RoutingCounter:
+    """`route_windows` over ready [N, seq] rows of tokens and their domain ids."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -150,11 +160,30 @@ def route_windows(
     try:
         for start in range(0, len(windows), batch_size):
             rows = slice(start, start + batch_size)
-            model(windows[rows].to(device), domains=window_domains[rows].to(device))
+            model(windows[rows].long().to(device), domains=window_domains[rows].to(device))
     finally:
         counter.remove()
         model.train(was_training)
     return counter
+
+
+def document_rows(
+    tokens: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each document (a new one at each True of `starts`) cut into rows of `seq_len` from its start, as
+    inference reads a prompt: (tokens, domains, real) [N, seq_len], the end of each document's last row
+    padded with token 0 of an untagged domain (after the real tokens, so it changes nothing they see)."""
+    bounds = [*starts.nonzero().flatten().tolist(), len(tokens)]
+    spans = zip(bounds[:-1], bounds[1:], strict=True)
+    pieces = [(s, min(s + seq_len, end)) for start, end in spans for s in range(start, end, seq_len)]
+    rows = torch.zeros(len(pieces), seq_len, dtype=torch.long)
+    row_domains = torch.full((len(pieces), seq_len), MAX_DOMAINS - 1, dtype=torch.long)
+    real = torch.zeros(len(pieces), seq_len, dtype=torch.bool)
+    for row, (start, end) in enumerate(pieces):
+        rows[row, : end - start] = tokens[start:end]
+        row_domains[row, : end - start] = domains[start:end]
+        real[row, : end - start] = True
+    return rows, row_domains, real
 
 
 def entropy_bits(counts: torch.Tensor) -> float:
@@ -174,13 +203,16 @@ def held_out_isolation(
     """How much routing knows the domain on held-out text with the tags withheld, per MoE layer:
     I(domain; expert), the share of H(domain) it reaches, and the share of tokens and of documents
     (split at `bos_id`; else at domain changes) whose expert group is their domain's (a document's
-    group: the one most of its tokens pick). Reads at most `max_tokens` tokens of whole windows."""
-    usable = min(len(tokens), max_tokens) // seq_len * seq_len
+    group: the one most of its tokens pick). Each document is read on its own from its start, in rows of
+    `seq_len`, as inference reads a prompt. Reads at most `max_tokens` tokens."""
+    usable = min(len(tokens), max_tokens)
     tokens, domains = tokens[:usable], domains[:usable].long()
-    counter = route_windows(model, tokens, domains, seq_len, record_groups=True)
     starts = tokens == bos_id if bos_id is not None else torch.ones_like(domains, dtype=torch.bool)
     if bos_id is None:
         starts[1:] = domains[1:] != domains[:-1]
+    starts[0] = True
+    rows, row_domains, real = document_rows(tokens, domains, starts, seq_len)
+    counter = route_rows(model, rows, row_domains, record_groups=True)
     layers = []
     for layer in counter.layers:
         counts = counter.domain_counts[layer.layer_idx][: len(domain_names)].cpu()
@@ -191,10 +223,12 @@ def held_out_isolation(
         row = {"layer": layer.layer_idx, "mutual_information_bits": mi, "domain_entropy_bits": h_domain}
         row["share_of_domain_entropy"] = mi / h_domain if h_domain > 0 else 0.0
         if layer.moe.domain_routing == "isolated" and layer.moe.n_groups == len(domain_names):  # not a specialist
-            groups = torch.cat(counter.token_groups[layer.layer_idx]).view(-1)
+            groups = torch.cat(counter.token_groups[layer.layer_idx])[real]
             row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
         layers.append(row)
-    return {"domains": domain_names, "tokens": usable, "tags": "withheld", "layers": layers}
+    posterior = counter.layers[0].moe.domain_posterior if counter.layers else 0.0
+    report = {"domains": domain_names, "tokens": usable, "tags": "withheld", "domain_posterior": posterior}
+    return {**report, "layers": layers}
 
 
 def group_accuracy(groups: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, n_groups: int) -> dict[str, Any]:
@@ -222,8 +256,9 @@ def isolation_lines(report: dict[str, Any]) -> list[str]:
     """`held_out_isolation`'s report as one line per layer."""
     lines = []
     for row in report["layers"]:
+        posterior = f", domain posterior {report['domain_posterior']:g}" if report.get("domain_posterior") else ""
         line = (
-            f"held-out routing, tags withheld, layer {row['layer']}: I(domain; expert) = "
+            f"held-out routing, tags withheld{posterior}, layer {row['layer']}: I(domain; expert) = "
             f"{row['mutual_information_bits']:.2f} bits, {row['share_of_domain_entropy']:.0%} of H(domain)"
         )
         if "token_group_accuracy" in row:

@@ -1,0 +1,95 @@
+"""The causal domain posterior of isolated routing (model.moe.domain_posterior): a token's expert group
+follows the document's running vote, the same whether the text comes at once or through any decode path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from darkhorse.config import MLAConfig, ModelConfig, MoEConfig
+from darkhorse.errors import ConfigError
+from darkhorse.infer.engine import ContinuousBatch, Engine, Row
+from darkhorse.model import Transformer
+from darkhorse.model.moe import MoE
+
+
+def chosen_groups(layer: MoE, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    chosen = []
+    handle = layer.gate.register_forward_hook(lambda router, args, routing: chosen.append(routing.experts[:, 0] // 2))
+    layer(x, **kwargs)
+    handle.remove()
+    return chosen[0]
+
+
+def test_groups_follow_the_running_vote_causally_and_the_cache_carries_it():
+    torch.manual_seed(0)
+    moe = MoEConfig(n_routed_experts=6, experts_per_token=2, moe_intermediate_size=16, domain_routing="isolated",
+                    n_domains=3)  # fmt: skip
+    layer = MoE(ModelConfig(dim=32, n_heads=4, ffn="moe", moe=moe), layer_idx=1).eval()
+    directions = torch.eye(32)[:3] * 4  # group g's experts read direction g
+    layer.gate.weight.data = directions.repeat_interleave(2, dim=0)
+    x = directions[[0, 0, 0, 0, 0, 1, 1, 1]].unsqueeze(0)  # five tokens of group 0, then three of group 1
+    assert chosen_groups(layer, x).tolist() == [0] * 5 + [1] * 3  # each token's own group (exports do this)
+    layer.moe.domain_posterior = 0.9  # the vote share, its ties broken by the token's own scores
+    assert chosen_groups(layer, x).tolist() == [0] * 8  # the votes so far: 5-1, 5-2, 5-3
+    assert chosen_groups(layer, x.flip(1)).tolist() == [1] * 5 + [0] * 3  # causal: 3-2, then 3-3 (a tie)
+    cache = layer.new_cache(2, 16, "cpu")  # prefill 5, then one token at a time; row 1 a later prompt
+    chunks = [chosen_groups(layer, x[:, :5], cache=cache.rows(0, 1), start_pos=0)]
+    chunks += [chosen_groups(layer, x[:, i : i + 1], cache=cache.rows(0, 1), start_pos=i) for i in range(5, 8)]
+    assert torch.cat(chunks).tolist() == [0] * 8
+    both = torch.cat([x[:, 7:8], x[:, 0:1]])  # per-row positions: row 0 at 7 (re-written), row 1 a fresh prompt
+    assert chosen_groups(layer, both, cache=cache, start_pos=torch.tensor([7, 0])).tolist() == [0, 0]
+    cache.move_row(0, 1)
+    assert chosen_groups(layer, x[:, 1:2], cache=cache.rows(1, 2), start_pos=8).tolist() == [0]
+
+
+def test_the_posterior_needs_isolated_routing():
+    with pytest.raises(ConfigError, match="needs model.moe.domain_routing=isolated"):
+        MoEConfig(n_groups=2, domain_posterior=0.5)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+        MoEConfig(domain_routing="isolated", n_domains=2, domain_posterior=1.5)
+
+
+def posterior_model(weight: float) -> Transformer:
+    torch.manual_seed(0)
+    moe = MoEConfig(n_routed_experts=6, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=32,
+                    domain_routing="isolated", n_domains=3, domain_posterior=weight)  # fmt: skip
+    mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    config = ModelConfig(vocab_size=100, n_layers=3, dim=64, n_heads=4, max_seq_len=64, attention="mla",
+                         ffn="moe", moe=moe, mla=mla, mtp_depth=1)  # fmt: skip
+    model = Transformer(config)
+    with torch.no_grad():  # sharper logits so greedy choices are not near-ties
+        model.embed.weight.mul_(8)
+    return model.eval()
+
+
+PROMPTS = [[5, 17, 42, 8, 3], [1, 2], [9, 9, 9, 60, 61, 62, 63]]
+
+
+@pytest.mark.slow
+def test_every_decode_path_routes_as_the_whole_text_does():
+    model = posterior_model(1.0)
+    text = torch.tensor([PROMPTS[2] + PROMPTS[0] * 3])
+    with torch.no_grad():
+        whole = model(text).logits
+        assert not torch.allclose(whole, posterior_model(0.0)(text).logits, atol=1e-3)  # the posterior acts
+        cache = model.new_cache(1, 64)  # a prefill of 4, then a token at a time
+        steps = [model(text[:, :4], cache=cache).logits]
+        steps += [model(text[:, i : i + 1], cache=cache, start_pos=i).logits for i in range(4, text.shape[1])]
+        assert torch.allclose(torch.cat(steps, dim=1), whole, atol=1e-4)
+    engine = Engine(model, 100)
+    plain = engine.generate(PROMPTS, max_new_tokens=12)
+    for prompt, tokens in zip(PROMPTS, plain, strict=True):  # the cached decode = recomputing the whole text
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1, :100].argmax()))
+        assert tokens == ids[len(prompt) :]
+    assert engine.generate(PROMPTS, max_new_tokens=12, speculative="mtp") == plain  # drafts rewrite positions
+    rows = [Row(prompt, max_new_tokens=12) for prompt in PROMPTS * 2]
+    batch, pending = ContinuousBatch(engine, 2), list(rows)  # rows join, leave and reuse cache rows
+    while pending or batch.rows:
+        while pending and not batch.full:
+            batch.add(pending.pop(0))
+        batch.step()
+    assert [row.tokens for row in rows] == plain * 2

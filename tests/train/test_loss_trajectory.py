@@ -40,7 +40,7 @@ COMMON = [
 
 
 # tiny-cpu's recipe before issue 17, and a loss at step 30 between its (0.88) and today's default's (0.30)
-OLD_RECIPE = ["train.optimizer=adamw", "train.schedule=cosine", "model.qk_norm=false", "model.zero_init_out=false"]
+OLD_RECIPE = ["train.optimizer=adamw", "train.schedule=cosine", "model.qk_norm=false"]
 RECIPE_BOUND = 0.6
 
 

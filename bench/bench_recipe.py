@@ -39,6 +39,14 @@ BASELINE = [
 ]  # fmt: skip
 # one change each against the preset's default; `old` undoes the issue-17 defaults (the pre-issue recipe)
 LEVERS = {
+    "old": [
+        "train.optimizer=adamw",
+        "train.schedule=cosine",
+        "model.qk_norm=false",
+        "model.tie_embeddings=true",
+        "train.embedding_lr=0",
+        "train.head_lr=0",
+    ],  # fmt: skip
     "adamw": ["train.optimizer=adamw"],
     "muon": ["train.optimizer=muon", "train.muon_lr=0.02"],
     "muon-lion": ["train.optimizer=muon", "train.scalar_optimizer=lion", "train.lr=3e-4"],
@@ -48,7 +56,6 @@ LEVERS = {
     "no-qk-norm": ["model.qk_norm=false"],
     "relu2": ["model.ffn_activation=relu2", "FFN_X1.5"],
     "zero-init": ["model.zero_init_out=true"],
-    "no-zero-init": ["model.zero_init_out=false"],
     "softcap": ["model.logit_softcap=15"],
     "untied": ["model.tie_embeddings=false"],
     "untied-lr": ["model.tie_embeddings=false", "train.embedding_lr=0.05", "train.head_lr=0.002"],

@@ -169,7 +169,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="overrides under the default and every lever (a candidate default), not the baseline",
     )
-    parser.add_argument("--repeats", type=int, default=1, help="pairs per lever, seeds 1337, 1338, ...")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs per lever, seeds SEED, SEED+1, ...")
+    parser.add_argument("--seed", type=int, default=1337, help="the first pair's seed")
     parser.add_argument("--eval-steps", type=int, default=40, help="val batches scored at the end")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--log", type=Path, help="append each pair's results (losses included) here as JSON lines")
@@ -185,7 +186,7 @@ def main() -> None:
             ratios = []
             for repeat in range(args.repeats):
                 pair = train_pair(args.preset, (args.against, lever), dirs[corpus], args.work / "runs",
-                                  args.minutes, 1337 + repeat, args.eval_steps, args.base)  # fmt: skip
+                                  args.minutes, args.seed + repeat, args.eval_steps, args.base)  # fmt: skip
                 first, second = pair
                 ratios.append(second["val_bpb"] / first["val_bpb"])
                 print(
@@ -195,7 +196,7 @@ def main() -> None:
                 )
                 if args.log:
                     record = {"preset": args.preset, "corpus": corpus, "minutes": args.minutes,
-                              "seed": 1337 + repeat, "with": args.base, "pair": pair}  # fmt: skip
+                              "seed": args.seed + repeat, "with": args.base, "pair": pair}  # fmt: skip
                     with args.log.open("a") as log:
                         log.write(json.dumps(record) + "\n")
             if args.repeats > 1:

@@ -15,7 +15,7 @@ from darkhorse.files import PARTIAL_MARK
 from darkhorse.model import Transformer
 
 TINY = ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
-        "model.vocab_size=64"]  # fmt: skip
+        "model.vocab_size=64", "model.tie_embeddings=true"]  # fmt: skip
 
 
 @pytest.fixture

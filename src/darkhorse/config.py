@@ -270,6 +270,12 @@ class ModelConfig:
     attention_bias: bool = False  # GQA q/k/v projection biases (Qwen2)
     qk_norm: bool = False  # GQA RMSNorm on each query/key head before RoPE (Qwen3)
     ffn: str = "dense"  # dense | moe
+    # dense FFNs: swiglu (gated, LLaMA), or a plain up/down MLP with gelu (GPT-2) or relu2 (squared ReLU,
+    # modded-nanogpt); the plain MLP has two matrices, not three, so 1.5x ffn_dim matches SwiGLU's size
+    ffn_activation: str = "swiglu"
+    positions: str = "rope"  # rope | learned (GPT-2's absolute position embeddings added to the tokens)
+    logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the output logits (Gemma 2); 0 = off
+    zero_init_out: bool = False  # attention and FFN output projections start at zero (modded-nanogpt)
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -281,6 +287,13 @@ class ModelConfig:
         _one_of("model.attention", self.attention, ("gqa", "mla"))
         _one_of("model.ffn", self.ffn, ("dense", "moe"))
         _one_of("model.residual", self.residual, ("plain", "mhc"))
+        _one_of("model.ffn_activation", self.ffn_activation, ("swiglu", "gelu", "relu2"))
+        _one_of("model.positions", self.positions, ("rope", "learned"))
+        _require(
+            self.positions == "rope" or self.attention == "gqa",
+            "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",
+        )
+        check_range("model.logit_softcap", self.logit_softcap, ge=0)
         for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             check_range(f"model.{name}", getattr(self, name), gt=0)
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -326,6 +339,8 @@ class TrainConfig:
     wsd_decay_fraction: float = 0.2
     optimizer: str = "adamw"  # adamw | muon (Muon on 2-D/3-D matrices)
     muon_lr: float = 0.02
+    embedding_lr: float = 0.0  # the token (and position) embeddings' lr; 0 = train.lr
+    head_lr: float = 0.0  # an untied output head's lr (model.tie_embeddings=false); 0 = train.lr
     scalar_optimizer: str = "adamw"  # adamw | lion: for embeddings, norms and other non-matrix params
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -368,6 +383,8 @@ class TrainConfig:
         check_range("train.seed", self.seed, ge=0)
         check_range("train.lr", self.lr, gt=0)
         check_range("train.muon_lr", self.muon_lr, gt=0)
+        check_range("train.embedding_lr", self.embedding_lr, ge=0)
+        check_range("train.head_lr", self.head_lr, ge=0)
         check_range("train.mtp_weight", self.mtp_weight, ge=0)
         check_range("train.beta1", self.beta1, ge=0, lt=1)
         check_range("train.beta2", self.beta2, ge=0, lt=1)

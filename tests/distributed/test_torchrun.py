@@ -25,10 +25,11 @@ from darkhorse.train.sharded import consolidate
 from darkhorse.train.trainer import train
 
 WORKER = Path(__file__).with_name("worker.py")
+# AdamW: FSDP refuses tiny-cpu's Muon, and one optimizer keeps the DDP and FSDP runs comparable
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.max_seq_len=64", "train.seq_len=32", "train.warmup_steps=2", "train.log_interval=1",
-    "train.eval_interval=0", "train.schedule=constant",
+    "train.eval_interval=0", "train.schedule=constant", "train.optimizer=adamw",
 ]  # fmt: skip
 MOE = [
     "model.ffn=moe", "model.moe.n_routed_experts=4", "model.moe.experts_per_token=2", "model.moe.first_k_dense=0",

@@ -18,7 +18,12 @@ MIXTRAL_MOE = dict(n_routed_experts=4, n_shared_experts=0, experts_per_token=2, 
 MLA = MLAConfig(q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 
 UNEXPORTABLE = {
-    "mhc": (ModelConfig(residual="mhc", **GQA), "model.residual=mhc (manifold-constrained hyper-connections)"),
+    "mhc": (ModelConfig(residual="mhc", **GQA), "model.residual=mhc (hyper-connections)"),
+    "gpt2-blocks": (
+        ModelConfig(ffn_activation="gelu", positions="learned", logit_softcap=15.0, **GQA),
+        "model.ffn_activation=gelu (an ungated MLP) has no transformers or llama.cpp architecture here; use "
+        "--format safetensors or pt; model.positions=learned (absolute position embeddings) has no transformers",
+    ),
     "mixtral-sigmoid-shared": (
         ModelConfig(ffn="moe", moe=MoEConfig(**{**MIXTRAL_MOE, "scoring": "sigmoid", "n_shared_experts": 1}), **GQA),
         "model.moe.scoring=sigmoid (Mixtral routes by softmax); model.moe.n_shared_experts > 0",

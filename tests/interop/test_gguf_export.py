@@ -341,7 +341,14 @@ def test_moe_settings_llama_cpp_cannot_run_are_refused(tiny_mixtral_checkpoint, 
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize(("extra", "arch"), [({"attention_bias": True}, "qwen2"), ({"qk_norm": True}, "qwen3")])
+@pytest.mark.parametrize(
+    ("extra", "arch"),
+    [
+        ({"attention_bias": True}, "qwen2"),
+        ({"qk_norm": True}, "qwen3"),
+        ({"qk_norm": True, "tie_embeddings": False}, "qwen3"),  # tiny-cpu's architecture since issue 17
+    ],
+)
 def test_qwen_style_attention_exports_as_qwen_architectures(tiny_dense_checkpoint, tmp_path, extra, arch):
     """q/k/v biases and q/k norms (imported Qwen2/Qwen3 models) with random, non-trivial values."""
     vocab = Tokenizer.from_file(tiny_dense_checkpoint / "tokenizer.json").vocab_size

@@ -45,6 +45,8 @@ MLA_MOE = (
     "model.moe.first_k_dense=1",
     "model.mtp_depth=1",
 )
+GPT2 = ("model.ffn_activation=gelu", "model.positions=learned", "model.mtp_depth=1")  # the recipe bench's baseline
+LEVERS = ("model.ffn_activation=relu2", "model.logit_softcap=15", "model.qk_norm=true", "model.zero_init_out=true")
 
 
 def reference_mha(x, attn: GroupedQueryAttention, cos, sin):
@@ -75,7 +77,7 @@ def test_gqa_with_all_kv_heads_is_plain_multi_head_attention():
     torch.testing.assert_close(attn(x, (cos, sin)), reference_mha(x, attn, cos, sin), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [(), MLA, MLA_MOE], ids=["gqa", "mla", "mla-moe-mtp"])
+@pytest.mark.parametrize("extra", [(), MLA, MLA_MOE, GPT2, LEVERS], ids=["gqa", "mla", "mla-moe-mtp", "gpt2", "levers"])
 def test_future_tokens_do_not_change_past_logits(extra):
     model = Transformer(small_config(*extra)).eval()
     tokens = torch.randint(0, 256, (1, 20))
@@ -89,8 +91,8 @@ def test_future_tokens_do_not_change_past_logits(extra):
 
 @pytest.mark.parametrize(
     "extra",
-    [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2")],
-    ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc"],
+    [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2"), GPT2, LEVERS],
+    ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc", "gpt2", "levers"],
 )
 def test_cached_decoding_matches_full_forward(extra):
     model = Transformer(small_config(*extra)).eval()

@@ -12,7 +12,7 @@ from darkhorse.config import load_run_config
 from darkhorse.errors import ConfigError, DarkhorseError
 from darkhorse.model import Transformer
 
-NAMED_SIZES = {"tiny-cpu": 2e6, "d20": 18e6, "forge-nano": 125e6, "forge-mini": 350e6,
+NAMED_SIZES = {"tiny-cpu": 2.8e6, "d20": 18e6, "forge-nano": 125e6, "forge-mini": 350e6,
                "genesis-1b": 1e9, "genesis-5b": 5e9, "genesis-30b": 30e9, "genesis-500b": 500e9}  # fmt: skip
 
 

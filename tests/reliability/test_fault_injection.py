@@ -38,10 +38,12 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="forks a process that has torch loaded (Linux only)"),
 ]
 
+# AdamW: the full-disk test's 2 MiB tmpfs is sized to this model's AdamW checkpoints (tiny-cpu uses Muon)
 SETTINGS = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2",
     "train.eval_interval=0", "train.log_interval=1", "train.save_interval=2", "train.keep_last=2",
+    "train.optimizer=adamw",
 ]  # fmt: skip
 MAX_STEPS = 8
 SAVES = MAX_STEPS // 2  # step-2, -4, -6, -8; then final/

@@ -9,6 +9,10 @@ percent), and loose enough for summation-order differences between CPUs (AVX2 vs
 To record the curves again after a change that is meant to move them, run
     DARKHORSE_RECORD_TRAJECTORIES=1 pytest tests/train/test_loss_trajectory.py
 and say why in the commit.
+
+The stored curves follow whatever the presets say; `test_default_recipe_stays_under_the_bound_the_old_one_misses`
+guards the recipe itself (issue 17): tiny-cpu's defaults must keep their final loss under RECIPE_BOUND,
+which the recipe they replaced (OLD_RECIPE, checked in the same test) does not reach.
 """
 
 from __future__ import annotations
@@ -35,8 +39,16 @@ COMMON = [
 ]  # fmt: skip
 
 
-def run_losses(preset: str, data_dir: Path, out_dir: Path) -> list[float]:
-    config = load_run_config(preset, overrides=[*RUNS[preset], *COMMON])
+# tiny-cpu's recipe before issue 17, and a loss at step 30 between its (0.88) and today's default's (0.42)
+OLD_RECIPE = [
+    "train.optimizer=adamw", "train.schedule=cosine", "model.qk_norm=false", "model.tie_embeddings=true",
+    "train.embedding_lr=0", "train.head_lr=0",
+]  # fmt: skip
+RECIPE_BOUND = 0.6
+
+
+def run_losses(preset: str, data_dir: Path, out_dir: Path, extra: list[str] = ()) -> list[float]:
+    config = load_run_config(preset, overrides=[*RUNS[preset], *COMMON, *extra])
     train(config, [(data_dir, 1.0)], out_dir, verbose=False)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
@@ -52,3 +64,11 @@ def test_loss_trajectory_matches_the_stored_curve(preset, tmp_path, make_prepare
         stored[preset] = curve
         ASSET.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
     assert curve == pytest.approx(stored[preset], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_default_recipe_stays_under_the_bound_the_old_one_misses(tmp_path, make_prepared):
+    data_dir = make_prepared(tmp_path / "data", domains=True, loss_mask=True)
+    default = run_losses("tiny-cpu", data_dir, tmp_path / "default")[-1]
+    old = run_losses("tiny-cpu", data_dir, tmp_path / "old", OLD_RECIPE)[-1]
+    assert default < RECIPE_BOUND < old

@@ -71,9 +71,10 @@ class ToyMoE(nn.Module):
 
 def test_parameters_split_into_matrices_embeddings_and_vectors():
     model = ToyMoE()
-    hidden, embeddings, vectors = split_parameters(model)
+    hidden, embeddings, head, vectors = split_parameters(model)
     assert {id(p) for p in hidden} == {id(model.proj.weight), id(model.experts)}
     assert [id(p) for p in embeddings] == [id(model.embed.weight)]  # the tied head is the same tensor, listed once
+    assert head == []
     assert [id(p) for p in vectors] == [id(model.norm)]
     for optimizer in build_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu")):
         for group in optimizer.param_groups:
@@ -127,3 +128,19 @@ def test_lion_update_is_the_sign_of_the_interpolated_momentum():
     optimizer.step()
     torch.testing.assert_close(param.detach(), torch.tensor([0.9, -0.9, 0.5]))
     assert math.isclose(optimizer.state[param]["exp_avg"][1].item(), -2.0 * 0.01, rel_tol=1e-6)
+
+
+def test_untied_head_and_embeddings_take_their_own_learning_rates():
+    model = ToyMoE()
+    model.lm_head.weight = nn.Parameter(torch.randn(16, 8) * 0.02)  # untie
+    train = TrainConfig(lr=1e-3, embedding_lr=0.2, head_lr=4e-3)
+    for kind in ("adamw", "muon"):
+        train.optimizer = kind
+        lr_of = {
+            id(p): group["lr"]
+            for optimizer in build_optimizers(model, train, torch.device("cpu"))
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        assert lr_of[id(model.embed.weight)] == 0.2 and lr_of[id(model.lm_head.weight)] == 4e-3
+        assert lr_of[id(model.norm)] == 1e-3

@@ -91,6 +91,7 @@ class DenseForward:
             or config.residual != "plain"
             or config.attention_bias
             or config.qk_norm
+            or (config.ffn_activation, config.positions, config.logit_softcap) != ("swiglu", "rope", 0.0)
         ):
             return False
         if any(p.dtype != torch.float32 for p in model.parameters()):

@@ -5,8 +5,8 @@ channel pairs (the original Meta layout) while darkhorse, like HF Llama, rotates
 i + head_dim/2, so the q and k rows are permuted per head on the way out (the same permutation
 llama.cpp's own `convert_hf_to_gguf.py` applies to HF Llama weights); nothing else changes.
 MLA + MoE models become `deepseek2` (see `deepseek2_plan`). YaRN settings are written as llama.cpp's
-rope-scaling keys when llama.cpp computes the same thing (`_check_yarn`); mHC residual streams,
-which no llama.cpp architecture has, are refused.
+rope-scaling keys when llama.cpp computes the same thing (`_check_yarn`); mHC residual streams, ungated
+MLPs, learned positions and soft-capped logits (`capabilities.architecture_refusals`) are refused.
 
 The file is written with the `gguf` package in two passes: first every tensor's name, shape and
 type (computed from the config, no weights loaded), then the weights one tensor at a time, so peak
@@ -443,7 +443,7 @@ def _check_yarn(ckpt: CheckpointTensors) -> None:
 
 def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], MetadataWriter]:
     cfg = ckpt.model
-    if reasons := capabilities.residual_refusals(cfg):
+    if reasons := capabilities.architecture_refusals(cfg):
         raise capabilities.refusal("GGUF", reasons, ckpt.path)
     _check_yarn(ckpt)
     if cfg.attention == "gqa" and cfg.attention_bias and cfg.qk_norm:

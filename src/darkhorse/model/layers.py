@@ -1,4 +1,4 @@
-"""Small building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU."""
+"""Small building blocks shared by every architecture: RMSNorm, rotary embeddings, SwiGLU and the plain MLP."""
 
 from __future__ import annotations
 
@@ -88,5 +88,23 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def dense_ffn(config: ModelConfig) -> SwiGLU:
-    return SwiGLU(config.dim, config.ffn_dim)
+class MLP(nn.Module):
+    """Ungated FFN: down(act(up(x))), act gelu (GPT-2) or relu2 (squared ReLU, Primer / modded-nanogpt)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)
+        h = F.gelu(h, approximate="tanh") if self.activation == "gelu" else F.relu(h).square()
+        return self.down_proj(h)
+
+
+def dense_ffn(config: ModelConfig) -> nn.Module:
+    """The dense FFN that `model.ffn_activation` names."""
+    if config.ffn_activation == "swiglu":
+        return SwiGLU(config.dim, config.ffn_dim)
+    return MLP(config.dim, config.ffn_dim, config.ffn_activation)

@@ -98,6 +98,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.padded_vocab_size, config.dim)
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Training-only multi-token-prediction modules (layer ids continue after the main stack).
@@ -115,14 +117,20 @@ class Transformer(nn.Module):
     # -- initialisation -------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers), or
+        zero with `model.zero_init_out` (each block starts as the identity; its input grads still flow)."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
-            is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
-            nn.init.normal_(param, mean=0.0, std=residual_std if is_residual_out else std)
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                if self.config.zero_init_out:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
@@ -149,12 +157,14 @@ class Transformer(nn.Module):
         end = int(start_pos.max()) + seq if per_row else start_pos + seq
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence reaches position {end} > max_seq_len {self.config.max_seq_len}")
-        if per_row:
-            positions = row_positions(start_pos, seq)
+        positions = row_positions(start_pos, seq) if per_row else torch.arange(start_pos, end, device=tokens.device)
+        x = self.embed(tokens)
+        if hasattr(self, "pos_embed"):
+            x, rope = x + self.pos_embed(positions), None
+        elif per_row:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         else:
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
-        x = self.embed(tokens)
         if self.config.residual == "mhc":
             x = expand_streams(x, self.config.mhc.expansion)
         for i, layer in enumerate(self.layers):
@@ -185,7 +195,7 @@ class Transformer(nn.Module):
         MTP runs only when `targets` are given, so generation never pays for it.
         """
         hidden = self.hidden_states(tokens, cache, start_pos, domains)
-        logits = self.lm_head(hidden)
+        logits = self.logits(hidden)
         if targets is None:
             return ModelOutput(logits=logits)
         lm_loss = self._cross_entropy(logits, targets)
@@ -200,6 +210,12 @@ class Transformer(nn.Module):
                     loss = loss + term
                     losses[name] = losses.get(name, 0) + term.detach()
         return ModelOutput(logits=logits, loss=loss, losses=losses)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head, soft-capped to (-cap, cap) with `model.logit_softcap`."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     @staticmethod
     def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -217,10 +233,10 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             if seq - k < 1:
                 break
-            rope = (self.rope_cos[: seq - k], self.rope_sin[: seq - k])
+            rope = None if hasattr(self, "pos_embed") else (self.rope_cos[: seq - k], self.rope_sin[: seq - k])
             depth_domains = domains[:, k:] if domains is not None else None
             hidden = module(hidden[:, : seq - k], self.embed(tokens[:, k:]), rope, depth_domains)
-            losses.append(self._cross_entropy(self.lm_head(hidden), targets[:, k:]))
+            losses.append(self._cross_entropy(self.logits(hidden), targets[:, k:]))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:
@@ -278,7 +294,8 @@ class Transformer(nn.Module):
 
         Counts the MTP modules too, and the output head once per prediction depth."""
         head_uses = int(self.config.tie_embeddings) + len(self.mtp)
-        matmul_params = self.num_active_params(include_mtp=True) - self.embed.weight.numel()
+        lookups = [m.weight.numel() for m in (self.embed, getattr(self, "pos_embed", None)) if m is not None]
+        matmul_params = self.num_active_params(include_mtp=True) - sum(lookups)
         matmul_params += head_uses * self.lm_head.weight.numel()
         attention = 0
         for layer in [*self.layers, *(module.block for module in self.mtp)]:

@@ -83,24 +83,41 @@ class ExpertMuon(torch.optim.Muon):
         return super().step(closure)
 
 
-def _is_embedding_or_head(name: str, param: nn.Parameter, embedding_params: set[int]) -> bool:
-    return id(param) in embedding_params or name.split(".")[-2:] == ["lm_head", "weight"]
+def _is_head(name: str) -> bool:
+    return name.split(".")[-2:] == ["lm_head", "weight"]
 
 
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    """(hidden matrices, embedding/head matrices, 1-D params); tied weights appear once."""
+def split_parameters(
+    model: nn.Module,
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices, embedding tables, untied output head, 1-D params); tied weights appear once,
+    as an embedding table."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    hidden, embeddings, vectors = [], [], []
+    hidden, embeddings, head, vectors = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if param.ndim < 2:
             vectors.append(param)
-        elif _is_embedding_or_head(name, param, embedding_params):
+        elif id(param) in embedding_params:
             embeddings.append(param)
+        elif _is_head(name):
+            head.append(param)
         else:
             hidden.append(param)
-    return hidden, embeddings, vectors
+    return hidden, embeddings, head, vectors
+
+
+def _element_wise_groups(embeddings: list, head: list, vectors: list, train: TrainConfig) -> list[dict]:
+    """Embeddings and head at their own lr (train.embedding_lr, train.head_lr; 0 = train.lr), decayed;
+    1-D params at train.lr, undecayed. Empty groups are left out."""
+    decay = {"weight_decay": train.weight_decay}
+    groups = [
+        {"params": embeddings, "lr": train.embedding_lr or train.lr, **decay},
+        {"params": head, "lr": train.head_lr or train.lr, **decay},
+        {"params": vectors, "lr": train.lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _adamw(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -114,20 +131,21 @@ def _adamw(groups: list[dict], train: TrainConfig, device: torch.device) -> torc
 def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """The optimizers for `train.optimizer`; call after the model is on its device.
 
-    Weight decay applies to matrices only (norm gains and other 1-D params stay undecayed).
+    Weight decay applies to matrices only (norm gains and other 1-D params stay undecayed); the
+    embeddings and an untied head take their own lr when train.embedding_lr / train.head_lr give one.
     """
-    hidden, embeddings, vectors = split_parameters(model)
-    decay = {"weight_decay": train.weight_decay}
+    hidden, embeddings, head, vectors = split_parameters(model)
+    groups = _element_wise_groups(embeddings, head, vectors, train)
     if train.optimizer == "adamw":
-        groups = [{"params": hidden + embeddings, **decay}, {"params": vectors, "weight_decay": 0.0}]
-        return [_adamw([g for g in groups if g["params"]], train, device)]
+        if hidden:
+            groups.insert(0, {"params": hidden, "lr": train.lr, "weight_decay": train.weight_decay})
+        return [_adamw(groups, train, device)]
 
     optimizers: list[torch.optim.Optimizer] = []
     if hidden:
         optimizers.append(
             ExpertMuon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original")
         )
-    groups = [g for g in ({"params": embeddings, **decay}, {"params": vectors, "weight_decay": 0.0}) if g["params"]]
     if groups:
         if train.scalar_optimizer == "lion":
             optimizers.append(Lion(groups, lr=train.lr))

@@ -522,7 +522,7 @@ class Trainer:
             say(f"warning: {warning}")
 
     def _fit_warning(self, model: Transformer) -> str | None:
-        hidden, _, _ = split_parameters(model)
+        hidden = split_parameters(model)[0]
         estimate = estimate_training_memory(self.config, model.num_params(), sum(p.numel() for p in hidden))
         return fit_warning(estimate, available_memory(self.device))
 

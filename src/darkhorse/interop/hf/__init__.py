@@ -40,7 +40,7 @@ def adapter_for_import(hf_config: dict[str, Any], where: str) -> HFAdapter:
 
 def adapter_for_export(config: ModelConfig) -> HFAdapter:
     """The HF architecture that holds `config` exactly, or an error naming what stands in the way."""
-    if reasons := capabilities.residual_refusals(config):
+    if reasons := capabilities.architecture_refusals(config):
         raise capabilities.refusal("Hugging Face", reasons)
     for cls in EXPORT_ADAPTERS:
         if not cls().export_refusals(config):

@@ -178,14 +178,17 @@ def save_training_checkpoint(
     """A resumable checkpoint: the model files plus `trainer_state.pt`."""
     with atomic_dir(folder, force=True) as temp:
         _write_model_files(temp, model, config, tokenizer_file, meta)
-        _save_trainer_state(trainer_state, temp / STATE_FILE)
+        save_trainer_state(trainer_state, temp / STATE_FILE)
     return Path(folder)
 
 
-def _save_trainer_state(state: dict[str, Any], path: Path) -> None:
-    """torch.save, with a full disk reported as the OSError it is (torch says only "unexpected pos")."""
+def save_trainer_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is (torch says only "unexpected pos"). The file
+    is opened here so that a failed write closes it: given a path, torch's writer keeps its file open for as
+    long as the exception's traceback lives, which holds a full disk busy in a process that goes on."""
     try:
-        torch.save(state, path)
+        with open(path, "wb") as file:
+            torch.save(state, file)
     except RuntimeError as exc:
         disk = os.statvfs(path.parent)
         if disk.f_bavail * disk.f_frsize >= 1 << 20:

@@ -38,12 +38,10 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="forks a process that has torch loaded (Linux only)"),
 ]
 
-# AdamW: the full-disk test's 2 MiB tmpfs is sized to this model's AdamW checkpoints (tiny-cpu uses Muon)
 SETTINGS = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2",
     "train.eval_interval=0", "train.log_interval=1", "train.save_interval=2", "train.keep_last=2",
-    "train.optimizer=adamw",
 ]  # fmt: skip
 MAX_STEPS = 8
 SAVES = MAX_STEPS // 2  # step-2, -4, -6, -8; then final/
@@ -118,8 +116,9 @@ def _install(fault: tuple[str, int, str]) -> None:
             ckpt.write_safetensors = _on_call(count, after=lambda *_: _die())(ckpt.write_safetensors)
         elif stage == "state half-written":
 
-            def truncate_and_die(state, path):
-                os.truncate(path, os.path.getsize(path) // 2)
+            def truncate_and_die(state, file):  # checkpoint.save_trainer_state saves into a file it opened
+                file.flush()
+                os.truncate(file.name, os.path.getsize(file.name) // 2)
                 _die()
 
             torch.save = _on_call(count, after=truncate_and_die)(torch.save)
@@ -264,11 +263,25 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+def _open_files_under(folder: Path) -> list[str]:
+    """Paths under `folder` that this process holds open (deleted files included)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the fd listdir itself used, gone by now
+            continue
+        if target.startswith(str(folder)):
+            held.append(target)
+    return held
+
+
 def test_a_full_disk_loses_nothing(tmp_path, data, baseline, tiny_disk):
     run_dir = tiny_disk / "run"
     with pytest.raises(OSError) as caught:  # the CLI's error boundary turns it into one line
         train(config(), [(data, 1.0)], run_dir, verbose=False)
     assert caught.value.errno == errno.ENOSPC
+    assert not _open_files_under(tiny_disk)  # the failed write closed its file: the disk is not held busy
     assert ckpt.training_checkpoints(run_dir)  # what fitted is kept...
     _assert_only_intact_checkpoints(run_dir)  # ...and nothing half-written looks valid
     assert not [p for p in run_dir.iterdir() if files.PARTIAL_MARK in p.name]

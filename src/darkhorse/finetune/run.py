@@ -238,7 +238,7 @@ class LoRAHooks(TrainingHooks):
         with atomic_dir(folder, force=True) as temp:
             write_adapter(temp, self.model, self.targets, self.spec, self.sidecar(trainer))
             (temp / ckpt.META_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            torch.save(state, temp / ckpt.STATE_FILE)
+            ckpt.save_trainer_state(state, temp / ckpt.STATE_FILE)
             ckpt.copy_tokenizer(trainer.tokenizer_file, temp)
         return folder
 

@@ -49,7 +49,7 @@ def save_sharded_checkpoint(
             broadcast(world, str(staged))
             dcp.save(state, checkpoint_id=staged / ckpt.SHARDS_DIR)
             ckpt.write_meta_and_tokenizer(staged, config, tokenizer_file, meta)
-            torch.save(trainer_state, staged / ckpt.STATE_FILE)
+            ckpt.save_trainer_state(trainer_state, staged / ckpt.STATE_FILE)
     else:
         staged = Path(broadcast(world, None))
         dcp.save(state, checkpoint_id=staged / ckpt.SHARDS_DIR)

@@ -207,6 +207,8 @@ def held_out_isolation(
     `seq_len`, as inference reads a prompt. Reads at most `max_tokens` tokens."""
     usable = min(len(tokens), max_tokens)
     tokens, domains = tokens[:usable], domains[:usable].long()
+    if not usable:  # no held-out text (e.g. a fine-tune's tiny val split): nothing to route
+        return {"domains": domain_names, "tokens": 0, "tags": "withheld", "layers": []}
     starts = tokens == bos_id if bos_id is not None else torch.ones_like(domains, dtype=torch.bool)
     if bos_id is None:
         starts[1:] = domains[1:] != domains[:-1]

@@ -1,15 +1,16 @@
-"""Demo accuracy: Genesis (genesis-demo, the demo default) vs the dense demo-cpu model, same run.
+"""Demo accuracy per seed and per preset: the demo goals at a fixed step budget.
 
 Each (preset, seed) runs the whole `darkhorse demo` pipeline in its own process at the same step
-count (so the same number of training tokens) and the script prints held-out exact match per skill
-for every run, with training minutes, as a markdown table for docs/benchmarks.md. Skills appear
-abruptly and the step where they do moves with the seed, so compare several seeds, not one run.
-The goal (>= 90% on held-out 2-digit addition and sorting 5 numbers within 5 minutes on 2 CPU
-cores) is read off the `addition` and `sort` rows together with `darkhorse demo`'s own step budget.
+count (so the same number of training tokens, whatever the machine's load) and the script prints
+held-out exact match per skill for every run, then per preset the mean and the minimum over the
+seeds, as markdown tables for docs/benchmarks.md. Skills appear abruptly and the step where they do
+moves with the seed, so the goal is read off the minimum: >= 90% on held-out 2-digit addition and
+on sorting 5 numbers, and >= 70% over all skills, within 1,500 steps (what 5 minutes buy on a slow
+2-core machine), in every seed.
 
-    .venv/bin/python bench/bench_demo.py --max-steps 600 --work /tmp/bench-demo
-    python bench/bench_demo.py --max-steps 1300 --seeds 0 1 2 --jobs 16   # a many-core machine:
-                                                                           # one thread per run
+    .venv/bin/python bench/bench_demo.py --presets genesis-demo --seeds 0 1 2        # 1,500 steps
+    python bench/bench_demo.py --seeds 0 1 2 --jobs 6       # a many-core machine: one thread per run
+    python bench/bench_demo.py --presets genesis-demo --seeds 0 -- model.mtp_depth=1  # overrides
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def run_demo(preset: str, seed: int, max_steps: int, work: Path, one_thread: bool) -> dict:
+def run_demo(preset: str, seed: int, max_steps: int, work: Path, one_thread: bool, overrides: list[str]) -> dict:
     out = work / f"{preset}-s{seed}"
     argv = ["demo", "--preset", preset, "--max-steps", str(max_steps), "--seed", str(seed), "--out", str(out)]
+    argv += overrides
     env = dict(os.environ, TERM="dumb")
     if one_thread:  # runs side by side: one core each, tokenizer training included
         env.update(OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1")
@@ -54,23 +56,39 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(results: dict[str, dict], presets: list[str]) -> str:
+    """Per preset, each skill's mean and minimum accuracy over its seeds (the goal holds if the minimum does)."""
+    skills = sorted({skill for result in results.values() for skill in result["by_skill"]})
+    header = "| mean / min over seeds | " + " | ".join([*skills, "all"]) + " |"
+    lines = [header, "|---|" + "---:|" * (len(skills) + 1)]
+    for preset in presets:
+        runs = [result for name, result in results.items() if name.startswith(f"{preset} s")]
+        cells = []
+        for skill in [*skills, None]:
+            scores = [100 * (r["overall"] if skill is None else r["by_skill"][skill])["accuracy"] for r in runs]
+            cells.append(f"{sum(scores) / len(scores):.1f} / {min(scores):.0f}%")
+        lines.append(f"| {preset} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["genesis-demo", "demo-cpu"])
-    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (> 1: one thread each)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-demo"))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run (after --)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     runs = [(preset, seed) for preset in args.presets for seed in args.seeds]
+    shared = (args.max_steps, args.work, args.jobs > 1, args.overrides)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {
-            f"{preset} s{seed}": pool.submit(run_demo, preset, seed, args.max_steps, args.work, args.jobs > 1)
-            for preset, seed in runs
-        }
+        futures = {f"{preset} s{seed}": pool.submit(run_demo, preset, seed, *shared) for preset, seed in runs}
         results = {name: future.result() for name, future in futures.items()}
     print(markdown(results))
+    print()
+    print(seed_summary(results, args.presets))
 
 
 if __name__ == "__main__":

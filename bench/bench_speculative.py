@@ -1,7 +1,8 @@
 """MTP speculative decoding on a trained genesis-demo model: acceptance rate and tokens/s with and without it.
 
-The model is trained here with `darkhorse demo --max-steps N` (genesis-demo: MLA + MoE + one MTP module,
-the demo's chat corpus), unless `--checkpoint` names a trained one with an MTP module. The prompts are
+The model is trained here with `darkhorse demo --max-steps N model.mtp_depth=1 train.batch_size=8`
+(genesis-demo with one MTP module, as the demo trained it before 2026-11-30; the demo's chat corpus),
+unless `--checkpoint` names a trained one with an MTP module. The prompts are
 the demo's held-out problems (`--per-skill` of each skill), rendered as chat prompts, decoded greedily one
 at a time (single stream, batch 1) up to the chat stop ids or `--max-new-tokens`, by `Engine.generate`
 with and without `speculative="mtp"`; the two sides take turns for `--repeats` rounds and each reports its
@@ -26,9 +27,10 @@ import torch
 
 
 def train_demo(work: Path, max_steps: int) -> Path:
-    """A genesis-demo checkpoint trained by `darkhorse demo` (its output goes to a log file)."""
+    """A genesis-demo checkpoint with an MTP module, trained by `darkhorse demo` (its output goes to a log file)."""
     out = work / "demo"
     command = [sys.executable, "-m", "darkhorse", "demo", "--out", str(out), "--max-steps", str(max_steps)]
+    command += ["model.mtp_depth=1", "train.batch_size=8"]
     with open(work / "demo.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     return out / "run" / "final"

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from darkhorse.cli import SUBCOMMANDS, main
-from darkhorse.commands.demo import MARKER, _claim_out_dir, _next_commands, probe_step_seconds
+from darkhorse.commands.demo import MARKER, _claim_out_dir, _goal_lines, _next_commands, probe_step_seconds
 from darkhorse.config import load_run_config
 from darkhorse.data.demo_corpus import SKILLS
 from darkhorse.errors import DarkhorseError
+from darkhorse.eval.exact_match import ExactMatchReport, Outcome
 
 
 def test_help_names_every_option(capsys):
@@ -68,6 +69,27 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset):
     assert all(command.split()[1] in SUBCOMMANDS for command in commands)
     assert any(command.startswith("darkhorse chat --checkpoint runs/demo/run/final") for command in commands)
     assert "darkhorse export --checkpoint runs/demo/run/final --format gguf --out runs/demo/demo.gguf" in commands
+
+
+def test_goal_lines_judge_addition_sort_and_all_skills():
+    """9/10 addition and 10/10 sort meet the 90% goals; with 0/5 python the whole is 19/25 = 76% >= 70%."""
+    right = {"addition": 9, "sort": 10, "python": 0}
+    totals = {"addition": 10, "sort": 10, "python": 5}
+    outcomes = [
+        Outcome("math", skill, "q", "1", "1" if i < right[skill] else "2")
+        for skill, total in totals.items()
+        for i in range(total)
+    ]
+    assert _goal_lines(ExactMatchReport(outcomes)) == [
+        "goal >= 90% on held-out addition: 90.0% (met)",
+        "goal >= 90% on held-out sort: 100.0% (met)",
+        "goal >= 70% over all skills: 76.0% (met)",
+    ]
+    outcomes[0] = Outcome("math", "addition", "q", "1", "2")
+    assert _goal_lines(ExactMatchReport(outcomes))[::2] == [
+        "goal >= 90% on held-out addition: 80.0% (not met)",
+        "goal >= 70% over all skills: 72.0% (met)",
+    ]
 
 
 def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys, prepared_dir):

@@ -15,10 +15,11 @@ each record only (train.loss_mask): the random numbers in the questions cannot b
 worked steps and answers can.
 
 The default is the headline architecture at toy size: genesis-demo is MLA + an 8-expert MoE (top-1 +
-a shared expert, balanced by ALF) + MTP. Its main layers cost a token about what the dense demo-cpu
-model's do (0.39M active parameters against 0.46M) and it learns the skills in fewer steps; the MTP
-module makes a CPU step ~1.7x longer (`model.mtp_depth=0` drops it). docs/benchmarks.md, "Demo
-accuracy", has both models side by side.
+a shared expert, balanced by ALF). Its layers cost a token about what the dense demo-cpu model's do
+(0.39M active parameters against 0.46M) and it learns the skills in fewer steps. It trains without
+the MTP module, which made a CPU step ~1.7x longer without learning faster per step; that time buys a
+batch of 14 instead of 8 (`model.mtp_depth=1 train.batch_size=8` is the earlier demo, MTP included).
+docs/benchmarks.md, "Demo accuracy", has the figures over seeds.
 
 --minutes is the trainer's wall-clock budget (train.minutes): the learning-rate decay follows the time
 spent and training stops when it is spent, so the schedule runs to its end however the machine's load
@@ -48,6 +49,7 @@ DENSE_PRESET = "demo-cpu"
 MARKER = "demo.json"
 GOAL_SKILLS = ("addition", "sort")
 GOAL_ACCURACY = 0.9
+GOAL_OVERALL = 0.7  # over all skills (issue 17)
 DEMO_VOCAB_SIZE = 512  # the corpus is templated text; 512 BPE tokens cover it and keep the head small
 # Demo-specific settings layered over the preset (user overrides still win); see docs/experiments.md.
 DEMO_OVERRIDES = ["train.seq_len=128", "train.save_interval=0", "train.eval_steps=4", "train.log_interval=10"]
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help=f"model preset (default {DEFAULT_PRESET}: MLA + MoE + ALF + MTP; {DENSE_PRESET} is a small dense model)",
+        help=f"model preset (default {DEFAULT_PRESET}: MLA + MoE + ALF; {DENSE_PRESET} is a small dense model)",
     )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=number_arg(float, gt=0), default=5.0, help="training time budget (default 5)")
@@ -243,14 +245,12 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
 
 def _goal_lines(report) -> list[str]:
     skills = report.by_skill()
-    lines = []
-    for skill in GOAL_SKILLS:
-        tally = skills.get(skill)
-        if tally is None:
-            continue
-        met = "met" if tally.accuracy >= GOAL_ACCURACY else "not met"
-        lines.append(f"goal >= {GOAL_ACCURACY:.0%} on held-out {skill}: {tally.accuracy:.1%} ({met})")
-    return lines
+    goals = [(f"on held-out {s}", skills[s].accuracy, GOAL_ACCURACY) for s in GOAL_SKILLS if s in skills]
+    goals.append(("over all skills", report.overall().accuracy, GOAL_OVERALL))
+    return [
+        f"goal >= {goal:.0%} {what}: {accuracy:.1%} ({'met' if accuracy >= goal else 'not met'})"
+        for what, accuracy, goal in goals
+    ]
 
 
 def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[str]:

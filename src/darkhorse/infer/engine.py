@@ -134,6 +134,9 @@ class Decoder:
         if self.head > self.vocab_size:
             last = last[:, : self.vocab_size]
         samplers = self.samplers[rows]
+        if len(samplers) == 1 and samplers[0].greedy and self.step.argmax is not None and self.head == self.vocab_size:
+            # one greedy row of the native step: its id, computed in C while the logits were in cache
+            return logits, torch.tensor([self.step.argmax], device=self.device)
         # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first maximum of a
         # row) and on CPU a few times faster
         sampled = last.max(dim=-1).indices
@@ -223,8 +226,15 @@ class Engine:
                 decoder.seat(row, sampler)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0
+            wrote = torch.ones(1, dtype=torch.bool, device=device)  # what a lone row's every step yields
             for pos in range(start, end):
                 _, sampled = decoder.advance(feed, feed_pos)
+                if len(prompts) == 1:  # one row: its prompt was all prefilled, so it writes every step until
+                    yield sampled, wrote  # a stop id; no tensor bookkeeping (the last step is end - 1)
+                    if int(sampled) in options.stop_ids:
+                        return
+                    feed, feed_pos = sampled[:, None], pos
+                    continue
                 if pos < longest:  # some rows still read their prompt: they are fed its next token
                     reading = pos < prompt_len
                     feed = torch.where(reading, tokens[:, pos], sampled)

@@ -136,7 +136,7 @@ class Decoder:
         samplers = self.samplers[rows]
         if len(samplers) == 1 and samplers[0].greedy and self.step.argmax is not None and self.head == self.vocab_size:
             # one greedy row of the native step: its id, computed in C while the logits were in cache
-            return logits, torch.tensor([self.step.argmax], device=self.device)
+            return logits, torch.full((1,), self.step.argmax, device=self.device)
         # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first maximum of a
         # row) and on CPU a few times faster
         sampled = last.max(dim=-1).indices

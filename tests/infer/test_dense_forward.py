@@ -49,6 +49,8 @@ def test_dense_steps_compute_the_model_forward(kind, batch, sizes, n_kv_heads):
         for feed, start in steps:  # a prefill, a multi-token step behind the cache, one-token steps
             logits = fast(feed, start)
             torch.testing.assert_close(logits, slow(feed, start), rtol=1e-5, atol=1e-5)
+            if kind is NativeStep and start:  # the greedy id the C step returns with its logits
+                assert fast.argmax == int(logits.argmax())
         torch.testing.assert_close(logits, model(tokens).logits[:, -1, :vocab], rtol=1e-5, atol=1e-5)  # no cache
         with pytest.raises(ValueError):
             fast(tokens[:, :1], 12)  # past the cache
@@ -153,6 +155,22 @@ def test_native_greedy_tokens_equal_the_eager_step(monkeypatch):
     monkeypatch.setattr(native_step, "library", lambda: None)  # as without a compiler
     assert isinstance(forward_step(model, 1, 8, 100), DenseForward)
     assert native == Engine(model, 100).generate([prompt], max_new_tokens=40)[0]
+    monkeypatch.undo()
+    stop = native[5]  # the lone row's stop check (on Python ints) ends it at the first one written
+    stopped = Engine(model, 100).generate([prompt], max_new_tokens=40, stop_ids={stop})
+    assert stopped == [native[: native.index(stop) + 1]]
+
+
+@needs_compiler
+def test_the_native_greedy_id_is_the_first_maximum():
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: a tie over the whole head
+    step = NativeStep(model, 1, 4, 100)
+    step(torch.tensor([[5, 17]]), 0)
+    assert step.argmax is None  # a prompt's prefill goes through the model's forward
+    step(torch.tensor([[42]]), 2)
+    assert step.argmax == 0
 
 
 def test_a_failed_native_build_warns_and_gives_none(monkeypatch, tmp_path):

@@ -52,6 +52,8 @@ from darkhorse.model.transformer import Block
 class ModelForward:
     """Any model's step: `Transformer.forward` with the model's own caches."""
 
+    argmax: int | None = None  # no greedy id of its own (`NativeStep.argmax` has one)
+
     def __init__(self, model: nn.Module, batch: int, max_len: int, vocab_size: int) -> None:
         self.model = model
         self.batch = batch
@@ -77,6 +79,8 @@ class ModelForward:
 
 class DenseForward:
     """The dense GQA step (see the module docstring); build one per decode, as weights may change."""
+
+    argmax: int | None = None  # no greedy id of its own (`NativeStep.argmax` has one)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:

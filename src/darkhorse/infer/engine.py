@@ -7,7 +7,8 @@ for plain dense GQA fp32 models, the model's computation in fewer, larger ops wi
 place; `Transformer.forward` with its caches for every other model) and each row's `Sampler`. `advance`
 feeds some rows their tokens, at one position shared by all of them (no attention mask) or at each row's
 own (a (rows,) tensor: a masked attention), and samples: greedy rows take their maximum without the
-sampler; the other rows sample in groups, one call per `Sampler` (its options and seeded generator).
+sampler (a lone greedy row of the native step the id the step computed in C with its logits); the other
+rows sample in groups, one call per `Sampler` (its options and seeded generator).
 
 Two callers drive it:
 
@@ -17,7 +18,9 @@ Two callers drive it:
   token: the next prompt token to a row still reading its prompt, the sampled one to the others. Each row
   sees exactly its own tokens at its own positions, so a row decodes as it would alone (equal-length prompts
   exactly; a longer prompt's tail goes through token by token, the same numbers up to float rounding), and
-  the step loop does its bookkeeping in tensors that `generate` reads once at the end. Rows interact only
+  the step loop does its bookkeeping in tensors that `generate` reads once at the end (a lone row, which
+  writes every step until it stops, only checks its stop id on a Python int: after the native step has
+  streamed the weights through the cache, every small torch op per token runs cold). Rows interact only
   through an MoE capacity limit (`moe.capacity_factor > 0`), which counts the whole batch, and through the
   shared generator when sampling with a seed.
 - `ContinuousBatch` (what `darkhorse serve` runs): requests join and leave between steps, each with its
@@ -134,6 +137,9 @@ class Decoder:
         if self.head > self.vocab_size:
             last = last[:, : self.vocab_size]
         samplers = self.samplers[rows]
+        if len(samplers) == 1 and samplers[0].greedy and self.step.argmax is not None and self.head == self.vocab_size:
+            # one greedy row of the native step: its id, computed in C while the logits were in cache
+            return logits, torch.full((1,), self.step.argmax, device=self.device)
         # greedy: sample_next's argmax without its copies; max's indices are argmax's (the first maximum of a
         # row) and on CPU a few times faster
         sampled = last.max(dim=-1).indices
@@ -223,8 +229,15 @@ class Engine:
                 decoder.seat(row, sampler)
             start = min(lengths)
             feed, feed_pos = tokens[:, :start], 0
+            wrote = torch.ones(1, dtype=torch.bool, device=device)  # what a lone row's every step yields
             for pos in range(start, end):
                 _, sampled = decoder.advance(feed, feed_pos)
+                if len(prompts) == 1:  # one row: its prompt was all prefilled, so it writes every step until
+                    yield sampled, wrote  # a stop id; no tensor bookkeeping (the last step is end - 1)
+                    if int(sampled) in options.stop_ids:
+                        return
+                    feed, feed_pos = sampled[:, None], pos
+                    continue
                 if pos < longest:  # some rows still read their prompt: they are fed its next token
                     reading = pos < prompt_len
                     feed = torch.where(reading, tokens[:, pos], sampled)

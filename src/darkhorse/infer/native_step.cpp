@@ -171,16 +171,20 @@ void forward_token(const Model *m, int64_t token, int64_t pos, int threads) {
 extern "C" {
 
 // Feeds tokens[0..n) at positions start_pos.. (each one a step, so a prompt is prefilled token by token)
-// and writes the last one's logits (vocab) into `logits`. Returns 0, or -1 (nothing done) for an id
-// outside the embedding or a position outside the cache.
-int darkhorse_step(const Model *m, const int64_t *tokens, int64_t n, int64_t start_pos, float *logits, int threads) {
+// and writes the last one's logits (vocab) into `logits`. Returns their greedy id (the first maximum, as
+// torch's argmax; a NaN counts as the maximum), or -1 (nothing done) for an id outside the embedding or a
+// position outside the cache.
+int64_t darkhorse_step(const Model *m, const int64_t *tokens, int64_t n, int64_t start_pos, float *logits, int threads) {
     if (n < 1 || start_pos < 0 || start_pos + n > m->max_len) return -1;
     for (int64_t i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= m->embed_rows) return -1;
     for (int64_t i = 0; i < n; ++i) forward_token(m, tokens[i], start_pos + i, threads);
     rms_norm(m->x, m->norm, m->h, m->dim, m->norm_eps);
     matvec(m->head, m->h, logits, m->vocab, m->dim, false, threads);
-    return 0;
+    int64_t best = 0;  // read while the logits are still in cache
+    for (int64_t i = 1; i < m->vocab && !std::isnan(logits[best]); ++i)
+        if (logits[i] > logits[best] || std::isnan(logits[i])) best = i;
+    return best;
 }
 
 }  // extern "C"

@@ -109,7 +109,7 @@ def build(cache_dir: Path) -> ctypes.CDLL | None:
     # pointers as plain addresses (tensor.data_ptr()): no ctypes object built per call
     lib.darkhorse_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.darkhorse_step.argtypes += [ctypes.c_void_p, ctypes.c_int]
-    lib.darkhorse_step.restype = ctypes.c_int
+    lib.darkhorse_step.restype = ctypes.c_int64
     return lib
 
 
@@ -119,6 +119,8 @@ def _ptr(tensor: torch.Tensor) -> ctypes._Pointer:
 
 class NativeStep:
     """The step of `DenseForward.supports` models for one row on CPU, in native code (see the module docstring)."""
+
+    argmax: int | None = None  # the last call's greedy id (see __call__)
 
     @staticmethod
     def supports(model: Transformer, batch: int) -> bool:
@@ -184,12 +186,14 @@ class NativeStep:
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Logits (1, vocab_size) of the last position of `tokens` (1, seq) placed at `start_pos`: one
-        buffer, overwritten by the next call (read it before stepping again)."""
+        buffer, overwritten by the next call (read it before stepping again). `argmax` is then their greedy
+        id, computed in C while they are in cache (None after a prompt's prefill)."""
         if start_pos == 0 and tokens.shape[1] > 1:
+            self.argmax = None
             return self._prefill(tokens)
         if tokens.dtype != torch.long or not tokens.is_contiguous():
             tokens = tokens.to(torch.long).contiguous()
-        failed = self.lib.darkhorse_step(
+        best = self.lib.darkhorse_step(
             self.model_address,
             tokens.data_ptr(),
             tokens.shape[1],
@@ -197,7 +201,8 @@ class NativeStep:
             self.logits_address,
             torch.get_num_threads(),
         )
-        if failed:
+        self.argmax = best
+        if best < 0:
             raise ValueError(f"{tokens.tolist()} at {start_pos}: an id outside the embedding or past {self.max_len}")
         return self.logits
 

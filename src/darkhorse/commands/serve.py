@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from darkhorse.interop.hf_import import load_checkpoint_or_hf
     from darkhorse.serve.app import create_app
 
+    model, tokenizer, _ = load_checkpoint_or_hf(args.checkpoint, args.device)
     # The event loop (HTTP, detokenizing, SSE) runs beside the decode thread: torch's workers busy-wait
     # between ops, so on every core they would starve it and stall each token (2 cores: 7 ms a token, not 3).
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
-    model, tokenizer, _ = load_checkpoint_or_hf(args.checkpoint, args.device)
     folder = args.checkpoint.resolve()
     name = args.model_name or (folder.parent.name if folder.name == "final" else folder.name)
     app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key)

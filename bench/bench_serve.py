@@ -3,7 +3,8 @@ the same client load on the same model.
 
 One random-init checkpoint (6 layers, dim 256, the issue's 5M shape; decode speed does not depend on the
 weights' values) is served by `darkhorse serve` (fp32 torch) and, exported to an f32 GGUF with
-`export_gguf`, by `python -m llama_cpp.server`, each in its own process with the same thread count. The
+`export_gguf`, by `python -m llama_cpp.server`, each in its own process with the same thread count
+(`darkhorse serve` decodes on one of them fewer by default, leaving a core to its event loop). The
 client (this process, asyncio + httpx) opens N concurrent streamed /v1/completions requests (greedy,
 --tokens each, a different prompt per stream) and records when each chunk arrives:
 
@@ -18,6 +19,7 @@ stream in progress), so its aggregate stays near its single-stream rate; darkhor
 streams in one batched forward per step.
 
 Usage: python bench/bench_serve.py [--streams 1 8 32] [--tokens 64] [--threads 2] [--repeats 3]
+       [--decode-threads 2 1] [--no-llama-cpp]
 """
 
 from __future__ import annotations
@@ -145,16 +147,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-llama-cpp", action="store_true", help="darkhorse alone")
+    parser.add_argument(
+        "--decode-threads", type=int, nargs="+", help="a darkhorse server per value of its --threads, taking turns"
+    )
     args = parser.parse_args()
     from darkhorse.interop.gguf import export_gguf
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as work:
         checkpoint = make_checkpoint(Path(work))
         servers = []
-        port = free_port()
-        servers.append(Server("darkhorse", [sys.executable, "-m", "darkhorse", "serve", "--checkpoint", str(checkpoint),
-                                            "--port", str(port), "--max-batch", str(max(args.streams))],
-                              port, args.threads, "/health"))  # fmt: skip
+        for threads in args.decode_threads or [None]:
+            port = free_port()
+            name, extra = (
+                ("darkhorse", [])
+                if threads is None
+                else (f"darkhorse --threads {threads}", ["--threads", str(threads)])
+            )
+            servers.append(Server(name, [sys.executable, "-m", "darkhorse", "serve", "--checkpoint", str(checkpoint),
+                                         "--port", str(port), "--max-batch", str(max(args.streams)), *extra],
+                                  port, args.threads, "/health"))  # fmt: skip
         if not args.no_llama_cpp:
             gguf = export_gguf(checkpoint, Path(work) / "model-f32.gguf", "f32")
             port = free_port()
@@ -190,10 +201,14 @@ def main() -> None:
             print(f"| {server.name} | {streams} | {median['tok/s']:.0f} | {median['tok/s'] / single:.2f}x | "
                   f"{median['ttft_p50'] * 1e3:.0f} / {median['ttft_p95'] * 1e3:.0f} | "
                   f"{median['token_p50'] * 1e3:.1f} / {median['token_p95'] * 1e3:.1f} |")  # fmt: skip
-    if len(servers) == 2:
-        for streams in args.streams:
-            ours, theirs = (statistics.median(r["tok/s"] for r in results[(s.name, streams)]) for s in servers)
-            print(f"{streams} streams: darkhorse / llama.cpp server aggregate = {ours / theirs:.2f}x")
+    if not args.no_llama_cpp:
+        *ours, theirs = servers
+        for server in ours:
+            for streams in args.streams:
+                rate, peer = (
+                    statistics.median(r["tok/s"] for r in results[(s.name, streams)]) for s in (server, theirs)
+                )
+                print(f"{streams} streams: {server.name} / llama.cpp server aggregate = {rate / peer:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from darkhorse.cli import main
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 2
     assert main(["serve", "--checkpoint", str(tmp_path), "--max-batch", "0"]) == 2
+    assert main(["serve", "--checkpoint", str(tmp_path), "--threads", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("darkhorse: error: ") for line in lines)
+    assert len(lines) == 3 and all(line.startswith("darkhorse: error: ") for line in lines)
 
 
 @pytest.mark.slow

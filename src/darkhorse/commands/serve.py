@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name", help="the model's id in the API (default: RUN for RUN/final, else the checkpoint's folder name)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for decoding (default: torch's count minus one, leaving a core to the HTTP event loop)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +43,18 @@ def run(args: argparse.Namespace) -> int:
         raise DarkhorseError("--max-batch must be > 0")
     if not 1 <= args.port <= 65535:
         raise DarkhorseError("--port must be between 1 and 65535")
+    if args.threads is not None and args.threads <= 0:
+        raise DarkhorseError("--threads must be > 0")
+    import torch
     import uvicorn
 
     from darkhorse.interop.hf_import import load_checkpoint_or_hf
     from darkhorse.serve.app import create_app
 
     model, tokenizer, _ = load_checkpoint_or_hf(args.checkpoint, args.device)
+    # The event loop (HTTP, detokenizing, SSE) runs beside the decode thread: torch's workers busy-wait
+    # between ops, so on every core they would starve it and stall each token (2 cores: 7 ms a token, not 3).
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     folder = args.checkpoint.resolve()
     name = args.model_name or (folder.parent.name if folder.name == "final" else folder.name)
     app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key)

@@ -35,7 +35,13 @@ def make_model(**overrides) -> Transformer:
 
 @pytest.mark.parametrize(
     "kind, batch, sizes",
-    [(DenseForward, 3, {}), (DenseForward, 3, ODD_SIZES), pytest.param(NativeStep, 1, ODD_SIZES, marks=needs_compiler)],
+    [
+        (DenseForward, 3, {}),
+        (DenseForward, 3, ODD_SIZES),
+        (DenseForward, 3, dict(qk_norm=True, tie_embeddings=False)),  # tiny-cpu's architecture (issue 17)
+        (DenseForward, 1, dict(qk_norm=True)),  # one row of a QK-norm model: the native step leaves it here
+        pytest.param(NativeStep, 1, ODD_SIZES, marks=needs_compiler),
+    ],
 )
 @pytest.mark.parametrize("n_kv_heads", [2, 4, 1])
 def test_dense_steps_compute_the_model_forward(kind, batch, sizes, n_kv_heads):
@@ -91,7 +97,7 @@ def test_dense_step_with_per_row_positions_computes_the_model_forward():
 def test_models_it_does_not_restate_go_through_their_forward():
     assert isinstance(forward_step(make_model(), 2, 8, 100), DenseForward)
     recipe = (dict(ffn_activation="relu2"), dict(positions="learned"), dict(logit_softcap=15.0))  # issue 17
-    for overrides in (dict(qk_norm=True), dict(attention_bias=True), dict(ffn="moe"), *recipe):
+    for overrides in (dict(attention_bias=True), dict(ffn="moe"), *recipe):
         assert isinstance(forward_step(make_model(**overrides), 2, 8, 100), ModelForward), overrides
     for batch in (2, 1):  # the native step (one row) takes what DenseForward takes, no more
         assert isinstance(forward_step(make_model().to(torch.bfloat16), batch, 8, 100), ModelForward)

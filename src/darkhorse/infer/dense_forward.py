@@ -10,6 +10,8 @@ or a server's continuous batch):
   weight before them folded in, and sqrt(dim) too: RMSNorm's x / sqrt(mean(x^2) + eps) is then
   x / sqrt(x.x + dim * eps), a dot product (`vecdot`, one kernel) instead of square, mean and add; the
   residual adds ride in `addmm`;
+- QK-norm (`model.qk_norm`, tiny-cpu's default) normalizes each q and k head in place before RoPE, its
+  weights permuted like q and k's channels;
 - RoPE turns q and k in one complex product (each half-split pair of channels stored side by side);
 - keys and values go into preallocated caches, in place, at one position shared by the batch or at each
   row's own (`start_pos` a tensor: continuous batching, where rows also move between cache rows);
@@ -21,7 +23,7 @@ Every formula is the model's; only the order of float operations differs (groupe
 RoPE channel order inside q.k), so logits agree with `Transformer.forward`'s to float rounding
 (tests/infer/test_dense_forward.py; tests/infer/test_engine.py holds the greedy tokens equal to a cache-free
 recompute). Training never comes here: it runs `Transformer.forward`, unchanged. Other models (MLA, MoE,
-mHC, qk-norm, attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a plain
+mHC, attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a plain
 `Transformer`) decode through their own forward (`ModelForward`).
 
 Measured (bench/bench_eval.py, docs/benchmarks.md "Eval throughput"): a left-padded one-call prefill of
@@ -94,7 +96,6 @@ class DenseForward:
             or config.ffn != "dense"
             or config.residual != "plain"
             or config.attention_bias
-            or config.qk_norm
             or (config.ffn_activation, config.positions, config.logit_softcap) != ("swiglu", "rope", 0.0)
         ):
             return False
@@ -109,6 +110,8 @@ class DenseForward:
             attn, ffn = block.attn, block.ffn
             kinds += [(block, Block), (block.attn_norm, RMSNorm), (block.ffn_norm, RMSNorm)]
             kinds += [(attn, GroupedQueryAttention), (ffn, SwiGLU)]
+            if config.qk_norm:
+                kinds += [(attn.q_norm, RMSNorm), (attn.k_norm, RMSNorm)]
             kinds += [(attn.q_proj, nn.Linear), (attn.k_proj, nn.Linear), (attn.v_proj, nn.Linear)]
             kinds += [(attn.o_proj, nn.Linear), (ffn.gate_proj, nn.Linear), (ffn.up_proj, nn.Linear)]
             kinds += [(ffn.down_proj, nn.Linear)]
@@ -129,6 +132,7 @@ class DenseForward:
         pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
         self.half = half
         self.layers = []
+        self.qk_norms: list[tuple[torch.Tensor, float] | None] = []  # per layer: QK-norm weights and eps
         self.caches = []  # each layer's (keys, values), zeroed: a masked-out position is still multiplied by 0
         device, dtype = self.embed.device, self.embed.dtype
         for block in model.layers:
@@ -137,6 +141,7 @@ class DenseForward:
             k_w = attn.k_proj.weight.view(self.n_kv_heads, self.head_dim, -1)[:, pairs].flatten(0, 1)
             qkv = torch.cat([q_w, k_w, attn.v_proj.weight])
             gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
+            self.qk_norms.append(self._qk_norm(attn, pairs))
             self.layers.append(
                 (
                     self._eps(block.attn_norm.eps),
@@ -156,6 +161,15 @@ class DenseForward:
         self.batch, self.max_len = batch, max_len
         self.row_ids = torch.arange(batch, device=device)  # for per-row cache writes
         self.cache_positions = torch.arange(max_len, device=device)  # for per-row attention masks
+
+    def _qk_norm(self, attn: GroupedQueryAttention, pairs: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """A layer's QK-norm as one (heads + kv_heads, head_dim) weight in the permuted channel order of q and k
+        (the norm's weight sits between it and RoPE, so it cannot fold into the matmul), or None."""
+        if not hasattr(attn, "q_norm"):
+            return None
+        q = attn.q_norm.weight[pairs].expand(self.n_heads, -1)
+        k = attn.k_norm.weight[pairs].expand(self.n_kv_heads, -1)
+        return torch.cat([q, k]).contiguous(), attn.q_norm.eps
 
     def _eps(self, eps: float) -> torch.Tensor:
         """A norm's eps times dim, as a tensor (adding a Python float costs a scalar wrap per call)."""
@@ -194,8 +208,13 @@ class DenseForward:
             at, rotation, mask = start_pos, self.rotation[start_pos:end, None], None
         attend = self._attend_one if seq == 1 else self._attend
         x = F.embedding(tokens.reshape(-1), self.embed)  # (batch * seq, dim)
-        for (attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w), (keys, values) in zip(self.layers, caches, strict=True):
+        layers = zip(self.layers, caches, self.qk_norms, strict=True)
+        for (attn_eps, qkv_w, o_w, ffn_eps, gate_up_w, down_w), (keys, values), qk_norm in layers:
             qkv = self._normalize(x, attn_eps) @ qkv_w
+            if qk_norm is not None:  # RMSNorm over each q and k head, in place, before RoPE
+                weight, eps = qk_norm
+                qk = qkv[:, : weight.numel()].unflatten(-1, weight.shape)
+                qk.copy_(F.rms_norm(qk, (self.head_dim,), eps=eps).mul_(weight))
             x = torch.addmm(x, attend(qkv, keys, values, at, end, rotation, mask), o_w)
             gate_up = self._normalize(x, ffn_eps) @ gate_up_w
             x = torch.addmm(x, F.silu(gate_up[:, : self.ffn_dim]).mul_(gate_up[:, self.ffn_dim :]), down_w)

@@ -126,7 +126,8 @@ class NativeStep:
     def supports(model: Transformer, batch: int) -> bool:
         """Whether this step can run `model` (already known to be a plain dense GQA fp32 `Transformer`)."""
         cpu_fp32 = model.embed.weight.device.type == "cpu" and model.rope_cos.dtype == torch.float32
-        return batch == 1 and cpu_fp32 and library() is not None
+        # QK-norm is DenseForward's, not yet this step's: those models decode on the eager dense step
+        return batch == 1 and cpu_fp32 and not model.config.qk_norm and library() is not None
 
     def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
         config = model.config

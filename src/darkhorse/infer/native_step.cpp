@@ -20,7 +20,8 @@ struct Layer {
     const float *attn_norm, *wq, *wk, *wv, *wo;  // (out, in) row-major, as nn.Linear stores them
     const float *ffn_norm, *w_gate, *w_up, *w_down;
     float *keys, *values;  // (max_len, n_kv_heads, head_dim): roped keys, values
-    float attn_eps, ffn_eps;
+    const float *q_norm, *k_norm;  // (head_dim): QK-norm weights, or null for a model without QK-norm
+    float attn_eps, ffn_eps, qk_eps;
 };
 
 struct Model {
@@ -102,7 +103,7 @@ void matvec(const float *w, const float *x, float *y, int64_t out, int64_t in, b
     matvec_rows(w, x, y, in, 0, out, add);
 }
 
-// out = rms_norm(x) * weight, as F.rms_norm: x / sqrt(mean(x^2) + eps)
+// out = rms_norm(x) * weight, as F.rms_norm: x / sqrt(mean(x^2) + eps); `out` may be `x`
 void rms_norm(const float *x, const float *weight, float *out, int64_t n, float eps) {
     const float scale = 1.f / std::sqrt(dot(x, x, n) / n + eps);
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * weight[i];
@@ -135,6 +136,10 @@ void forward_token(const Model *m, int64_t token, int64_t pos, int threads) {
         float *k = L.keys + pos * kv_width, *v = L.values + pos * kv_width;  // written into the cache
         matvec(L.wk, m->h, k, kv_width, dim, false, threads);
         matvec(L.wv, m->h, v, kv_width, dim, false, threads);
+        if (L.q_norm) {  // QK-norm: each q and k head normalized before RoPE
+            for (int64_t h = 0; h < m->n_heads; ++h) rms_norm(m->q + h * hd, L.q_norm, m->q + h * hd, hd, L.qk_eps);
+            for (int64_t h = 0; h < m->n_kv_heads; ++h) rms_norm(k + h * hd, L.k_norm, k + h * hd, hd, L.qk_eps);
+        }
         rope(m->q, m->n_heads, hd, cos, sin);
         rope(k, m->n_kv_heads, hd, cos, sin);
         for (int64_t head = 0; head < m->n_heads; ++head) {  // softmax(q.k * scale) . v over 0..pos

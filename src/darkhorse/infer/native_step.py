@@ -1,6 +1,6 @@
 """The batch-1 decode step in native code: a dense GQA fp32 model's whole token in one C++ call.
 
-At batch 1 a token of a small model is 25 matrix-vector products and about a hundred tiny ops (norms,
+At batch 1 a token of a small model is 25 matrix-vector products and about a hundred tiny ops (norms and QK-norm,
 RoPE, cache writes, attention, SiLU). In eager PyTorch (`DenseForward`) the tiny ones cost as much as
 the products (per-op dispatch and allocation), which is why it ran at ~0.45x llama.cpp. native_step.cpp
 does the token as plain loops over the model's own weights, read in place, with the KV cache and every
@@ -41,8 +41,11 @@ class _Layer(ctypes.Structure):
         *((name, _float_p) for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")),
         ("keys", _float_p),
         ("values", _float_p),
+        ("q_norm", _float_p),  # null without QK-norm
+        ("k_norm", _float_p),
         ("attn_eps", ctypes.c_float),
         ("ffn_eps", ctypes.c_float),
+        ("qk_eps", ctypes.c_float),
     ]
 
 
@@ -126,8 +129,7 @@ class NativeStep:
     def supports(model: Transformer, batch: int) -> bool:
         """Whether this step can run `model` (already known to be a plain dense GQA fp32 `Transformer`)."""
         cpu_fp32 = model.embed.weight.device.type == "cpu" and model.rope_cos.dtype == torch.float32
-        # QK-norm is DenseForward's, not yet this step's: those models decode on the eager dense step
-        return batch == 1 and cpu_fp32 and not model.config.qk_norm and library() is not None
+        return batch == 1 and cpu_fp32 and library() is not None
 
     def __init__(self, model: Transformer, batch: int, max_len: int, vocab_size: int) -> None:
         config = model.config
@@ -153,7 +155,12 @@ class NativeStep:
             self.kv.append(cache)
             self.tensors += parts + cache
             pointers = [_ptr(t) for t in parts + cache]
-            layers.append(_Layer(*pointers, block.attn_norm.eps, block.ffn_norm.eps))
+            qk_norm, qk_eps = [None, None], 0.0
+            if hasattr(attn, "q_norm"):
+                qk_norm, qk_eps = [weight(attn.q_norm.weight), weight(attn.k_norm.weight)], attn.q_norm.eps
+                self.tensors += qk_norm
+                qk_norm = [_ptr(t) for t in qk_norm]
+            layers.append(_Layer(*pointers, *qk_norm, block.attn_norm.eps, block.ffn_norm.eps, qk_eps))
         self.layers = (_Layer * len(layers))(*layers)
         head = weight(model.lm_head.weight[:vocab_size])
         embed, norm = weight(model.embed.weight), weight(model.norm.weight)

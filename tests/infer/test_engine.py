@@ -148,3 +148,21 @@ def test_stream_text_holds_back_partial_characters():
     pieces = list(stream_text(ByteCodec(), ids))
     assert "".join(pieces) == "héllo €"
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+class CountingCodec(ByteCodec):
+    """Records the longest id list it was asked to decode."""
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.longest = max(self.longest, len(ids))
+        return super().decode(ids)
+
+
+def test_stream_text_decodes_a_bounded_window_per_id():
+    text = "ab€ ünï " * 300  # 1-, 2- and 3-byte characters, 3,000 ids
+    codec = CountingCodec()
+    assert "".join(stream_text(codec, list(text.encode()))) == text
+    assert codec.longest <= 6  # the last piece and the newest ids, never the whole reply

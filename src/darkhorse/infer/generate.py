@@ -28,20 +28,27 @@ class TextCodec(Protocol):
 
 
 class TextDelta:
-    """Incremental decoding: the new text each id adds, holding back bytes of a half-finished character."""
+    """Incremental decoding: the new text each id adds, holding back bytes of a half-finished character.
+
+    Each push decodes only a short window, from the start of the piece emitted last (so a decoder that
+    strips or merges at a boundary sees the same context as the whole text) to the newest id, not the
+    whole reply again: a long stream costs linear, not quadratic, decode work."""
 
     def __init__(self, tokenizer: TextCodec) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.window_start = 0  # a character boundary: the first id of the piece emitted last
+        self.emitted_end = 0  # the ids before this index are emitted
+        self.window_text = ""  # decode(ids[window_start:emitted_end])
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        text = self.tokenizer.decode(self.ids[self.window_start :])
+        if text.endswith("\ufffd") or len(text) <= len(self.window_text):
             return ""
-        new = text[len(self.emitted) :] if len(text) > len(self.emitted) else ""
-        self.emitted = text
+        new = text[len(self.window_text) :]
+        self.window_start, self.emitted_end = self.emitted_end, len(self.ids)
+        self.window_text = self.tokenizer.decode(self.ids[self.window_start :])
         return new
 
 

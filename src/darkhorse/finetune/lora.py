@@ -142,11 +142,14 @@ class LoRAExperts(RoutedExperts, _LoRA):
             self.register_parameter(f"{name}_lora_A", a)
             self.register_parameter(f"{name}_lora_B", b)
         # The frozen gate and up stacks become two halves of one [E, 2I, D] stack (same parameters,
-        # names and values; no extra copy), so the fused forward runs one grouped matmul for both.
+        # names and values; no extra copy), so the fused forward runs one grouped matmul for both; the
+        # down stack is held transposed ([E, I, D] in memory), where its forward GEMM runs ~25 % faster
+        # on CPU and its input-gradient one ~15 % slower.
         with torch.no_grad():
             stacked = torch.cat([self.gate_proj, self.up_proj], dim=1)
             hidden = self.gate_proj.shape[1]
             self.gate_proj.data, self.up_proj.data = stacked[:, :hidden], stacked[:, hidden:]
+            self.down_proj.data = self.down_proj.transpose(1, 2).contiguous().transpose(1, 2)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):

@@ -9,9 +9,10 @@ state-dict names) and becomes a LoRA subclass that adds `scaling * B(A(dropout(x
     Router ([E, D], logits in fp32)                     lora_A [r, D], lora_B [E, r]
 
 scaling = alpha / r, B starts at zero (the model starts as the base), A as nn.Linear's default.
-The expert term runs as two grouped matmuls over the tokens each expert received (`project`; gate
-and up, which read the same rows, share one for their A factors), so no [E, out, in] delta is ever
-materialised, unlike PEFT's ParamWrapper.
+The expert term runs as two grouped matmuls over the tokens each expert received (gate and up, which
+read the same rows, share one for their A factors), so no [E, out, in] delta is ever materialised,
+unlike PEFT's ParamWrapper. Without dropout the whole expert SwiGLU, base and LoRA, is one autograd
+node (`_LoRASwiGLUExperts`) over the frozen gate and up stacks held as one [E, 2I, D] tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from darkhorse.errors import DarkhorseError
 from darkhorse.model.layers import SwiGLU
-from darkhorse.model.moe import MoE, RoutedExperts, Router, grouped_matmul
+from darkhorse.model.moe import MoE, RoutedExperts, Router, grouped_matmul, grouped_mm_supported
 
 GROUPS = ("attention", "shared_experts", "routed_experts", "router", "dense_mlp")
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -140,6 +141,48 @@ class LoRAExperts(RoutedExperts, _LoRA):
             a, b = self._factors(experts, r, fan_in, fan_out, weight)
             self.register_parameter(f"{name}_lora_A", a)
             self.register_parameter(f"{name}_lora_B", b)
+        # The frozen gate and up stacks become two halves of one [E, 2I, D] stack (same parameters,
+        # names and values; no extra copy), so the fused forward runs one grouped matmul for both; the
+        # down stack is held transposed ([E, I, D] in memory), where its forward GEMM runs ~25 % faster
+        # on CPU and its input-gradient one ~15 % slower.
+        with torch.no_grad():
+            stacked = torch.cat([self.gate_proj, self.up_proj], dim=1)
+            hidden = self.gate_proj.shape[1]
+            self.gate_proj.data, self.up_proj.data = stacked[:, :hidden], stacked[:, hidden:]
+            self.down_proj.data = self.down_proj.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        gate_up = self._gate_up_stack()
+        if gate_up is None or use_grouped_mm is False or not isinstance(self.lora_dropout, nn.Identity):
+            return super().forward(x, counts, use_grouped_mm)
+        dtype = x.dtype
+        factors = [getattr(self, f"{name}_lora_{ab}").to(dtype) for name in EXPERT_PROJECTIONS for ab in "AB"]
+        a_gate, b_gate, a_up, b_up, a_down, b_down = factors
+        shapes = [(2 * self.lora_r, x.shape[1]), gate_up.shape[1:], self.down_proj.shape[1:], a_down.shape[1:]]
+        if not all(grouped_mm_supported(x.device, dtype, *shape) for shape in shapes):
+            return super().forward(x, counts, use_grouped_mm)
+        offsets = counts.cumsum(0).to(torch.int32)
+        a_gate_up = torch.cat([a_gate, a_up], dim=1)
+        return _LoRASwiGLUExperts.apply(
+            x, offsets, gate_up.to(dtype), self.down_proj.to(dtype), a_gate_up, b_gate, b_up, a_down, b_down,
+            self.lora_scaling,
+        )  # fmt: skip
+
+    def _gate_up_stack(self) -> torch.Tensor | None:
+        """[E, 2I, D]: gate_proj and up_proj read as one stack, while they are still the two halves of
+        the one `init_lora` made (a later `.to(dtype)` gives each its own storage again); else None."""
+        gate, up = self.gate_proj, self.up_proj
+        experts, hidden, dim = gate.shape
+        strides = (2 * hidden * dim, dim, 1)
+        if not (
+            gate.stride() == up.stride() == strides
+            and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+            and up.storage_offset() == gate.storage_offset() + hidden * dim
+        ):
+            return None
+        return gate.detach().as_strided((experts, 2 * hidden, dim), strides)
 
     def project(
         self, name: str, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None
@@ -167,6 +210,74 @@ class LoRAExperts(RoutedExperts, _LoRA):
         # Scaled at rank r ([N, r]), summed in place into the base output (its backward does not keep it).
         low = low * self.lora_scaling
         return out.add_(grouped_matmul(low, getattr(self, f"{name}_lora_B"), counts).to(out.dtype))
+
+
+def _rows_times(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert times weight[e] ([E, K, out], K = x's columns): [N, K] -> [N, out]."""
+    return torch._grouped_mm(x, weight, offs=offsets)
+
+
+def _per_expert_outer(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per expert, left's rows transposed times right's rows: [N, a], [N, b] -> [E, a, b] (a weight gradient)."""
+    return torch._grouped_mm(left.t(), right, offs=offsets)
+
+
+class _LoRASwiGLUExperts(torch.autograd.Function):
+    """The routed experts' SwiGLU with LoRA on gate, up and down as one autograd node.
+
+    Same arithmetic as `RoutedExperts.forward` plus the `LoRAExperts` terms, with less around it: gate and
+    up come from one grouped matmul over the stacked [E, 2I, D] weights, so the backward's input gradient
+    of both is one GEMM with K = 2I (not two and a sum); SwiGLU's backward writes d(gate|up) into one
+    [N, 2I] tensor; only x, the [N, 2I] gate|up output, the [N, I] SwiGLU output and the rank-r products
+    are kept (autograd kept silu(gate) and up as well); the frozen stacks get no gradient work at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x, offsets, gate_up, down, a_gate_up, b_gate, b_up, a_down, b_down, scaling):
+        hidden, r = b_gate.shape[1], b_gate.shape[2]
+        gu = _rows_times(x, gate_up.transpose(1, 2), offsets)
+        low = _rows_times(x, a_gate_up.transpose(1, 2), offsets).mul_(scaling)
+        low_gate, low_up = low[:, :r].contiguous(), low[:, r:].contiguous()  # [N, r] each: tiny
+        gate, up = gu[:, :hidden], gu[:, hidden:]
+        gate.add_(_rows_times(low_gate, b_gate.transpose(1, 2), offsets))
+        up.add_(_rows_times(low_up, b_up.transpose(1, 2), offsets))
+        h = torch.ops.aten.silu.out(gate, out=torch.empty_like(up)).mul_(up)
+        low_down = _rows_times(h, a_down.transpose(1, 2), offsets).mul_(scaling)
+        lows = (low_gate, low_up, low_down)
+        out = _rows_times(h, down.transpose(1, 2), offsets)
+        out.add_(_rows_times(low_down, b_down.transpose(1, 2), offsets))
+        ctx.save_for_backward(x, offsets, gate_up, down, a_gate_up, b_gate, b_up, a_down, b_down, gu, h, *lows)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, offsets, gate_up, down, a_gate_up, b_gate, b_up, a_down, b_down, gu, h, *lows = ctx.saved_tensors
+        low_gate, low_up, low_down = lows
+        need = ctx.needs_input_grad
+        hidden, scaling = b_gate.shape[1], ctx.scaling
+        d_out = d_out.contiguous()
+        # down: out = h @ W_down + s * (h @ A_down) @ B_down
+        d_b_down = _per_expert_outer(d_out, low_down, offsets) if need[8] else None
+        d_low_down = _rows_times(d_out, b_down, offsets).mul_(scaling)
+        d_a_down = _per_expert_outer(d_low_down, h, offsets) if need[7] else None
+        d_h = _rows_times(d_out, down, offsets).add_(_rows_times(d_low_down, a_down, offsets))
+        # SwiGLU: h = silu(gate) * up, both gradients written into one [N, 2I] tensor
+        gate, up = gu[:, :hidden], gu[:, hidden:]
+        d_gu = torch.empty_like(gu)
+        d_gate, d_up = d_gu[:, :hidden], d_gu[:, hidden:]
+        torch.mul(d_h, up, out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        torch.ops.aten.silu.out(gate, out=d_up).mul_(d_h)
+        # gate and up: gu = x @ W_gate_up + s * [(x @ A_gate) @ B_gate | (x @ A_up) @ B_up]
+        d_b_gate = _per_expert_outer(d_gate, low_gate, offsets) if need[5] else None
+        d_b_up = _per_expert_outer(d_up, low_up, offsets) if need[6] else None
+        d_low = torch.cat([_rows_times(d_gate, b_gate, offsets), _rows_times(d_up, b_up, offsets)], 1).mul_(scaling)
+        d_a_gate_up = _per_expert_outer(d_low, x, offsets) if need[4] else None
+        d_x = None
+        if need[0]:
+            d_x = _rows_times(d_gu, gate_up, offsets).add_(_rows_times(d_low, a_gate_up, offsets))
+        return d_x, None, None, None, d_a_gate_up, d_b_gate, d_b_up, d_a_down, d_b_down, None
 
 
 LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, Router: LoRARouter, RoutedExperts: LoRAExperts}

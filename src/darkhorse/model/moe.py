@@ -34,7 +34,7 @@ from torch import nn
 from darkhorse.config import ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
 from darkhorse.model.attention import RowCache
-from darkhorse.model.layers import SwiGLU
+from darkhorse.model.layers import SwiGLU, silu_mul
 
 log = logging.getLogger("darkhorse")
 
@@ -144,6 +144,8 @@ def grouped_matmul(
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked [E, out, in] weights."""
 
+    kernels = "torch"  # silu(gate) * up's (model/kernels.py)
+
     def __init__(self, n_experts: int, dim: int, hidden: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.randn(n_experts, hidden, dim) * init_std)
@@ -155,7 +157,7 @@ class RoutedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, up = self.gate_up(x, counts, use_grouped_mm)
-        return self.project("down_proj", F.silu(gate) * up, counts, use_grouped_mm)
+        return self.project("down_proj", silu_mul(gate, up, self.kernels), counts, use_grouped_mm)
 
     def gate_up(
         self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None

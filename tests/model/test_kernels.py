@@ -112,3 +112,17 @@ def test_liger_kernels_match_the_torch_math_on_cuda():
         for name, grad in torch_grads.items():
             scale = grad.abs().max().clamp(min=1e-6)
             assert (liger_grads[name] - grad).abs().max() / scale < 5e-2, (attention, name)
+
+
+@pytest.mark.slow
+def test_genesis_forward_and_fused_loss_trace_as_one_graph():
+    """MLA, MoE (padded bmm in fp32 on CPU), MTP and the fused head loss: torch.compile sees one graph."""
+    config = load_run_config("genesis-tiny", overrides=["model.n_layers=2"]).model
+    model = Transformer(config).train()
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+
+    def loss(tokens, targets):
+        return model(tokens, targets, mtp_weight=0.3, return_logits=False).loss
+
+    explanation = torch._dynamo.explain(loss)(tokens, tokens.roll(-1, 1))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

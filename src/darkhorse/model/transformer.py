@@ -211,9 +211,10 @@ class Transformer(nn.Module):
             mtp_loss = self._mtp_loss(hidden, tokens, targets, domains, fused)
             loss = loss + mtp_weight * mtp_loss
             losses["mtp"] = mtp_loss.detach()
-        for module in self.modules():
-            if isinstance(module, MoE):
-                for name, term in module.take_losses().items():
+        # the blocks' FFNs, not self.modules(): walking modules that the forward mutated breaks torch.compile's graph
+        for block in (*self.layers, *(module.block for module in self.mtp)):
+            if isinstance(block.ffn, MoE):
+                for name, term in block.ffn.take_losses().items():
                     loss = loss + term
                     losses[name] = losses.get(name, 0) + term.detach()
         return ModelOutput(logits=logits, loss=loss, losses=losses)

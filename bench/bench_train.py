@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time")
     parser.add_argument("--compile", action="store_true", help="also a train.compile=true row per preset and dtype")
+    parser.add_argument("--compile-only", action="store_true", help="only the train.compile=true rows")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both models train there)")
     parser.add_argument("--profile", type=Path, help="append operator tables of two profiled steps per model here")
     parser.add_argument(
@@ -208,7 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for preset in args.presets:
             for dtype in args.dtypes:
-                for compile in (False, True) if args.compile else (False,):
+                for compile in (True,) if args.compile_only else (False, True) if args.compile else (False,):
                     for kernels in args.kernels:
                         r = bench(preset, dtype, args.batch_size, args.seq_len, args.steps, args.warmup, Path(work),
                                   compile=compile, clock=clock, device=args.device, hf_experts=args.hf_experts,

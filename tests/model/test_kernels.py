@@ -80,6 +80,8 @@ def test_fully_masked_batch_gives_zero_loss_not_nan():
 
 
 def test_kernels_resolve_to_torch_on_cpu_and_liger_there_is_a_one_line_error():
+    train = load_run_config("tiny-cpu").train
+    assert train.kernels == "auto" and train.compile == "auto"  # compile: on for CUDA only (the trainer decides)
     cpu = torch.device("cpu")
     assert resolve_kernels("auto", cpu) == "torch" and resolve_kernels("torch", cpu) == "torch"
     with pytest.raises(DarkhorseError, match="train.kernels=liger needs CUDA"):

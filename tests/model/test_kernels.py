@@ -88,32 +88,49 @@ def test_kernels_resolve_to_torch_on_cpu_and_liger_there_is_a_one_line_error():
         resolve_kernels("liger", cpu)
 
 
+def cuda_bf16_step(model, tokens, targets, kernels, return_logits=False):
+    fused.use_kernels(model, kernels)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(tokens, targets, mtp_weight=0.3, return_logits=return_logits)
+    out.loss.backward()
+    return out.loss.float(), {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_steps(ours, reference, rtol, what):
+    assert torch.allclose(ours[0], reference[0], rtol=rtol), what
+    assert ours[1].keys() == reference[1].keys()
+    for name, grad in reference[1].items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        assert (ours[1][name] - grad).abs().max() / scale < 5e-2, (what, name)
+
+
+def cuda_models():
+    """genesis-tiny (MLA + MoE + MTP) and its GQA twin, soft-capped, with a masked prompt."""
+    for attention in ("gqa", "mla"):
+        config = load_run_config("genesis-tiny", overrides=["model.logit_softcap=30", f"model.attention={attention}"])
+        torch.manual_seed(0)
+        model = Transformer(config.model).cuda().train()
+        tokens = torch.randint(0, config.model.vocab_size, (4, 64), device="cuda")
+        targets = tokens.roll(-1, 1)
+        targets[:, :8] = IGNORE_INDEX
+        yield attention, model, tokens, targets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_head_loss_matches_the_plain_one_on_cuda_in_bf16():
+    for attention, model, tokens, targets in cuda_models():
+        plain = cuda_bf16_step(model, tokens, targets, "torch", return_logits=True)
+        assert_close_steps(cuda_bf16_step(model, tokens, targets, "torch"), plain, 1e-2, attention)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or fused.liger_available() is not None, reason="needs CUDA and liger-kernel"
 )
 def test_liger_kernels_match_the_torch_math_on_cuda():
-    config = load_run_config("genesis-tiny", overrides=["model.logit_softcap=30"]).model
-    for attention in ("gqa", "mla"):
-        torch.manual_seed(0)
-        config.attention = attention
-        model = Transformer(config).cuda().train()
-        tokens = torch.randint(0, config.vocab_size, (4, 64), device="cuda")
-        targets = torch.randint(0, config.vocab_size, (4, 64), device="cuda")
-        targets[:, :8] = IGNORE_INDEX
-        results = []
-        for kernels in ("torch", "liger"):
-            fused.use_kernels(model, kernels)
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(tokens, targets, mtp_weight=0.3, return_logits=False)
-            out.loss.backward()
-            grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
-            results.append((out.loss.float(), grads))
-        (torch_loss, torch_grads), (liger_loss, liger_grads) = results
-        assert torch.allclose(liger_loss, torch_loss, rtol=1e-2), attention
-        for name, grad in torch_grads.items():
-            scale = grad.abs().max().clamp(min=1e-6)
-            assert (liger_grads[name] - grad).abs().max() / scale < 5e-2, (attention, name)
+    for attention, model, tokens, targets in cuda_models():
+        reference = cuda_bf16_step(model, tokens, targets, "torch")
+        assert_close_steps(cuda_bf16_step(model, tokens, targets, "liger"), reference, 1e-2, attention)
 
 
 @pytest.mark.slow

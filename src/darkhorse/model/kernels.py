@@ -91,6 +91,8 @@ def linear_cross_entropy(
             hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap or None
         )
     chunk = max(1, CHUNK_VALUES // weight.shape[0])
+    if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detached, the gradients are skipped
+        hidden, weight = hidden.detach(), weight.detach()
     with torch.autocast(device, enabled=False):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk)
 

@@ -348,7 +348,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | str = "auto"  # true | false | auto (on for CUDA, where it pays; off on CPU and MPS)
+    kernels: str = "auto"  # auto | torch | liger (fused CUDA kernels; auto: liger on CUDA when it imports)
     eval_interval: int = 100
     eval_steps: int = 10
     save_interval: int = 200
@@ -368,6 +369,11 @@ class TrainConfig:
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
         _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        if isinstance(self.compile, str):
+            word = self.compile.strip().lower()
+            _one_of("train.compile", word, ("true", "false", "auto", "yes", "no", "1", "0"))
+            self.compile = word if word == "auto" else word in ("true", "yes", "1")
+        _one_of("train.kernels", self.kernels, ("auto", "torch", "liger"))
         _require(
             bool(DEVICE_PATTERN.fullmatch(self.device)),
             f"train.device must be auto, cpu, cuda[:N] or mps, got {self.device!r}",

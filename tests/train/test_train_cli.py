@@ -67,7 +67,11 @@ def test_bad_input_is_one_line_error(tmp_path, prepared_dir, capsys):
         (["--preset", "tiny-cpu", "--out", str(tmp_path / "r")], "--data"),
         (["--data", str(prepared_dir), "--out", str(tmp_path / "r")], "--preset"),
         (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint"),
-    ]
+        (["--preset", "tiny-cpu", "train.kernels=liger", "--data", str(prepared_dir), "--out", str(tmp_path / "k")],
+         "train.kernels=liger needs CUDA"),
+        (["--preset", "tiny-cpu", "train.compile=sometimes", "--data", str(prepared_dir), "--out", "x"],
+         "train.compile must be one of"),
+    ]  # fmt: skip
     for args, expected in cases:
         assert main(["train", *args]) == 2
         error = capsys.readouterr().err

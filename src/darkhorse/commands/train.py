@@ -18,8 +18,8 @@ RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/,
 current step, save a checkpoint and exit with status 130 or 143; --resume then continues with exactly
 the same losses, from the newest intact checkpoint (a damaged one is reported and skipped). One run
 at a time uses a RUN_DIR: a second is refused, naming the first one's pid.
-A resumed run keeps its config; only max-steps, minutes, the intervals, keep_last, device, compile
-and max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
+A resumed run keeps its config; only max-steps, minutes, the intervals, keep_last, device, compile,
+kernels and max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
 line per --log-interval.
 
 --minutes N (train.minutes) is a wall-clock budget: the lr schedule's decay (cosine over the whole

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from darkhorse.config import ModelConfig
-from darkhorse.model.layers import RMSNorm, apply_rope, yarn_mscale
+from darkhorse.model.layers import RMSNorm, apply_rope_pair, yarn_mscale
 
 
 def row_positions(start_pos: torch.Tensor, seq: int) -> torch.Tensor:
@@ -126,6 +126,8 @@ def causal_attention(
 class GroupedQueryAttention(nn.Module):
     """LLaMA/Mistral attention: n_kv_heads shared by groups of query heads, RoPE on q and k."""
 
+    kernels = "torch"  # RoPE's (model/kernels.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
@@ -169,8 +171,7 @@ class GroupedQueryAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # None: the model adds learned absolute positions to its inputs instead
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope_pair(q, k, *rope, self.kernels)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
         out = causal_attention(q, k, v, start_pos=start_pos)
@@ -204,6 +205,8 @@ class MultiHeadLatentAttention(nn.Module):
     absorbed into the queries and W_UV applied after attention, so attention runs as one-head
     MQA over the cached [latent | rope key] entries and the cache never holds per-head K or V.
     """
+
+    kernels = "torch"  # RoPE's (model/kernels.py)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -260,10 +263,10 @@ class MultiHeadLatentAttention(nn.Module):
         cos, sin = rope
         q = self._queries(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rope(deinterleave(q_rope), cos, sin)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (batch, 1, seq, c)
-        k_rope = apply_rope(deinterleave(k_rope.unsqueeze(1)), cos, sin)  # one head shared by all
+        q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope.unsqueeze(1))  # the rope key: one head for all
+        q_rope, k_rope = apply_rope_pair(q_rope, k_rope, cos, sin, self.kernels)
         if cache is None:
             kv = self.kv_b_proj(latent.squeeze(1)).view(batch, seq, self.n_heads, -1).transpose(1, 2)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)

@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from darkhorse.config import ModelConfig, RopeScalingConfig
+from darkhorse.model import kernels as fused
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, as LLaMA and DeepSeek do, then cast back."""
+
+    kernels = "torch"  # or "liger" (model/kernels.py)
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -20,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "liger":
+            return fused.rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (normed * self.weight.float()).to(x.dtype)
 
@@ -75,8 +80,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def apply_rope_pair(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rope` on queries and keys; liger's kernel does both at once where all rows share positions."""
+    if kernels == "liger" and cos.dim() == 2:
+        return fused.rope(q, k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """SwiGLU's silu(gate) * up."""
+    return fused.silu_mul(gate, up) if kernels == "liger" else F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """Gated FFN: down(silu(gate(x)) * up(x))."""
+
+    kernels = "torch"
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -85,7 +106,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), self.kernels))
 
 
 class MLP(nn.Module):

@@ -34,7 +34,7 @@ from torch import nn
 from darkhorse.config import ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
 from darkhorse.model.attention import RowCache
-from darkhorse.model.layers import SwiGLU
+from darkhorse.model.layers import SwiGLU, silu_mul
 
 log = logging.getLogger("darkhorse")
 
@@ -134,15 +134,64 @@ def grouped_matmul(
         use_grouped_mm = grouped_mm_supported(x.device, x.dtype, *weight.shape[-2:])
     if use_grouped_mm:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    return padded_grouped_mm(x, weight, counts)
+
+
+def _by_expert(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`x`'s rows scattered into a zero-padded [E, max_count, in] batch, and each row's (expert, slot) there."""
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
     row_in_expert = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
     padded = x.new_zeros(len(counts), int(counts.max()) if x.shape[0] else 0, x.shape[1])
     padded[expert_of_row, row_in_expert] = x
-    return torch.bmm(padded, weight.transpose(-2, -1))[expert_of_row, row_in_expert]
+    return padded, (expert_of_row, row_in_expert)
+
+
+# The padded path's shapes depend on the routing (the busiest expert's count), which torch.compile
+# cannot trace without a graph break per layer. As custom ops (with their own backward) they are one
+# opaque node of known output shape in the compiled graph, and run eagerly inside.
+@torch.library.custom_op("darkhorse::padded_grouped_mm", mutates_args=())
+def padded_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`grouped_matmul` by one zero-padded `bmm`: [N, in] x [E, out, in] -> [N, out]."""
+    padded, rows = _by_expert(x, counts)
+    return torch.bmm(padded, weight.transpose(-2, -1))[rows]
+
+
+@padded_grouped_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("darkhorse::padded_grouped_mm_weight_grad", mutates_args=())
+def padded_grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `padded_grouped_mm`: per expert, its rows' grad.T @ x -> [E, out, in]."""
+    padded_grad, _ = _by_expert(grad, counts)
+    padded_x, _ = _by_expert(x, counts)
+    return torch.bmm(padded_grad.transpose(-2, -1), padded_x)
+
+
+@padded_grouped_mm_weight_grad.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return grad.new_empty(len(counts), grad.shape[1], x.shape[1])
+
+
+def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs)
+
+
+def _padded_grouped_mm_backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+    x, weight, counts = ctx.saved_tensors
+    grad_x = padded_grouped_mm(grad, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+    grad_weight = padded_grouped_mm_weight_grad(grad, x, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_weight, None
+
+
+padded_grouped_mm.register_autograd(_padded_grouped_mm_backward, setup_context=_save_inputs)
 
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked [E, out, in] weights."""
+
+    kernels = "torch"  # silu(gate) * up's (model/kernels.py)
 
     def __init__(self, n_experts: int, dim: int, hidden: int, init_std: float = 0.02) -> None:
         super().__init__()
@@ -155,7 +204,7 @@ class RoutedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, up = self.gate_up(x, counts, use_grouped_mm)
-        return self.project("down_proj", F.silu(gate) * up, counts, use_grouped_mm)
+        return self.project("down_proj", silu_mul(gate, up, self.kernels), counts, use_grouped_mm)
 
     def gate_up(
         self, x: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool | None = None

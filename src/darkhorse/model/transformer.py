@@ -16,17 +16,18 @@ from torch.utils.checkpoint import checkpoint
 
 from darkhorse.config import ModelConfig
 from darkhorse.model.attention import build_attention, row_positions
+from darkhorse.model.kernels import IGNORE_INDEX, linear_cross_entropy
 from darkhorse.model.layers import RMSNorm, dense_ffn, rope_tables
 from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
 from darkhorse.model.moe import MoE
 from darkhorse.model.mtp import MTPModule
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "ModelOutput", "Transformer"]
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None from a forward with `return_logits=False`
     loss: torch.Tensor | None = None
     # Named loss terms that make up `loss` (e.g. "lm", "mtp"), detached, for logging.
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -94,6 +95,8 @@ class LayerCache:
 
 
 class Transformer(nn.Module):
+    kernels = "torch"  # the output head's loss: torch (chunked) or liger (model/kernels.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -186,27 +189,32 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor = 0,
         domains: torch.Tensor | None = None,
         mtp_weight: float = 0.0,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Logits, and with `targets` the loss to backprop: next-token loss plus block losses.
 
         `mtp_weight` (train.mtp_weight) scales the multi-token-prediction loss of models that have
         MTP modules; `domains` (per-token domain ids) reach the MoE layers that route by domain
         (and forward hooks, e.g. the trainer's routing statistics, can read them from the call).
-        MTP runs only when `targets` are given, so generation never pays for it.
+        MTP runs only when `targets` are given, so generation never pays for it. With targets and
+        `return_logits=False` (the trainer's call) every head's loss is the fused linear +
+        cross-entropy, which never holds the whole [tokens, vocab] logits, and `logits` is None.
         """
         hidden = self.hidden_states(tokens, cache, start_pos, domains)
-        logits = self.logits(hidden)
+        fused = targets is not None and not return_logits
+        logits = None if fused else self.logits(hidden)
         if targets is None:
             return ModelOutput(logits=logits)
-        lm_loss = self._cross_entropy(logits, targets)
+        lm_loss = self._head_loss(hidden, targets) if fused else self._cross_entropy(logits, targets)
         loss, losses = lm_loss, {"lm": lm_loss.detach()}
         if self.mtp:
-            mtp_loss = self._mtp_loss(hidden, tokens, targets, domains)
+            mtp_loss = self._mtp_loss(hidden, tokens, targets, domains, fused)
             loss = loss + mtp_weight * mtp_loss
             losses["mtp"] = mtp_loss.detach()
-        for module in self.modules():
-            if isinstance(module, MoE):
-                for name, term in module.take_losses().items():
+        # the blocks' FFNs, not self.modules(): walking modules that the forward mutated breaks torch.compile's graph
+        for block in (*self.layers, *(module.block for module in self.mtp)):
+            if isinstance(block.ffn, MoE):
+                for name, term in block.ffn.take_losses().items():
                     loss = loss + term
                     losses[name] = losses.get(name, 0) + term.detach()
         return ModelOutput(logits=logits, loss=loss, losses=losses)
@@ -226,7 +234,12 @@ class Transformer(nn.Module):
         )
         return total / flat.ne(IGNORE_INDEX).sum().clamp(min=1)
 
-    def _mtp_loss(self, hidden, tokens, targets, domains) -> torch.Tensor:
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`_cross_entropy(self.logits(hidden), targets)` computed without the whole logits."""
+        total = linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.logit_softcap, self.kernels)
+        return total / targets.ne(IGNORE_INDEX).sum().clamp(min=1)
+
+    def _mtp_loss(self, hidden, tokens, targets, domains, fused: bool = False) -> torch.Tensor:
         """Mean over depths k of the loss on token i+k+1, predicted from position i."""
         losses = []
         seq = tokens.shape[1]
@@ -236,7 +249,11 @@ class Transformer(nn.Module):
             rope = None if hasattr(self, "pos_embed") else (self.rope_cos[: seq - k], self.rope_sin[: seq - k])
             depth_domains = domains[:, k:] if domains is not None else None
             hidden = module(hidden[:, : seq - k], self.embed(tokens[:, k:]), rope, depth_domains)
-            losses.append(self._cross_entropy(self.logits(hidden), targets[:, k:]))
+            depth_targets = targets[:, k:]
+            if fused:
+                losses.append(self._head_loss(hidden, depth_targets))
+            else:
+                losses.append(self._cross_entropy(self.logits(hidden), depth_targets))
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from darkhorse.config import RunConfig
+from darkhorse.model.kernels import CHUNK_VALUES
 
 GIB = 1024**3
 
@@ -32,7 +33,8 @@ def estimate_training_memory(config: RunConfig, num_params: int, matrix_params: 
     (as the scalar optimizer next to Muon) one.
     Activations follow Korthikanti et al. (2022) without the attention-score term, which
     SDPA's fused kernels never materialise; gradient checkpointing keeps only block inputs
-    plus one block's worth. Logits and their gradient are counted in fp32.
+    plus one block's worth. The head's fused loss (model/kernels.py) holds one chunk of fp32 logits
+    and its gradient at a time, plus an fp32 head gradient.
     """
     model, train = config.model, config.train
     weights = grads = 4 * num_params
@@ -49,7 +51,8 @@ def estimate_training_memory(config: RunConfig, num_params: int, matrix_params: 
         layers = model.n_layers * tokens * model.dim * act_bytes + per_layer
     else:
         layers = model.n_layers * per_layer
-    logits = 2 * tokens * model.padded_vocab_size * 4
+    vocab = model.padded_vocab_size
+    logits = 2 * min(tokens, max(1, CHUNK_VALUES // vocab)) * vocab * 4 + vocab * model.dim * 4
     return MemoryEstimate(weights=weights, grads=grads, optimizer=optimizer, activations=layers + logits)
 
 

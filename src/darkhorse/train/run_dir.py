@@ -49,6 +49,7 @@ RESUMABLE_KEYS = (
     "log_interval",
     "device",
     "compile",
+    "kernels",
     "max_bad_steps",
 )
 

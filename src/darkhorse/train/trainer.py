@@ -30,6 +30,7 @@ from darkhorse.data.loader import WindowLoader
 from darkhorse.data.prepare import default_cache_dir
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
+from darkhorse.model.kernels import resolve_kernels, use_kernels
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
 from darkhorse.train.device import memory_in_use, out_of_memory_as_advice, resolve_device
 from darkhorse.train.distributed import (
@@ -210,6 +211,8 @@ class Trainer:
         if not (plan.resume_from and ckpt.is_sharded(plan.resume_from)):  # shards load with the optimizer state
             self.hooks.load_weights(self.model, plan, self.device)
         self.model.gradient_checkpointing = self.train_cfg.grad_checkpointing
+        self.kernels = resolve_kernels(self.train_cfg.kernels, self.device)
+        use_kernels(self.model, self.kernels)
         self.model.train()
         fsdp = self.train_cfg.parallel == "fsdp"
         # under FSDP adapters stay whole on every rank over the sharded frozen base; checkpoints are shards
@@ -222,7 +225,9 @@ class Trainer:
                 "training does not write; use train.parallel=ddp"
             )
         self.wrapped = parallelize(self.model, self.train_cfg, self.world, self.replicated)  # or the model itself
-        self.forward = torch.compile(self.wrapped) if self.train_cfg.compile else self.wrapped
+        compile = self.train_cfg.compile
+        self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.experts = expert_parameters(self.model)  # this rank's own part of the experts (expert parallelism)
         self.routing = RoutingCounter(self.model, training_only=True)  # for the end-of-run reports
 
@@ -424,7 +429,11 @@ class Trainer:
             with gradient_sync(self.wrapped, micro_step == accum - 1):  # ranks sync on the last micro-batch only
                 with self._autocast():
                     out = self.forward(
-                        batch.inputs, batch.targets, domains=batch.domains, mtp_weight=self.train_cfg.mtp_weight
+                        batch.inputs,
+                        batch.targets,
+                        domains=batch.domains,
+                        mtp_weight=self.train_cfg.mtp_weight,
+                        return_logits=False,  # the fused head loss: no [tokens, vocab] logits
                     )
                     out_loss = out.loss
                     for name, term in self.hooks.loss_terms().items():
@@ -505,7 +514,8 @@ class Trainer:
             length = f"{cfg.minutes:g} minutes" + (f" (at most {cfg.max_steps} steps)" if cfg.max_steps else "")
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
-            f"({cfg.dtype}), {self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
+            f"({cfg.dtype}, {self.kernels} kernels{', compiled' if self.compiled else ''}), "
+            f"{self.loader.train_tokens:,} train tokens, {self.tokens_per_step:,} tokens per step, "
             f"{length} -> {self.run_dir}"
         )
         cache = default_cache_dir().resolve()
@@ -585,6 +595,9 @@ class Trainer:
                             scheduler.step()
                     self.step += 1
                     self.tokens_seen += self.tokens_per_step
+                    if self.compiled and self.step - self.dashboard.start_step == 1:
+                        seconds = time.perf_counter() - run_start
+                        self.dashboard.message(f"torch.compile warm-up: the first step took {seconds:.1f} s")
                     if self.step - self.dashboard.start_step == SPEED_PROBE_STEPS:
                         self._warn_if_slow(time.perf_counter() - run_start)
                     window_tokens += self.tokens_per_step

@@ -39,14 +39,7 @@ BASELINE = [
 ]  # fmt: skip
 # one change each against the preset's default; `old` undoes the issue-17 defaults (the pre-issue recipe)
 LEVERS = {
-    "old": [
-        "train.optimizer=adamw",
-        "train.schedule=cosine",
-        "model.qk_norm=false",
-        "model.tie_embeddings=true",
-        "train.embedding_lr=0",
-        "train.head_lr=0",
-    ],  # fmt: skip
+    "old": ["train.recipe=classic"],
     "adamw": ["train.optimizer=adamw"],
     "muon": ["train.optimizer=muon", "train.muon_lr=0.02"],
     "muon-lion": ["train.optimizer=muon", "train.scalar_optimizer=lion", "train.lr=3e-4"],

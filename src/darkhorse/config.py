@@ -327,6 +327,9 @@ class ModelConfig:
 class TrainConfig:
     """Everything about one training run that is not the model's shape."""
 
+    # tuned: the preset's measured-best recipe; classic: the one it replaced (the preset's `classic:` overlay,
+    # applied under the user's config file and overrides, so a user's own setting still wins)
+    recipe: str = "tuned"
     seq_len: int = 256
     batch_size: int = 8  # micro-batch, sequences per forward pass
     grad_accum: int = 1
@@ -364,6 +367,7 @@ class TrainConfig:
     expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (ddp; all ranks)
 
     def __post_init__(self) -> None:
+        _one_of("train.recipe", self.recipe, ("tuned", "classic"))
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
@@ -551,11 +555,20 @@ def load_run_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Layer, in order: `base` (e.g. a checkpoint's config), preset, YAML file, `key=value` overrides."""
+    """Layer, in order: `base` (e.g. a checkpoint's config), preset, the preset's `classic:` overlay when
+    `train.recipe=classic` is set anywhere, YAML file, `key=value` overrides."""
     data: dict[str, Any] = dict(base or {})
+    classic: dict[str, Any] = {}
     if preset:
-        data = _merge(data, preset_dict(preset))
-    if config_file:
-        data = _merge(data, load_yaml_file(config_file))
-    data = _merge(data, parse_overrides(overrides))
+        preset_data = preset_dict(preset)
+        classic = preset_data.pop("classic", None) or {}
+        data = _merge(data, preset_data)
+    user = [load_yaml_file(config_file)] if config_file else []
+    user.append(parse_overrides(overrides))
+    trains = [layer.get("train") for layer in [data, *user]]
+    recipes = [train["recipe"] for train in trains if isinstance(train, dict) and "recipe" in train]
+    if recipes and recipes[-1] == "classic":
+        data = _merge(data, classic)
+    for layer in user:
+        data = _merge(data, layer)
     return run_config_from_dict(data)

@@ -40,10 +40,7 @@ COMMON = [
 
 
 # tiny-cpu's recipe before issue 17, and a loss at step 30 between its (0.88) and today's default's (0.42)
-OLD_RECIPE = [
-    "train.optimizer=adamw", "train.schedule=cosine", "model.qk_norm=false", "model.tie_embeddings=true",
-    "train.embedding_lr=0", "train.head_lr=0",
-]  # fmt: skip
+OLD_RECIPE = ["train.recipe=classic"]
 RECIPE_BOUND = 0.6
 
 

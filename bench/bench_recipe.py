@@ -53,6 +53,8 @@ LEVERS = {
     "untied": ["model.tie_embeddings=false"],
     "untied-lr": ["model.tie_embeddings=false", "train.embedding_lr=0.05", "train.head_lr=0.002"],
     "embedding-lr": ["train.embedding_lr=0.02"],
+    "value-embeds": ["model.value_embeds=1"],
+    "value-embeds-2": ["model.value_embeds=2"],
     "lr-x2": ["LR_X2"],
     "lr-half": ["LR_HALF"],
 }

@@ -276,6 +276,9 @@ class ModelConfig:
     positions: str = "rope"  # rope | learned (GPT-2's absolute position embeddings added to the tokens)
     logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the output logits (Gemma 2); 0 = off
     zero_init_out: bool = False  # attention and FFN output projections start at zero (modded-nanogpt)
+    # value embeddings (modded-nanogpt): the first N layers each look the input tokens up in a table of their
+    # own and add the result to their attention values; 0 = off
+    value_embeds: int = 0
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -294,6 +297,11 @@ class ModelConfig:
             "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
+        check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
+        _require(
+            self.value_embeds == 0 or self.attention == "gqa",
+            "model.value_embeds needs model.attention=gqa (MLA rebuilds its values from a latent)",
+        )
         for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             check_range(f"model.{name}", getattr(self, name), gt=0)
         for name in ("rope_theta", "norm_eps", "init_std"):

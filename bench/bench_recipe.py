@@ -55,6 +55,8 @@ LEVERS = {
     "embedding-lr": ["train.embedding_lr=0.02"],
     "value-embeds": ["model.value_embeds=1"],
     "value-embeds-2": ["model.value_embeds=2"],
+    "batch-warmup": ["train.batch_warmup_steps=20"],
+    "seq-warmup": ["train.seq_warmup_steps=20"],
     "lr-x2": ["LR_X2"],
     "lr-half": ["LR_HALF"],
 }

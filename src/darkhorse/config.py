@@ -341,6 +341,10 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8  # micro-batch, sequences per forward pass
     grad_accum: int = 1
+    # warm-ups of the batch (rows from 1) and of the window length (from 16 tokens), linear over these
+    # first optimizer steps, to full batch_size and seq_len; 0 = off
+    batch_warmup_steps: int = 0
+    seq_warmup_steps: int = 0
     max_steps: int = 1000  # with a time budget (minutes), a cap; 0 = none
     minutes: float = 0.0  # wall-clock budget: the schedule follows the time spent and the run stops at it; 0 = off
     lr: float = 3e-4
@@ -390,7 +394,16 @@ class TrainConfig:
         if self.minutes == 0:
             _require(self.max_steps > 0, f"train.max_steps must be > 0 without train.minutes, got {self.max_steps}")
         check_range("train.max_steps", self.max_steps, ge=0)  # 0: no step cap under a time budget
-        for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "grad_clip", "weight_decay"):
+        for name in (
+            "warmup_steps",
+            "batch_warmup_steps",
+            "seq_warmup_steps",
+            "eval_interval",
+            "eval_steps",
+            "save_interval",
+            "grad_clip",
+            "weight_decay",
+        ):
             check_range(f"train.{name}", getattr(self, name), ge=0)  # 0: off
         check_range("train.seed", self.seed, ge=0)
         check_range("train.lr", self.lr, gt=0)

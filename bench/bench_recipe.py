@@ -57,6 +57,14 @@ LEVERS = {
     "value-embeds-2": ["model.value_embeds=2"],
     "batch-warmup": ["train.batch_warmup_steps=20"],
     "seq-warmup": ["train.seq_warmup_steps=20"],
+    # the training-side winners alone (Genesis: its MLA has no QK-norm)
+    "train-winners": [
+        "train.optimizer=muon",
+        "train.schedule=wsd",
+        "model.tie_embeddings=false",
+        "train.embedding_lr=0.05",
+        "train.head_lr=0.002",
+    ],  # fmt: skip
     "lr-x2": ["LR_X2"],
     "lr-half": ["LR_HALF"],
 }

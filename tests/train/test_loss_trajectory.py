@@ -31,6 +31,16 @@ STEPS = 30
 RUNS = {
     "tiny-cpu": ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"],
     "genesis-tiny": ["model.n_layers=2", "model.moe.n_routed_experts=4"],
+    # the forge presets' recipe (Muon + AdamW, WSD on Llama blocks) at tiny-cpu's test shape
+    "forge-nano": [
+        "model.n_layers=2",
+        "model.dim=64",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.ffn_dim=128",
+        "train.dtype=fp32",
+        "train.grad_accum=1",
+    ],  # fmt: skip
 }
 COMMON = [
     f"train.max_steps={STEPS}", "model.vocab_size=64", "model.max_seq_len=64", "train.seq_len=32",

@@ -119,5 +119,5 @@ def test_every_preset_exports_and_restores_its_classic_recipe_with_one_override(
     assert (classic.model.dim, classic.model.n_layers, classic.model.vocab_size) == (
         tuned.model.dim, tuned.model.n_layers, tuned.model.vocab_size,
     )  # fmt: skip
-    if (tuned.train.optimizer, tuned.train.schedule) != (classic.train.optimizer, classic.train.schedule):
-        assert (classic.train.optimizer, classic.train.schedule) == ("adamw", "cosine")
+    assert classic.train.optimizer in (tuned.train.optimizer, "adamw")
+    assert classic.train.schedule in (tuned.train.schedule, "cosine")

@@ -39,14 +39,7 @@ BASELINE = [
 ]  # fmt: skip
 # one change each against the preset's default; `old` undoes the issue-17 defaults (the pre-issue recipe)
 LEVERS = {
-    "old": [
-        "train.optimizer=adamw",
-        "train.schedule=cosine",
-        "model.qk_norm=false",
-        "model.tie_embeddings=true",
-        "train.embedding_lr=0",
-        "train.head_lr=0",
-    ],  # fmt: skip
+    "old": ["train.recipe=classic"],
     "adamw": ["train.optimizer=adamw"],
     "muon": ["train.optimizer=muon", "train.muon_lr=0.02"],
     "muon-lion": ["train.optimizer=muon", "train.scalar_optimizer=lion", "train.lr=3e-4"],
@@ -60,6 +53,18 @@ LEVERS = {
     "untied": ["model.tie_embeddings=false"],
     "untied-lr": ["model.tie_embeddings=false", "train.embedding_lr=0.05", "train.head_lr=0.002"],
     "embedding-lr": ["train.embedding_lr=0.02"],
+    "value-embeds": ["model.value_embeds=1"],
+    "value-embeds-2": ["model.value_embeds=2"],
+    "batch-warmup": ["train.batch_warmup_steps=20"],
+    "seq-warmup": ["train.seq_warmup_steps=20"],
+    # the training-side winners alone (Genesis: its MLA has no QK-norm)
+    "train-winners": [
+        "train.optimizer=muon",
+        "train.schedule=wsd",
+        "model.tie_embeddings=false",
+        "train.embedding_lr=0.05",
+        "train.head_lr=0.002",
+    ],  # fmt: skip
     "lr-x2": ["LR_X2"],
     "lr-half": ["LR_HALF"],
 }

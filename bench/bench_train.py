@@ -80,7 +80,8 @@ def bench(
 ) -> dict:
     overrides = [
         f"train.dtype={dtype}", f"train.batch_size={batch_size}", f"train.seq_len={seq_len}", "model.mtp_depth=0",
-        "train.optimizer=adamw", "train.grad_accum=1", "train.eval_steps=0", f"train.max_steps={steps + warmup}",
+        "train.recipe=classic", "train.optimizer=adamw", "train.grad_accum=1", "train.eval_steps=0",
+        f"train.max_steps={steps + warmup}",
         f"train.compile={str(compile).lower()}", f"train.device={device}", "train.grad_checkpointing=false",
         f"train.kernels={kernels}",
     ]  # fmt: skip

@@ -53,3 +53,21 @@ def test_every_preset_loads():
     assert {"tiny-cpu", "d20", "forge-nano", "forge-mini"} <= set(names)
     for name in names:
         assert load_run_config(name).name == name
+
+
+def test_one_override_restores_the_classic_recipe_and_user_settings_still_win(tmp_path):
+    tuned = load_run_config("tiny-cpu")
+    assert (tuned.train.optimizer, tuned.train.schedule, tuned.model.qk_norm) == ("muon", "wsd", True)
+    classic = load_run_config("tiny-cpu", overrides=["train.recipe=classic"])
+    assert (classic.train.optimizer, classic.train.schedule, classic.train.embedding_lr, classic.train.head_lr) == (
+        "adamw", "cosine", 0, 0,
+    )  # fmt: skip
+    assert (classic.model.qk_norm, classic.model.tie_embeddings) == (False, True)
+    assert classic.model.dim == tuned.model.dim and classic.train.lr == tuned.train.lr  # the shape stays
+    user = tmp_path / "user.yaml"
+    user.write_text("train:\n  recipe: classic\n  schedule: wsd\n")
+    mixed = load_run_config("tiny-cpu", config_file=user, overrides=["model.qk_norm=true"])
+    assert (mixed.train.optimizer, mixed.train.schedule, mixed.model.qk_norm) == ("adamw", "wsd", True)
+    assert load_run_config("tiny-cpu", config_file=user, overrides=["train.recipe=tuned"]).train.optimizer == "muon"
+    with pytest.raises(ConfigError, match="train.recipe must be one of tuned, classic"):
+        load_run_config("tiny-cpu", overrides=["train.recipe=old"])

@@ -276,6 +276,9 @@ class ModelConfig:
     positions: str = "rope"  # rope | learned (GPT-2's absolute position embeddings added to the tokens)
     logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the output logits (Gemma 2); 0 = off
     zero_init_out: bool = False  # attention and FFN output projections start at zero (modded-nanogpt)
+    # value embeddings (modded-nanogpt): the first N layers each look the input tokens up in a table of their
+    # own and add the result to their attention values; 0 = off
+    value_embeds: int = 0
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -294,6 +297,11 @@ class ModelConfig:
             "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
+        check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
+        _require(
+            self.value_embeds == 0 or self.attention == "gqa",
+            "model.value_embeds needs model.attention=gqa (MLA rebuilds its values from a latent)",
+        )
         for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             check_range(f"model.{name}", getattr(self, name), gt=0)
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -327,9 +335,16 @@ class ModelConfig:
 class TrainConfig:
     """Everything about one training run that is not the model's shape."""
 
+    # tuned: the preset's measured-best recipe; classic: the one it replaced (the preset's `classic:` overlay,
+    # applied under the user's config file and overrides, so a user's own setting still wins)
+    recipe: str = "tuned"
     seq_len: int = 256
     batch_size: int = 8  # micro-batch, sequences per forward pass
     grad_accum: int = 1
+    # warm-ups of the batch (rows from 1) and of the window length (from 16 tokens), linear over these
+    # first optimizer steps, to full batch_size and seq_len; 0 = off
+    batch_warmup_steps: int = 0
+    seq_warmup_steps: int = 0
     max_steps: int = 1000  # with a time budget (minutes), a cap; 0 = none
     minutes: float = 0.0  # wall-clock budget: the schedule follows the time spent and the run stops at it; 0 = off
     lr: float = 3e-4
@@ -365,6 +380,7 @@ class TrainConfig:
     expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over (ddp; all ranks)
 
     def __post_init__(self) -> None:
+        _one_of("train.recipe", self.recipe, ("tuned", "classic"))
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
@@ -384,7 +400,16 @@ class TrainConfig:
         if self.minutes == 0:
             _require(self.max_steps > 0, f"train.max_steps must be > 0 without train.minutes, got {self.max_steps}")
         check_range("train.max_steps", self.max_steps, ge=0)  # 0: no step cap under a time budget
-        for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "grad_clip", "weight_decay"):
+        for name in (
+            "warmup_steps",
+            "batch_warmup_steps",
+            "seq_warmup_steps",
+            "eval_interval",
+            "eval_steps",
+            "save_interval",
+            "grad_clip",
+            "weight_decay",
+        ):
             check_range(f"train.{name}", getattr(self, name), ge=0)  # 0: off
         check_range("train.seed", self.seed, ge=0)
         check_range("train.lr", self.lr, gt=0)
@@ -557,11 +582,20 @@ def load_run_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Layer, in order: `base` (e.g. a checkpoint's config), preset, YAML file, `key=value` overrides."""
+    """Layer, in order: `base` (e.g. a checkpoint's config), preset, the preset's `classic:` overlay when
+    `train.recipe=classic` is set anywhere, YAML file, `key=value` overrides."""
     data: dict[str, Any] = dict(base or {})
+    classic: dict[str, Any] = {}
     if preset:
-        data = _merge(data, preset_dict(preset))
-    if config_file:
-        data = _merge(data, load_yaml_file(config_file))
-    data = _merge(data, parse_overrides(overrides))
+        preset_data = preset_dict(preset)
+        classic = preset_data.pop("classic", None) or {}
+        data = _merge(data, preset_data)
+    user = [load_yaml_file(config_file)] if config_file else []
+    user.append(parse_overrides(overrides))
+    trains = [layer.get("train") for layer in [data, *user]]
+    recipes = [train["recipe"] for train in trains if isinstance(train, dict) and "recipe" in train]
+    if recipes and recipes[-1] == "classic":
+        data = _merge(data, classic)
+    for layer in user:
+        data = _merge(data, layer)
     return run_config_from_dict(data)

@@ -96,7 +96,7 @@ def test_dense_step_with_per_row_positions_computes_the_model_forward():
 
 def test_models_it_does_not_restate_go_through_their_forward():
     assert isinstance(forward_step(make_model(), 2, 8, 100), DenseForward)
-    recipe = (dict(ffn_activation="relu2"), dict(positions="learned"), dict(logit_softcap=15.0))  # issue 17
+    recipe = (dict(ffn_activation="relu2"), dict(positions="learned"), dict(logit_softcap=15.0), dict(value_embeds=1))
     for overrides in (dict(attention_bias=True), dict(ffn="moe"), *recipe):
         assert isinstance(forward_step(make_model(**overrides), 2, 8, 100), ModelForward), overrides
     for batch in (2, 1):  # the native step (one row) takes what DenseForward takes, no more

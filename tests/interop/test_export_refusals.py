@@ -24,6 +24,7 @@ UNEXPORTABLE = {
         "model.ffn_activation=gelu (an ungated MLP) has no transformers or llama.cpp architecture here; use "
         "--format safetensors or pt; model.positions=learned (absolute position embeddings) has no transformers",
     ),
+    "value-embeds": (ModelConfig(value_embeds=1, **GQA), "model.value_embeds=1 (value embeddings) has no transformers"),
     "mixtral-sigmoid-shared": (
         ModelConfig(ffn="moe", moe=MoEConfig(**{**MIXTRAL_MOE, "scoring": "sigmoid", "n_shared_experts": 1}), **GQA),
         "model.moe.scoring=sigmoid (Mixtral routes by softmax); model.moe.n_shared_experts > 0",

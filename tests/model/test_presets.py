@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from darkhorse.cli import main
-from darkhorse.config import load_run_config
+from darkhorse.config import list_presets, load_run_config
 from darkhorse.errors import ConfigError, DarkhorseError
+from darkhorse.interop.capabilities import architecture_refusals
 from darkhorse.model import Transformer
 
 NAMED_SIZES = {"tiny-cpu": 2.8e6, "d20": 18e6, "forge-nano": 125e6, "forge-mini": 350e6,
@@ -106,3 +107,17 @@ def test_cli_reports_bad_config_as_one_line(capsys):
     assert main(["params", "--preset", "genesis-tiny", "model.moe.experts_per_token=99"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("darkhorse: error: ") and "experts_per_token" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_exports_and_restores_its_classic_recipe_with_one_override(preset):
+    """Issue 17: a preset's defaults are the measured winners that its export target can hold, and
+    train.recipe=classic brings back its recipe from before (same shape, same size)."""
+    tuned = load_run_config(preset)
+    classic = load_run_config(preset, overrides=["train.recipe=classic"])
+    assert architecture_refusals(tuned.model) == [] == architecture_refusals(classic.model)
+    assert (classic.model.dim, classic.model.n_layers, classic.model.vocab_size) == (
+        tuned.model.dim, tuned.model.n_layers, tuned.model.vocab_size,
+    )  # fmt: skip
+    assert classic.train.optimizer in (tuned.train.optimizer, "adamw")
+    assert classic.train.schedule in (tuned.train.schedule, "cosine")

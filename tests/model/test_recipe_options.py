@@ -35,3 +35,35 @@ def test_ungated_mlp_at_one_and_a_half_width_matches_swiglu_in_size():
 def test_learned_positions_need_gqa():
     with pytest.raises(ConfigError, match="model.positions=learned needs model.attention=gqa"):
         ModelConfig(**SMALL, positions="learned", attention="mla")
+
+
+def test_value_embeddings_add_a_table_per_layer_to_the_values_and_decode_as_they_train():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL, value_embeds=1)).eval()
+    assert len(model.value_embeds) == 1 and model.value_embeds[0].weight.shape == (128, 2 * 8)
+    tokens = torch.randint(0, 128, (2, 12))
+    full = model(tokens).logits
+    cache = model.new_cache(2, 12)
+    steps = [model(tokens[:, :8], cache=cache).logits]
+    steps += [model(tokens[:, i : i + 1], cache=cache, start_pos=i).logits for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.value_embeds[0].weight.zero_()
+    assert not torch.allclose(model(tokens).logits, full)  # the table reaches the output ...
+    plain = Transformer(ModelConfig(**SMALL))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("value_embeds")})
+    torch.testing.assert_close(plain.eval()(tokens).logits, model(tokens).logits)  # ... through the values only
+    assert model.flops_per_token(12) == plain.flops_per_token(12)  # a lookup, not a matmul
+
+
+def test_value_embeddings_are_optimised_as_embeddings_and_need_gqa():
+    from darkhorse.train.optim import split_parameters
+
+    model = Transformer(ModelConfig(**SMALL, value_embeds=2))
+    hidden, embeddings, _, _ = split_parameters(model)
+    tables = {id(table.weight) for table in model.value_embeds}
+    assert tables <= {id(p) for p in embeddings} and not tables & {id(p) for p in hidden}
+    with pytest.raises(ConfigError, match="model.value_embeds needs model.attention=gqa"):
+        ModelConfig(**SMALL, value_embeds=1, attention="mla")
+    with pytest.raises(ConfigError, match="model.value_embeds must be"):
+        ModelConfig(**SMALL, value_embeds=3)

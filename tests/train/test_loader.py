@@ -98,3 +98,24 @@ def test_several_raw_files_share_the_first_ones_tokenizer(tmp_path, monkeypatch)
         (tmp_path / name).write_text("\n\n".join(f"{word} document number {i} of many" for i in range(200)))
     sources = open_sources([(tmp_path / "a.txt", 1.0), (tmp_path / "b.txt", 1.0)], vocab_size=300)
     assert sources[0][0].tokenizer_sha256 == sources[1][0].tokenizer_sha256
+
+
+def test_batch_and_sequence_warmups_cut_the_full_shape_windows(make_prepared, tmp_path):
+    sources = open_sources([(make_prepared(tmp_path / "d", period=97), 1.0)], vocab_size=64)
+    full = loader_for(sources, seq_len=64)
+    growing = loader_for(sources, seq_len=64, batch_warmup_steps=4, seq_warmup_steps=8)
+    assert [growing.shape(step) for step in (0, 1, 3, 4, 7, 8)] == [
+        (1, 16),
+        (2, 16),
+        (4, 32),
+        (4, 48),
+        (4, 64),
+        (4, 64),
+    ]
+    assert growing.tokens_per_step(0) == 1 * 16 * 2 and growing.tokens_per_step(9) == full.tokens_per_step(9)
+    for step, micro in ((0, 1), (2, 0), (9, 1)):  # the first rows and tokens of what the full shape reads
+        cut, whole = growing.batch(step, micro), full.batch(step, micro)
+        rows, seq = growing.shape(step)
+        assert torch.equal(cut.inputs, whole.inputs[:rows, :seq]) and torch.equal(
+            cut.targets, whole.targets[:rows, :seq]
+        )

@@ -31,6 +31,16 @@ STEPS = 30
 RUNS = {
     "tiny-cpu": ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"],
     "genesis-tiny": ["model.n_layers=2", "model.moe.n_routed_experts=4"],
+    # the forge presets' recipe (Muon + AdamW, WSD on Llama blocks) at tiny-cpu's test shape
+    "forge-nano": [
+        "model.n_layers=2",
+        "model.dim=64",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.ffn_dim=128",
+        "train.dtype=fp32",
+        "train.grad_accum=1",
+    ],  # fmt: skip
 }
 COMMON = [
     f"train.max_steps={STEPS}", "model.vocab_size=64", "model.max_seq_len=64", "train.seq_len=32",
@@ -40,10 +50,7 @@ COMMON = [
 
 
 # tiny-cpu's recipe before issue 17, and a loss at step 30 between its (0.88) and today's default's (0.42)
-OLD_RECIPE = [
-    "train.optimizer=adamw", "train.schedule=cosine", "model.qk_norm=false", "model.tie_embeddings=true",
-    "train.embedding_lr=0", "train.head_lr=0",
-]  # fmt: skip
+OLD_RECIPE = ["train.recipe=classic"]
 RECIPE_BOUND = 0.6
 
 

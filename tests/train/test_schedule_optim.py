@@ -119,6 +119,8 @@ def test_expert_muon_orthogonalises_each_expert_on_its_own():
     restored = ExpertMuon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
     restored.load_state_dict(optimizer.state_dict())
     assert len(restored.state_dict()["state"]) == 2
+    optimizer.zero_grad()  # the stack's gradient too, or the next step would add to this one's
+    assert stack.grad is None
 
 
 def test_lion_update_is_the_sign_of_the_interpolated_momentum():

@@ -78,17 +78,21 @@ def test_a_budget_run_stops_when_the_time_is_spent_with_the_decay_at_its_end(tmp
     assert ckpt.load_trainer_state(result.checkpoint)["spent_seconds"] == 6.0
 
 
-def test_a_budget_run_resumes_exactly_and_max_steps_still_caps(tmp_path, prepared_dir):
-    whole = run(budget_config(), [(prepared_dir, 1.0)], tmp_path / "whole")
-    capped = run(budget_config("train.max_steps=5"), [(prepared_dir, 1.0)], tmp_path / "split")
+@pytest.mark.parametrize("warmup", [[], ["train.batch_warmup_steps=8", "train.seq_warmup_steps=8"]])
+def test_a_budget_run_resumes_exactly_and_max_steps_still_caps(tmp_path, prepared_dir, warmup):
+    """Also with the batch and the windows still growing (issue 17) where the run is cut."""
+    whole = run(budget_config(*warmup), [(prepared_dir, 1.0)], tmp_path / "whole")
+    capped = run(budget_config("train.max_steps=5", *warmup), [(prepared_dir, 1.0)], tmp_path / "split")
     assert capped.step == 5 and ckpt.load_trainer_state(capped.checkpoint)["spent_seconds"] == 2.5
-    resumed = run(budget_config(), [], tmp_path / "split", resume=True)
+    resumed = run(budget_config(*warmup), [], tmp_path / "split", resume=True)
     assert resumed.step == whole.step == 12
     a, b = steps_logged(tmp_path / "whole"), steps_logged(tmp_path / "split")
     assert list(b) == list(range(1, 13))
-    assert [(r["loss"], r["lr"], r["spent_s"]) for r in a.values()] == [
-        (r["loss"], r["lr"], r["spent_s"]) for r in b.values()
+    assert [(r["loss"], r["lr"], r["spent_s"], r["tokens_seen"]) for r in a.values()] == [
+        (r["loss"], r["lr"], r["spent_s"], r["tokens_seen"]) for r in b.values()
     ]  # bit-identical
+    # batch 4 x 32 tokens; warm-up: rows 1, 1, 2, 2, 3, 3, 4, 4 and windows of 16, 16, 16, 16, 32 ... tokens
+    assert b[12]["tokens_seen"] == (sum([16, 16, 32, 32, 96, 96, 128, 128]) + 4 * 128 if warmup else 12 * 128)
     weights = [(tmp_path / run_dir / "final" / "model.safetensors").read_bytes() for run_dir in ("whole", "split")]
     assert weights[0] == weights[1]
 

@@ -6,6 +6,8 @@
   darkhorse train --out runs/tiny --resume --max-steps 400 continue, and train for longer
   darkhorse train --preset d20 --data data/prepared --out runs/d20 --minutes 10
                                                            10 minutes of wall clock, the lr decay ending on time
+  darkhorse train --preset tiny-cpu --data data/prepared --out runs/old train.recipe=classic
+                                                           the preset's recipe from before its tuned one (AdamW, cosine)
   darkhorse train --init-from runs/llama/final --data data/mine --out runs/ft train.lr=1e-5
                                                            fine-tune a checkpoint (e.g. an imported one)
 

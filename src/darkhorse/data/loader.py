@@ -10,6 +10,11 @@ window starts, so the windows do not depend on how a step is cut into micro-batc
 With `loss_mask` (train.loss_mask), a target whose token the source's loss mask marks 0 (a chat prompt,
 see `prepared.py`) becomes IGNORE_INDEX, which the model's cross-entropy skips: the window still shows
 the prompt as context, but only the replies are learned. Sources without a mask file count every token.
+
+Batch-size and sequence-length warm-up (train.batch_warmup_steps, train.seq_warmup_steps) cut step s's
+windows to its `shape(s)`: the first rows of each micro-batch, the first tokens of each window. The windows
+themselves (which ones, where they start) stay those of the full shape, so batches are still a function of
+the step alone and a resumed run sees the same ones.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from darkhorse.errors import DarkhorseError
 from darkhorse.model.transformer import IGNORE_INDEX
 
 RAW_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+MIN_WARMUP_SEQ = 16  # sequence-length warm-up grows windows in steps of this many tokens, from this many
 
 
 @dataclass
@@ -114,8 +120,11 @@ class WindowLoader:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        batch_warmup_steps: int = 0,
+        seq_warmup_steps: int = 0,
     ) -> None:
         self.rank, self.world_size = rank, world_size
+        self.batch_warmup_steps, self.seq_warmup_steps = batch_warmup_steps, seq_warmup_steps
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
@@ -137,16 +146,34 @@ class WindowLoader:
     def train_tokens(self) -> int:
         return sum(len(data.tokens("train")) for data in self.sources)
 
+    def shape(self, step: int) -> tuple[int, int]:
+        """(rows, tokens) of each micro-batch of step `step`: (batch_size, seq_len), or less during a warm-up,
+        which grows both linearly over its steps (rows from 1, tokens from MIN_WARMUP_SEQ in steps of it)."""
+        rows, seq = self.batch_size, self.seq_len
+        if step < self.batch_warmup_steps:
+            rows = math.ceil(rows * (step + 1) / self.batch_warmup_steps)
+        if step < self.seq_warmup_steps:
+            grown = MIN_WARMUP_SEQ * math.ceil(seq * (step + 1) / self.seq_warmup_steps / MIN_WARMUP_SEQ)
+            seq = min(seq, max(grown, MIN_WARMUP_SEQ))
+        return rows, seq
+
+    def tokens_per_step(self, step: int) -> int:
+        """Tokens that step `step` trains on, over all micro-batches and ranks."""
+        rows, seq = self.shape(step)
+        return rows * seq * self.grad_accum * self.world_size
+
     def batch(self, step: int, micro_step: int) -> Batch:
         """The micro-batch `micro_step` of optimizer step `step` (both 0-based) for this rank.
 
         Step s reads windows [s * G, (s + 1) * G) with G = batch_size x grad_accum x world_size, each
-        rank a distinct block of them, so a step sees the same windows at any world size that keeps G."""
+        rank a distinct block of them, so a step sees the same windows at any world size that keeps G
+        (during a warm-up, the first rows and tokens of them: `shape`)."""
         block = (step * self.grad_accum + micro_step) * self.world_size + self.rank
         first_window = block * self.batch_size
-        windows = range(first_window, first_window + self.batch_size)
-        rows = [source_of_window(index, self.weights) for index in windows]
-        return self._gather("train", windows, rows, self.with_domains)
+        rows, seq = self.shape(step)
+        windows = range(first_window, first_window + rows)
+        sources = [source_of_window(index, self.weights) for index in windows]
+        return self._gather("train", windows, sources, self.with_domains, seq)
 
     def val_batches(self, count: int) -> list[Batch]:
         """`count` fixed validation batches (the same at every evaluation), [] without val splits."""
@@ -161,8 +188,9 @@ class WindowLoader:
             batches.append(self._gather("val", windows, rows, with_domains))
         return batches
 
-    def _gather(self, split: str, windows: range, rows: list[int], with_domains: bool) -> Batch:
-        span = self.seq_len + 1
+    def _gather(self, split: str, windows: range, rows: list[int], with_domains: bool, seq: int = 0) -> Batch:
+        """Windows of `seq` (default seq_len) + 1 tokens, each from where a full window would start."""
+        full_span, span = self.seq_len + 1, (seq or self.seq_len) + 1
         split_id = SPLITS.index(split)
         token_windows = np.empty((len(rows), span), dtype=np.int64)
         domain_windows = np.empty((len(rows), span), dtype=np.uint8) if with_domains else None
@@ -171,7 +199,7 @@ class WindowLoader:
             data = self.sources[source]
             tokens = data.tokens(split)
             rng = np.random.default_rng([self.seed, split_id, window])
-            start = int(rng.integers(0, len(tokens) - span + 1))
+            start = int(rng.integers(0, len(tokens) - full_span + 1))
             token_windows[row] = tokens[start : start + span]
             target_windows[row] = token_windows[row, 1:]
             mask = data.loss_mask(split) if self.loss_mask else None

@@ -163,11 +163,14 @@ class GroupedQueryAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`value_embed`: (batch, seq, n_kv_heads * head_dim) added to the values (model.value_embeds)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x) if value_embed is None else self.v_proj(x) + value_embed
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # None: the model adds learned absolute positions to its inputs instead

@@ -65,13 +65,17 @@ class Block(nn.Module):
             return self.ffn(h)
         return self.ffn(h, domains, cache=cache, start_pos=start_pos)
 
-    def forward(self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None) -> torch.Tensor:
-        """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too."""
+    def forward(
+        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None
+    ) -> torch.Tensor:
+        """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too; `value_embed`:
+        this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes."""
         attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
+        values = {} if value_embed is None else {"value_embed": value_embed}
         if hasattr(self, "attn_hc"):
-            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos))
+            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos, **values))
             return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
-        x = x + self.attn(self.attn_norm(x), rope, attn_cache, start_pos)
+        x = x + self.attn(self.attn_norm(x), rope, attn_cache, start_pos, **values)
         return x + self._ffn(x, domains, ffn_cache, start_pos)
 
 
@@ -103,6 +107,10 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.dim)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
+        kv_width = config.n_kv_heads * config.head_dim
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(config.padded_vocab_size, kv_width) for _ in range(config.value_embeds)
+        )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Training-only multi-token-prediction modules (layer ids continue after the main stack).
@@ -172,10 +180,11 @@ class Transformer(nn.Module):
             x = expand_streams(x, self.config.mhc.expansion)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
+            value_embed = self.value_embeds[i](tokens) if i < len(self.value_embeds) else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, layer_cache, start_pos, domains, use_reentrant=False)
+                x = checkpoint(layer, x, rope, layer_cache, start_pos, domains, value_embed, use_reentrant=False)
             else:
-                x = layer(x, rope, layer_cache, start_pos, domains)
+                x = layer(x, rope, layer_cache, start_pos, domains, value_embed)
         if self.config.residual == "mhc":
             x = merge_streams(x)
         return self.norm(x)
@@ -311,7 +320,8 @@ class Transformer(nn.Module):
 
         Counts the MTP modules too, and the output head once per prediction depth."""
         head_uses = int(self.config.tie_embeddings) + len(self.mtp)
-        lookups = [m.weight.numel() for m in (self.embed, getattr(self, "pos_embed", None)) if m is not None]
+        tables = [self.embed, getattr(self, "pos_embed", None), *self.value_embeds]
+        lookups = [m.weight.numel() for m in tables if m is not None]
         matmul_params = self.num_active_params(include_mtp=True) - sum(lookups)
         matmul_params += head_uses * self.lm_head.weight.numel()
         attention = 0

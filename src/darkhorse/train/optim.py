@@ -82,6 +82,16 @@ class ExpertMuon(torch.optim.Muon):
                 view.grad = grad
         return super().step(closure)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The stacks' gradients too: no param group holds the stacks, so the base class never clears them
+        (their gradients summed over every step before this fix, and a resumed run started from zero)."""
+        super().zero_grad(set_to_none)
+        for stack, _ in self._stacks:
+            if set_to_none:
+                stack.grad = None
+            elif stack.grad is not None:
+                stack.grad.zero_()
+
 
 def _is_head(name: str) -> bool:
     return name.split(".")[-2:] == ["lm_head", "weight"]

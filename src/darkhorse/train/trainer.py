@@ -248,10 +248,11 @@ class Trainer:
             device=self.device,
             rank=self.world.rank,
             world_size=self.world.size,
+            batch_warmup_steps=self.train_cfg.batch_warmup_steps,
+            seq_warmup_steps=self.train_cfg.seq_warmup_steps,
         )
-        self.tokens_per_step = (
-            self.train_cfg.batch_size * self.train_cfg.seq_len * self.train_cfg.grad_accum * self.world.size
-        )
+        warmed_up = max(self.train_cfg.batch_warmup_steps, self.train_cfg.seq_warmup_steps)
+        self.tokens_per_step = self.loader.tokens_per_step(warmed_up)  # a full step's, after any warm-up
         self.step = self.tokens_seen = self.bad_in_a_row = self.bad_total = 0
         self.history: list[dict[str, Any]] = []
         if plan.resume_from:
@@ -593,14 +594,15 @@ class Trainer:
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         for scheduler in self.schedulers:
                             scheduler.step()
+                    step_tokens = self.loader.tokens_per_step(self.step)
                     self.step += 1
-                    self.tokens_seen += self.tokens_per_step
+                    self.tokens_seen += step_tokens
                     if self.compiled and self.step - self.dashboard.start_step == 1:
                         seconds = time.perf_counter() - run_start
                         self.dashboard.message(f"torch.compile warm-up: the first step took {seconds:.1f} s")
                     if self.step - self.dashboard.start_step == SPEED_PROBE_STEPS:
                         self._warn_if_slow(time.perf_counter() - run_start)
-                    window_tokens += self.tokens_per_step
+                    window_tokens += step_tokens
                     if grad_norm is None:
                         self._count_bad_step(loss)
                     else:

@@ -70,14 +70,16 @@ def _claims_hold(trace: str) -> None:
 
 
 def _check_columns(a: int, b: int, op: str, trace: str) -> None:
-    """Each column's partial result is the answer's last digits so far; the last one is the answer."""
-    result = str(a + b if op == "+" else a - b)
+    """Each column's partial result is the last digits of the sum being built (for a - b, the sum
+    a + (99..9 - b) + 1), the last one all of it; a subtraction then drops its leading 1."""
+    width = max(len(str(a)), len(str(b)))
+    total = str(a + b if op == "+" else a + (10**width - 1 - b) + 1)
     steps = trace.split(", ")
-    assert len(steps) == max(len(str(a)), len(str(b)))
+    if op == "-":
+        assert total[0] == "1" and steps.pop() == f"so {a - b}", (a, b, trace)
+    assert len(steps) == width
     for count, step in enumerate(steps, 1):
-        built = step.split(" -> ")[1]
-        expected = result if count == len(steps) else str(a + b if op == "+" else a - b).zfill(count)[-count:]
-        assert built == expected, (a, op, b, trace)
+        assert step.split(" -> ")[1] == (total if count == width else total[-count:]), (a, op, b, trace)
     _claims_hold(trace)
 
 
@@ -101,13 +103,14 @@ def test_arithmetic_answers_and_steps_are_correct(corpus):
     ("a", "b", "op", "trace"),
     [
         (958, 683, "+", "8+3=11 -> 1, 5+8+1=14 -> 41, 9+6+1=16 -> 1641"),
-        (907, 159, "-", "7-9+10=8 -> 8, 0-5-1+10=4 -> 48, 9-1-1=7 -> 748"),
-        (905, 900, "-", "5-0=5 -> 5, 0-0=0 -> 05, 9-9=0 -> 5"),
+        (907, 159, "-", "7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748"),
+        (905, 900, "-", "5+9+1=15 -> 5, 0+9+1=10 -> 05, 9+0+1=10 -> 1005, so 5"),
+        (56, 5, "-", "6+4+1=11 -> 1, 5+9+1=15 -> 151, so 51"),
         (38, 7, "+", "8+7=15 -> 5, 3+0+1=4 -> 45"),
     ],
 )
 def test_columns_build_the_answer_right_to_left(a, b, op, trace):
-    """Carries and borrows are written where the next column reads them; no reversal at the end."""
+    """Carries are written where the next column reads them; no reversal at the end."""
     assert _columns_built(a, b, op) == trace
     _check_columns(a, b, op, trace)
 
@@ -172,7 +175,7 @@ def test_python_snippets_print_what_the_answer_says_and_the_trace_works_it(corpu
             assert re.search(rf"=({answer})$", trace), trace
             kinds.add("running")
         elif " - " in trace and answer.startswith("-"):  # the difference the other way round, then the sign
-            assert trace.endswith(f"-> {answer[1:]}")
+            assert trace.endswith(f"so {answer[1:]}")
             kinds.add("negative")
     assert kinds == {"letters", "index", "running", "negative"}
 

@@ -103,30 +103,26 @@ def make_addition(rng: random.Random) -> Example:
 def _columns_built(a: int, b: int, op: str) -> str:
     """Column arithmetic (a >= b for "-") that builds the result as it goes, right to left.
 
-    Each column is worked on its digits and the carry (or borrow) the column before it wrote, then the
-    result so far is written out again with the new digit in front: `8+7=15 -> 5, 3+4+1=8 -> 85`. The
-    last partial result is the answer, so nothing has to be reversed or recalled; a borrow is written
-    as the `+10` it adds (`7-9+10=8`) and the next column subtracts it (`0-5-1+10=4`).
+    Each column adds its digits and the carry the column before it wrote, then writes the result so far
+    again with the new digit in front: `8+7=15 -> 5, 3+4+1=8 -> 85`. The last partial result is the
+    answer, so nothing has to be reversed or recalled. Subtraction is the same addition (the method of
+    complements): a - b = a + (99..9 - b) + 1 - 10..0, so each digit of b becomes 9 minus it, the first
+    column adds 1, and the leading 1 of the last partial result is dropped:
+    `907 - 159: 7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748`. Borrowing needed its own facts
+    (`7-9+10=8`), which a small model learned far less well than the addition facts every skill shares.
     """
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, built, carry = [], "", 0
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        last = i == max(len(da), len(db)) - 1
-        if op == "+":
-            value = x + y + carry
-            work = f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={value}"
-            digit, carry = (str(value) if last else str(value % 10)), value // 10
-        else:
-            borrow = int(x - y - carry < 0)
-            value = x - y - carry + 10 * borrow
-            work = f"{x}-{y}" + (f"-{carry}" if carry else "") + ("+10" if borrow else "") + f"={value}"
-            digit, carry = str(value), borrow
-        built = digit + built
-        if last:  # the answer has no leading zeros (905 - 900 = 5)
-            built = built.lstrip("0") or "0"
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, built, carry = [], "", int(op == "-")
+    for i, (x, y) in enumerate(zip(map(int, da), map(int, db), strict=True)):
+        y = 9 - y if op == "-" else y
+        value = x + y + carry
+        work = f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={value}"
+        built = (str(value) if i == width - 1 else str(value % 10)) + built
         steps.append(f"{work} -> {built}")
+        carry = value // 10
+    if op == "-":  # drop the leading 1 (and any zeros after it: 905 - 900 = 5)
+        steps.append(f"so {built[1:].lstrip('0') or '0'}")
     return ", ".join(steps)
 
 

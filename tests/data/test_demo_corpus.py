@@ -77,7 +77,6 @@ def _check_columns(a: int, b: int, op: str, trace: str) -> None:
     steps = trace.split(", ")
     if op == "-":
         assert total[0] == "1" and steps.pop() == f"so {a - b}", (a, b, trace)
-        assert steps.pop(0) == f"{str(b).zfill(width)} -> {10**width - 1 - b:0{width}d}", trace
     assert len(steps) == width
     for count, step in enumerate(steps, 1):
         assert step.split(" -> ")[1] == (total if count == width else total[-count:]), (a, op, b, trace)
@@ -104,9 +103,9 @@ def test_arithmetic_answers_and_steps_are_correct(corpus):
     ("a", "b", "op", "trace"),
     [
         (958, 683, "+", "8+3=11 -> 1, 5+8+1=14 -> 41, 9+6+1=16 -> 1641"),
-        (907, 159, "-", "159 -> 840, 7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748"),
-        (905, 900, "-", "900 -> 099, 5+9+1=15 -> 5, 0+9+1=10 -> 05, 9+0+1=10 -> 1005, so 5"),
-        (56, 5, "-", "05 -> 94, 6+4+1=11 -> 1, 5+9+1=15 -> 151, so 51"),
+        (907, 159, "-", "7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748"),
+        (905, 900, "-", "5+9+1=15 -> 5, 0+9+1=10 -> 05, 9+0+1=10 -> 1005, so 5"),
+        (56, 5, "-", "6+4+1=11 -> 1, 5+9+1=15 -> 151, so 51"),
         (38, 7, "+", "8+7=15 -> 5, 3+0+1=4 -> 45"),
     ],
 )

@@ -92,17 +92,15 @@ def _columns_built(a: int, b: int, op: str) -> str:
     Each column adds its digits and the carry the column before it wrote, then writes the result so far
     again with the new digit in front: `8+7=15 -> 5, 3+4+1=8 -> 85`. The last partial result is the
     answer, so nothing has to be reversed or recalled. Subtraction is the same addition (the method of
-    complements): a - b = a + (99..9 - b) + 1 - 10..0, so b is first written with each digit as 9 minus
-    it, the first column adds 1, and the leading 1 of the last partial result is dropped:
-    `907 - 159: 159 -> 840, 7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748`. Borrowing needed its own
-    facts (`7-9+10=8`), which a small model learned far less well than the addition facts every skill
-    shares; taking 9 minus a digit inside a column's lookup failed too, so the complement is written out.
+    complements): a - b = a + (99..9 - b) + 1 - 10..0, so each digit of b becomes 9 minus it, the first
+    column adds 1, and the leading 1 of the last partial result is dropped:
+    `907 - 159: 7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748`. Borrowing needed its own facts
+    (`7-9+10=8`), which a small model learned less well than the addition facts every skill shares
+    (docs/experiments.md, 2026-11-30 fourth session: subtraction is still the weak half either way).
     """
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     steps, built, carry = [], "", int(op == "-")
-    if op == "-":  # b's complement first, digit by digit, where each column will read it
-        steps.append(f"{db[::-1]} -> {''.join(str(9 - int(d)) for d in db[::-1])}")
     for i, (x, y) in enumerate(zip(map(int, da), map(int, db), strict=True)):
         y = 9 - y if op == "-" else y
         value = x + y + carry

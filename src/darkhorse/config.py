@@ -157,6 +157,10 @@ class MoEConfig:
     # group's share of the tokens so far that chose it (a causal domain posterior); 0 = each token's own
     # scores, as exported models (HF, GGUF) route
     domain_posterior: float = 0.0
+    # isolated: rank the groups by a token's own group scores plus a learned context feature, the causal
+    # running mean of per-token group evidence (a linear read of each token's hidden state) from the text's
+    # start, trained by the group loss; darkhorse inference only (exports rank by the token's own scores)
+    group_context: bool = False
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200
     collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
@@ -214,6 +218,10 @@ class MoEConfig:
         _require(
             self.domain_posterior == 0 or self.domain_routing == "isolated",
             "model.moe.domain_posterior ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
+        )
+        _require(
+            not self.group_context or self.domain_routing == "isolated",
+            "model.moe.group_context ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
         )
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 

@@ -66,16 +66,18 @@ def test_the_group_context_is_a_causal_running_mean_that_the_cache_carries():
     assert chosen_groups(layer, both, cache=cache, start_pos=torch.tensor([7, 0])).tolist() == [0, 1]
 
 
-def test_the_group_context_is_trained_by_the_group_loss_with_and_without_it():
+def test_the_group_context_learns_from_the_group_loss_without_pushing_the_stream():
     torch.manual_seed(0)
     moe = MoEConfig(n_routed_experts=6, experts_per_token=2, moe_intermediate_size=16, domain_routing="isolated",
                     n_domains=3, group_context=True)  # fmt: skip
     layer = MoE(ModelConfig(dim=32, n_heads=4, ffn="moe", moe=moe), layer_idx=1).train()
-    layer(torch.randn(2, 8, 32), domains=torch.tensor([[0] * 8, [2] * 4 + [255] * 4]))
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    layer(x, domains=torch.tensor([[0] * 8, [2] * 4 + [255] * 4]))
     losses = layer.take_losses()
     assert set(losses) == {"group", "group_context"}
     losses["group_context"].backward()
     assert layer.group_context.weight.grad.abs().sum() > 0
+    assert x.grad is None and layer.gate.weight.grad is None  # the hidden states and router: the own-score loss's
 
 
 def test_the_posterior_and_the_context_need_isolated_routing():

@@ -203,8 +203,9 @@ class MoE(nn.Module):
         if moe.domain_routing == "isolated":
             self.register_buffer("domain_group_mask", domain_group_mask(moe.n_domains, n_experts), persistent=False)
         if moe.group_context:  # per-token group evidence, averaged causally; zero = each token's own scores
-            self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False)
-            nn.init.zeros_(self.group_context.weight)
+            # built without drawing random numbers, so every other weight starts as without the context
+            self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False, device="meta")
+            self.group_context.weight = nn.Parameter(torch.zeros(moe.n_groups, config.dim))
         self.pending_losses: dict[str, torch.Tensor] = {}
         self.last_load: list[float] = []
         self.last_dropped = 0.0
@@ -292,7 +293,8 @@ class MoE(nn.Module):
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
         context = None
         if self.moe.group_context and self.moe.n_groups > 1:
-            evidence = self.group_context(flat.float()).view(batch, seq, -1)
+            # read off detached hidden states: the context head learns, the LM's residual stream is not pushed
+            evidence = self.group_context(flat.detach().float()).view(batch, seq, -1)
             context = self._running_mean(evidence, "context", cache, start_pos).view(batch * seq, -1)
         ranking = None
         if context is not None or self.uses_posterior():
@@ -355,7 +357,7 @@ class MoE(nn.Module):
                 groups = group_scores(routing.scores[tagged], moe.n_groups)
                 self.pending_losses["group"] = moe.group_loss_weight * F.cross_entropy(groups, ids[tagged])
                 if context is not None:
-                    with_context = groups + context[tagged]
+                    with_context = groups.detach() + context[tagged]
                     loss = F.cross_entropy(with_context, ids[tagged])
                     self.pending_losses["group_context"] = moe.group_loss_weight * loss
         if moe.aux_loss_alpha > 0:

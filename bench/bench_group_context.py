@@ -70,9 +70,8 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == args.steps:
-            print(
-                f"step {step}: group-context loss {float(loss.detach()):.4f} ({time.process_time() - started:.0f} s CPU)"
-            )
+            spent = time.process_time() - started
+            print(f"step {step}: group-context loss {float(loss.detach()):.4f} ({spent:.0f} s CPU)")
     model.eval()
     tokenizer_file = Path(args.checkpoint) / "tokenizer.json"
     meta = {**meta, "group_context_of": args.checkpoint}

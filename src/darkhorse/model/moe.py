@@ -355,7 +355,8 @@ class MoE(nn.Module):
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
                 groups = group_scores(routing.scores[tagged], moe.n_groups)
-                self.pending_losses["group"] = moe.group_loss_weight * F.cross_entropy(groups, ids[tagged])
+                own = F.cross_entropy(groups / moe.group_loss_temperature, ids[tagged])
+                self.pending_losses["group"] = moe.group_loss_weight * own
                 if context is not None:
                     with_context = groups.detach() + context[tagged]
                     loss = F.cross_entropy(with_context, ids[tagged])

@@ -1,7 +1,9 @@
 """The causal domain posterior (model.moe.domain_posterior) of an isolated MoE checkpoint against each token's
 own group scores (weight 0, how exported HF/GGUF models route): held-out routing with the tags withheld
 (per MoE layer: share of H(domain), group accuracy per token and per document) and val bits per byte,
-each weight's bpb as a ratio to weight 0. Quality figures only, so machine load does not matter.
+each weight's bpb as a ratio to weight 0. A checkpoint trained with model.moe.group_context is measured
+with it, then once more without it (its weights zeroed: how exports route). Quality figures only, so
+machine load does not matter.
 
     .venv/bin/python bench/bench_domain_posterior.py CHECKPOINT PREPARED_DIR [--weights 0,0.5,1] [--seq-len 128 256]
 """
@@ -28,14 +30,22 @@ def main() -> None:
     tokens = torch.from_numpy(data.tokens("val").astype("int64"))
     domains = torch.from_numpy(data.domains("val").astype("int64"))
     base = None
-    for weight in [float(w) for w in args.weights.split(",")]:
+    settings = [(float(w), "") for w in args.weights.split(",")]
+    if model.config.moe.group_context:
+        settings.append((0.0, ", group context off (as exports route)"))
+    for weight, label in settings:
+        if label:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name.endswith("group_context.weight"):
+                        parameter.zero_()
         model.config.moe.domain_posterior = weight  # every MoE layer shares this config
         with torch.inference_mode():
             score = score_prepared(model, tokenizer, data, "val")
             bpb = score.overall.to_dict()["bits_per_byte"]
             base = base or bpb
             by_domain = ", ".join(f"{k} {v.to_dict()['bits_per_byte']:.3f}" for k, v in score.by_domain.items())
-            print(f"domain_posterior {weight:g}: val bpb {bpb:.4f} ({bpb / base:.4f}x weight 0; {by_domain})")
+            print(f"domain_posterior {weight:g}{label}: val bpb {bpb:.4f} ({bpb / base:.4f}x weight 0; {by_domain})")
             for seq_len in args.seq_len:
                 report = held_out_isolation(model, tokens, domains, seq_len, tokenizer.bos_id, data.domain_names)
                 for row in report["layers"]:

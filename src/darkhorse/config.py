@@ -153,10 +153,17 @@ class MoEConfig:
     domain_routing: str = "none"
     domain_prior: bool = False  # the older spelling of domain_routing=prior
     group_loss_weight: float = 0.1  # isolated: weight of the router's group-prediction loss
+    # its logits are the group scores (sums of two sigmoids, in [0, 2]) / this: below 1 the loss can
+    # saturate once the right group leads, where at 1 even perfect routing pays ~0.24 nats and keeps pushing
+    group_loss_temperature: float = 1.0
     # inference with expert groups: rank a token's groups by (1 - w) x its own group scores + w x each
     # group's share of the tokens so far that chose it (a causal domain posterior); 0 = each token's own
     # scores, as exported models (HF, GGUF) route
     domain_posterior: float = 0.0
+    # isolated: rank the groups by a token's own group scores plus a learned context feature, the causal
+    # running mean of per-token group evidence (a linear read of each token's hidden state) from the text's
+    # start, trained by the group loss; darkhorse inference only (exports rank by the token's own scores)
+    group_context: bool = False
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200
     collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
@@ -210,10 +217,15 @@ class MoEConfig:
             f"model.moe.n_domains must be between 0 and {MAX_DOMAINS} (domain ids are uint8)",
         )
         _require(0 < self.collapse_share <= 1, "model.moe.collapse_share must be in (0, 1]")
+        _require(self.group_loss_temperature > 0, "model.moe.group_loss_temperature must be > 0")
         _require(0 <= self.domain_posterior <= 1, "model.moe.domain_posterior must be in [0, 1]")
         _require(
             self.domain_posterior == 0 or self.domain_routing == "isolated",
             "model.moe.domain_posterior ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
+        )
+        _require(
+            not self.group_context or self.domain_routing == "isolated",
+            "model.moe.group_context ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
         )
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 

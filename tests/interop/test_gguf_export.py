@@ -392,3 +392,27 @@ def test_deepseek2_group_limited_routing_matches(tiny_genesis_checkpoint, tmp_pa
     )
     out = export_gguf(checkpoint, tmp_path / "grouped.gguf", "f32")
     check_against_darkhorse(checkpoint, out, "f32")
+
+
+def test_deepseek2_gguf_of_a_group_context_routes_each_token_by_its_own_scores(
+    tiny_genesis_checkpoint, tmp_path, caplog
+):
+    """model.moe.group_context is darkhorse inference only: the GGUF drops its tensors, says so, and llama.cpp
+    computes what our model computes without it (2 domain groups of 2 experts, top-1 group)."""
+    model, config, meta = load_model(tiny_genesis_checkpoint)
+    tokenizer = tiny_genesis_checkpoint / "tokenizer.json"
+    isolated = {}
+    for context in (False, True):
+        moe = dataclasses.replace(config.model.moe, domain_routing="isolated", n_domains=2, group_context=context)
+        changed = dataclasses.replace(config, model=dataclasses.replace(config.model, moe=moe))
+        variant = Transformer(changed.model)
+        variant.load_state_dict(model.state_dict(), strict=False)
+        with torch.no_grad():
+            for name, weight in variant.named_parameters():
+                if name.endswith("group_context.weight"):
+                    weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        isolated[context] = save_model_checkpoint(tmp_path / f"context-{context}", variant, changed, tokenizer, meta)
+    with caplog.at_level("WARNING", logger="darkhorse"):
+        out = export_gguf(isolated[True], tmp_path / "context.gguf", "f32")
+    assert "darkhorse inference only" in caplog.text
+    check_against_darkhorse(isolated[False], out, "f32")

@@ -12,7 +12,7 @@ from darkhorse.interop.specialist import cut_specialist
 from darkhorse.train.trainer import train
 
 
-def train_isolated(tmp_path, make_prepared, vocab_size: int = 64):
+def train_isolated(tmp_path, make_prepared, vocab_size: int = 64, extra: tuple[str, ...] = ()):
     data = make_prepared(tmp_path / "tagged", domains=True, vocab_size=vocab_size)
     config = load_run_config(
         "tiny-cpu",
@@ -20,7 +20,7 @@ def train_isolated(tmp_path, make_prepared, vocab_size: int = 64):
             "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=32",
             "train.batch_size=2", "train.max_steps=2", "train.eval_steps=0", "train.save_interval=0",
             "model.ffn=moe", "model.moe.moe_intermediate_size=32", "model.moe.domain_routing=isolated",
-            "model.moe.first_k_dense=0", "model.moe.n_routed_experts=6",
+            "model.moe.first_k_dense=0", "model.moe.n_routed_experts=6", *extra,
         ],
     )  # fmt: skip
     return train(config, [(data, 1.0)], tmp_path / "run", verbose=False).checkpoint
@@ -31,7 +31,9 @@ def isolated_run(tmp_path, make_prepared):
     return train_isolated(tmp_path, make_prepared)
 
 
-def test_specialist_keeps_its_domains_groups_and_the_shared_part(isolated_run, tmp_path):
+@pytest.mark.parametrize("context", [False, True], ids=["own-scores", "group-context"])
+def test_specialist_keeps_its_domains_groups_and_the_shared_part(context, tmp_path, make_prepared):
+    isolated_run = train_isolated(tmp_path, make_prepared, extra=(f"model.moe.group_context={context}",))
     full, config, _ = ckpt.load_model(isolated_run)
     everything = cut_specialist(isolated_run, ["a", "b", "c"], tmp_path / "all")
     tokens = torch.randint(0, config.model.vocab_size, (2, 16))
@@ -44,9 +46,12 @@ def test_specialist_keeps_its_domains_groups_and_the_shared_part(isolated_run, t
         assert torch.equal(layer.ffn.gate.weight, full_layer.ffn.gate.weight[2:4])
         assert torch.equal(layer.ffn.experts.down_proj, full_layer.ffn.experts.down_proj[2:4])
         assert torch.equal(layer.ffn.shared_experts.up_proj.weight, full_layer.ffn.shared_experts.up_proj.weight)
+        if context:  # the kept group's row of the context evidence
+            assert torch.equal(layer.ffn.group_context.weight, full_layer.ffn.group_context.weight[1:2])
     routed = sum(p.numel() for p in full.layers[0].ffn.experts.parameters())
+    context_rows = full.layers[0].ffn.group_context.weight[:2].numel() if context else 0
     assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in specialist.parameters()) == 2 * (
-        routed * 2 // 3 + full.layers[0].ffn.gate.weight[:4].numel()
+        routed * 2 // 3 + full.layers[0].ffn.gate.weight[:4].numel() + context_rows
     )
 
 

@@ -291,6 +291,21 @@ def test_group_prediction_loss_trains_the_router():
     assert before < 0.9 < accuracy()
 
 
+def test_group_loss_temperature_divides_the_group_scores():
+    torch.manual_seed(0)
+    x, domains = torch.randn(1, 12, 32), torch.tensor([[0, 1, 2] * 4])
+    losses = {}
+    for temperature in (1.0, 0.25):
+        layer = isolated_layer(group_loss_temperature=temperature)
+        torch.manual_seed(1)
+        layer.gate.weight.data.normal_()
+        layer(x, domains=domains)
+        groups = layer.gate(x.view(12, 32)).scores.view(12, 3, 2).sum(-1)  # groups of two: the sum of both
+        losses[temperature] = float(layer.take_losses()["group"])
+        assert losses[temperature] == pytest.approx(0.1 * float(F.cross_entropy(groups / temperature, domains[0])))
+    assert losses[0.25] != pytest.approx(losses[1.0])
+
+
 def test_isolated_alf_balances_within_each_group():
     layer = isolated_layer(bias_update_rate=0.1)
     layer.load_since_step.copy_(torch.tensor([9.0, 1.0, 5.0, 5.0, 1.0, 1.0]))  # group 0 uneven, group 2 idle

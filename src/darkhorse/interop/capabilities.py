@@ -8,10 +8,13 @@ queries) stay with that target's exporter.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from darkhorse.config import ModelConfig, MoEConfig
 from darkhorse.errors import DarkhorseError
+
+log = logging.getLogger("darkhorse")
 
 # Mixtral (HF MixtralForCausalLM, llama.cpp's llama MoE) picks experts by router score alone.
 MIXTRAL_SELECTION_BIAS = (
@@ -42,6 +45,17 @@ def architecture_refusals(config: ModelConfig) -> list[str]:
         (config.logit_softcap > 0, f"model.logit_softcap={config.logit_softcap:g} (soft-capped logits) {instead}"),
         (config.value_embeds > 0, f"model.value_embeds={config.value_embeds} (value embeddings) {instead}"),
     )
+
+
+def warn_darkhorse_only_routing(moe: MoEConfig, target: str) -> None:
+    """Say that `target` routes each token by its own group scores: what ranks the expert groups over the
+    text so far (the domain posterior, the group context) is darkhorse inference only."""
+    if moe.n_groups > 1 and (moe.group_context or moe.domain_posterior > 0):
+        log.warning(
+            "warning: the %s export ranks each token's expert groups by its own scores; "
+            "model.moe.group_context and model.moe.domain_posterior are darkhorse inference only",
+            target,
+        )
 
 
 def dropped_tokens_refusals(moe: MoEConfig) -> list[str]:

@@ -28,6 +28,7 @@ from darkhorse.checkpoint import MODEL_FILE, TOKENIZER_FILE, CheckpointTensors
 from darkhorse.config import RunConfig, run_config_from_dict
 from darkhorse.errors import ConfigError, DarkhorseError, naming
 from darkhorse.files import atomic_dir, check_fields, contained, read_json_object
+from darkhorse.interop.capabilities import warn_darkhorse_only_routing
 from darkhorse.interop.hf import adapter_for_export
 from darkhorse.interop.hf.base import HFAdapter, SpecialTokens
 from darkhorse.interop.safetensors_io import ShardWriter
@@ -138,6 +139,7 @@ def export_hf(
     dtype_name = HF_DTYPE_NAMES.get(torch_dtype or stored, "float32")
     tokens, special, template = hf_tokenizer_settings(source)
     config = source.config.model
+    warn_darkhorse_only_routing(config.moe, "Hugging Face")
     with atomic_dir(out, force=force) as folder:
         write_hf_weights(source, adapter, folder, torch_dtype, max_bytes)
         hf_config = adapter.config_to_hf(config, tokens, dtype_name)

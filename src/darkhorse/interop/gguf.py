@@ -70,9 +70,9 @@ SPECIAL_TOKEN_KEYS = {
     ASSISTANT_END: gguf.Keys.Tokenizer.EOT_ID,  # end of an assistant turn: llama.cpp chat stops here
 }
 
-# Checkpoint tensors llama.cpp has no use for: MTP modules (it does not run them) and the MoE
-# domain-prior annealing state (training only).
-NOT_EXPORTED = re.compile(r"^mtp\.|\.domain_prior_scale$")
+# Checkpoint tensors llama.cpp has no use for: MTP modules (it does not run them), the MoE
+# domain-prior annealing state (training only) and the group context (darkhorse inference only).
+NOT_EXPORTED = re.compile(r"^mtp\.|\.domain_prior_scale$|\.group_context\.weight$")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -488,6 +488,7 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, outtype: str =
         raise DarkhorseError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ckpt = CheckpointTensors(checkpoint_dir)
     arch, plan, add_metadata = _plan_for(ckpt)
+    capabilities.warn_darkhorse_only_routing(ckpt.model.moe, "GGUF")
     out_path = Path(out_path)
     with atomic_file(out_path, force=force) as temp:
         writer = gguf.GGUFWriter(temp, arch)

@@ -40,6 +40,8 @@ def cut_specialist(checkpoint: str | Path, domains: list[str], out: str | Path) 
         key: value.index_select(0, experts) if EXPERT_TENSOR.search(key) else value
         for key, value in model.state_dict().items()
     }
+    for key in [key for key in state if key.endswith(".ffn.group_context.weight")]:  # one row per group
+        state[key] = state[key].index_select(0, torch.tensor(kept))
     specialist = Transformer(small.model)
     specialist.load_state_dict(state)
     tokenizer = Path(checkpoint) / "tokenizer.json"

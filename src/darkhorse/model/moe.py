@@ -9,6 +9,7 @@ Tensors of one MoE layer (`layers.{i}.ffn.` prefix) and what the exporters map t
     experts.down_proj [E, D, I]           HF mlp.experts.{j}.down_proj.weight = down_proj[j]   GGUF ffn_down_exps
     shared_experts.{gate,up,down}_proj.weight   SwiGLU of width n_shared * I                GGUF ffn_*_shexp
     domain_prior_scale []                 only with moe.domain_prior (annealing state; exporters drop it)
+    group_context.weight [G, D]           only with moe.group_context (darkhorse inference; exporters drop it)
 
 (Mixtral: `block_sparse_moe.gate.weight`, `experts.{j}.w1/w3/w2` = gate/up/down_proj[j], no shared experts.)
 
@@ -250,6 +251,10 @@ class MoE(nn.Module):
             self.register_buffer("domain_prior_scale", torch.ones(()))
         if moe.domain_routing == "isolated":
             self.register_buffer("domain_group_mask", domain_group_mask(moe.n_domains, n_experts), persistent=False)
+        if moe.group_context:  # per-token group evidence, averaged causally; zero = each token's own scores
+            # built without drawing random numbers, so every other weight starts as without the context
+            self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False, device="meta")
+            self.group_context.weight = nn.Parameter(torch.zeros(moe.n_groups, config.dim))
         self.pending_losses: dict[str, torch.Tensor] = {}
         self.last_load: list[float] = []
         self.last_dropped = 0.0
@@ -275,30 +280,48 @@ class MoE(nn.Module):
         """Whether inference ranks expert groups by the document's running group posterior."""
         return self.moe.domain_posterior > 0 and self.moe.n_groups > 1 and not self.training
 
+    def keeps_decode_state(self) -> bool:
+        """Whether routing reads running sums over the text so far (a cache carries them between steps)."""
+        return self.moe.n_groups > 1 and (self.moe.domain_posterior > 0 or self.moe.group_context)
+
     def new_cache(self, batch: int, max_len: int, device) -> GroupPosteriorCache:
         return GroupPosteriorCache(batch, max_len, self.moe.n_groups, device)
 
-    def _rank_by_posterior(
+    @staticmethod
+    def _running_mean(
+        values: torch.Tensor, name: str, cache: GroupPosteriorCache | None, start_pos: int | torch.Tensor
+    ) -> torch.Tensor:
+        """[batch, seq, n] -> at each position, the mean of `values` from the text's start; a cache adds the
+        sums of the positions before `start_pos` and keeps them per position under `name`."""
+        sums = values.cumsum(1)
+        seen = torch.arange(1, values.shape[1] + 1, device=values.device, dtype=values.dtype).view(1, -1, 1)
+        if cache is not None:
+            sums = sums + cache.sums_before(name, start_pos).unsqueeze(1)
+            before = start_pos.view(-1, 1, 1).to(seen.dtype) if isinstance(start_pos, torch.Tensor) else start_pos
+            seen = seen + before
+            cache.update(name, sums.detach(), start_pos)
+        return sums / seen
+
+    def _rank_groups(
         self,
-        batch: int,
-        seq: int,
+        shape: tuple[int, int],
         cache: GroupPosteriorCache | None,
         start_pos: int | torch.Tensor,
+        context: torch.Tensor | None,
         groups: torch.Tensor,
     ) -> torch.Tensor:
-        """Causal domain posterior (after DEMix): a token's groups are ranked by its own [T, n_groups] group
-        scores mixed, with weight `domain_posterior`, with each group's share of the votes of the tokens so
-        far (a token votes for its own best group; the prompt and what was generated count, and a cache
-        carries the running counts between decode steps)."""
-        own = groups.view(batch, seq, -1)
-        votes = F.one_hot(own.argmax(-1), own.shape[-1]).to(own.dtype).cumsum(1)
-        seen = torch.arange(1, seq + 1, device=own.device, dtype=own.dtype).view(1, seq, 1)
-        if cache is not None:
-            votes = votes + cache.votes_before(start_pos).unsqueeze(1)
-            seen = seen + (start_pos.view(-1, 1, 1).to(own.dtype) if isinstance(start_pos, torch.Tensor) else start_pos)
-            cache.update(votes, start_pos)
+        """What ranks a token's groups instead of its own [T, n_groups] group scores: plus the group context
+        (`context`), then, at inference with `domain_posterior` W, the causal domain posterior (after DEMix):
+        (1 - W) x those scores + W x each group's share of the votes of the tokens so far (a token votes for
+        its best group; the prompt and what was generated count)."""
+        if context is not None:
+            groups = groups + context
+        if not self.uses_posterior():
+            return groups
+        own = groups.view(*shape, -1)
+        votes = F.one_hot(own.argmax(-1), own.shape[-1]).to(own.dtype)
         weight = self.moe.domain_posterior
-        return ((1 - weight) * own + weight * votes / seen).view(batch * seq, -1)
+        return ((1 - weight) * own + weight * self._running_mean(votes, "votes", cache, start_pos)).view_as(groups)
 
     def forward(
         self,
@@ -317,8 +340,15 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        posterior = partial(self._rank_by_posterior, batch, seq, cache, start_pos) if self.uses_posterior() else None
-        routing = self.gate(flat, self._selection_bonus(domains), posterior)
+        context = None
+        if self.moe.group_context and self.moe.n_groups > 1:
+            # read off detached hidden states: the context head learns, the LM's residual stream is not pushed
+            evidence = self.group_context(flat.detach().float()).view(batch, seq, -1)
+            context = self._running_mean(evidence, "context", cache, start_pos).view(batch * seq, -1)
+        ranking = None
+        if context is not None or self.uses_posterior():
+            ranking = partial(self._rank_groups, (batch, seq), cache, start_pos, context)
+        routing = self.gate(flat, self._selection_bonus(domains), ranking)
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
 
         slot_experts = routing.experts.reshape(-1)
@@ -344,7 +374,7 @@ class MoE(nn.Module):
 
         if self.training:
             self._record(counts, kept)
-            self._collect_losses(routing, batch, seq, domains)
+            self._collect_losses(routing, batch, seq, domains, context)
         return out.view(batch, seq, dim)
 
     def _apply_capacity(
@@ -361,9 +391,12 @@ class MoE(nn.Module):
         self.load_since_step += counts.to(self.load_since_step.dtype)
         self.dropped_since_step += (counts - kept).sum()
 
-    def _collect_losses(self, routing: Routing, batch: int, seq: int, domains: torch.Tensor | None) -> None:
+    def _collect_losses(
+        self, routing: Routing, batch: int, seq: int, domains: torch.Tensor | None, context: torch.Tensor | None
+    ) -> None:
         """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20), router z-loss, and with isolated
-        routing the group-prediction loss."""
+        routing the group-prediction loss (with a group context, on the scores with and without it, so
+        that each token's own scores, which exports rank by, stay trained)."""
         moe = self.moe
         if moe.domain_routing == "isolated" and moe.group_loss_weight > 0 and domains is not None:
             ids = domains.reshape(-1).long()
@@ -371,7 +404,12 @@ class MoE(nn.Module):
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
                 groups = group_scores(routing.scores[tagged], moe.n_groups)
-                self.pending_losses["group"] = moe.group_loss_weight * F.cross_entropy(groups, ids[tagged])
+                own = F.cross_entropy(groups / moe.group_loss_temperature, ids[tagged])
+                self.pending_losses["group"] = moe.group_loss_weight * own
+                if context is not None:
+                    with_context = groups.detach() + context[tagged]
+                    loss = F.cross_entropy(with_context, ids[tagged])
+                    self.pending_losses["group_context"] = moe.group_loss_weight * loss
         if moe.aux_loss_alpha > 0:
             n_experts, top_k = moe.n_routed_experts, moe.experts_per_token
             chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
@@ -464,27 +502,30 @@ class MoE(nn.Module):
 
 
 class GroupPosteriorCache(RowCache):
-    """The domain posterior's decode state: per position, one MoE layer's running vote count per group
-    from the sequence's start. Kept per position like keys and values, so that rewriting a position (a
-    rejected speculative draft, a new prompt in a reused row) needs no undo."""
+    """Group routing's decode state: per position, one MoE layer's running sums per group from the
+    sequence's start (`votes`: the domain posterior's vote counts; `context`: the group context's
+    evidence). Kept per position like keys and values, so that rewriting a position (a rejected
+    speculative draft, a new prompt in a reused row) needs no undo."""
 
-    FIELDS = ("votes",)
+    FIELDS = ("votes", "context")
 
     def __init__(self, batch: int, max_len: int, n_groups: int, device) -> None:
         self.votes = torch.zeros(batch, 1, max_len, n_groups, device=device, dtype=torch.float32)
+        self.context = torch.zeros_like(self.votes)
 
-    def votes_before(self, start_pos: int | torch.Tensor) -> torch.Tensor:
-        """[batch, n_groups]: each row's counts at the position before `start_pos` (0 at position 0)."""
+    def sums_before(self, name: str, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """[batch, n_groups]: each row's sums at the position before `start_pos` (0 at position 0)."""
+        stored = getattr(self, name)
         if isinstance(start_pos, torch.Tensor):
             rows = torch.arange(len(start_pos), device=start_pos.device)
-            return self.votes[rows, 0, (start_pos - 1).clamp(min=0)] * (start_pos > 0).unsqueeze(-1)
+            return stored[rows, 0, (start_pos - 1).clamp(min=0)] * (start_pos > 0).unsqueeze(-1)
         if start_pos == 0:
-            return self.votes.new_zeros(self.votes.shape[0], self.votes.shape[-1])
-        return self.votes[:, 0, start_pos - 1]
+            return stored.new_zeros(stored.shape[0], stored.shape[-1])
+        return stored[:, 0, start_pos - 1]
 
-    def update(self, counts: torch.Tensor, start_pos: int | torch.Tensor) -> None:
-        """Store [batch, seq, n_groups] running counts at the positions from `start_pos`."""
-        self._write("votes", counts.unsqueeze(1), start_pos)
+    def update(self, name: str, sums: torch.Tensor, start_pos: int | torch.Tensor) -> None:
+        """Store [batch, seq, n_groups] running sums at the positions from `start_pos`."""
+        self._write(name, sums.unsqueeze(1), start_pos)
 
 
 def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:

@@ -80,7 +80,7 @@ class Block(nn.Module):
 
 
 class LayerCache:
-    """A block's decode state where its MoE keeps some too (the domain posterior's running sums): both
+    """A block's decode state where its MoE keeps some too (group routing's running sums): both
     caches' rows are viewed and moved together."""
 
     def __init__(self, attn, ffn) -> None:
@@ -266,13 +266,14 @@ class Transformer(nn.Module):
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:
-        """Per layer, the attention's cache; a `LayerCache` where a MoE routes by the domain posterior."""
+        """Per layer, the attention's cache; a `LayerCache` where a MoE routes by running sums over the text
+        (the domain posterior, the group context)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         caches = []
         for layer in self.layers:
             cache = layer.attn.new_cache(batch, max_len, device, dtype)
-            if isinstance(layer.ffn, MoE) and layer.ffn_takes_domains and layer.ffn.moe.domain_posterior > 0:
+            if isinstance(layer.ffn, MoE) and layer.ffn_takes_domains and layer.ffn.keeps_decode_state():
                 cache = LayerCache(cache, layer.ffn.new_cache(batch, max_len, device))
             caches.append(cache)
         return caches

@@ -228,8 +228,14 @@ def held_out_isolation(
             groups = torch.cat(counter.token_groups[layer.layer_idx])[real]
             row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
         layers.append(row)
-    posterior = counter.layers[0].moe.domain_posterior if counter.layers else 0.0
-    report = {"domains": domain_names, "tokens": usable, "tags": "withheld", "domain_posterior": posterior}
+    moe = counter.layers[0].moe if counter.layers else None
+    report = {
+        "domains": domain_names,
+        "tokens": usable,
+        "tags": "withheld",
+        "domain_posterior": moe.domain_posterior if moe else 0.0,
+        "group_context": bool(moe and moe.group_context),
+    }
     return {**report, "layers": layers}
 
 
@@ -259,8 +265,9 @@ def isolation_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for row in report["layers"]:
         posterior = f", domain posterior {report['domain_posterior']:g}" if report.get("domain_posterior") else ""
+        context = ", group context" if report.get("group_context") else ""
         line = (
-            f"held-out routing, tags withheld{posterior}, layer {row['layer']}: I(domain; expert) = "
+            f"held-out routing, tags withheld{context}{posterior}, layer {row['layer']}: I(domain; expert) = "
             f"{row['mutual_information_bits']:.2f} bits, {row['share_of_domain_entropy']:.0%} of H(domain)"
         )
         if "token_group_accuracy" in row:

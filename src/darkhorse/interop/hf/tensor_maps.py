@@ -117,7 +117,8 @@ def dense_mlp_maps(ours: str, theirs: str) -> list[TensorMap]:
 
 
 def moe_router_maps(config: ModelConfig, ours: str, router: str, bias_refusal: str = "") -> list[TensorMap]:
-    """Router weight, ALF selection bias and (training-only) domain-prior state of one MoE layer."""
+    """Router weight, ALF selection bias, (training-only) domain-prior state and (darkhorse-only) group
+    context of one MoE layer."""
     maps: list[TensorMap] = [TensorMap(ours + "gate.weight", (router + ".weight",))]
     if bias_refusal:
         maps.append(OursOnly(ours + "gate.e_score_correction_bias", (), refusal=bias_refusal))
@@ -125,6 +126,8 @@ def moe_router_maps(config: ModelConfig, ours: str, router: str, bias_refusal: s
         maps.append(TensorMap(ours + "gate.e_score_correction_bias", (router + ".e_score_correction_bias",)))
     if config.moe.domain_prior:
         maps.append(OursOnly(ours + "domain_prior_scale", (), fill=1.0))
+    if config.moe.group_context:  # darkhorse inference only: exports rank groups by each token's own scores
+        maps.append(OursOnly(ours + "group_context.weight", ()))
     return maps
 
 

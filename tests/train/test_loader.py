@@ -98,3 +98,30 @@ def test_several_raw_files_share_the_first_ones_tokenizer(tmp_path, monkeypatch)
         (tmp_path / name).write_text("\n\n".join(f"{word} document number {i} of many" for i in range(200)))
     sources = open_sources([(tmp_path / "a.txt", 1.0), (tmp_path / "b.txt", 1.0)], vocab_size=300)
     assert sources[0][0].tokenizer_sha256 == sources[1][0].tokenizer_sha256
+
+
+def test_aligned_windows_start_at_the_document_their_random_start_falls_in(make_prepared, tmp_path):
+    """train.align_windows: a chat reply is never learned from a window that cut its prompt off."""
+    import json
+
+    import numpy as np
+
+    path = make_prepared(tmp_path / "docs")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4096), ("val", 1024)):  # documents of 3-12 tokens, each opening with BOS = 0
+        docs = [np.r_[0, rng.integers(1, 64, size=rng.integers(2, 12))] for _ in range(count // 3)]
+        np.concatenate(docs)[:count].astype("<u4").tofile(path / f"{split}.bin")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta | {"bos_id": 0}))
+    sources = open_sources([(path, 1.0)], vocab_size=64)
+    tokens, starts = sources[0][0].tokens("train"), sources[0][0].document_starts("train")
+    assert starts.tolist() == np.flatnonzero(tokens == 0).tolist()
+    for step in range(4):
+        plain, aligned = loader_for(sources).batch(step, 0), loader_for(sources, align=True).batch(step, 0)
+        assert (aligned.inputs[:, 0] == 0).all()
+        for row in range(plain.inputs.shape[0]):  # the same random start, moved back to its document's BOS
+            start = next(s for s in range(len(tokens)) if tokens[s : s + 16].tolist() == plain.inputs[row].tolist())
+            begin = int(starts[starts <= start].max())
+            assert aligned.inputs[row].tolist() == tokens[begin : begin + 16].tolist()
+    assert not (loader_for(sources).batch(0, 0).inputs[:, 0] == 0).all()  # random starts land mid-document
+    assert (loader_for(sources, align=True).val_batches(1)[0].inputs[:, 0] == 0).all()

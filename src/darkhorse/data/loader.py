@@ -10,6 +10,11 @@ window starts, so the windows do not depend on how a step is cut into micro-batc
 With `loss_mask` (train.loss_mask), a target whose token the source's loss mask marks 0 (a chat prompt,
 see `prepared.py`) becomes IGNORE_INDEX, which the model's cross-entropy skips: the window still shows
 the prompt as context, but only the replies are learned. Sources without a mask file count every token.
+
+With `align` (train.align_windows), a window starts at the beginning of the document (BOS) in which its
+random start falls, so no reply is learned from a window that cut its prompt off: for short chat records
+(the demo's ~40 tokens in 128-token windows) a random start would otherwise leave about a third of the
+first record's reply without the question it answers.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class WindowLoader:
         grad_accum: int,
         seed: int,
         loss_mask: bool = True,
+        align: bool = False,
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -119,7 +125,7 @@ class WindowLoader:
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
-        self.loss_mask = loss_mask
+        self.loss_mask, self.align = loss_mask, align
         self.device = torch.device(device)
         for data in self.sources:
             if len(data.tokens("train")) < seq_len + 1:
@@ -172,6 +178,9 @@ class WindowLoader:
             tokens = data.tokens(split)
             rng = np.random.default_rng([self.seed, split_id, window])
             start = int(rng.integers(0, len(tokens) - span + 1))
+            starts = data.document_starts(split) if self.align else None
+            if starts is not None and len(starts) and starts[0] <= start:
+                start = int(starts[np.searchsorted(starts, start, side="right") - 1])
             token_windows[row] = tokens[start : start + span]
             target_windows[row] = token_windows[row, 1:]
             mask = data.loss_mask(split) if self.loss_mask else None

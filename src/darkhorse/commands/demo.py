@@ -12,9 +12,7 @@ training; prepare it; train with the live dashboard; then score held-out exact m
 per domain, show a few chat exchanges and how each domain's held-out tokens spread over the
 experts (for a MoE model), and print where everything went. The loss is on the assistant's part of
 each record only (train.loss_mask): the random numbers in the questions cannot be learned, the
-worked steps and answers can. Each training window opens on a record (train.align_windows): with
-random starts, 24% of the learned tokens belong to a record whose question the window cut off, a
-signal against copying numbers from the question, which is what compare and sort need.
+worked steps and answers can.
 
 The default is the headline architecture at toy size: genesis-demo is MLA + an 8-expert MoE (top-1 +
 a shared expert, balanced by ALF). Its layers cost a token about what the dense demo-cpu model's do
@@ -54,13 +52,7 @@ GOAL_ACCURACY = 0.9
 GOAL_OVERALL = 0.7  # over all skills (issue 17)
 DEMO_VOCAB_SIZE = 512  # the corpus is templated text; 512 BPE tokens cover it and keep the head small
 # Demo-specific settings layered over the preset (user overrides still win); see docs/experiments.md.
-DEMO_OVERRIDES = [
-    "train.seq_len=128",
-    "train.align_windows=true",  # each window opens on a record, so no reply is learned without its question
-    "train.save_interval=0",
-    "train.eval_steps=4",
-    "train.log_interval=10",
-]
+DEMO_OVERRIDES = ["train.seq_len=128", "train.save_interval=0", "train.eval_steps=4", "train.log_interval=10"]
 FULL = {"train_size": 40_000, "heldout_per_skill": 100, "max_new_tokens": 64}
 QUICK = {"train_size": 2_000, "heldout_per_skill": 2, "max_new_tokens": 32, "max_steps": 6}
 QUICK_OVERRIDES = ["train.batch_size=4", "train.seq_len=64", "train.eval_steps=1"]

@@ -47,9 +47,8 @@ class Example:
 class Skill:
     name: str
     domain: str
-    make: Callable[[random.Random], Example]  # the held-out problems (and the training ones unless `train_make`)
+    make: Callable[[random.Random], Example]
     weight: float  # share of the training records, relative to the other skills
-    train_make: Callable[[random.Random], Example] | None = None  # a wider curriculum of the same skill
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,16 +184,8 @@ def sort_problem(numbers: list[int]) -> Example:
     )
 
 
-SORT_LENGTH = 5  # the held-out lists
-SORT_TRAIN_LENGTHS = (2, 6)  # training lists: short ones teach "copy the smallest number left" early
-
-
 def make_sort(rng: random.Random) -> Example:
-    return sort_problem([rng.randint(10, 99) for _ in range(SORT_LENGTH)])
-
-
-def make_sort_curriculum(rng: random.Random) -> Example:
-    return sort_problem([rng.randint(10, 99) for _ in range(rng.randint(*SORT_TRAIN_LENGTHS))])
+    return sort_problem([rng.randint(10, 99) for _ in range(5)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +257,7 @@ SKILLS: dict[str, Skill] = {
         Skill("multi_digit", "math", make_multi_digit, 1.0),
         Skill("word_problem", "math", make_word_problem, 1.0),
         Skill("compare", "math", make_compare, 1.0),
-        Skill("sort", "lists", make_sort, 4.0, train_make=make_sort_curriculum),
+        Skill("sort", "lists", make_sort, 4.0),
         Skill("python", "code", make_python, 1.0),
     )
 }
@@ -310,9 +301,8 @@ def build_demo_corpus(seed: int = 0, train_size: int = 40_000, heldout_per_skill
     train: list[Example] = []
     for skill in SKILLS.values():
         wanted = round(train_size * skill.weight / total_weight)
-        make = skill.train_make or skill.make
         while wanted:
-            example = make(rng)
+            example = skill.make(rng)
             if example.key not in reserved[skill.name]:
                 train.append(example)
                 wanted -= 1

@@ -385,6 +385,7 @@ class TrainConfig:
     seed: int = 1337
     mtp_weight: float = 0.3
     loss_mask: bool = True  # learn only tokens the data's loss mask marks (chat: the assistant's replies)
+    align_windows: bool = False  # start each training window at a document's BOS (short chat records keep their prompt)
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
     device: str = "auto"
     parallel: str = "none"  # none | ddp | fsdp (FSDP2, ZeRO-3); ddp and fsdp run under torchrun

@@ -119,3 +119,29 @@ def test_batch_and_sequence_warmups_cut_the_full_shape_windows(make_prepared, tm
         assert torch.equal(cut.inputs, whole.inputs[:rows, :seq]) and torch.equal(
             cut.targets, whole.targets[:rows, :seq]
         )
+
+def test_aligned_windows_start_at_the_document_their_random_start_falls_in(make_prepared, tmp_path):
+    """train.align_windows: a chat reply is never learned from a window that cut its prompt off."""
+    import json
+
+    import numpy as np
+
+    path = make_prepared(tmp_path / "docs")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4096), ("val", 1024)):  # documents of 3-12 tokens, each opening with BOS = 0
+        docs = [np.r_[0, rng.integers(1, 64, size=rng.integers(2, 12))] for _ in range(count // 3)]
+        np.concatenate(docs)[:count].astype("<u4").tofile(path / f"{split}.bin")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta | {"bos_id": 0}))
+    sources = open_sources([(path, 1.0)], vocab_size=64)
+    tokens, starts = sources[0][0].tokens("train"), sources[0][0].document_starts("train")
+    assert starts.tolist() == np.flatnonzero(tokens == 0).tolist()
+    for step in range(4):
+        plain, aligned = loader_for(sources).batch(step, 0), loader_for(sources, align=True).batch(step, 0)
+        assert (aligned.inputs[:, 0] == 0).all()
+        for row in range(plain.inputs.shape[0]):  # the same random start, moved back to its document's BOS
+            start = next(s for s in range(len(tokens)) if tokens[s : s + 16].tolist() == plain.inputs[row].tolist())
+            begin = int(starts[starts <= start].max())
+            assert aligned.inputs[row].tolist() == tokens[begin : begin + 16].tolist()
+    assert not (loader_for(sources).batch(0, 0).inputs[:, 0] == 0).all()  # random starts land mid-document
+    assert (loader_for(sources, align=True).val_batches(1)[0].inputs[:, 0] == 0).all()

@@ -15,6 +15,10 @@ Batch-size and sequence-length warm-up (train.batch_warmup_steps, train.seq_warm
 windows to its `shape(s)`: the first rows of each micro-batch, the first tokens of each window. The windows
 themselves (which ones, where they start) stay those of the full shape, so batches are still a function of
 the step alone and a resumed run sees the same ones.
+
+With `align` (train.align_windows), a window starts at the beginning of the document (BOS) in which its
+random start falls, so no reply is learned from a window that cut its prompt off: with short chat records
+(the demo's ~40 tokens in 128-token windows) random starts give 24% of the learned tokens that way.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class WindowLoader:
         grad_accum: int,
         seed: int,
         loss_mask: bool = True,
+        align: bool = False,
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -128,7 +133,7 @@ class WindowLoader:
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
-        self.loss_mask = loss_mask
+        self.loss_mask, self.align = loss_mask, align
         self.device = torch.device(device)
         for data in self.sources:
             if len(data.tokens("train")) < seq_len + 1:
@@ -200,6 +205,9 @@ class WindowLoader:
             tokens = data.tokens(split)
             rng = np.random.default_rng([self.seed, split_id, window])
             start = int(rng.integers(0, len(tokens) - full_span + 1))
+            starts = data.document_starts(split) if self.align else None
+            if starts is not None and len(starts) and starts[0] <= start:
+                start = int(starts[np.searchsorted(starts, start, side="right") - 1])
             token_windows[row] = tokens[start : start + span]
             target_windows[row] = token_windows[row, 1:]
             mask = data.loss_mask(split) if self.loss_mask else None

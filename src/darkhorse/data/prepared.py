@@ -100,6 +100,20 @@ class PreparedData:
         """1 where a token is a training target, 0 where it is context only; None when all tokens count."""
         return self._maps[split][2]
 
+    def document_starts(self, split: str) -> np.ndarray | None:
+        """Sorted positions of the split's BOS tokens (where each document or chat record begins);
+        None when the tokenizer has no BOS."""
+        bos = self.meta.get("bos_id")
+        if bos is None:
+            return None
+        if split not in self._starts:
+            self._starts[split] = np.flatnonzero(self.tokens(split) == bos)
+        return self._starts[split]
+
+    @cached_property
+    def _starts(self) -> dict[str, np.ndarray]:
+        return {}
+
     @cached_property
     def _maps(self) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
         maps = {}

@@ -245,6 +245,7 @@ class Trainer:
             grad_accum=self.train_cfg.grad_accum,
             seed=self.train_cfg.seed,
             loss_mask=self.train_cfg.loss_mask,
+            align=self.train_cfg.align_windows,
             device=self.device,
             rank=self.world.rank,
             world_size=self.world.size,

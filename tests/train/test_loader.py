@@ -120,6 +120,7 @@ def test_batch_and_sequence_warmups_cut_the_full_shape_windows(make_prepared, tm
             cut.targets, whole.targets[:rows, :seq]
         )
 
+
 def test_aligned_windows_start_at_the_document_their_random_start_falls_in(make_prepared, tmp_path):
     """train.align_windows: a chat reply is never learned from a window that cut its prompt off."""
     import json

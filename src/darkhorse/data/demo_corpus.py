@@ -70,6 +70,20 @@ def _column_addition_steps(a: int, b: int) -> list[str]:
     return steps
 
 
+def _column_subtraction_steps(a: int, b: int) -> list[str]:
+    """Right-to-left digit differences with borrows (a >= b)."""
+    steps = []
+    borrow = 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(len(da)):
+        x = int(da[i]) - borrow
+        y = int(db[i]) if i < len(db) else 0
+        borrow = int(x < y)
+        top = x + 10 * borrow
+        steps.append(f"{top}-{y}={top - y}" + (" borrow 1" if borrow else ""))
+    return steps
+
+
 def addition_problem(a: int, b: int) -> Example:
     steps = _column_addition_steps(a, b)
     return Example(
@@ -86,45 +100,18 @@ def make_addition(rng: random.Random) -> Example:
     return addition_problem(rng.randint(10, 99), rng.randint(10, 99))
 
 
-def _columns_built(a: int, b: int, op: str) -> str:
-    """Column arithmetic (a >= b for "-") that builds the result as it goes, right to left.
-
-    Each column adds its digits and the carry the column before it wrote, then writes the result so far
-    again with the new digit in front: `8+7=15 -> 5, 3+4+1=8 -> 85`. The last partial result is the
-    answer, so nothing has to be reversed or recalled. Subtraction is the same addition (the method of
-    complements): a - b = a + (99..9 - b) + 1 - 10..0, so each digit of b becomes 9 minus it, the first
-    column adds 1, and the leading 1 of the last partial result is dropped:
-    `907 - 159: 7+0+1=8 -> 8, 0+4=4 -> 48, 9+8=17 -> 1748, so 748`. Borrowing needed its own facts
-    (`7-9+10=8`), which a small model learned less well than the addition facts every skill shares
-    (docs/experiments.md, 2026-11-30 fourth session: subtraction is still the weak half either way).
-    """
-    width = max(len(str(a)), len(str(b)))
-    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    steps, built, carry = [], "", int(op == "-")
-    for i, (x, y) in enumerate(zip(map(int, da), map(int, db), strict=True)):
-        y = 9 - y if op == "-" else y
-        value = x + y + carry
-        work = f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={value}"
-        built = (str(value) if i == width - 1 else str(value % 10)) + built
-        steps.append(f"{work} -> {built}")
-        carry = value // 10
-    if op == "-":  # drop the leading 1 (and any zeros after it: 905 - 900 = 5)
-        steps.append(f"so {built[1:].lstrip('0') or '0'}")
-    return ", ".join(steps)
-
-
 def make_multi_digit(rng: random.Random) -> Example:
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     if rng.random() < 0.5:
-        op, result, key = "+", a + b, f"add:{min(a, b)},{max(a, b)}"
+        steps, op, result, key = _column_addition_steps(a, b), "+", a + b, f"add:{min(a, b)},{max(a, b)}"
     else:
         a, b = max(a, b), min(a, b)
-        op, result, key = "-", a - b, f"sub:{a},{b}"
+        steps, op, result, key = _column_subtraction_steps(a, b), "-", a - b, f"sub:{a},{b}"
     return Example(
         domain="math",
         skill="multi_digit",
         question=f"What is {a} {op} {b}?",
-        reasoning=_columns_built(a, b, op),
+        reasoning=", ".join(steps) + f", so {result}",
         answer=str(result),
         key=key,
     )
@@ -134,42 +121,31 @@ NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "marbles")
 
 
-def _times_fact(a: int, b: int) -> str:
-    """A one-digit multiplication fact in one order, smaller factor first, so that a * b and b * a
-    (and the divisions they answer) all recall the same fact."""
-    return f"{min(a, b)} * {max(a, b)} = {a * b}"
-
-
 def make_word_problem(rng: random.Random) -> Example:
-    """+ and - are worked in columns like multi-digit arithmetic; * and / recall one times-table fact."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(4)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
         question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         expression, result = f"{a} + {b}", a + b
-        work = _columns_built(a, b, "+")
     elif kind == 1:
         a = rng.randint(10, 80)
         b = rng.randint(1, a - 1)
         question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         expression, result = f"{a} - {b}", a - b
-        work = _columns_built(a, b, "-")
     elif kind == 2:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         question = f"There are {a} bags with {b} {item} in each bag. How many {item} are there?"
         expression, result = f"{a} * {b}", a * b
-        work = _times_fact(a, b)
     else:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         question = f"{name} shares {a * b} {item} equally among {b} friends. How many does each friend get?"
         expression, result = f"{a * b} / {b}", a
-        work = f"{_times_fact(a, b)}, so {a}"
     return Example(
         domain="math",
         skill="word_problem",
         question=question,
-        reasoning=f"{expression}: {work}",
+        reasoning=f"{expression} = {result}",
         answer=str(result),
         key=f"wp:{expression}",
     )
@@ -223,55 +199,30 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
 
 
-def _spelled(word: str) -> str:
-    """Each letter after its position from 1, so a length is the last count and a letter is found by position."""
-    return " ".join(f"{i}{letter}" for i, letter in enumerate(word, 1))
-
-
-def _running(values: list[int], fn: str) -> str:
-    """A sum, max or min as a running value, one element at a time: `4+1=5, 5+7=12` or `max 4 1=4`."""
-    steps, acc = [], values[0]
-    for x in values[1:]:
-        new = {"sum": acc + x, "max": max(acc, x), "min": min(acc, x)}[fn]
-        steps.append(f"{acc}+{x}={new}" if fn == "sum" else f"{fn} {acc} {x}={new}")
-        acc = new
-    return ", ".join(steps)
-
-
 def _snippet(rng: random.Random) -> tuple[str, str, str]:
-    """(code, printed output, trace) for one of several small programs; the trace executes the code
-    in steps a small model can take one token at a time (columns, running values, letters by position)."""
+    """(code, printed output, trace) for one of several small programs."""
     kind = rng.randrange(8)
     if kind == 0:
-        op = rng.choice("+-*")
-        if op == "*":  # one-digit factors: a times-table fact (shared with the word problems), not long multiplication
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            return f"a = {a}\nb = {b}\nprint(a * b)", str(a * b), f"{a} * {b}: {_times_fact(a, b)}"
         a, b = rng.randint(1, 20), rng.randint(1, 20)
-        if op == "+":
-            trace = f"{a} + {b}: {_columns_built(a, b, '+')}"
-        elif a >= b:
-            trace = f"{a} - {b}: {_columns_built(a, b, '-')}"
-        else:  # a negative result: the difference the other way round, then the sign
-            trace = f"{a} - {b} = -({b} - {a}): {_columns_built(b, a, '-')}"
-        return f"a = {a}\nb = {b}\nprint(a {op} b)", str(a + b if op == "+" else a - b), trace
-    if kind in (1, 2):
+        op = rng.choice("+-*")
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"a = {a}\nb = {b}\nprint(a {op} b)", str(result), f"a {op} b = {a} {op} {b} = {result}"
+    if kind == 1:
         word = _word(rng)
-        if kind == 1:
-            return f'print(len("{word}"))', str(len(word)), _spelled(word)
-        backwards = " ".join(f"{i}{word[i - 1]}" for i in range(len(word), 0, -1))
-        return f'print("{word}"[::-1])', word[::-1], f"{_spelled(word)}, {backwards}"
+        return f'print(len("{word}"))', str(len(word)), f'"{word}" has {len(word)} characters'
+    if kind == 2:
+        word = _word(rng)
+        return f'print("{word}"[::-1])', word[::-1], f'"{word}" reversed is {word[::-1]}'
     if kind == 3:
         xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         i = rng.randrange(-len(xs), len(xs))
-        # every element under the index of i's sign, then the one asked for
-        positions = range(-len(xs), 0) if i < 0 else range(len(xs))
-        listing = " ".join(f"{p}:{x}" for p, x in zip(positions, xs, strict=True))
-        return f"xs = {xs}\nprint(xs[{i}])", str(xs[i]), f"{listing}, {i}:{xs[i]}"
+        return f"xs = {xs}\nprint(xs[{i}])", str(xs[i]), f"xs[{i}] is {xs[i]}"
     if kind == 4:
         start, n = rng.randint(0, 20), rng.randint(2, 5)
+        total = start + n * (n - 1) // 2
+        terms = " + ".join(map(str, [start, *range(n)]))
         code = f"total = {start}\nfor i in range({n}):\n    total += i\nprint(total)"
-        return code, str(start + n * (n - 1) // 2), _running([start, *range(n)], "sum")
+        return code, str(total), f"{terms} = {total}"
     if kind == 5:
         x, limit = rng.randint(0, 9), rng.randint(1, 8)
         word = "big" if x > limit else "small"
@@ -284,7 +235,7 @@ def _snippet(rng: random.Random) -> tuple[str, str, str]:
     xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
     fn = rng.choice(("max", "min", "sum"))
     result = {"max": max, "min": min, "sum": sum}[fn](xs)
-    return f"print({fn}({xs}))", str(result), _running(xs, fn)
+    return f"print({fn}({xs}))", str(result), f"{fn} of {xs} is {result}"
 
 
 def make_python(rng: random.Random) -> Example:

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import sys
+import traceback
 
 from darkhorse.errors import CorruptFileError, DarkhorseError, RankFailure, path_of
 
@@ -147,17 +148,40 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(parser, args)
     except KeyboardInterrupt:
         print("darkhorse: interrupted", file=sys.stderr)
-        return EXIT_CODES["interrupted"]
+        return _leave(EXIT_CODES["interrupted"])
     except Exception as exc:
         if debug:
-            raise
+            if not _process_group_standing():
+                raise
+            traceback.print_exc()
+            return _leave(EXIT_CODES["internal"])
         message, code = describe_error(exc)
         lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
         message = " ".join(lines) or type(exc).__name__  # one line, always, never torch's advice to unpickle
-        # under torchrun every rank meets the same bad input: rank 0 says it once, the others exit quietly
-        if isinstance(exc, RankFailure) or os.environ.get("RANK", "0") == "0":
+        rank = os.environ.get("RANK", "0")
+        if isinstance(exc, RankFailure) or rank == "0":
             print(f"darkhorse: error: {message}", file=sys.stderr)
-        return code
+        elif _process_group_standing() and not isinstance(exc, DarkhorseError):
+            # not a refusal every rank meets alike (rank 0 says those once): maybe this rank's alone
+            print(f"darkhorse: error: rank {rank}: {message}", file=sys.stderr)
+        return _leave(code)
+
+
+def _process_group_standing() -> bool:
+    """Whether a torchrun process group is still up: a run that failed leaves it (see `Trainer.run`)."""
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+
+
+def _leave(code: int) -> int:
+    """`code`, or exit with it at once when a process group is up: Python's normal exit would wait for
+    this rank's collectives still in flight, which peers stuck elsewhere never join (a hang until
+    train.dist_timeout); torchrun then stops the other ranks."""
+    if _process_group_standing():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

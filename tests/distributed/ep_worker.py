@@ -8,6 +8,8 @@ gradients and this rank's expert gradients must equal the reference's.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 import torch
@@ -20,6 +22,7 @@ from darkhorse.train.expert_parallel import apply_expert_parallel, full_expert_t
 
 def main() -> int:
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # test_torchrun's run_ranks() asks for stacks on a hang
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     moe = MoEConfig(n_routed_experts=8, experts_per_token=2, moe_intermediate_size=32, first_k_dense=0)

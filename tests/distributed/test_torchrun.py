@@ -8,11 +8,14 @@ steps of AdamW they stay within 1e-4 relative; we measured ~1e-7).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,14 +43,47 @@ RTOL = 1e-4
 
 def torchrun(nproc: int, data: Path, run_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return run_ranks([*command, str(WORKER), str(data), str(run_dir), *args], timeout, run_dir)
+
+
+def run_ranks(command: list[str], timeout: float, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`command` (a torchrun launch) to its end; past `timeout` the test fails with what each rank was
+    doing: the workers print their Python stacks on SIGUSR1 (worker.py, ep_worker.py), then all are killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*command, str(WORKER), str(data), str(run_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ranks = _descendants(launch.pid)  # torchrun starts each rank in a session of its own
+            for pid in ranks:
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(2)
+            for pid in [launch.pid, *ranks]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = launch.communicate()
+            logs = sorted((run_dir / "logs").glob("*.log")) if run_dir else []
+            tails = "".join(f"\n--- {log.name}:\n{log.read_text()[-1500:]}" for log in logs)
+            pytest.fail(f"the ranks hung past {timeout:.0f} s:\n{stdout[-2000:]}\n{stderr[-6000:]}{tails}")
+    return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below `root` (its children, theirs, ...)."""
+    parent_of = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (proc / "stat").read_text()
+                parent_of[int(proc.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -136,6 +172,18 @@ def test_a_dying_rank_makes_the_others_exit_with_a_clear_error(tmp_path, prepare
     assert "darkhorse: error: rank 0: lost the other ranks" in done.stderr
 
 
+@pytest.mark.slow
+def test_a_rank_failing_with_a_collective_in_flight_ends_the_run_at_once(tmp_path, prepared_dir):
+    """Its exception, not a hang until train.dist_timeout: a normal exit would wait on the collective."""
+    done = torchrun(
+        2, prepared_dir, tmp_path / "run", *SMALL, *MOE, "train.max_steps=5", "train.batch_size=2",
+        "train.parallel=ddp", "train.expert_parallel=2", "train.dist_timeout=600", "--fail-in-flight", "2",
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "RuntimeError: injected failure with a collective in flight" in done.stderr
+
+
 def test_parallel_training_without_torchrun_is_refused(tmp_path, prepared_dir):
     config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=fsdp", "train.max_steps=1"])
     with pytest.raises(DarkhorseError, match="train.parallel=fsdp runs under torchrun"):
@@ -169,13 +217,7 @@ def test_train_nproc_starts_torchrun(tmp_path, prepared_dir):
     """Also a time budget over ranks: they average their clocks, so all stop after the same step."""
     overrides = [*SMALL, "train.save_interval=0", "train.batch_size=2"]
     command = [sys.executable, "-m", "darkhorse", "train", "--nproc", "2", "--preset", "tiny-cpu", "--minutes", "0.02"]
-    done = subprocess.run(
-        [*command, "--data", str(prepared_dir), "--out", str(tmp_path / "run"), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_ranks([*command, "--data", str(prepared_dir), "--out", str(tmp_path / "run"), *overrides], 300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 ranks, train.parallel=ddp: global batch 2 x 1 x 2 = 4 windows" in done.stdout
     assert done.stdout.count("training tiny-cpu") == 1  # only rank 0 prints
@@ -190,13 +232,7 @@ def test_train_nproc_starts_torchrun(tmp_path, prepared_dir):
 def test_expert_parallel_layer_equals_the_whole_layer(tmp_path):
     """Two ranks, four experts each, half the batch each: outputs and gradients equal the whole layer's."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    done = subprocess.run(
-        [*command, str(WORKER.with_name("ep_worker.py"))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_ranks([*command, str(WORKER.with_name("ep_worker.py"))], timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "rank 0: equal" in done.stdout and "rank 1: equal" in done.stdout
 
@@ -252,6 +288,33 @@ def test_fsdp_refuses_hooks_that_save_their_own_format(tmp_path, prepared_dir, m
     try:
         with pytest.raises(DarkhorseError, match="saves its own checkpoint format"):
             Trainer(plan_run(config, [(prepared_dir, 1.0)], tmp_path / "run"), hooks=OwnFormat(), verbose=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_finished_run_drops_its_ddp_wrapper_before_the_process_group(tmp_path, prepared_dir, monkeypatch):
+    """DDP's reducer holds the process group; were it the last holder, its destructor would join gloo's
+    threads with the GIL held while one of them waits for the GIL (a hang at exit, ~1 in 40 runs)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from darkhorse.train.run_dir import plan_run
+    from darkhorse.train.trainer import Trainer
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    config = load_run_config("tiny-cpu", overrides=[*SMALL, "train.parallel=ddp", "train.max_steps=2"])
+    try:
+        trainer = Trainer(plan_run(config, [(prepared_dir, 1.0)], tmp_path / "run"), verbose=False)
+        wrapper = weakref.ref(trainer.wrapped)
+        assert wrapper() is not trainer.model  # DDP
+        trainer.run()
+        gc.collect()
+        assert wrapper() is None and trainer.wrapped is trainer.model and not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

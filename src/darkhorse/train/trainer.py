@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import signal
 import threading
@@ -380,7 +381,11 @@ class Trainer:
     def save(self, folder: Path, loss: float | None) -> Path | None:
         """Save a checkpoint into `folder` and prune old ones; None (nothing saved) if the model has
         diverged: a non-finite model never gets a valid checkpoint name."""
-        if reason := self._diverged():
+        reason = self._diverged()
+        # every rank must agree: expert parallelism gives each rank other weights, and a rank that skips
+        # the save skips its collectives too
+        if any_rank(self.world, reason is not None):
+            reason = reason or "another rank's experts hold NaN or inf"
             self.dashboard.message(f"warning: not saving {folder.name}: {reason}")
             return None
         meta = {
@@ -564,11 +569,29 @@ class Trainer:
         return record
 
     def run(self) -> TrainResult:
+        """Train; on failure with several ranks the process group is left standing: this rank may still
+        have collectives in flight (DDP's gradient all-reduce) that peers blocked elsewhere never join,
+        and destroying the group, or a normal interpreter exit, waits for them as they wait for us.
+        The CLI (and tests/distributed/worker.py) then leave with `os._exit`, and torchrun stops the rest."""
         try:
             with collective_errors(self.world):
-                return self._run()
-        finally:
-            shutdown(self.world)
+                result = self._run()
+        except BaseException:
+            if self.world.size == 1:
+                self._leave_process_group()
+            raise
+        self._leave_process_group()
+        return result
+
+    def _leave_process_group(self) -> None:
+        """Drop the DDP wrapper, then destroy the group. In this order: DDP's reducer holds the group,
+        and when it drops the last reference the group's destructor joins gloo's worker threads with
+        the GIL held, while a worker still releasing a finished collective's tensors waits for the GIL
+        (a hang at exit, seen about once in 40 runs under load)."""
+        if self.wrapped is not self.model:
+            self.wrapped = self.forward = self.model
+            gc.collect()
+        shutdown(self.world)
 
     def _run(self) -> TrainResult:
         cfg = self.train_cfg
@@ -645,11 +668,14 @@ class Trainer:
                 # domain ids are names only where every source lists the same domains
                 domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
                 domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
-                reports = []
-                if self.world.is_main:  # rank 0's routing counts stand for the run's
+                reports, held_out = [], None
+                # a sharded or expert-parallel model forwards on all ranks in step, or not at all
+                in_step = self.train_cfg.parallel == "fsdp" or bool(self.experts)
+                if self.world.is_main or self.experts:
                     held_out = self._held_out_isolation(domain_names)
+                if self.world.is_main:  # rank 0's routing counts stand for the run's
                     reports = write_run_reports(self.run_dir, self.history, self.routing, domain_names, held_out)
-                if self.world.is_main or self.train_cfg.parallel == "fsdp":  # a sharded model forwards on all ranks
+                if self.world.is_main or in_step:
                     self.hooks.on_finish(self)
                 self.dashboard.message(f"done: {saved}")
                 if reports:

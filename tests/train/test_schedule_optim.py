@@ -123,6 +123,30 @@ def test_expert_muon_orthogonalises_each_expert_on_its_own():
     assert stack.grad is None
 
 
+def test_expert_muon_steps_a_stack_as_torch_muon_steps_each_expert_and_resumes():
+    """Batched over the experts, bit for bit torch's per-matrix Muon (momentum, nesterov, decay, lr
+    scale, tall and wide experts), also across a state-dict round trip mid-run."""
+    torch.manual_seed(0)
+    options = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "original"}
+    for shape in [(3, 8, 5), (3, 5, 8)]:
+        start = torch.randn(shape)
+        grads = [torch.randn(shape) for _ in range(4)]
+        stack = nn.Parameter(start.clone())
+        experts = [nn.Parameter(matrix.clone()) for matrix in start]
+        ours, reference = ExpertMuon([stack], **options), torch.optim.Muon(experts, **options)
+        for step, grad in enumerate(grads):
+            if step == 2:  # what resume does: a fresh optimizer loads the saved state
+                saved = ours.state_dict()
+                ours = ExpertMuon([stack], **options)
+                ours.load_state_dict(saved)
+            stack.grad = grad.clone()
+            for expert, row in zip(experts, grad, strict=True):
+                expert.grad = row.clone()
+            ours.step()
+            reference.step()
+            assert torch.equal(stack.detach(), torch.stack([e.detach() for e in experts])), (shape, step)
+
+
 def test_lion_update_is_the_sign_of_the_interpolated_momentum():
     param = nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
     optimizer = Lion([param], lr=0.1, weight_decay=0.0)

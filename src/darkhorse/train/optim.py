@@ -7,6 +7,7 @@ Buffers (e.g. a MoE routing bias) are never parameters, so they never reach an o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -57,9 +58,11 @@ class Lion(torch.optim.Optimizer):
 class ExpertMuon(torch.optim.Muon):
     """torch's Muon, extended to 3-D expert stacks `[experts, out, in]`, one matrix per expert.
 
-    torch's Muon accepts 2-D parameters only. Each stack is handed to it as per-expert views that
-    share the stack's storage; before every step the views get the matching slices of the
-    stack's gradient, so Muon's in-place updates land in the stack itself.
+    torch's Muon accepts 2-D parameters only. Each stack is registered as per-expert views that share
+    its storage (so the state dict, and a checkpoint, hold one momentum per expert, as torch's Muon
+    would), but a stack's step runs batched over its experts: one Newton-Schulz iteration of batched
+    matmuls instead of one per expert (same result bit for bit, ~2x faster on CPU). Its views carry no
+    gradient, so torch's step, which does the 2-D parameters, skips them.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], **options) -> None:
@@ -73,14 +76,43 @@ class ExpertMuon(torch.optim.Muon):
             else:
                 matrices.append(param)
         super().__init__(matrices, **options)
+        self._momentum_stacks: list[torch.Tensor | None] = [None] * len(self._stacks)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        for stack, views in self._stacks:
-            grads = stack.grad.unbind(0) if stack.grad is not None else [None] * len(views)
-            for view, grad in zip(views, grads, strict=True):
-                view.grad = grad
-        return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, (stack, views) in enumerate(self._stacks):
+            if stack.grad is not None:
+                self._step_stack(index, stack, views)
+        super().step()
+        return loss
+
+    def _step_stack(self, index: int, stack: nn.Parameter, views: list[torch.Tensor]) -> None:
+        group = next(g for g in self.param_groups if any(p is views[0] for p in g["params"]))
+        momentum = group["momentum"]
+        buffer = self._momentum_stack(index, stack, views)
+        buffer.lerp_(stack.grad, 1 - momentum)
+        update = stack.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+        update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        stack.mul_(1 - group["lr"] * group["weight_decay"])
+        stack.add_(update, alpha=-muon_lr_scale(group["adjust_lr_fn"], stack.shape[-2:]) * group["lr"])
+
+    def _momentum_stack(self, index: int, stack: nn.Parameter, views: list[torch.Tensor]) -> torch.Tensor:
+        """The stack's momentum as one [experts, out, in] tensor whose rows are the views' state entries;
+        rebuilt from them after `load_state_dict` (which gives each entry a tensor of its own)."""
+        stacked = self._momentum_stacks[index]
+        states = [self.state[view] for view in views]
+        first = states[0].get("momentum_buffer")
+        if stacked is None or first is None or first.data_ptr() != stacked.data_ptr():
+            loaded = [state.get("momentum_buffer") for state in states]
+            stacked = torch.stack(loaded) if all(b is not None for b in loaded) else torch.zeros_like(stack)
+            for state, row in zip(states, stacked.unbind(0), strict=True):
+                state["momentum_buffer"] = row
+            self._momentum_stacks[index] = stacked
+        return stacked
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The stacks' gradients too: no param group holds the stacks, so the base class never clears them
@@ -91,6 +123,33 @@ class ExpertMuon(torch.optim.Muon):
                 stack.grad = None
             elif stack.grad is not None:
                 stack.grad.zero_()
+
+
+def orthogonalise(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration toward the nearest (semi-)orthogonal matrix, in bf16, over
+    the last two dims of `update` (a batch of matrices at once). Each matrix is first scaled to unit
+    Frobenius norm; wide matrices are iterated as they are, tall ones transposed."""
+    a, b, c = coefficients
+    tall = update.size(-2) > update.size(-1)
+    x = update.bfloat16()
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch's Muon lr adjustment for an [out, in] matrix: `original` sqrt(max(1, out/in)),
+    `match_rms_adamw` 0.2 sqrt(max(out, in))."""
+    rows, cols = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
 
 
 def _is_head(name: str) -> bool:

@@ -253,6 +253,27 @@ def test_expert_parallel_training_matches_one_process_and_resumes(tmp_path, prep
         assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
 
 
+@pytest.mark.slow
+def test_expert_parallel_muon_saves_the_one_process_layout_and_resumes_exactly(tmp_path, prepared_dir):
+    """Muon keeps one momentum per expert. The checkpoint holds all E of each stack, as one process
+    would; on resume each rank takes its own experts' back (before, every rank got rank 0's)."""
+    from darkhorse.checkpoint import load_trainer_state
+
+    settings = [*SMALL, *MOE, "train.save_interval=3", "train.optimizer=muon"]
+    one_process(prepared_dir, tmp_path / "one", *settings, "train.batch_size=4", "train.max_steps=3")
+    ep = [*settings, "train.batch_size=2", "train.parallel=ddp", "train.expert_parallel=2"]
+    for run, steps in [("ep", ["train.max_steps=3"]), ("ep", ["train.max_steps=5", "--resume"]), ("whole", [])]:
+        done = torchrun(2, prepared_dir, tmp_path / run, *ep, *(steps or ["train.max_steps=5"]))
+        assert done.returncode == 0, done.stderr[-3000:]
+    saved, single = (load_trainer_state(tmp_path / r / "step-000003")["optimizers"][0] for r in ("ep", "one"))
+    assert saved["param_groups"][0]["params"] == single["param_groups"][0]["params"]
+    assert saved["state"].keys() == single["state"].keys()
+    assert losses(tmp_path / "ep") == losses(tmp_path / "whole")
+    resumed, whole = (load_model(tmp_path / r / "final")[0].state_dict() for r in ("ep", "whole"))
+    for name, tensor in whole.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
 def test_expert_parallel_layouts_that_cannot_work_are_refused(tmp_path, prepared_dir):
     from darkhorse.train.distributed import World
     from darkhorse.train.parallel import check_parallel_config

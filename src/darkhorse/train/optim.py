@@ -67,6 +67,7 @@ class ExpertMuon(torch.optim.Muon):
 
     def __init__(self, params: Iterable[nn.Parameter], **options) -> None:
         self._stacks: list[tuple[nn.Parameter, list[torch.Tensor]]] = []
+        self.entries: list[tuple[nn.Parameter, int]] = []  # each parameter and its state entries, in order
         matrices: list[torch.Tensor] = []
         for param in params:
             if param.ndim == 3:
@@ -75,6 +76,7 @@ class ExpertMuon(torch.optim.Muon):
                 matrices.extend(views)
             else:
                 matrices.append(param)
+            self.entries.append((param, param.shape[0] if param.ndim == 3 else 1))
         super().__init__(matrices, **options)
         self._momentum_stacks: list[torch.Tensor | None] = [None] * len(self._stacks)
 

@@ -28,7 +28,7 @@ from darkhorse.train.sharded import consolidate
 from darkhorse.train.trainer import train
 
 WORKER = Path(__file__).with_name("worker.py")
-# AdamW: FSDP refuses tiny-cpu's Muon, and one optimizer keeps the DDP and FSDP runs comparable
+# AdamW: one optimizer keeps the DDP and FSDP runs comparable (Muon has tests of its own)
 SMALL = [
     "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "model.max_seq_len=64", "train.seq_len=32", "train.warmup_steps=2", "train.log_interval=1",
@@ -161,6 +161,21 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path, sharded_run,
 
 
 @pytest.mark.slow
+def test_fsdp_trains_with_muon_as_one_process_does_and_resumes(tmp_path, prepared_dir):
+    """Muon under FSDP: expert stacks orthogonalised where their shards lie (whole experts), matrices
+    gathered whole; the losses of one process, across a sharded save and resume."""
+    settings = [*SMALL, *MOE, "train.optimizer=muon", "train.save_interval=3"]
+    want = one_process(prepared_dir, tmp_path / "one", *settings, "train.batch_size=4", "train.max_steps=5")
+    for steps in (["train.max_steps=3"], ["train.max_steps=5", "--resume"]):
+        done = torchrun(
+            2, prepared_dir, tmp_path / "two", *settings, "train.batch_size=2", "train.parallel=fsdp", *steps
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "step-000003" / "shards").is_dir()
+    assert_close(losses(tmp_path / "two"), want)
+
+
+@pytest.mark.slow
 def test_a_dying_rank_makes_the_others_exit_with_a_clear_error(tmp_path, prepared_dir):
     """Rank 1 exits hard at step 3 of 50; rank 0 must stop with one line, not hang (the subprocess timeout
     would fail the test: train.dist_timeout bounds any wait at 20 s)."""
@@ -255,8 +270,9 @@ def test_expert_parallel_training_matches_one_process_and_resumes(tmp_path, prep
 
 @pytest.mark.slow
 def test_expert_parallel_muon_saves_the_one_process_layout_and_resumes_exactly(tmp_path, prepared_dir):
-    """Muon keeps one momentum per expert. The checkpoint holds all E of each stack, as one process
-    would; on resume each rank takes its own experts' back (before, every rank got rank 0's)."""
+    """An expert stack's Muon momentum has the stack's shape: the checkpoint holds all E rows, as one
+    process would, and on resume each rank takes its own rows back (when Muon kept one entry per expert,
+    the checkpoint held rank 0's and every rank resumed with them)."""
     from darkhorse.checkpoint import load_trainer_state
 
     settings = [*SMALL, *MOE, "train.save_interval=3", "train.optimizer=muon"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from darkhorse.config import TrainConfig
-from darkhorse.train.optim import ExpertMuon, Lion, build_optimizers, split_parameters
+from darkhorse.train.optim import Lion, Muon, build_optimizers, split_parameters
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 
 
@@ -87,7 +87,7 @@ def test_muon_trains_2d_and_3d_matrices(scalar_optimizer):
     model = ToyMoE()
     train = TrainConfig(optimizer="muon", scalar_optimizer=scalar_optimizer, lr=1e-2, muon_lr=0.02)
     optimizers = build_optimizers(model, train, torch.device("cpu"))
-    assert isinstance(optimizers[0], ExpertMuon)
+    assert isinstance(optimizers[0], Muon)
     assert isinstance(optimizers[1], Lion if scalar_optimizer == "lion" else torch.optim.AdamW)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tokens = torch.randint(0, 16, (32,))
@@ -107,7 +107,7 @@ def test_muon_trains_2d_and_3d_matrices(scalar_optimizer):
 def test_expert_muon_orthogonalises_each_expert_on_its_own():
     torch.manual_seed(0)
     stack = nn.Parameter(torch.zeros(2, 6, 6))
-    optimizer = ExpertMuon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    optimizer = Muon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
     # expert 1's gradient is 100x expert 0's: a joint normalisation would leave expert 0 ~unchanged
     stack.grad = torch.stack([torch.randn(6, 6), 100 * torch.randn(6, 6)])
     optimizer.step()
@@ -116,35 +116,53 @@ def test_expert_muon_orthogonalises_each_expert_on_its_own():
     singular_values = torch.linalg.svdvals(stack.detach()[0])
     assert singular_values.min() > 0.3 and singular_values.max() < 1.5  # roughly orthogonal (NS, bf16)
     # its state dict round-trips like any optimizer's (the resume path)
-    restored = ExpertMuon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    restored = Muon([stack], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
     restored.load_state_dict(optimizer.state_dict())
-    assert len(restored.state_dict()["state"]) == 2
+    assert restored.state[stack]["momentum_buffer"].shape == (2, 6, 6)  # one momentum, the stack's shape
     optimizer.zero_grad()  # the stack's gradient too, or the next step would add to this one's
     assert stack.grad is None
 
 
-def test_expert_muon_steps_a_stack_as_torch_muon_steps_each_expert_and_resumes():
-    """Batched over the experts, bit for bit torch's per-matrix Muon (momentum, nesterov, decay, lr
-    scale, tall and wide experts), also across a state-dict round trip mid-run."""
+def test_muon_steps_matrices_and_stacks_as_torch_muon_steps_each_matrix_and_resumes():
+    """torch's per-matrix Muon (momentum, nesterov, decay, lr scale, tall and wide): a matrix bit for
+    bit, a stack batched over its experts up to bf16 rounding (batched and single matmuls may round
+    differently), also across a state-dict round trip mid-run."""
     torch.manual_seed(0)
     options = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "original"}
     for shape in [(3, 8, 5), (3, 5, 8)]:
-        start = torch.randn(shape)
-        grads = [torch.randn(shape) for _ in range(4)]
-        stack = nn.Parameter(start.clone())
-        experts = [nn.Parameter(matrix.clone()) for matrix in start]
-        ours, reference = ExpertMuon([stack], **options), torch.optim.Muon(experts, **options)
-        for step, grad in enumerate(grads):
+        start, matrix_start = torch.randn(shape), torch.randn(shape[1:])
+        grads = [(torch.randn(shape), torch.randn(shape[1:])) for _ in range(4)]
+        stack, matrix = nn.Parameter(start.clone()), nn.Parameter(matrix_start.clone())
+        experts = [nn.Parameter(m.clone()) for m in [*start, matrix_start]]
+        ours, reference = Muon([stack, matrix], **options), torch.optim.Muon(experts, **options)
+        for step, (grad, matrix_grad) in enumerate(grads):
             if step == 2:  # what resume does: a fresh optimizer loads the saved state
                 saved = ours.state_dict()
-                ours = ExpertMuon([stack], **options)
+                ours = Muon([stack, matrix], **options)
                 ours.load_state_dict(saved)
-            stack.grad = grad.clone()
-            for expert, row in zip(experts, grad, strict=True):
+            stack.grad, matrix.grad = grad.clone(), matrix_grad.clone()
+            for expert, row in zip(experts, [*grad, matrix_grad], strict=True):
                 expert.grad = row.clone()
             ours.step()
             reference.step()
-            assert torch.equal(stack.detach(), torch.stack([e.detach() for e in experts])), (shape, step)
+            torch.testing.assert_close(
+                stack.detach(), torch.stack([e.detach() for e in experts[:-1]]), atol=1e-4, rtol=0
+            )
+            assert torch.equal(matrix.detach(), experts[-1].detach()), (shape, step)
+
+
+def test_muon_loads_the_per_expert_state_of_older_checkpoints():
+    """Until 2026-11-30 a stack's momentum was saved as one entry per expert: such a checkpoint resumes."""
+    stack, matrix = nn.Parameter(torch.randn(3, 4, 4)), nn.Parameter(torch.randn(4, 4))
+    momenta = torch.randn(3, 4, 4), torch.randn(4, 4)
+    old = {
+        "state": {**{i: {"momentum_buffer": momenta[0][i]} for i in range(3)}, 3: {"momentum_buffer": momenta[1]}},
+        "param_groups": [{**Muon([stack, matrix]).state_dict()["param_groups"][0], "params": [0, 1, 2, 3]}],
+    }
+    optimizer = Muon([stack, matrix])
+    optimizer.load_state_dict(old)
+    assert torch.equal(optimizer.state[stack]["momentum_buffer"], momenta[0])
+    assert torch.equal(optimizer.state[matrix]["momentum_buffer"], momenta[1])
 
 
 def test_lion_update_is_the_sign_of_the_interpolated_momentum():

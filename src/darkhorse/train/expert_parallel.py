@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import nn
 
 from darkhorse.model.moe import RoutedExperts
-from darkhorse.train.optim import ExpertMuon
 
 EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
 
@@ -160,64 +159,17 @@ def _map_expert_moments(optimizer: torch.optim.Optimizer, state: dict[str, Any],
     return state
 
 
-def _map_expert_entries(
-    optimizer: ExpertMuon, state: dict[str, Any], experts: list[nn.Parameter], rows_per_stack: int, change
-) -> dict[str, Any]:
-    """`state` (an `ExpertMuon` state dict: one entry per expert of each stack, in `optimizer.entries`
-    order) with `change` turning each expert-parallel stack's `rows_per_stack` entries into its new
-    entries; entries are renumbered, as their count changes."""
-    held = {id(p) for p in experts}
-    (group,) = state["param_groups"]  # ExpertMuon is built with one group
-    entries: dict[int, Any] = {}
-    params: list[int] = []
-    old = 0
-    for param, count in optimizer.entries:
-        count = rows_per_stack if id(param) in held else count
-        mine = [state["state"].get(old + i) for i in range(count)]
-        old += count
-        for entry in change(mine) if id(param) in held else mine:
-            if entry is not None:
-                entries[len(params)] = entry
-            params.append(len(params))
-    return {"state": entries, "param_groups": [{**group, "params": params}]}
-
-
 def gather_optimizer_state(
     optimizer: torch.optim.Optimizer, state: dict[str, Any], experts: list[nn.Parameter], size: int
 ) -> dict[str, Any]:
-    """`optimizer.state_dict()` with each expert moment whole (E rows), as one process would hold it;
-    for Muon, each expert stack's E/K per-expert entries become E."""
-    if not isinstance(optimizer, ExpertMuon):
-        return _map_expert_moments(optimizer, state, experts, lambda value: full_expert_tensor(value, size))
-    local_rows = _expert_rows(optimizer, experts)
-    if local_rows is None:  # the experts are not this optimizer's (frozen, or in another one)
-        return state
-
-    def gather(mine: list[dict | None]) -> list[dict | None]:
-        if mine[0] is None:  # no step yet, on every rank alike
-            return [None] * (len(mine) * size)
-        whole = full_expert_tensor(torch.stack([entry["momentum_buffer"] for entry in mine]), size)
-        return [{"momentum_buffer": row.clone()} for row in whole.unbind(0)]
-
-    return _map_expert_entries(optimizer, state, experts, local_rows, gather)
-
-
-def _expert_rows(optimizer: ExpertMuon, experts: list[nn.Parameter]) -> int | None:
-    """This rank's experts per stack in `optimizer` (None: it holds no expert stack)."""
-    held = {id(p) for p in experts}
-    return next((count for param, count in optimizer.entries if id(param) in held), None)
+    """`optimizer.state_dict()` with each expert moment whole (E rows), as one process would hold it."""
+    return _map_expert_moments(optimizer, state, experts, lambda value: full_expert_tensor(value, size))
 
 
 def slice_optimizer_state(
     optimizer: torch.optim.Optimizer, state: dict[str, Any], experts: list[nn.Parameter], rank: int, size: int
 ) -> dict[str, Any]:
     """The inverse of `gather_optimizer_state`: this rank's rows of each expert moment."""
-    if isinstance(optimizer, ExpertMuon):
-        local_rows = _expert_rows(optimizer, experts)
-        if local_rows is None:
-            return state
-        rows = slice(rank * local_rows, (rank + 1) * local_rows)
-        return _map_expert_entries(optimizer, state, experts, local_rows * size, lambda mine: mine[rows])
 
     def mine(value: torch.Tensor) -> torch.Tensor:
         rows = value.shape[0] // size

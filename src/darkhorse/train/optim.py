@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from darkhorse.config import TrainConfig
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch's Muon defaults
 LION_BETAS = (0.9, 0.99)  # Chen et al. (2023), as the nanochat-train recipe uses
 
 
@@ -55,30 +57,43 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-class ExpertMuon(torch.optim.Muon):
-    """torch's Muon, extended to 3-D expert stacks `[experts, out, in]`, one matrix per expert.
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al., 2024): momentum orthogonalised by a Newton-Schulz iteration, for 2-D weight
+    matrices and 3-D expert stacks `[experts, out, in]` (one matrix per expert, all of a stack in one
+    batched iteration). torch.optim.Muon's update (a matrix's bit for bit, a stack's up to bf16 rounding,
+    as batched matmuls may round otherwise), which takes 2-D matrices only.
 
-    torch's Muon accepts 2-D parameters only. Each stack is registered as per-expert views that share
-    its storage (so the state dict, and a checkpoint, hold one momentum per expert, as torch's Muon
-    would), but a stack's step runs batched over its experts: one Newton-Schulz iteration of batched
-    matmuls instead of one per expert (same result bit for bit, ~2x faster on CPU). Its views carry no
-    gradient, so torch's step, which does the 2-D parameters, skips them.
-    """
+    Under FSDP the parameters are DTensor shards: a stack, sharded by experts, is orthogonalised where
+    it lies (whole experts on each rank); a matrix, sharded by rows, is gathered whole, orthogonalised
+    and cut back to this rank's rows. One momentum per parameter (a stack's has its shape)."""
 
-    def __init__(self, params: Iterable[nn.Parameter], **options) -> None:
-        self._stacks: list[tuple[nn.Parameter, list[torch.Tensor]]] = []
-        self.entries: list[tuple[nn.Parameter, int]] = []  # each parameter and its state entries, in order
-        matrices: list[torch.Tensor] = []
-        for param in params:
-            if param.ndim == 3:
-                views = list(param.detach().unbind(0))
-                self._stacks.append((param, views))
-                matrices.extend(views)
-            else:
-                matrices.append(param)
-            self.entries.append((param, param.shape[0] if param.ndim == 3 else 1))
-        super().__init__(matrices, **options)
-        self._momentum_stacks: list[torch.Tensor | None] = [None] * len(self._stacks)
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float = 0.02,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.ndim not in (2, 3):
+                    raise ValueError(f"Muon takes matrices and expert stacks, not a {param.ndim}-D parameter")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -86,45 +101,57 @@ class ExpertMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, (stack, views) in enumerate(self._stacks):
-            if stack.grad is not None:
-                self._step_stack(index, stack, views)
-        super().step()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - group["momentum"])
+                update = param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = _orthogonalised(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-muon_lr_scale(group["adjust_lr_fn"], param.shape[-2:]) * group["lr"])
         return loss
 
-    def _step_stack(self, index: int, stack: nn.Parameter, views: list[torch.Tensor]) -> None:
-        group = next(g for g in self.param_groups if any(p is views[0] for p in g["params"]))
-        momentum = group["momentum"]
-        buffer = self._momentum_stack(index, stack, views)
-        buffer.lerp_(stack.grad, 1 - momentum)
-        update = stack.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-        update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-        stack.mul_(1 - group["lr"] * group["weight_decay"])
-        stack.add_(update, alpha=-muon_lr_scale(group["adjust_lr_fn"], stack.shape[-2:]) * group["lr"])
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also a checkpoint from before stacks were parameters of their own (one entry per expert)."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        super().load_state_dict(_stack_expert_entries(state_dict, params))
 
-    def _momentum_stack(self, index: int, stack: nn.Parameter, views: list[torch.Tensor]) -> torch.Tensor:
-        """The stack's momentum as one [experts, out, in] tensor whose rows are the views' state entries;
-        rebuilt from them after `load_state_dict` (which gives each entry a tensor of its own)."""
-        stacked = self._momentum_stacks[index]
-        states = [self.state[view] for view in views]
-        first = states[0].get("momentum_buffer")
-        if stacked is None or first is None or first.data_ptr() != stacked.data_ptr():
-            loaded = [state.get("momentum_buffer") for state in states]
-            stacked = torch.stack(loaded) if all(b is not None for b in loaded) else torch.zeros_like(stack)
-            for state, row in zip(states, stacked.unbind(0), strict=True):
-                state["momentum_buffer"] = row
-            self._momentum_stacks[index] = stacked
-        return stacked
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """The stacks' gradients too: no param group holds the stacks, so the base class never clears them
-        (their gradients summed over every step before this fix, and a resumed run started from zero)."""
-        super().zero_grad(set_to_none)
-        for stack, _ in self._stacks:
-            if set_to_none:
-                stack.grad = None
-            elif stack.grad is not None:
-                stack.grad.zero_()
+def _stack_expert_entries(state_dict: dict, params: list[torch.Tensor]) -> dict:
+    """`state_dict` with each 3-D parameter's per-expert entries (how darkhorse saved Muon's state
+    until 2026-11-30) stacked into one; unchanged when it has one entry per parameter already."""
+    (group,) = state_dict["param_groups"]
+    per_expert = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
+    if per_expert == len(params) or len(group["params"]) != per_expert:
+        return state_dict  # torch's load_state_dict refuses a mismatch that is not this one
+    entries, old = {}, 0
+    for index, param in enumerate(params):
+        count = param.shape[0] if param.ndim == 3 else 1
+        rows = [state_dict["state"].get(old + i) for i in range(count)]
+        old += count
+        if rows[0] is not None:
+            stacked = {"momentum_buffer": torch.stack([row["momentum_buffer"] for row in rows])}
+            entries[index] = stacked if param.ndim == 3 else rows[0]
+    return {"state": entries, "param_groups": [{**group, "params": list(range(len(params)))}]}
+
+
+def _orthogonalised(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """`orthogonalise` for a plain tensor or an FSDP shard (see `Muon`)."""
+    if not isinstance(update, DTensor):
+        return orthogonalise(update, coefficients, steps, eps)
+    mesh, placements = update.device_mesh, update.placements
+    if update.ndim == 3 and all(p in (Shard(0), Replicate()) for p in placements):  # whole experts here
+        local = orthogonalise(update.to_local(), coefficients, steps, eps).contiguous()
+        return DTensor.from_local(local, mesh, placements, shape=update.shape, stride=update.stride())
+    whole = orthogonalise(update.full_tensor(), coefficients, steps, eps).contiguous()
+    return DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, placements)
 
 
 def orthogonalise(
@@ -139,9 +166,10 @@ def orthogonalise(
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    multiply_add = torch.baddbmm if x.ndim == 3 else torch.addmm
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
@@ -214,9 +242,7 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
 
     optimizers: list[torch.optim.Optimizer] = []
     if hidden:
-        optimizers.append(
-            ExpertMuon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original")
-        )
+        optimizers.append(Muon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original"))
     if groups:
         if train.scalar_optimizer == "lion":
             optimizers.append(Lion(groups, lr=train.lr))

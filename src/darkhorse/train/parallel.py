@@ -49,11 +49,6 @@ def check_parallel_config(config: RunConfig, world: World) -> None:
         check_layout(config, Layout(world.size, train.parallel, ep))  # an MoE model whose experts divide
     if train.parallel != "fsdp":
         return
-    if train.optimizer == "muon":
-        raise DarkhorseError(
-            "train.optimizer=muon orthogonalises whole matrices, which FSDP shards across ranks; "
-            "use train.optimizer=adamw with fsdp, or train.parallel=ddp"
-        )
     if train.dtype == "fp16":
         raise DarkhorseError("train.dtype=fp16 is not supported with train.parallel=fsdp; use bf16")
 

@@ -224,8 +224,8 @@ def markdown(presets: list[str], device_memory: int) -> str:
         "do not edit by hand. Figures are per GPU of "
         f"{gib(device_memory)} (H100 80GB), bf16 compute with fp32 master weights, at each preset's own",
         "micro-batch and sequence length, and its global batch (grad_accum divided by the ranks, at least 1).",
-        "FSDP runs use AdamW here (train.parallel=fsdp refuses Muon, which",
-        "orthogonalises whole matrices). Expected tokens/s assume the single-H100 MFU we measured",
+        "Every layout is sized with AdamW (Muon keeps less state; under FSDP it also gathers each",
+        "matrix's update once a step, not counted here). Expected tokens/s assume the single-H100 MFU we measured",
         f"({MEASURED_MFU:.0%}, docs/benchmarks.md) on every GPU; the communication share assumes "
         f"{NETWORK_BYTES_PER_S / 1e9:.0f} GB/s",
         "per GPU (400 Gb/s InfiniBand) and no overlap with compute, so it is an upper bound. Expert",

@@ -3,10 +3,14 @@ autograd composition of the same grouped matmuls it replaces: outputs and every 
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
+from darkhorse.errors import DarkhorseError
 from darkhorse.finetune.lora import LoRAExperts
 from darkhorse.model.moe import RoutedExperts
+from darkhorse.train.expert_parallel import apply_expert_parallel
 
 
 def lora_experts(experts=4, dim=32, hidden=48, r=8) -> LoRAExperts:
@@ -51,3 +55,10 @@ def test_unstacked_weights_fall_back_to_the_autograd_path():
     out, _ = forward_and_grads(module, fused=True)
     ref_out, _ = forward_and_grads(module, fused=False)
     torch.testing.assert_close(out, ref_out)
+
+
+def test_expert_parallelism_refuses_lora_experts_instead_of_dropping_their_adapters():
+    holder = nn.Module()
+    holder.experts = lora_experts()
+    with pytest.raises(DarkhorseError, match="splits plain routed experts only, not LoRAExperts"):
+        apply_expert_parallel(holder, rank=0, size=2)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from darkhorse.errors import DarkhorseError
 from darkhorse.model.moe import RoutedExperts
 
 EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
@@ -77,6 +78,11 @@ def apply_expert_parallel(model: nn.Module, rank: int, size: int, group=None) ->
     for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if isinstance(experts, RoutedExperts) and not isinstance(experts, ExpertParallelExperts):
+            if type(experts) is not RoutedExperts:  # e.g. LoRA experts: their adapters would be dropped
+                raise DarkhorseError(
+                    f"train.expert_parallel splits plain routed experts only, not {type(experts).__name__}; "
+                    "fine-tune with train.parallel=ddp or fsdp and train.expert_parallel=1"
+                )
             module.experts = ExpertParallelExperts(experts, rank, size, group)
             swapped.append(module.experts)
     return swapped

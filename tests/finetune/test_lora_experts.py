@@ -3,6 +3,7 @@ autograd composition of the same grouped matmuls it replaces: outputs and every 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from darkhorse.finetune.lora import LoRAExperts
@@ -51,3 +52,14 @@ def test_unstacked_weights_fall_back_to_the_autograd_path():
     out, _ = forward_and_grads(module, fused=True)
     ref_out, _ = forward_and_grads(module, fused=False)
     torch.testing.assert_close(out, ref_out)
+
+
+def test_a_second_backward_through_the_fused_node_raises():
+    """Its backward reuses the saved activations' memory, so a retained graph must refuse a second pass."""
+    module = lora_experts()
+    counts = torch.tensor([5, 0, 7, 8])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    out = module(x, counts).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

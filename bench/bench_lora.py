@@ -102,8 +102,8 @@ def trainer(kind: str, folder: Path, args: argparse.Namespace):
                                        router_r=args.r, alpha=2 * args.r))  # fmt: skip
         model.train()
 
-        def loss_of(batch: torch.Tensor) -> torch.Tensor:
-            return model(batch[:, :-1], batch[:, 1:]).loss
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:  # the trainer's call: the fused head loss
+            return model(batch[:, :-1], batch[:, 1:], return_logits=False).loss
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4, weight_decay=0.0, fused=True)

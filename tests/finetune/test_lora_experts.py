@@ -48,6 +48,17 @@ def test_fused_expert_lora_matches_the_autograd_path():
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_a_second_backward_through_the_fused_node_raises():
+    """Its backward reuses the saved activations' memory, so a retained graph must refuse a second pass."""
+    module = lora_experts()
+    counts = torch.tensor([5, 0, 7, 8])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    out = module(x, counts).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_unstacked_weights_fall_back_to_the_autograd_path():
     module = lora_experts()
     module.up_proj.data = module.up_proj.data.clone()  # what a dtype move does: separate storages

@@ -262,13 +262,15 @@ class _LoRASwiGLUExperts(torch.autograd.Function):
         d_low_down = _rows_times(d_out, b_down, offsets).mul_(scaling)
         d_a_down = _per_expert_outer(d_low_down, h, offsets) if need[7] else None
         d_h = _rows_times(d_out, down, offsets).add_(_rows_times(d_low_down, a_down, offsets))
-        # SwiGLU: h = silu(gate) * up, both gradients written into one [N, 2I] tensor
+        # SwiGLU: h = silu(gate) * up. Its two gradients overwrite the saved gate|up output (dead after
+        # this), with h's memory (read for the last time above) as the one [N, I] scratch: the
+        # backward allocates no [N, 2I] or [N, I] tensor here. (A second backward through this node would
+        # find its saved tensors modified and raise, as for any in-place use of a saved tensor.)
         gate, up = gu[:, :hidden], gu[:, hidden:]
-        d_gu = torch.empty_like(gu)
-        d_gate, d_up = d_gu[:, :hidden], d_gu[:, hidden:]
-        torch.mul(d_h, up, out=d_gate)
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        d_gu, d_gate, d_up = gu, gate, up
+        d_h_up = torch.mul(d_h, up, out=h)
         torch.ops.aten.silu.out(gate, out=d_up).mul_(d_h)
+        torch.ops.aten.silu_backward.grad_input(d_h_up, gate, grad_input=d_gate)
         # gate and up: gu = x @ W_gate_up + s * [(x @ A_gate) @ B_gate | (x @ A_up) @ B_up]
         d_b_gate = _per_expert_outer(d_gate, low_gate, offsets) if need[5] else None
         d_b_up = _per_expert_outer(d_up, low_up, offsets) if need[6] else None

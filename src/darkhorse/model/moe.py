@@ -366,8 +366,10 @@ class MoE(nn.Module):
         slot_weights = routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         # Back to (token, slot) order, then a sum over the k slots: no atomic adds, so deterministic on
         # GPUs and one bf16 rounding instead of k (as fast as index_add_ on an H100). Dropped slots stay 0.
-        # (In place into the fresh zeros: the out-of-place index_copy would copy them first.)
-        slots = expert_out.new_zeros(flat.shape[0] * top_k, dim).index_copy_(0, order, expert_out * slot_weights)
+        # (In place: the out-of-place index_copy would copy the target first. Without a capacity limit
+        # `order` covers every slot, so the target need not be zeroed.)
+        fresh = expert_out.new_zeros if self.moe.capacity_factor > 0 else expert_out.new_empty
+        slots = fresh(flat.shape[0] * top_k, dim).index_copy_(0, order, expert_out * slot_weights)
         out = slots.view(-1, top_k, dim).sum(1).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -321,6 +321,8 @@ def test_group_loss_warmup_raises_the_weight_from_zero():
 
 
 def test_layers_before_isolated_from_layer_route_freely():
+    from darkhorse.train.routing import isolated_partition
+
     """Free layers ignore the tags and get no group loss; the later ones route inside the tag's group."""
     torch.manual_seed(0)
     x, domains = torch.randn(1, 12, 32), torch.tensor([[0, 1, 2] * 4])
@@ -331,6 +333,7 @@ def test_layers_before_isolated_from_layer_route_freely():
     assert torch.equal(chosen_experts(free, x, domains), untagged) and not free.take_losses()
     assert torch.equal(chosen_experts(isolated, x, domains) // 2, domains.view(-1, 1).expand(-1, 2))
     assert "group" in isolated.take_losses()
+    assert isolated_partition(config.moe, ["a", "b", "c"]).endswith("; MoE layers before layer 2 route freely")
 
 
 def test_isolated_alf_balances_within_each_group():

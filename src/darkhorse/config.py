@@ -156,6 +156,13 @@ class MoEConfig:
     # its logits are the group scores (sums of two sigmoids, in [0, 2]) / this: below 1 the loss can
     # saturate once the right group leads, where at 1 even perfect routing pays ~0.24 nats and keeps pushing
     group_loss_temperature: float = 1.0
+    # isolated: the group loss's weight rises linearly from 0 to group_loss_weight over this many steps
+    # (0 = full weight from the start), so the LM shapes the residual stream before the loss pushes it
+    group_loss_warmup: int = 0
+    # isolated: MoE layers before this layer index route freely (their groups by their own scores, with
+    # no tags and no group loss), so only the later layers' hidden states are pushed to carry the domain
+    # (0 = every MoE layer isolated)
+    isolated_from_layer: int = 0
     # inference with expert groups: rank a token's groups by (1 - w) x its own group scores + w x each
     # group's share of the tokens so far that chose it (a causal domain posterior); 0 = each token's own
     # scores, as exported models (HF, GGUF) route
@@ -210,6 +217,8 @@ class MoEConfig:
             "z_loss_weight",
             "domain_prior_anneal_steps",
             "group_loss_weight",
+            "group_loss_warmup",
+            "isolated_from_layer",
         ):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0")
         _require(

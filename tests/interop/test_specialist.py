@@ -60,6 +60,12 @@ def test_specialist_of_an_unknown_domain_lists_the_models_domains(isolated_run, 
         cut_specialist(isolated_run, ["b", "legal"], tmp_path / "x")
 
 
+def test_no_specialist_of_a_model_with_free_layers(tmp_path, make_prepared):
+    run = train_isolated(tmp_path, make_prepared, extra=("model.moe.isolated_from_layer=1",))
+    with pytest.raises(DarkhorseError, match="before layer 1 freely"):
+        cut_specialist(run, ["a"], tmp_path / "x")
+
+
 def test_export_domains_writes_the_specialist(tmp_path, make_prepared, capsys):
     import shutil
 

@@ -306,6 +306,36 @@ def test_group_loss_temperature_divides_the_group_scores():
     assert losses[0.25] != pytest.approx(losses[1.0])
 
 
+def test_group_loss_warmup_raises_the_weight_from_zero():
+    x, domains = torch.randn(1, 12, 32), torch.tensor([[0, 1, 2] * 4])
+    layer, full = isolated_layer(group_loss_warmup=4), isolated_layer()
+    full.load_state_dict(layer.state_dict())
+    full(x, domains=domains)
+    target = float(full.take_losses()["group"])
+    layer(x, domains=domains)
+    assert "group" not in layer.take_losses()  # step 0: weight 0, no loss term
+    for step, share in ((1, 0.25), (4, 1.0), (9, 1.0)):
+        layer.after_optimizer_step(step)
+        layer(x, domains=domains)
+        assert float(layer.take_losses()["group"]) == pytest.approx(share * target)
+
+
+def test_layers_before_isolated_from_layer_route_freely():
+    from darkhorse.train.routing import isolated_partition
+
+    """Free layers ignore the tags and get no group loss; the later ones route inside the tag's group."""
+    torch.manual_seed(0)
+    x, domains = torch.randn(1, 12, 32), torch.tensor([[0, 1, 2] * 4])
+    config = moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=6, isolated_from_layer=2)
+    free, isolated = MoE(config, layer_idx=1).train(), MoE(config, layer_idx=2).train()
+    isolated.load_state_dict(free.state_dict())
+    untagged = chosen_experts(free, x, None)
+    assert torch.equal(chosen_experts(free, x, domains), untagged) and not free.take_losses()
+    assert torch.equal(chosen_experts(isolated, x, domains) // 2, domains.view(-1, 1).expand(-1, 2))
+    assert "group" in isolated.take_losses()
+    assert isolated_partition(config.moe, ["a", "b", "c"]).endswith("; MoE layers before layer 2 route freely")
+
+
 def test_isolated_alf_balances_within_each_group():
     layer = isolated_layer(bias_update_rate=0.1)
     layer.load_since_step.copy_(torch.tensor([9.0, 1.0, 5.0, 5.0, 1.0, 1.0]))  # group 0 uneven, group 2 idle

@@ -239,6 +239,16 @@ def isolated_config(*overrides: str):
     )  # fmt: skip
 
 
+def test_a_resumed_group_loss_warmup_goes_on_where_it_was(tmp_path, make_prepared):
+    data = make_prepared(tmp_path / "tagged", domains=True)
+    settings = ["model.moe.group_loss_warmup=4", "model.moe.group_loss_weight=1.0", "train.schedule=constant",
+                "train.save_interval=2", "train.eval_interval=2"]  # fmt: skip
+    train(isolated_config("train.max_steps=4", *settings), [(data, 1.0)], tmp_path / "whole", verbose=False)
+    train(isolated_config("train.max_steps=2", *settings), [(data, 1.0)], tmp_path / "split", verbose=False)
+    train(isolated_config("train.max_steps=4", *settings), [], tmp_path / "split", resume=True, verbose=False)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
 def test_isolated_routing_says_its_partition_and_reports_held_out_isolation(tmp_path, make_prepared, capsys):
     data = make_prepared(tmp_path / "tagged", domains=True)
     train(isolated_config("train.max_steps=2"), [(data, 1.0)], tmp_path / "run", verbose=True, live=False)

@@ -26,6 +26,11 @@ def cut_specialist(checkpoint: str | Path, domains: list[str], out: str | Path) 
     names = meta.get("domains") or []
     if moe.domain_routing != "isolated" or not names:
         raise DarkhorseError(f"{checkpoint} has no domain expert groups (train with model.moe.domain_routing=isolated)")
+    if moe.isolated_from_layer > moe.first_k_dense:
+        raise DarkhorseError(
+            f"{checkpoint} routes its MoE layers before layer {moe.isolated_from_layer} freely "
+            "(model.moe.isolated_from_layer): no specialist can be cut from them"
+        )
     unknown = [name for name in domains if name not in names]
     if unknown or not domains:
         raise DarkhorseError(f"--domains {','.join(unknown)}: {checkpoint} has the domains {', '.join(names)}")

@@ -256,6 +256,8 @@ class MoE(nn.Module):
             self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False, device="meta")
             self.group_context.weight = nn.Parameter(torch.zeros(moe.n_groups, config.dim))
         self.pending_losses: dict[str, torch.Tensor] = {}
+        # the group loss's share of its weight (model.moe.group_loss_warmup); set after each optimizer step
+        self.group_loss_scale = 0.0 if moe.group_loss_warmup > 0 else 1.0
         self.last_load: list[float] = []
         self.last_dropped = 0.0
         self.collapse_streak = 0
@@ -269,12 +271,19 @@ class MoE(nn.Module):
     def _selection_bonus(self, domains: torch.Tensor | None) -> torch.Tensor | None:
         """What the tags add to expert selection, in training only: the annealed prior's bonus, or
         -inf outside a tagged token's group (isolated). Untagged and unknown ids get the free last row."""
-        if not (self.training and domains is not None) or self.moe.domain_routing == "none":
+        if not (self.training and domains is not None) or not self.routes_by_domain():
             return None
         ids = domains.reshape(-1).long().clamp(max=self.moe.n_domains)
         if self.moe.domain_routing == "isolated":
             return torch.where(self.domain_group_mask[ids], 0.0, float("-inf"))
         return self.domain_prior_mask[ids] * (self.moe.domain_prior_bonus * self.domain_prior_scale)
+
+    def routes_by_domain(self) -> bool:
+        """Whether the tags shape this layer's routing in training (not an isolated model's free early layers)."""
+        moe = self.moe
+        return moe.domain_routing == "prior" or (
+            moe.domain_routing == "isolated" and self.layer_idx >= moe.isolated_from_layer
+        )
 
     def uses_posterior(self) -> bool:
         """Whether inference ranks expert groups by the document's running group posterior."""
@@ -400,18 +409,19 @@ class MoE(nn.Module):
         routing the group-prediction loss (with a group context, on the scores with and without it, so
         that each token's own scores, which exports rank by, stay trained)."""
         moe = self.moe
-        if moe.domain_routing == "isolated" and moe.group_loss_weight > 0 and domains is not None:
+        weight = moe.group_loss_weight * self.group_loss_scale
+        if moe.domain_routing == "isolated" and self.routes_by_domain() and weight > 0 and domains is not None:
             ids = domains.reshape(-1).long()
             tagged = ids < moe.n_domains
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
                 groups = group_scores(routing.scores[tagged], moe.n_groups)
                 own = F.cross_entropy(groups / moe.group_loss_temperature, ids[tagged])
-                self.pending_losses["group"] = moe.group_loss_weight * own
+                self.pending_losses["group"] = weight * own
                 if context is not None:
                     with_context = groups.detach() + context[tagged]
                     loss = F.cross_entropy(with_context, ids[tagged])
-                    self.pending_losses["group_context"] = moe.group_loss_weight * loss
+                    self.pending_losses["group_context"] = weight * loss
         if moe.aux_loss_alpha > 0:
             n_experts, top_k = moe.n_routed_experts, moe.experts_per_token
             chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
@@ -433,6 +443,8 @@ class MoE(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """ALF: bias += rate * sign(mean_load - load) from this step's counts; anneal the domain prior."""
+        if self.moe.group_loss_warmup > 0:
+            self.group_loss_scale = min(1.0, step / self.moe.group_loss_warmup)
         if self.moe.domain_prior:
             anneal = self.moe.domain_prior_anneal_steps
             self.domain_prior_scale.fill_(max(0.0, 1.0 - step / anneal) if anneal > 0 else 0.0)

@@ -39,9 +39,10 @@ def isolated_partition(moe: MoEConfig, domain_names: list[str]) -> str:
     names = [domain_names[d] if d < len(domain_names) else f"domain {d}" for d in range(moe.n_groups)]
     groups = ", ".join(f"{name} {d * size}-{(d + 1) * size - 1}" for d, name in enumerate(names))
     shared = f" + {moe.n_shared_experts} shared for every token" if moe.n_shared_experts else ""
+    free = f"; MoE layers before layer {moe.isolated_from_layer} route freely" if moe.isolated_from_layer else ""
     return (
         f"isolated routing: {moe.n_routed_experts} routed experts in {moe.n_groups} groups of {size} "
-        f"(experts {groups}){shared}; untagged tokens route freely"
+        f"(experts {groups}){shared}; untagged tokens route freely{free}"
     )
 
 

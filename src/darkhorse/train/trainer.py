@@ -368,6 +368,7 @@ class Trainer:
         self.spent = float(state.get("spent_seconds", 0.0))  # checkpoints from before time budgets lack it
         self.bad_in_a_row, self.bad_total = int(state["bad_in_a_row"]), int(state["bad_total"])
         self.hooks.load_state(state)
+        self.model.after_optimizer_step(self.step)  # step-driven schedules (the group loss warm-up) go on from here
 
     def _diverged(self) -> str | None:
         """Why the model as it stands is unusable (its last loss, or a weight, not finite), or None."""

@@ -163,7 +163,7 @@ def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint,
 
 
 def test_deepseek2_without_a_nope_part_is_refused(tiny_genesis_checkpoint, tmp_path):
-    """All-rope q/k heads (genesis-demo) would abort llama.cpp: refused before anything is written."""
+    """All-rope q/k heads (qk_nope_head_dim 0) would abort llama.cpp: refused before anything is written."""
     copy = copy_with_model_config(
         tiny_genesis_checkpoint, tmp_path / "all-rope", lambda m: m["mla"].update(qk_nope_head_dim=0)
     )

@@ -215,7 +215,7 @@ def test_deepseek_export_of_a_group_context_routes_each_token_by_its_own_scores(
 
 
 def test_deepseek_export_of_all_rope_heads_matches(tmp_path, tokenizer_file):
-    """qk_nope_head_dim 0 (genesis-demo: every q/k dim positional) exports and transformers agrees."""
+    """qk_nope_head_dim 0 (every q/k dim positional) exports and transformers agrees."""
     base = ARCHITECTURES["DeepseekV3ForCausalLM"]
     model_config = dataclasses.replace(base, mla=dataclasses.replace(base.mla, qk_nope_head_dim=0, qk_rope_head_dim=24))
     checkpoint = make_checkpoint(tmp_path / "ckpt", model_config, tokenizer_file)

@@ -45,7 +45,7 @@ MLA_MOE = (
     "model.moe.first_k_dense=1",
     "model.mtp_depth=1",
 )
-MLA_ALL_ROPE = (*MLA, "model.mla.qk_nope_head_dim=0", "model.mla.qk_rope_head_dim=24")  # genesis-demo's shape
+MLA_ALL_ROPE = (*MLA, "model.mla.qk_nope_head_dim=0", "model.mla.qk_rope_head_dim=24")  # no content part
 GPT2 = ("model.ffn_activation=gelu", "model.positions=learned", "model.mtp_depth=1")  # the recipe bench's baseline
 LEVERS = ("model.ffn_activation=relu2", "model.logit_softcap=15", "model.qk_norm=true", "model.zero_init_out=true")
 

@@ -11,6 +11,14 @@ on sorting 5 numbers, and >= 70% over all skills, within 1,500 steps (what 5 min
     .venv/bin/python bench/bench_demo.py --presets genesis-demo --seeds 0 1 2        # 1,500 steps
     python bench/bench_demo.py --seeds 0 1 2 --jobs 6       # a many-core machine: one thread per run
     python bench/bench_demo.py --presets genesis-demo --seeds 0 -- model.mtp_depth=1  # overrides
+
+`--step-time PREPARED` answers the other half of a demo change, that `make demo` buys the same steps in
+its minutes: it times `Trainer.train_step` of the first preset as is and with each `--variant`'s
+overrides, interleaved step by step in one process on one thread, in process CPU time (a loaded
+machine disturbs it least), and prints each variant's median step and its ratio to the preset's.
+PREPARED is a demo's prepared/ folder (any earlier `darkhorse demo --out DIR` leaves DIR/prepared).
+
+    python bench/bench_demo.py --step-time runs/demo/prepared --variant "model.n_layers=3 model.ffn_dim=256"
 """
 
 from __future__ import annotations
@@ -71,6 +79,42 @@ def seed_summary(results: dict[str, dict], presets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def step_times(preset: str, prepared: Path, variants: list[str], rounds: int) -> None:
+    """Median CPU seconds per training step of `preset` and of each variant, timed in turns."""
+    import statistics
+    import tempfile
+    import time
+
+    import torch
+
+    from darkhorse.commands.demo import DEMO_OVERRIDES
+    from darkhorse.config import load_run_config
+    from darkhorse.data.prepared import open_prepared
+    from darkhorse.train.run_dir import plan_run
+    from darkhorse.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    vocab = open_prepared(prepared).vocab_size
+    trainers, timings = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-demo-step-") as work:
+        for index, variant in enumerate(["", *variants]):
+            overrides = [*DEMO_OVERRIDES, f"model.vocab_size={vocab}", *variant.split()]
+            config = load_run_config(preset=preset, overrides=overrides)
+            trainers[variant or preset] = Trainer(plan_run(config, [(prepared, 1.0)], f"{work}/{index}"), verbose=False)
+        for _ in range(2):  # warm-up
+            for trainer in trainers.values():
+                trainer.train_step()
+        for _ in range(rounds):
+            for name, trainer in trainers.items():
+                start = time.process_time()
+                trainer.train_step()
+                timings.setdefault(name, []).append(time.process_time() - start)
+    base = statistics.median(timings[preset])
+    print(f"| variant | step (CPU ms, median of {rounds}) | ratio |\n|---|---:|---:|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {1000 * statistics.median(seconds):.1f} | {statistics.median(seconds) / base:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["genesis-demo", "demo-cpu"])
@@ -79,7 +123,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (> 1: one thread each)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-demo"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run (after --)")
+    parser.add_argument("--step-time", type=Path, metavar="PREPARED", help="time steps instead (see above)")
+    parser.add_argument("--variant", action="append", default=[], help="with --step-time: 'KEY=VALUE ...' to time")
+    parser.add_argument("--rounds", type=int, default=15, help="with --step-time: timed steps per variant")
     args = parser.parse_args()
+    if args.step_time:
+        step_times(args.presets[0], args.step_time, args.variant, args.rounds)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     runs = [(preset, seed) for preset in args.presets for seed in args.seeds]
     shared = (args.max_steps, args.work, args.jobs > 1, args.overrides)

@@ -122,7 +122,9 @@ class MLAConfig:
     def __post_init__(self) -> None:
         _require(self.q_lora_rank >= 0, "model.mla.q_lora_rank must be >= 0")
         _require(self.kv_lora_rank > 0, "model.mla.kv_lora_rank must be > 0")
-        _require(self.qk_nope_head_dim > 0 and self.v_head_dim > 0, "model.mla head dims must be > 0")
+        # qk_nope_head_dim 0: every q/k dim is positional (RoPE); the keys then carry no content part
+        _require(self.qk_nope_head_dim >= 0, "model.mla.qk_nope_head_dim must be >= 0")
+        _require(self.v_head_dim > 0, "model.mla.v_head_dim must be > 0")
         _require(
             self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
             f"model.mla.qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}",

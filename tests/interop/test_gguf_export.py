@@ -162,6 +162,16 @@ def test_deepseek2_without_query_compression_is_refused(tiny_genesis_checkpoint,
         export_gguf(copy, tmp_path / "m.gguf", "f16")
 
 
+def test_deepseek2_without_a_nope_part_is_refused(tiny_genesis_checkpoint, tmp_path):
+    """All-rope q/k heads (qk_nope_head_dim 0) would abort llama.cpp: refused before anything is written."""
+    copy = copy_with_model_config(
+        tiny_genesis_checkpoint, tmp_path / "all-rope", lambda m: m["mla"].update(qk_nope_head_dim=0)
+    )
+    with pytest.raises(DarkhorseError, match="qk_nope_head_dim > 0"):
+        export_gguf(copy, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def read_field(reader: gguf.GGUFReader, key: str):
     return reader.fields[key].contents()
 

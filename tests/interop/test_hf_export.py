@@ -212,3 +212,13 @@ def test_deepseek_export_of_a_group_context_routes_each_token_by_its_own_scores(
         own_scores = model(TOKENS).logits
     assert not torch.allclose(with_context, own_scores, atol=1e-3)  # the context changes some token's group
     torch.testing.assert_close(hf_logits(out), own_scores, atol=1e-4, rtol=0)
+
+
+def test_deepseek_export_of_all_rope_heads_matches(tmp_path, tokenizer_file):
+    """qk_nope_head_dim 0 (every q/k dim positional) exports and transformers agrees."""
+    base = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    model_config = dataclasses.replace(base, mla=dataclasses.replace(base.mla, qk_nope_head_dim=0, qk_rope_head_dim=24))
+    checkpoint = make_checkpoint(tmp_path / "ckpt", model_config, tokenizer_file)
+    out = export_checkpoint(checkpoint, tmp_path / "hf", "hf")
+    assert json.loads((out / "config.json").read_text())["qk_nope_head_dim"] == 0
+    torch.testing.assert_close(hf_logits(out), our_logits(checkpoint), atol=1e-4, rtol=0)

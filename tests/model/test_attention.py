@@ -45,6 +45,7 @@ MLA_MOE = (
     "model.moe.first_k_dense=1",
     "model.mtp_depth=1",
 )
+MLA_ALL_ROPE = (*MLA, "model.mla.qk_nope_head_dim=0", "model.mla.qk_rope_head_dim=24")  # no content part
 GPT2 = ("model.ffn_activation=gelu", "model.positions=learned", "model.mtp_depth=1")  # the recipe bench's baseline
 LEVERS = ("model.ffn_activation=relu2", "model.logit_softcap=15", "model.qk_norm=true", "model.zero_init_out=true")
 
@@ -91,8 +92,8 @@ def test_future_tokens_do_not_change_past_logits(extra):
 
 @pytest.mark.parametrize(
     "extra",
-    [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2"), GPT2, LEVERS],
-    ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc", "gpt2", "levers"],
+    [(), MLA, MLA_MOE, (*MLA, "model.residual=mhc", "model.mhc.expansion=2"), GPT2, LEVERS, MLA_ALL_ROPE],
+    ids=["gqa", "mla", "mla-moe-mtp", "mla-mhc", "gpt2", "levers", "mla-all-rope"],
 )
 def test_cached_decoding_matches_full_forward(extra):
     model = Transformer(small_config(*extra)).eval()

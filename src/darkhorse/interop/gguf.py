@@ -461,6 +461,11 @@ def _plan_for(ckpt: CheckpointTensors) -> tuple[str, list[PlannedTensor], Metada
                 f"{ckpt.path}: llama.cpp's deepseek2 takes uncompressed queries (model.mla.q_lora_rank=0) only "
                 "in its 26/27-layer Lite shape; GGUF export needs model.mla.q_lora_rank > 0"
             )
+        if not cfg.mla.qk_nope_head_dim:  # llama.cpp aborts on the empty W_UK (checked with llama-cpp-python)
+            raise DarkhorseError(
+                f"{ckpt.path}: llama.cpp's deepseek2 needs a content (nope) part in each q/k head; GGUF export "
+                "needs model.mla.qk_nope_head_dim > 0 (export --format hf takes this model)"
+            )
         return "deepseek2", deepseek2_plan(ckpt), add_deepseek2_metadata
     raise DarkhorseError(
         f"{ckpt.path}: GGUF export supports GQA models, dense or Mixtral-style MoE (llama; dense only with "

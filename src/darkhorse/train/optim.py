@@ -8,11 +8,11 @@ Buffers (e.g. a MoE routing bias) are never parameters, so they never reach an o
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from darkhorse.config import TrainConfig
 
@@ -125,10 +125,11 @@ class Muon(torch.optim.Optimizer):
 def _stack_expert_entries(state_dict: dict, params: list[torch.Tensor]) -> dict:
     """`state_dict` with each 3-D parameter's per-expert entries (how darkhorse saved Muon's state
     until 2026-11-30) stacked into one; unchanged when it has one entry per parameter already."""
-    (group,) = state_dict["param_groups"]
     per_expert = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
-    if per_expert == len(params) or len(group["params"]) != per_expert:
-        return state_dict  # torch's load_state_dict refuses a mismatch that is not this one
+    groups = state_dict["param_groups"]
+    if per_expert == len(params) or len(groups) != 1 or len(groups[0]["params"]) != per_expert:
+        return state_dict  # the old layout had one group; torch's load_state_dict refuses other mismatches
+    (group,) = groups
     entries, old = {}, 0
     for index, param in enumerate(params):
         count = param.shape[0] if param.ndim == 3 else 1
@@ -144,8 +145,12 @@ def _orthogonalised(
     update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
 ) -> torch.Tensor:
     """`orthogonalise` for a plain tensor or an FSDP shard (see `Muon`)."""
-    if not isinstance(update, DTensor):
+    # torch.distributed.tensor takes ~0.5 s to import: only FSDP, which has loaded it, makes DTensors
+    distributed_tensor = sys.modules.get("torch.distributed.tensor")
+    if distributed_tensor is None or not isinstance(update, distributed_tensor.DTensor):
         return orthogonalise(update, coefficients, steps, eps)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     mesh, placements = update.device_mesh, update.placements
     if update.ndim == 3 and all(p in (Shard(0), Replicate()) for p in placements):  # whole experts here
         local = orthogonalise(update.to_local(), coefficients, steps, eps).contiguous()

@@ -69,7 +69,6 @@ from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter, held_out_isolation, isolated_partition, isolation_lines
 from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
-from darkhorse.train.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
@@ -351,6 +350,8 @@ class Trainer:
     def _load_trainer_state(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
         if ckpt.is_sharded(folder):
+            from darkhorse.train.sharded import load_sharded_checkpoint  # DCP's import is ~1 s: FSDP runs only
+
             load_sharded_checkpoint(folder, self.model, self.optimizers)
         elif len(state["optimizers"]) != len(self.optimizers):
             raise DarkhorseError(f"{folder}: optimizer state does not match train.optimizer; cannot resume")
@@ -403,6 +404,8 @@ class Trainer:
             meta["init_from"] = self.origin
         state, saved = self._trainer_state(), Path(folder)
         if self.sharded:
+            from darkhorse.train.sharded import save_sharded_checkpoint  # DCP's import is ~1 s: FSDP runs only
+
             args = (self.model, self.optimizers, self.config, self.tokenizer_file, meta, state, self.world)
             saved = save_sharded_checkpoint(folder, *args)
         else:

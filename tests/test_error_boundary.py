@@ -257,3 +257,22 @@ def test_a_wrapped_library_message_is_still_one_line_without_the_unpickling_advi
     monkeypatch.setattr("darkhorse.cli.SUBCOMMANDS", {"params": "params"})
     code, err = run_cli(["params"], capsys)
     assert code == INPUT and err == "darkhorse: error: state.pt: cannot load it (Weights only load failed. x)\n"
+
+
+def test_another_rank_says_a_refusal_only_if_rank_0_has_not_ended_the_run(capsys, monkeypatch):
+    """Under torchrun rank 0 says a refusal every rank meets, and torchrun stops the others when it exits;
+    a rank still running after the grace period met it alone and says it, with its rank."""
+    import darkhorse.cli as cli
+
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.report_failure(DarkhorseError("no such data")) == INPUT
+    assert slept == [cli.REFUSAL_GRACE_S]
+    assert capsys.readouterr().err == "darkhorse: error: rank 1: no such data\n"
+    assert cli.report_failure(RuntimeError("boom")) == LIBRARY  # its own failure: said at once
+    assert slept == [cli.REFUSAL_GRACE_S]
+    assert capsys.readouterr().err == "darkhorse: error: rank 1: boom\n"
+    monkeypatch.setenv("RANK", "0")
+    assert cli.report_failure(DarkhorseError("no such data")) == INPUT
+    assert capsys.readouterr().err == "darkhorse: error: no such data\n"

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import traceback
 
 from darkhorse.errors import CorruptFileError, DarkhorseError, RankFailure, path_of
@@ -150,21 +151,35 @@ def main(argv: list[str] | None = None) -> int:
         print("darkhorse: interrupted", file=sys.stderr)
         return _leave(EXIT_CODES["interrupted"])
     except Exception as exc:
-        if debug:
-            if not _process_group_standing():
-                raise
-            traceback.print_exc()
-            return _leave(EXIT_CODES["internal"])
-        message, code = describe_error(exc)
-        lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
-        message = " ".join(lines) or type(exc).__name__  # one line, always, never torch's advice to unpickle
-        rank = os.environ.get("RANK", "0")
-        if isinstance(exc, RankFailure) or rank == "0":
-            print(f"darkhorse: error: {message}", file=sys.stderr)
-        elif _process_group_standing() and not isinstance(exc, DarkhorseError):
-            # not a refusal every rank meets alike (rank 0 says those once): maybe this rank's alone
-            print(f"darkhorse: error: rank {rank}: {message}", file=sys.stderr)
-        return _leave(code)
+        if debug and not _process_group_standing():
+            raise
+        return report_failure(exc, debug)
+
+
+# How long a rank other than 0 waits, after a refusal, for torchrun to stop it (rank 0 exits once it has said it)
+REFUSAL_GRACE_S = 30.0
+
+
+def report_failure(exc: Exception, debug: bool = False) -> int:
+    """Say what failed in one line on stderr, once per run, and return its exit code (exit at once with it
+    while a process group is up). Under torchrun a refusal every rank meets alike is said by rank 0 alone;
+    another rank waits for torchrun to stop it, since leaving first would have torchrun stop rank 0 before it
+    has said it. A rank still running after the grace period met the refusal alone and says it itself."""
+    if debug:
+        traceback.print_exception(exc)
+        return _leave(EXIT_CODES["internal"])
+    message, code = describe_error(exc)
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    message = " ".join(lines) or type(exc).__name__  # one line, always, never torch's advice to unpickle
+    rank = os.environ.get("RANK", "0")
+    if isinstance(exc, RankFailure) or rank == "0":
+        print(f"darkhorse: error: {message}", file=sys.stderr)
+    else:
+        if isinstance(exc, DarkhorseError):
+            sys.stderr.flush()
+            time.sleep(REFUSAL_GRACE_S)
+        print(f"darkhorse: error: rank {rank}: {message}", file=sys.stderr)
+    return _leave(code)
 
 
 def _process_group_standing() -> bool:

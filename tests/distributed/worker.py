@@ -1,11 +1,12 @@
 """One rank of a distributed test run, started by torchrun: `worker.py DATA RUN_DIR [OPTIONS] K=V...`.
 
-Options: --resume, --die-at N, --fail-in-flight N, --finetune BASE.
+Options: --resume, --die-at N, --fail-in-flight N, --late-rank-0 SECONDS, --finetune BASE.
 
 It trains through the Python API, as the CLI would, then writes what the test compares and the CLI
 cannot show: this rank's ALF biases (`bias-rank{R}.pt`). `--die-at N` makes rank 1 exit hard before
 step N, as a crashed or killed process would; `--fail-in-flight N` makes it raise there instead, with
-a collective still in flight.
+a collective still in flight. `--late-rank-0 S` makes rank 0 check a sharded checkpoint S seconds after
+the other ranks, as a loaded machine may: a refusal they all meet must still be said (by rank 0).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import faulthandler
 import os
 import signal
 import sys
-import traceback
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from darkhorse.cli import report_failure
 from darkhorse.config import load_run_config
-from darkhorse.errors import DarkhorseError, RankFailure
 from darkhorse.train.run_dir import plan_run
 from darkhorse.train.trainer import Trainer, TrainingHooks
 
@@ -52,6 +53,18 @@ class FailInFlight(TrainingHooks):
             raise RuntimeError("injected failure with a collective in flight")
 
 
+def delay_shard_check(seconds: float) -> None:
+    from darkhorse.train import sharded
+
+    check = sharded.check_shards
+
+    def late_check(folder: Path) -> None:
+        time.sleep(seconds)
+        check(folder)
+
+    sharded.check_shards = late_check
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the tests' torchrun() asks for stacks on a hang
@@ -60,6 +73,8 @@ def main(argv: list[str]) -> int:
     die_at = int(rest[rest.index("--die-at") + 1]) if "--die-at" in rest else None
     fail_at = int(rest[rest.index("--fail-in-flight") + 1]) if "--fail-in-flight" in rest else None
     overrides = [item for item in rest if "=" in item]
+    if "--late-rank-0" in rest and os.environ.get("RANK") == "0":
+        delay_shard_check(float(rest[rest.index("--late-rank-0") + 1]))
     if "--finetune" in rest:  # LoRA on the base checkpoint that follows, `data` a raw chat file
         from darkhorse.finetune.run import finetune
 
@@ -72,24 +87,11 @@ def main(argv: list[str]) -> int:
         hooks = DieAt(die_at) if die_at is not None else FailInFlight(fail_at) if fail_at is not None else None
         trainer = Trainer(plan, verbose=False, hooks=hooks)
         trainer.run()
-    except DarkhorseError as exc:
-        if isinstance(exc, RankFailure) or os.environ.get("RANK") == "0":
-            print(f"darkhorse: error: {exc}", file=sys.stderr)
-        return leave(2)
-    except Exception:  # as the CLI does: a failed run leaves the group up, and a normal exit would wait on it
-        traceback.print_exc()
-        return leave(1)
+    except Exception as exc:  # said and left as the CLI does: once per run, at once while the group is up
+        return report_failure(exc)
     biases = {name: buf for name, buf in trainer.model.named_buffers() if name.endswith("e_score_correction_bias")}
     torch.save(biases, Path(run_dir) / f"bias-rank{trainer.world.rank}.pt")
     return 0
-
-
-def leave(code: int) -> int:
-    if dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
 
 
 if __name__ == "__main__":

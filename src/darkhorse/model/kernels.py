@@ -81,6 +81,13 @@ def linear_cross_entropy(
     the matmuls run in its dtype, as the plain head would; the softmax is always fp32.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if not torch.compiler.is_compiling():  # a data-dependent shape: compiled graphs take every row
+        # Only the counted rows: a loss mask (chat data) leaves about half of them out, whose logits,
+        # softmax and gradient matmuls would all be multiplied by zero.
+        counted = targets.ne(IGNORE_INDEX)
+        if not bool(counted.all()):
+            rows = counted.nonzero().squeeze(1)
+            hidden, targets = hidden.index_select(0, rows), targets[rows]
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -21,6 +21,10 @@ def reference_attention(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+def reference_mla_rope(self, q_rope, k_rope, cos, sin):
+    return layers.apply_rope_pair(attention.deinterleave(q_rope), attention.deinterleave(k_rope), cos, sin)
+
+
 def grads_of(output, inputs, grad):
     return torch.autograd.grad(output, inputs, grad)
 
@@ -55,6 +59,23 @@ def test_mla_shaped_attention_on_cpu_matches_sdpa_and_is_taken():
     assert not attention._sdpa_takes_its_math_path(q, torch.randn(2, 3, 9, 12), gqa=False)  # flash takes it
 
 
+def test_rotating_pairs_in_place_gives_the_de_interleaved_rotation_and_its_scores(monkeypatch):
+    torch.manual_seed(0)
+    cos, sin = layers.rope_tables(10, 16, 10000.0, load_run_config("genesis-tiny").model.rope_scaling)
+    cos, sin = cos[:7], sin[:7]
+    q = torch.randn(2, 7, 3, 16).transpose(1, 2)[..., 6:].requires_grad_()  # a rope slice, as MLA's
+    k = torch.randn(2, 1, 7, 10, requires_grad=True)
+    ours = layers.rotate_pairs(q, cos, sin), layers.rotate_pairs(k, cos, sin)
+    theirs = reference_mla_rope(None, q, k, cos, sin)
+    torch.testing.assert_close(attention.deinterleave(ours[0]), theirs[0])
+    torch.testing.assert_close(ours[1] @ ours[0].transpose(-1, -2), theirs[1] @ theirs[0].transpose(-1, -2))
+    grad = torch.randn(2, 3, 7, 10)
+    ours_grad = grads_of(ours[0], q, grad)[0]
+    torch.testing.assert_close(ours_grad, grads_of(theirs[0], q, attention.deinterleave(grad))[0])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the real-valued form compiled graphs take
+    torch.testing.assert_close(layers.rotate_pairs(q, cos, sin), ours[0])
+
+
 def test_genesis_loss_and_gradients_match_the_reference_paths(monkeypatch):
     """MLA + MoE + a loss mask (the head skips the masked rows): loss and every gradient as before."""
     config = load_run_config("genesis-tiny", overrides=["model.n_layers=2"]).model
@@ -74,6 +95,7 @@ def test_genesis_loss_and_gradients_match_the_reference_paths(monkeypatch):
     ours, ours_grads = loss_and_grads(return_logits=False)
     monkeypatch.setattr(layers.RMSNorm, "forward", reference_rms_norm)
     monkeypatch.setattr(attention, "_masked_softmax_attention", reference_attention)
+    monkeypatch.setattr(attention.MultiHeadLatentAttention, "_rope", reference_mla_rope)
     theirs, theirs_grads = loss_and_grads(return_logits=True)  # the whole logits: every row, plain cross-entropy
     torch.testing.assert_close(ours, theirs)
     assert ours_grads.keys() == theirs_grads.keys()

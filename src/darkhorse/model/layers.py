@@ -103,6 +103,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (x0, x1), (x2, x3)... kept in that order: each pair as a complex number times
+    e^(i * angle), one op each way. It is `apply_rope` of the de-interleaved channels, re-interleaved, so
+    dot products between rows rotated alike equal theirs. `cos`, `sin`: the half-split tables (`rope_tables`),
+    whose first half holds one angle per pair."""
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    x32 = x.float()
+    if torch.compiler.is_compiling():  # inductor generates no code for complex ops; it fuses these into one kernel
+        even, odd = x32.unflatten(-1, (half, 2)).unbind(-1)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+    if x32.storage_offset() % 2 or any(step % 2 for step in x32.stride()[:-1]):
+        x32 = x32.contiguous()  # a complex view needs whole pairs at even offsets
+    turned = torch.view_as_complex(x32.unflatten(-1, (half, 2))) * torch.complex(cos, sin)
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+
+
 def apply_rope_pair(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor]:

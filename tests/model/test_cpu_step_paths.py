@@ -72,6 +72,8 @@ def test_rotating_pairs_in_place_gives_the_de_interleaved_rotation_and_its_score
     grad = torch.randn(2, 3, 7, 10)
     ours_grad = grads_of(ours[0], q, grad)[0]
     torch.testing.assert_close(ours_grad, grads_of(theirs[0], q, attention.deinterleave(grad))[0])
+    half_tables = layers.rotate_pairs(q, cos.bfloat16(), sin.bfloat16())  # a model cast to bf16 casts them
+    torch.testing.assert_close(half_tables, ours[0], rtol=1e-2, atol=2e-2)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the real-valued form compiled graphs take
     torch.testing.assert_close(layers.rotate_pairs(q, cos, sin), ours[0])
 

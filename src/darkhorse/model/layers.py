@@ -110,7 +110,7 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     dot products between rows rotated alike equal theirs. `cos`, `sin`: the half-split tables (`rope_tables`),
     whose first half holds one angle per pair."""
     half = x.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
+    cos, sin = cos[..., :half].float(), sin[..., :half].float()  # tables cast with a bf16 model, too
     x32 = x.float()
     if torch.compiler.is_compiling():  # inductor generates no code for complex ops; it fuses these into one kernel
         even, odd = x32.unflatten(-1, (half, 2)).unbind(-1)

@@ -19,6 +19,13 @@ machine disturbs it least), and prints each variant's median step and its ratio 
 PREPARED is a demo's prepared/ folder (any earlier `darkhorse demo --out DIR` leaves DIR/prepared).
 
     python bench/bench_demo.py --step-time runs/demo/prepared --variant "model.n_layers=3 model.ffn_dim=256"
+
+With `--against REF` it times the code of git revision REF (its src/, unpacked to a temporary folder)
+against the working tree's: each side times its steps in its own process, the two alternate
+`--repeats` times, and each variant's median over those is compared with REF's preset step, so the
+batch the new code fits in the old step time reads off the table.
+
+    python bench/bench_demo.py --step-time runs/demo/prepared --against main --variant train.batch_size=18
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ def seed_summary(results: dict[str, dict], presets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def step_times(preset: str, prepared: Path, variants: list[str], rounds: int) -> None:
+def step_times(preset: str, prepared: Path, variants: list[str], rounds: int) -> dict[str, float]:
     """Median CPU seconds per training step of `preset` and of each variant, timed in turns."""
     import statistics
     import tempfile
@@ -109,10 +116,43 @@ def step_times(preset: str, prepared: Path, variants: list[str], rounds: int) ->
                 start = time.process_time()
                 trainer.train_step()
                 timings.setdefault(name, []).append(time.process_time() - start)
-    base = statistics.median(timings[preset])
-    print(f"| variant | step (CPU ms, median of {rounds}) | ratio |\n|---|---:|---:|")
-    for name, seconds in timings.items():
-        print(f"| {name} | {1000 * statistics.median(seconds):.1f} | {statistics.median(seconds) / base:.2f}x |")
+    return {name: statistics.median(seconds) for name, seconds in timings.items()}
+
+
+def step_table(preset: str, medians: dict[str, float], rounds: int) -> str:
+    base = medians[preset]
+    lines = [f"| variant | step (CPU ms, median of {rounds}) | ratio |", "|---|---:|---:|"]
+    lines += [f"| {name} | {1000 * seconds:.1f} | {seconds / base:.2f}x |" for name, seconds in medians.items()]
+    return "\n".join(lines)
+
+
+def step_times_against(ref: str, preset: str, prepared: Path, variants: list[str], rounds: int, repeats: int) -> str:
+    """`step_times` in child processes, REF's src/ and the working tree's in turns; a markdown table."""
+    import statistics
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, __file__, "--presets", preset, "--step-time", str(prepared), "--rounds", str(rounds)]
+    argv += [f"--variant={variant}" for variant in variants] + ["--json"]
+    runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory(prefix="bench-demo-ref-") as old_root:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", ref, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", old_root], input=archive.stdout, check=True)
+        sources = {"old": Path(old_root) / "src", "new": repo / "src"}
+        for _ in range(repeats):
+            for side, src in sources.items():
+                env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
+                child = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+                runs[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    median = {side: {name: statistics.median(r[name] for r in got) for name in got[0]} for side, got in runs.items()}
+    base = median["old"][preset]
+    lines = [
+        f"| variant | {ref} (CPU ms) | working tree (CPU ms) | working tree / {ref}'s {preset} |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, seconds in median["new"].items():
+        lines.append(f"| {name} | {1000 * median['old'][name]:.1f} | {1000 * seconds:.1f} | {seconds / base:.2f}x |")
+    return "\n".join(lines) + f"\n\n(medians over {repeats} alternating processes of {rounds} steps each)"
 
 
 def main() -> None:
@@ -126,9 +166,17 @@ def main() -> None:
     parser.add_argument("--step-time", type=Path, metavar="PREPARED", help="time steps instead (see above)")
     parser.add_argument("--variant", action="append", default=[], help="with --step-time: 'KEY=VALUE ...' to time")
     parser.add_argument("--rounds", type=int, default=15, help="with --step-time: timed steps per variant")
+    parser.add_argument("--against", metavar="REF", help="with --step-time: also time git revision REF's code")
+    parser.add_argument("--repeats", type=int, default=5, help="with --against: processes per side, alternating")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # --against's child processes
     args = parser.parse_args()
+    if args.step_time and args.against:
+        timed = (args.presets[0], args.step_time, args.variant, args.rounds, args.repeats)
+        print(step_times_against(args.against, *timed))
+        return
     if args.step_time:
-        step_times(args.presets[0], args.step_time, args.variant, args.rounds)
+        medians = step_times(args.presets[0], args.step_time, args.variant, args.rounds)
+        print(json.dumps(medians) if args.json else step_table(args.presets[0], medians, args.rounds))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     runs = [(preset, seed) for preset in args.presets for seed in args.seeds]

@@ -37,8 +37,8 @@ def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize(
     "moe",
-    [{}, {"scoring": "softmax", "n_shared_experts": 0}, {"n_groups": 4, "topk_groups": 2}],
-    ids=["sigmoid", "softmax", "groups"],
+    [{}, {"scoring": "softmax", "n_shared_experts": 0}, {"n_groups": 4, "topk_groups": 2}, {"experts_per_token": 1}],
+    ids=["sigmoid", "softmax", "groups", "top1"],
 )
 def test_sparse_dispatch_matches_per_expert_loop(use_grouped_mm, moe):
     torch.manual_seed(0)

@@ -81,6 +81,15 @@ def linear_cross_entropy(
     the matmuls run in its dtype, as the plain head would; the softmax is always fp32.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    # On CPU only the counted rows: a loss mask (chat data) leaves about half of them out, whose logits,
+    # softmax and gradient matmuls would all be multiplied by zero. Not on an accelerator, where the count
+    # would stall the launch queue on the host (not measured there), nor in compiled graphs (a data-dependent
+    # shape).
+    if hidden.device.type == "cpu" and not torch.compiler.is_compiling():
+        counted = targets.ne(IGNORE_INDEX)
+        if not bool(counted.all()):
+            rows = counted.nonzero().squeeze(1)
+            hidden, targets = hidden.index_select(0, rows), targets[rows]
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -25,8 +25,33 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels == "liger":
             return fused.rms_norm(x, self.weight, self.eps)
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm in fp32 with a hand-written backward, bit for bit the gradients autograd gives the composite
+    (trained checkpoints must not move): torch has no fused RMSNorm backward on CPU, and autograd replays pow,
+    mean, add, rsqrt and two muls through ~15 passes over the rows and their nodes; this makes 8."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        normed = x32 * rstd
+        ctx.save_for_backward(x32, normed, rstd, weight)
+        return (normed * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        x32, normed, rstd, weight = ctx.saved_tensors
+        grad32 = grad.float()
+        grad_weight = (grad32 * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_normed = grad32 * weight.float()
+        # x * rstd: rstd's gradient runs back through rsqrt (-rstd^3 / 2), the mean (1 / dim) and the square (2x)
+        grad_rstd = (grad_normed * x32).sum(-1, keepdim=True)
+        grad_square = (-0.5 * grad_rstd * rstd.pow(3)) / x32.shape[-1]
+        grad_x = (grad_normed * rstd).add_(x32 * (2 * grad_square))  # x2 is exact: the same bits as (2 * x) first
+        return grad_x.to(grad.dtype), grad_weight.to(weight.dtype) if grad_weight is not None else None, None
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -78,6 +103,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (x0, x1), (x2, x3)... kept in that order: each pair as a complex number times
+    e^(i * angle), one op each way. It is `apply_rope` of the de-interleaved channels, re-interleaved, so
+    dot products between rows rotated alike equal theirs. `cos`, `sin`: the half-split tables (`rope_tables`),
+    whose first half holds one angle per pair."""
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half].float(), sin[..., :half].float()  # tables cast with a bf16 model, too
+    x32 = x.float()
+    if torch.compiler.is_compiling():  # inductor generates no code for complex ops; it fuses these into one kernel
+        even, odd = x32.unflatten(-1, (half, 2)).unbind(-1)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+    if x32.storage_offset() % 2 or any(step % 2 for step in x32.stride()[:-1]):
+        x32 = x32.contiguous()  # a complex view needs whole pairs at even offsets
+    turned = torch.view_as_complex(x32.unflatten(-1, (half, 2))) * torch.complex(cos, sin)
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
 
 def apply_rope_pair(

@@ -379,7 +379,7 @@ class MoE(nn.Module):
         # `order` covers every slot, so the target need not be zeroed.)
         fresh = expert_out.new_zeros if self.moe.capacity_factor > 0 else expert_out.new_empty
         slots = fresh(flat.shape[0] * top_k, dim).index_copy_(0, order, expert_out * slot_weights)
-        out = slots.view(-1, top_k, dim).sum(1).to(x.dtype)
+        out = (slots if top_k == 1 else slots.view(-1, top_k, dim).sum(1)).to(x.dtype)  # a sum over 1 slot copies
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 

@@ -397,6 +397,9 @@ class TrainConfig:
     mtp_weight: float = 0.3
     loss_mask: bool = True  # learn only tokens the data's loss mask marks (chat: the assistant's replies)
     align_windows: bool = False  # start each training window at a document's BOS (short chat records keep their prompt)
+    # > 0: a curriculum: the --data sources are read one after another, each alone for this many steps (the last
+    # to the end), instead of mixed by weight; validation still mixes them by weight
+    source_steps: int = 0
     max_bad_steps: int = 5  # stop after this many NaN/inf losses in a row
     device: str = "auto"
     parallel: str = "none"  # none | ddp | fsdp (FSDP2, ZeRO-3); ddp and fsdp run under torchrun
@@ -431,6 +434,7 @@ class TrainConfig:
             "eval_interval",
             "eval_steps",
             "save_interval",
+            "source_steps",
             "grad_clip",
             "weight_decay",
         ):

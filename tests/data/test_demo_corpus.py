@@ -10,6 +10,7 @@ import re
 import pytest
 
 from darkhorse.data.demo_corpus import (
+    SECOND_WEIGHTS,
     SKILLS,
     Example,
     addition_problem,
@@ -21,7 +22,7 @@ from darkhorse.data.demo_corpus import (
 
 @pytest.fixture(scope="module")
 def corpus():
-    return build_demo_corpus(seed=3, train_size=6000, heldout_per_skill=60)
+    return build_demo_corpus(seed=3, train_size=6000, heldout_per_skill=60, second_size=1200)
 
 
 def _numbers(text: str) -> list[int]:
@@ -29,9 +30,9 @@ def _numbers(text: str) -> list[int]:
 
 
 def test_same_seed_same_corpus_and_other_seed_differs(corpus):
-    again = build_demo_corpus(seed=3, train_size=6000, heldout_per_skill=60)
+    again = build_demo_corpus(seed=3, train_size=6000, heldout_per_skill=60, second_size=1200)
     other = build_demo_corpus(seed=4, train_size=6000, heldout_per_skill=60)
-    assert again.train == corpus.train and again.heldout == corpus.heldout
+    assert again == corpus
     assert other.heldout != corpus.heldout
 
 
@@ -43,6 +44,18 @@ def test_every_skill_is_present_in_both_splits_in_proportion(corpus):
         count = sum(e.skill == name for e in corpus.train)
         assert count == round(6000 * skill.weight / total_weight)
         assert all(e.domain == skill.domain for e in corpus.train if e.skill == name)
+
+
+def test_the_second_mix_follows_its_weights_and_leaves_the_first_as_it_was(corpus):
+    without = build_demo_corpus(seed=3, train_size=6000, heldout_per_skill=60)
+    assert without.train == corpus.train and without.heldout == corpus.heldout and without.second == []
+    total_weight = sum(SECOND_WEIGHTS.values())
+    for name, weight in SECOND_WEIGHTS.items():
+        assert sum(e.skill == name for e in corpus.second) == round(1200 * weight / total_weight)
+    assert not {(e.skill, e.key) for e in corpus.heldout} & {(e.skill, e.key) for e in corpus.second}
+    worked = [e for e in corpus.second if e.skill == "word_problem" and ": " in e.reasoning]
+    assert worked and all(" + " in e.reasoning or " - " in e.reasoning for e in worked)  # + and - in columns
+    assert not [e for e in corpus.train if e.skill == "word_problem" and ": " in e.reasoning]
 
 
 def test_no_heldout_problem_or_question_appears_in_training(corpus):
@@ -81,11 +94,14 @@ def test_arithmetic_answers_and_steps_are_correct(corpus):
 
 
 def test_word_problem_answers_are_correct(corpus):
-    for example in corpus.heldout + corpus.train[:2000]:
+    for example in corpus.heldout + corpus.train[:2000] + corpus.second:
         if example.skill != "word_problem":
             continue
-        expression, value = example.reasoning.split(" = ")
+        expression, value = re.fullmatch(r"(.+?)(?: = |: .*, so )(\d+)", example.reasoning).groups()
         a, op, b = expression.split()
+        if ": " in example.reasoning:  # worked in columns (the second mix's + and -): each step true arithmetic
+            steps = example.reasoning.split(": ")[1]
+            _check_arithmetic(Example("math", "multi_digit", f"What is {expression}?", steps, value, ""))
         assert [int(a), int(b)] == _numbers(example.question)
         exact = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
         assert exact == int(value)

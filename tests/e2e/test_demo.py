@@ -108,6 +108,19 @@ def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys, prepare
 
 
 @pytest.mark.slow
+def test_a_second_mix_is_prepared_in_the_first_ones_tokenizer_and_read_after_source_steps(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "train.source_steps=3"]) == 0
+    second = json.loads((out / "prepared-second" / "meta.json").read_text())
+    assert second["tokenizer_sha256"] == json.loads((out / "prepared" / "meta.json").read_text())["tokenizer_sha256"]
+    assert second["splits"]["val"]["tokens"] == 0  # validation stays the first mix's
+    records = [json.loads(line) for line in (out / "data" / "second.jsonl").read_text().splitlines()]
+    assert any(r["skill"] == "word_problem" and ": " in r["reasoning"] for r in records)  # + and - in columns
+    trained_on = json.loads((out / "run" / "final" / "meta.json").read_text())["data"]
+    assert [Path(source["path"]).name for source in trained_on] == ["prepared", "prepared-second"]
+
+
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end_through_the_console_script(tmp_path):
     script = Path(sys.executable).with_name("darkhorse")
     completed = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def test_mixture_takes_windows_in_exactly_the_given_proportions(make_prepared, t
         assert all(abs(counts[k] - n * w / 10) < 1 for k, w in enumerate(three))
 
 
+def test_source_steps_read_the_sources_in_order_and_the_first_phase_as_alone(make_prepared, tmp_path):
+    sources = open_sources(
+        [(make_prepared(tmp_path / name, seed=i), 1.0) for i, name in enumerate(("a", "b", "c"))], vocab_size=64
+    )
+    loader = loader_for(sources, source_steps=3)
+    assert [set(loader.batch(step, 1).sources) for step in range(8)] == [{0}] * 3 + [{1}] * 3 + [{2}] * 2
+    alone = loader_for(sources[:1])
+    for step in range(3):  # the first phase's batches are exactly those of a run on the first source
+        assert torch.equal(loader.batch(step, 1).inputs, alone.batch(step, 1).inputs)
+    assert not torch.equal(loader.batch(3, 1).inputs, alone.batch(3, 1).inputs)
+    assert len({batch.sources[0] for batch in loader.val_batches(6)}) == 3  # validation still mixes
+
+
 def test_domains_travel_with_their_tokens_and_val_batches_are_fixed(make_prepared, tmp_path):
     sources = open_sources([(make_prepared(tmp_path / "d", domains=True, period=97), 1.0)], vocab_size=64)
     loader = loader_for(sources)
@@ -56,6 +70,16 @@ def test_domains_travel_with_their_tokens_and_val_batches_are_fixed(make_prepare
     val = loader.val_batches(3)
     assert len(val) == 3
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(val, loader.val_batches(3), strict=True))
+
+
+def test_domain_ids_follow_the_first_sources_names(make_prepared, tmp_path):
+    """Each prepared dir numbers its domains as it met them; a batch speaks the first source's numbers."""
+    first, second = (make_prepared(tmp_path / name, domains=True, seed=i) for i, name in enumerate("ab"))
+    meta = json.loads((second / "meta.json").read_text())
+    (second / "meta.json").write_text(json.dumps(meta | {"domains": ["c", "a", "d"]}))  # ids 0, 1, 2
+    loader = loader_for(open_sources([(first, 1.0), (second, 1.0)], vocab_size=64), source_steps=1)
+    assert set(loader.batch(0, 0).domains.unique().tolist()) == {0, 1, 2}  # a, b, c
+    assert set(loader.batch(1, 0).domains.unique().tolist()) == {2, 0, 3}  # c, a and d after the first's
 
 
 def test_masked_targets_are_ignored_and_the_inputs_keep_the_prompt(make_prepared, tmp_path):

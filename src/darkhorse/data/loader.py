@@ -19,6 +19,10 @@ the step alone and a resumed run sees the same ones.
 With `align` (train.align_windows), a window starts at the beginning of the document (BOS) in which its
 random start falls, so no reply is learned from a window that cut its prompt off: with short chat records
 (the demo's ~40 tokens in 128-token windows) random starts give 24% of the learned tokens that way.
+
+With `source_steps` (train.source_steps) the sources are a curriculum instead of a mix: step s reads
+source min(s // source_steps, last) alone (the windows' starts are drawn as always), so a run's first phase
+sees exactly the batches a run on its first source alone would.
 """
 
 from __future__ import annotations
@@ -127,13 +131,14 @@ class WindowLoader:
         world_size: int = 1,
         batch_warmup_steps: int = 0,
         seq_warmup_steps: int = 0,
+        source_steps: int = 0,
     ) -> None:
         self.rank, self.world_size = rank, world_size
         self.batch_warmup_steps, self.seq_warmup_steps = batch_warmup_steps, seq_warmup_steps
         self.sources = [data for data, _ in sources]
         self.weights = [weight for _, weight in sources]
         self.seq_len, self.batch_size, self.grad_accum, self.seed = seq_len, batch_size, grad_accum, seed
-        self.loss_mask, self.align = loss_mask, align
+        self.loss_mask, self.align, self.source_steps = loss_mask, align, source_steps
         self.device = torch.device(device)
         for data in self.sources:
             if len(data.tokens("train")) < seq_len + 1:
@@ -142,6 +147,11 @@ class WindowLoader:
                     f"train.seq_len + 1 = {seq_len + 1}; lower train.seq_len or add data"
                 )
         self.with_domains = all(data.domains("train") is not None for data in self.sources)
+        # each prepared dir numbers its domains in the order it met them: batches use the first source's
+        # numbers, a domain the first lacks one after them
+        names = [name for data in self.sources for name in data.domain_names]
+        names = list(dict.fromkeys(names))
+        self.domain_ids = [np.array([names.index(n) for n in data.domain_names], np.uint8) for data in self.sources]
         self.val_sources = [i for i, data in enumerate(self.sources) if self._has_val(data)]
 
     def _has_val(self, data: PreparedData) -> bool:
@@ -177,7 +187,10 @@ class WindowLoader:
         first_window = block * self.batch_size
         rows, seq = self.shape(step)
         windows = range(first_window, first_window + rows)
-        sources = [source_of_window(index, self.weights) for index in windows]
+        if self.source_steps:
+            sources = [min(step // self.source_steps, len(self.sources) - 1)] * rows
+        else:
+            sources = [source_of_window(index, self.weights) for index in windows]
         return self._gather("train", windows, sources, self.with_domains, seq)
 
     def val_batches(self, count: int) -> list[Batch]:
@@ -214,7 +227,7 @@ class WindowLoader:
             if mask is not None:
                 target_windows[row, mask[start + 1 : start + span] == 0] = IGNORE_INDEX
             if domain_windows is not None:
-                domain_windows[row] = data.domains(split)[start : start + span]
+                domain_windows[row] = self.domain_ids[source][data.domains(split)[start : start + span]]
         inputs, targets = torch.from_numpy(token_windows[:, :-1]), torch.from_numpy(target_windows)
         domains = torch.from_numpy(domain_windows[:, :-1]) if domain_windows is not None else None
         non_blocking = self.device.type == "cuda"

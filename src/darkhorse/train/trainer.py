@@ -251,6 +251,7 @@ class Trainer:
             world_size=self.world.size,
             batch_warmup_steps=self.train_cfg.batch_warmup_steps,
             seq_warmup_steps=self.train_cfg.seq_warmup_steps,
+            source_steps=self.train_cfg.source_steps,
         )
         warmed_up = max(self.train_cfg.batch_warmup_steps, self.train_cfg.seq_warmup_steps)
         self.tokens_per_step = self.loader.tokens_per_step(warmed_up)  # a full step's, after any warm-up
@@ -669,9 +670,10 @@ class Trainer:
                         f"the run diverged ({self._diverged()}), so no final/ was saved; "
                         "lower train.lr or raise train.warmup_steps"
                     )
-                # domain ids are names only where every source lists the same domains
-                domain_lists = {tuple(data.domain_names) for data, _ in self.sources}
-                domain_names = list(domain_lists.pop()) if len(domain_lists) == 1 else None
+                # domain ids are names only where every source has the same domains (the loader numbers
+                # them as the first source does)
+                domain_sets = {frozenset(data.domain_names) for data, _ in self.sources}
+                domain_names = self.sources[0][0].domain_names if len(domain_sets) == 1 else None
                 reports, held_out = [], None
                 # a sharded or expert-parallel model forwards on all ranks in step, or not at all
                 in_step = self.train_cfg.parallel == "fsdp" or bool(self.experts)

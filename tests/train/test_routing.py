@@ -15,6 +15,7 @@ from darkhorse.train.routing import (
     RoutingCounter,
     document_rows,
     group_accuracy,
+    held_out_isolation,
     moe_layers,
     mutual_information,
     route_windows,
@@ -103,3 +104,13 @@ def test_document_rows_read_each_document_from_its_start():
     assert rows.tolist() == [[10, 11, 12], [13, 14, 0], [15, 16, 0], [17, 18, 19]]
     assert row_domains.tolist() == [[0, 0, 0], [0, 0, 255], [1, 1, 255], [2, 2, 2]]  # padding: untagged
     assert torch.equal(rows[real], tokens)  # the real tokens, in order
+
+
+def test_held_out_group_accuracy_is_only_reported_where_groups_are_domains():
+    """A layer before isolated_from_layer routes freely: its groups are not domains, so no group accuracy."""
+    isolated = ["model.moe.domain_routing=isolated", "model.moe.n_domains=3", "model.moe.n_routed_experts=6"]
+    model = tiny_moe("model.moe.first_k_dense=0", "model.moe.isolated_from_layer=1", *isolated).eval()
+    tokens, domains = torch.randint(0, 128, (48,)), torch.tensor([0] * 16 + [1] * 16 + [2] * 16)
+    report = held_out_isolation(model, tokens, domains, 16, None, ["a", "b", "c"])
+    assert [layer["layer"] for layer in report["layers"]] == [0, 1]
+    assert ["token_group_accuracy" in layer for layer in report["layers"]] == [False, True]

@@ -240,7 +240,8 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
     for layer in report["layers"]:
         if not any(map(sum, layer["counts"])):  # e.g. the MTP block, which plain decoding does not run
             continue
-        table.add_row(f"layer {layer['layer']}: I(domain; expert) = {layer['mutual_information_bits']:.2f} bits")
+        free = " (routes freely)" if layer["layer"] < moe.isolated_from_layer else ""  # its groups are not domains
+        table.add_row(f"layer {layer['layer']}{free}: I(domain; expert) = {layer['mutual_information_bits']:.2f} bits")
         for name, row in zip(report["domains"], layer["counts"], strict=True):
             total = max(1, sum(row))
             table.add_row(f"  {name}", *(f"{100 * c / total:.0f}" for c in row))

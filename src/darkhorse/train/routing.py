@@ -225,7 +225,12 @@ def held_out_isolation(
         mi = mutual_information(counts)
         row = {"layer": layer.layer_idx, "mutual_information_bits": mi, "domain_entropy_bits": h_domain}
         row["share_of_domain_entropy"] = mi / h_domain if h_domain > 0 else 0.0
-        if layer.moe.domain_routing == "isolated" and layer.moe.n_groups == len(domain_names):  # not a specialist
+        # an isolated layer's groups are domains (not a specialist's, nor a free layer's before isolated_from_layer)
+        if (
+            layer.moe.domain_routing == "isolated"
+            and layer.routes_by_domain()
+            and layer.moe.n_groups == len(domain_names)
+        ):
             groups = torch.cat(counter.token_groups[layer.layer_idx])[real]
             row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
         layers.append(row)

@@ -16,6 +16,7 @@ from darkhorse.train.routing import (
     document_rows,
     group_accuracy,
     held_out_isolation,
+    isolation_lines,
     moe_layers,
     mutual_information,
     route_windows,
@@ -104,6 +105,35 @@ def test_document_rows_read_each_document_from_its_start():
     assert rows.tolist() == [[10, 11, 12], [13, 14, 0], [15, 16, 0], [17, 18, 19]]
     assert row_domains.tolist() == [[0, 0, 0], [0, 0, 255], [1, 1, 255], [2, 2, 2]]  # padding: untagged
     assert torch.equal(rows[real], tokens)  # the real tokens, in order
+
+
+def test_sliding_document_rows_count_each_token_once_with_context_before_it():
+    tokens, domains = torch.arange(10, 20), torch.tensor([0] * 7 + [1] * 3)
+    starts = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
+    rows, row_domains, real = document_rows(tokens, domains, starts, seq_len=4, stride=2)
+    assert rows.tolist() == [[10, 11, 12, 13], [12, 13, 14, 15], [14, 15, 16, 0], [17, 18, 19, 0]]
+    # a later row's first seq_len - stride tokens are context only: untagged, not counted again
+    assert row_domains.tolist() == [[0, 0, 0, 0], [255, 255, 0, 0], [255, 255, 0, 255], [1, 1, 1, 255]]
+    assert torch.equal(rows[real], tokens)
+    assert torch.equal(
+        document_rows(tokens, domains, starts, 4, stride=4)[0], document_rows(tokens, domains, starts, 4)[0]
+    )
+    with pytest.raises(ValueError, match="stride 5"):
+        document_rows(tokens, domains, starts, 4, stride=5)
+
+
+def test_held_out_isolation_with_sliding_rows_counts_every_token_once():
+    isolated = ["model.moe.domain_routing=isolated", "model.moe.n_domains=3", "model.moe.n_routed_experts=6"]
+    model = tiny_moe("model.moe.first_k_dense=0", *isolated).eval()
+    tokens, domains = torch.randint(0, 128, (96,)), torch.tensor([0] * 40 + [1] * 40 + [2] * 16)
+    rows = held_out_isolation(model, tokens, domains, 16, None, ["a", "b", "c"])
+    sliding = held_out_isolation(model, tokens, domains, 16, None, ["a", "b", "c"], stride=4)
+    assert (sliding["rows"], sliding["stride"], rows["stride"]) == (16, 4, 16)
+    for plain, slid in zip(rows["layers"], sliding["layers"], strict=True):
+        assert slid["documents"] == plain["documents"] == 3
+        assert slid["domain_entropy_bits"] == pytest.approx(plain["domain_entropy_bits"])  # same tokens, once each
+    assert "rows of 16 sliding by 4, layer 0" in isolation_lines(sliding)[0]
+    assert "sliding" not in isolation_lines(rows)[0]
 
 
 def test_held_out_group_accuracy_is_only_reported_where_groups_are_domains():

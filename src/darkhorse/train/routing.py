@@ -169,21 +169,33 @@ def route_rows(
 
 
 def document_rows(
-    tokens: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, seq_len: int
+    tokens: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, seq_len: int, stride: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each document (a new one at each True of `starts`) cut into rows of `seq_len` from its start, as
     inference reads a prompt: (tokens, domains, real) [N, seq_len], the end of each document's last row
-    padded with token 0 of an untagged domain (after the real tokens, so it changes nothing they see)."""
+    padded with token 0 of an untagged domain (after the real tokens, so it changes nothing they see).
+
+    With a `stride` < seq_len the rows slide: each starts `stride` tokens after the one before, so a token
+    past the document's first row is read with at least seq_len - stride tokens of its document before it
+    (no restart every row). Each token counts once, in the first row that holds it: the tokens a row only
+    repeats are context, untagged and not `real`."""
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride {stride} must be between 1 and seq_len {seq_len}")
     bounds = [*starts.nonzero().flatten().tolist(), len(tokens)]
-    spans = zip(bounds[:-1], bounds[1:], strict=True)
-    pieces = [(s, min(s + seq_len, end)) for start, end in spans for s in range(start, end, seq_len)]
+    pieces = []  # (row start, row end, first token the row counts)
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        pieces.append((start, min(start + seq_len, end), start))
+        while pieces[-1][1] < end:
+            row_start = pieces[-1][0] + stride
+            pieces.append((row_start, min(row_start + seq_len, end), pieces[-1][1]))
     rows = torch.zeros(len(pieces), seq_len, dtype=torch.long)
     row_domains = torch.full((len(pieces), seq_len), MAX_DOMAINS - 1, dtype=torch.long)
     real = torch.zeros(len(pieces), seq_len, dtype=torch.bool)
-    for row, (start, end) in enumerate(pieces):
+    for row, (start, end, counted) in enumerate(pieces):
         rows[row, : end - start] = tokens[start:end]
-        row_domains[row, : end - start] = domains[start:end]
-        real[row, : end - start] = True
+        row_domains[row, counted - start : end - start] = domains[counted:end]
+        real[row, counted - start : end - start] = True
     return rows, row_domains, real
 
 
@@ -200,12 +212,14 @@ def held_out_isolation(
     bos_id: int | None,
     domain_names: list[str],
     max_tokens: int = 1 << 16,
+    stride: int | None = None,
 ) -> dict[str, Any]:
     """How much routing knows the domain on held-out text with the tags withheld, per MoE layer:
     I(domain; expert), the share of H(domain) it reaches, and the share of tokens and of documents
     (split at `bos_id`; else at domain changes) whose expert group is their domain's (a document's
     group: the one most of its tokens pick). Each document is read on its own from its start, in rows of
-    `seq_len`, as inference reads a prompt. Reads at most `max_tokens` tokens."""
+    `seq_len`, as inference reads a prompt; with a `stride` the rows slide (`document_rows`). Reads at most
+    `max_tokens` tokens."""
     usable = min(len(tokens), max_tokens)
     tokens, domains = tokens[:usable], domains[:usable].long()
     if not usable:  # no held-out text (e.g. a fine-tune's tiny val split): nothing to route
@@ -214,7 +228,7 @@ def held_out_isolation(
     if bos_id is None:
         starts[1:] = domains[1:] != domains[:-1]
     starts[0] = True
-    rows, row_domains, real = document_rows(tokens, domains, starts, seq_len)
+    rows, row_domains, real = document_rows(tokens, domains, starts, seq_len, stride)
     counter = route_rows(model, rows, row_domains, record_groups=True)
     layers = []
     for layer in counter.layers:
@@ -241,6 +255,8 @@ def held_out_isolation(
         "tags": "withheld",
         "domain_posterior": moe.domain_posterior if moe else 0.0,
         "group_context": bool(moe and moe.group_context),
+        "rows": seq_len,
+        "stride": stride or seq_len,
     }
     return {**report, "layers": layers}
 
@@ -272,6 +288,8 @@ def isolation_lines(report: dict[str, Any]) -> list[str]:
     for row in report["layers"]:
         posterior = f", domain posterior {report['domain_posterior']:g}" if report.get("domain_posterior") else ""
         context = ", group context" if report.get("group_context") else ""
+        if report.get("stride", report.get("rows")) != report.get("rows"):
+            context += f", rows of {report['rows']} sliding by {report['stride']}"
         line = (
             f"held-out routing, tags withheld{context}{posterior}, layer {row['layer']}: I(domain; expert) = "
             f"{row['mutual_information_bits']:.2f} bits, {row['share_of_domain_entropy']:.0%} of H(domain)"

@@ -1,11 +1,10 @@
 """The causal domain posterior (model.moe.domain_posterior) of an isolated MoE checkpoint against each token's
-own group scores (weight 0, how exported HF/GGUF models route): held-out routing with the tags withheld
-(per MoE layer: share of H(domain), group accuracy per token and per document; with --slide also in rows
-that slide by half a row, so that no token past a document's first row loses its context to a row restart)
-and val bits per byte,
-each weight's bpb as a ratio to weight 0. A checkpoint trained with model.moe.group_context is measured
-with it, then once more without it (its weights zeroed: how exports route). Quality figures only, so
-machine load does not matter.
+own group scores (weight 0, how exported HF/GGUF models route): held-out routing with the tags withheld (per
+MoE layer: share of H(domain), group accuracy per token and per document; with --slide also in rows that
+slide by half a row, so that no token past a document's first row loses its context to a row restart) and
+val bits per byte, each weight's bpb as a ratio to weight 0. A checkpoint trained with
+model.moe.group_context is measured with it, then once more without it (its weights zeroed: how exports
+route). Quality figures only, so machine load does not matter.
 
     .venv/bin/python bench/bench_domain_posterior.py CHECKPOINT PREPARED_DIR [--weights 0,0.5,1] \
         [--seq-len 128 256] [--slide]

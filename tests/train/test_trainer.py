@@ -270,6 +270,8 @@ def test_isolated_routing_says_its_partition_and_reports_held_out_isolation(tmp_
     rows = result.metrics()
     assert "bits (" in rows["routing layer 0: I(domain; expert)"] and "routing layer 1: I(domain; expert)" in rows
     assert "% / " in rows["routing layer 0: group accuracy tokens / documents"]
+    seq_len = model.config.max_seq_len  # eval's rows slide by half a row: no restart every row
+    assert rows["routing read"] == f"documents in rows of {seq_len} sliding by {seq_len // 2}"
     assert result.to_dict()["routing"]["tags"] == "withheld"
 
 

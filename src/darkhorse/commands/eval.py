@@ -17,7 +17,9 @@ every token) gets an exact figure too. Each document is scored on its own in win
 context (--window), as lm-evaluation-harness's loglikelihood_rolling does; per domain for tagged data.
 A MoE model on a tagged prepared dir also gets its routing read with the tags withheld: per layer
 I(domain; expert), its share of H(domain), and with domain_routing=isolated the share of tokens and of
-documents routed to their own domain's expert group.
+documents routed to their own domain's expert group. Each document is read from its start in rows of
+the model's context (at most 512) that slide by half a row, so that every token past the first row keeps
+half a row of its document before it, as the bits per byte do.
 
 --tasks FILE.jsonl: your records, {"prompt": ..., "answer": ...} or {"messages": [...], "answer": ...},
 answered greedily in batches and scored by --match exact (after normalising spaces and a final full
@@ -144,9 +146,10 @@ def _held_out_routing(model, tokenizer, path: Path, split: str) -> dict[str, Any
         return None
     tokens = torch.from_numpy(data.tokens(split).astype("int64"))
     seq_len = min(model.config.max_seq_len, 512)
+    tagged = torch.from_numpy(domains.astype("int64"))
     with torch.inference_mode():
         return held_out_isolation(
-            model, tokens, torch.from_numpy(domains.astype("int64")), seq_len, tokenizer.bos_id, data.domain_names
+            model, tokens, tagged, seq_len, tokenizer.bos_id, data.domain_names, stride=max(1, seq_len // 2)
         )
 
 

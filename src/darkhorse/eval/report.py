@@ -48,6 +48,8 @@ class ModelEval:
                 bpb = tally.bits_per_byte
                 rows[f"text{name}: bits/byte"] = "-" if bpb is None else f"{bpb:.4f}"
                 rows[f"text{name}: perplexity"] = f"{tally.perplexity:.3f}"
+        if (self.routing or {}).get("layers") and "rows" in self.routing:
+            rows["routing read"] = f"documents in rows of {self.routing['rows']} sliding by {self.routing['stride']}"
         for layer in (self.routing or {}).get("layers", []):
             name = f"routing layer {layer['layer']}"
             rows[f"{name}: I(domain; expert)"] = (

@@ -702,7 +702,8 @@ class Trainer:
 
     def _held_out_isolation(self, domain_names: list[str] | None) -> dict[str, Any] | None:
         """Routing on the first source's validation text with its tags withheld (MoE, tagged data, whole
-        model on this rank), said per layer; None otherwise."""
+        model on this rank), each document in training-length rows sliding by half a row (no context lost
+        to a row restart), said per layer; None otherwise."""
         data = self.sources[0][0]
         val_domains = data.domains("val")
         if not (domain_names and self.routing.layers and val_domains is not None) or self.sharded:
@@ -715,7 +716,10 @@ class Trainer:
         tokens = torch.from_numpy(data.tokens("val").astype("int64"))
         domains = torch.from_numpy(val_domains.astype("int64"))
         with self._autocast():
-            report = held_out_isolation(self.model, tokens, domains, self.train_cfg.seq_len, bos_id, domain_names)
+            seq_len = self.train_cfg.seq_len
+            report = held_out_isolation(
+                self.model, tokens, domains, seq_len, bos_id, domain_names, stride=max(1, seq_len // 2)
+            )
         for line in isolation_lines(report):
             self.dashboard.message(line)
         return report

@@ -175,7 +175,9 @@ class MoEConfig:
     group_context: bool = False
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200
-    collapse_share: float = 0.5  # warn when one expert takes this share of a layer's tokens ...
+    # warn when one expert's share of the tokens is this far from its balanced share (0) towards all of them (1),
+    # among a layer's experts (with isolated routing, its group's) ...
+    collapse_share: float = 0.5
     collapse_steps: int = 50  # ... for this many optimizer steps in a row
 
     def __post_init__(self) -> None:

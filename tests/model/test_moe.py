@@ -372,3 +372,16 @@ def test_isolated_collapse_is_judged_within_each_group(caplog):
         layer.load_since_step.copy_(torch.tensor([40.0, 0, 0, 0, 10, 10, 10, 10]))  # expert 0 takes its group
         layer.after_optimizer_step(step)
     assert layer.collapse_warned
+
+
+def test_balanced_load_is_no_collapse_where_a_token_takes_half_its_group():
+    # groups of 4 at k = 2: balanced, every expert takes half of its group's tokens
+    layer = MoE(moe_config(domain_routing="isolated", n_domains=2, n_routed_experts=8, collapse_steps=2), 0).train()
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([30.0, 30, 30, 30, 5, 5, 5, 5]))
+        layer.after_optimizer_step(step)
+    assert not layer.collapse_warned
+    for step in range(3):
+        layer.load_since_step.copy_(torch.tensor([50.0, 40, 20, 10, 5, 5, 5, 5]))  # expert 0 in 5 of 6 tokens
+        layer.after_optimizer_step(step)
+    assert layer.collapse_warned

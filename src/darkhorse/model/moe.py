@@ -469,24 +469,27 @@ class MoE(nn.Module):
         self.dropped_since_step.zero_()
 
     def _top_share(self, load: torch.Tensor) -> float:
-        """The busiest expert's share of the tokens it could take: the layer's, or with isolated routing its
-        group's (a domain's share of the data is no collapse); 0 where a group holds no more experts than a
-        token uses, so there is no choice to collapse."""
+        """How far the busiest expert is from balance towards taking every token it could take (0 = its
+        balanced share, k of the experts it competes with; 1 = all the tokens): among the layer's experts, or
+        with isolated routing its group's (a domain's share of the data is no collapse). An absolute share
+        would warn on balanced load wherever k is a large part of the experts (k = 2 in groups of 4: 50%
+        each). 0 where there are no more experts than a token uses, so there is no choice to collapse."""
         top_k = self.moe.experts_per_token
-        if self.moe.domain_routing != "isolated":
-            return float(load.max()) * top_k / float(load.sum())
-        grouped = load.view(self.moe.n_groups, -1)
+        grouped = load.view(self.moe.n_groups if self.moe.domain_routing == "isolated" else 1, -1)
         if grouped.shape[1] <= top_k:
             return 0.0
-        return float((grouped.max(-1).values * top_k / grouped.sum(-1).clamp(min=1)).max())
+        share = float((grouped.max(-1).values * top_k / grouped.sum(-1).clamp(min=1)).max())
+        balanced = top_k / grouped.shape[1]
+        return (share - balanced) / (1 - balanced)
 
     def _check_collapse(self, top_share: float) -> None:
         self.collapse_streak = self.collapse_streak + 1 if top_share >= self.moe.collapse_share else 0
         if self.collapse_streak >= self.moe.collapse_steps and not self.collapse_warned:
             self.collapse_warned = True
             log.warning(
-                "warning: MoE layer %d: one expert has taken >= %.0f%% of the tokens for %d steps in a row "
-                "(expert collapse); raise model.moe.bias_update_rate (now %g) to rebalance faster",
+                "warning: MoE layer %d: one expert has been >= %.0f%% of the way from its balanced share to "
+                "every token for %d steps in a row (expert collapse); raise model.moe.bias_update_rate (now %g) "
+                "to rebalance faster",
                 self.layer_idx,
                 100 * self.moe.collapse_share,
                 self.collapse_streak,

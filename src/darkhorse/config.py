@@ -302,6 +302,10 @@ class ModelConfig:
     # value embeddings (modded-nanogpt): the first N layers each look the input tokens up in a table of their
     # own and add the result to their attention values; 0 = off
     value_embeds: int = 0
+    # smear (modded-nanogpt, nanochat): each token's embedding gets a learned, gated share of the previous
+    # token's, so layer 0's keys already carry "what came before me" and copying (induction) needs no
+    # previous-token head learned first; darkhorse only (exports refuse it)
+    smear: bool = False
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)

@@ -259,15 +259,27 @@ def _goal_lines(report) -> list[str]:
     ]
 
 
+def _export_skipped(config) -> str | None:
+    """Why the model has no GGUF export to suggest (e.g. `model.smear`, which llama.cpp does not compute), or None."""
+    from darkhorse.interop.capabilities import architecture_refusals
+
+    reasons = architecture_refusals(config.model)
+    return f"no GGUF export for this model: {'; '.join(reasons)}" if reasons else None
+
+
 def _next_commands(out: Path, checkpoint: Path, prepared: Path, config) -> list[str]:
     preset = config.name
     other = DENSE_PRESET if preset == DEFAULT_PRESET else DEFAULT_PRESET
     # llama.cpp runs the dense demo model as `llama` and the Genesis presets as `deepseek2`
-    export = f"--format gguf --out {out}/demo.gguf"
+    export = (
+        []
+        if _export_skipped(config)
+        else [f"darkhorse export --checkpoint {checkpoint} --format gguf --out {out}/demo.gguf"]
+    )
     return [
         f"darkhorse chat --checkpoint {checkpoint}",
         f'darkhorse generate --checkpoint {checkpoint} --chat --prompt "What is 47 + 38?"',
-        f"darkhorse export --checkpoint {checkpoint} {export}",
+        *export,
         f"darkhorse params --preset {preset}",
         f"darkhorse train --preset {other} --data {prepared} --out {out.parent}/demo-{other} --max-steps 600",
         f"darkhorse demo --preset {other} --out {out.parent}/demo-{other}",
@@ -367,4 +379,6 @@ def run(args: argparse.Namespace) -> int:
     console.print("\nnext, try:")
     for command in _next_commands(out, result.checkpoint, prepared.path, config):
         console.print(f"  {command}", highlight=False, markup=False)
+    if skipped := _export_skipped(config):
+        console.print(f"({skipped})", highlight=False, markup=False)
     return 0

@@ -171,3 +171,26 @@ def dense_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn_activation == "swiglu":
         return SwiGLU(config.dim, config.ffn_dim)
     return MLP(config.dim, config.ffn_dim, config.ffn_activation)
+
+
+class Smear(nn.Module):
+    """`model.smear`: x_t + scale * sigmoid(gate . rms_norm(x_t)) * x_{t-1} on the token embeddings.
+
+    An induction head (copy what followed the last occurrence of this token) needs each key to know its
+    previous token; a 2-layer model must first grow a previous-token head in layer 0 for that, the slow,
+    seed-dependent phase of learning to copy. The smear hands layer 0 the previous token directly. The gate is
+    read off the current token (a BOS can learn to shut it); `scale` is per channel, so the model can give the
+    previous token channels of its own. Both start at zero: the model starts as it would without the smear
+    (and its other weights draw the same initial values), and `scale` gets a gradient from the first step.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """`x` (batch, seq, dim) the tokens' embeddings, `previous` the embeddings one position back (zeros
+        where there is none)."""
+        gate = torch.sigmoid(F.rms_norm(x, (x.shape[-1],)) @ self.gate)
+        return x + gate.unsqueeze(-1) * self.scale * previous

@@ -304,8 +304,9 @@ class ModelConfig:
     value_embeds: int = 0
     # smear (modded-nanogpt, nanochat): each token's embedding gets a learned, gated share of the previous
     # token's, so layer 0's keys already carry "what came before me" and copying (induction) needs no
-    # previous-token head learned first; darkhorse only (exports refuse it)
-    smear: bool = False
+    # previous-token head learned first: none | embed (the residual stream's input) | kv (only what layer 0's
+    # keys and values are computed from); darkhorse only (exports refuse it)
+    smear: str = "none"
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -319,6 +320,11 @@ class ModelConfig:
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         _one_of("model.ffn_activation", self.ffn_activation, ("swiglu", "gelu", "relu2"))
         _one_of("model.positions", self.positions, ("rope", "learned"))
+        _one_of("model.smear", self.smear, ("none", "embed", "kv"))
+        _require(
+            self.smear != "kv" or self.residual == "plain",
+            "model.smear=kv needs model.residual=plain (layer 0's keys read one stream)",
+        )
         _require(
             self.positions == "rope" or self.attention == "gqa",
             "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",

@@ -80,10 +80,10 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset):
 
 
 def test_a_model_llama_cpp_cannot_run_gets_no_export_command_but_a_line_that_says_why():
-    config = load_run_config("genesis-demo", overrides=["model.smear=true"])
+    config = load_run_config("genesis-demo", overrides=["model.smear=embed"])
     commands = _next_commands(Path("runs/demo"), Path("runs/demo/run/final"), Path("runs/demo/prepared"), config)
     assert commands and not any(command.startswith("darkhorse export") for command in commands)
-    assert _export_skipped(config).startswith("no GGUF export for this model: model.smear=true (each token's")
+    assert _export_skipped(config).startswith("no GGUF export for this model: model.smear=embed (each token's")
 
 
 def test_goal_lines_judge_addition_sort_and_all_skills():

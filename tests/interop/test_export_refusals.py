@@ -25,7 +25,7 @@ UNEXPORTABLE = {
         "--format safetensors or pt; model.positions=learned (absolute position embeddings) has no transformers",
     ),
     "value-embeds": (ModelConfig(value_embeds=1, **GQA), "model.value_embeds=1 (value embeddings) has no transformers"),
-    "smear": (ModelConfig(smear=True, **GQA), "model.smear=true (each token's embedding mixed with the previous"),
+    "smear": (ModelConfig(smear="kv", **GQA), "model.smear=kv (each token's embedding mixed with the previous"),
     "mixtral-sigmoid-shared": (
         ModelConfig(ffn="moe", moe=MoEConfig(**{**MIXTRAL_MOE, "scoring": "sigmoid", "n_shared_experts": 1}), **GQA),
         "model.moe.scoring=sigmoid (Mixtral routes by softmax); model.moe.n_shared_experts > 0",

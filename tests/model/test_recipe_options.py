@@ -77,8 +77,8 @@ def smeared(model: Transformer) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention):
+@pytest.mark.parametrize(("attention", "smear"), [("gqa", "embed"), ("mla", "embed"), ("gqa", "kv"), ("mla", "kv")])
+def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention, smear):
     from darkhorse.config import MLAConfig
     from darkhorse.infer.dense_forward import DenseForward
     from darkhorse.infer.engine import Engine
@@ -88,7 +88,7 @@ def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(atten
     torch.manual_seed(0)
     plain = Transformer(ModelConfig(**shape)).eval()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**shape, smear=True)).eval()
+    model = Transformer(ModelConfig(**shape, smear=smear)).eval()
     state = model.state_dict()
     assert sorted(set(state) - set(plain.state_dict())) == ["smear.gate", "smear.scale"]
     assert all(torch.equal(value, state[name]) for name, value in plain.state_dict().items())  # the same draws
@@ -119,8 +119,12 @@ def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(atten
 def test_the_smear_is_optimised_as_a_vector_and_counted():
     from darkhorse.train.optim import split_parameters
 
-    model, plain = Transformer(ModelConfig(**SMALL, smear=True)), Transformer(ModelConfig(**SMALL))
+    model, plain = Transformer(ModelConfig(**SMALL, smear="kv")), Transformer(ModelConfig(**SMALL))
     _, _, _, vectors = split_parameters(model)
     assert {id(model.smear.gate), id(model.smear.scale)} <= {id(p) for p in vectors}  # no weight decay
     assert model.num_params() - plain.num_params() == 2 * 32
     assert model.flops_per_token(12) - plain.flops_per_token(12) == 6 * 2 * 32  # the gate's dot, the mix
+    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv"):
+        ModelConfig(**SMALL, smear="keys")
+    with pytest.raises(ConfigError, match="model.smear=kv needs model.residual=plain"):
+        ModelConfig(**SMALL, smear="kv", residual="mhc")

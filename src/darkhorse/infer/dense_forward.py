@@ -98,7 +98,7 @@ class DenseForward:
             or config.attention_bias
             or (config.ffn_activation, config.positions, config.logit_softcap) != ("swiglu", "rope", 0.0)
             or config.value_embeds
-            or config.smear
+            or config.smear != "none"
         ):
             return False
         if any(p.dtype != torch.float32 for p in model.parameters()):

@@ -45,7 +45,10 @@ def architecture_refusals(config: ModelConfig) -> list[str]:
         (config.positions != "rope", f"model.positions={config.positions} (absolute position embeddings) {instead}"),
         (config.logit_softcap > 0, f"model.logit_softcap={config.logit_softcap:g} (soft-capped logits) {instead}"),
         (config.value_embeds > 0, f"model.value_embeds={config.value_embeds} (value embeddings) {instead}"),
-        (config.smear, f"model.smear=true (each token's embedding mixed with the previous token's) {instead}"),
+        (
+            config.smear != "none",
+            f"model.smear={config.smear} (each token's embedding mixed with the previous token's) {instead}",
+        ),
     )
 
 

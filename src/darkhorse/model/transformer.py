@@ -66,12 +66,15 @@ class Block(nn.Module):
         return self.ffn(h, domains, cache=cache, start_pos=start_pos)
 
     def forward(
-        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None
+        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None, kv_input=None
     ) -> torch.Tensor:
         """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too; `value_embed`:
-        this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes."""
+        this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes; `kv_input`:
+        what the keys and values are computed from where it is not `x` (layer 0 with model.smear=kv)."""
         attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
         values = {} if value_embed is None else {"value_embed": value_embed}
+        if kv_input is not None:
+            values["kv_input"] = self.attn_norm(kv_input)
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos, **values))
             return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
@@ -118,7 +121,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.dim)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
-        if config.smear:
+        if config.smear != "none":
             self.smear = Smear(config.dim)
         kv_width = config.n_kv_heads * config.head_dim
         self.value_embeds = nn.ModuleList(
@@ -182,11 +185,13 @@ class Transformer(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence reaches position {end} > max_seq_len {self.config.max_seq_len}")
         positions = row_positions(start_pos, seq) if per_row else torch.arange(start_pos, end, device=tokens.device)
-        x = self.embed(tokens)
+        x, kv_input = self.embed(tokens), None
         if hasattr(self, "smear"):
-            x = self.smear(x, self._previous_embeddings(tokens, x, cache, start_pos, positions))
+            smeared = self.smear(x, self._previous_embeddings(tokens, x, cache, start_pos, positions))
+            x, kv_input = (smeared, None) if self.config.smear == "embed" else (x, smeared)
         if hasattr(self, "pos_embed"):
             x, rope = x + self.pos_embed(positions), None
+            kv_input = None if kv_input is None else kv_input + self.pos_embed(positions)
         elif per_row:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         else:
@@ -196,10 +201,11 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             value_embed = self.value_embeds[i](tokens) if i < len(self.value_embeds) else None
+            layer_args = (x, rope, layer_cache, start_pos, domains, value_embed, kv_input if i == 0 else None)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, layer_cache, start_pos, domains, value_embed, use_reentrant=False)
+                x = checkpoint(layer, *layer_args, use_reentrant=False)
             else:
-                x = layer(x, rope, layer_cache, start_pos, domains, value_embed)
+                x = layer(*layer_args)
         if self.config.residual == "mhc":
             x = merge_streams(x)
         return self.norm(x)

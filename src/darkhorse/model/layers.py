@@ -182,6 +182,8 @@ class Smear(nn.Module):
     read off the current token (a BOS can learn to shut it); `scale` is per channel, so the model can give the
     previous token channels of its own. Both start at zero: the model starts as it would without the smear
     (and its other weights draw the same initial values), and `scale` gets a gradient from the first step.
+    With `model.smear=kv` only layer 0's keys and values read the result; the residual stream keeps x_t.
+    `flops_per_token` counts its 2 x dim parameters as a matmul's (the gate's dot product, the mix).
     """
 
     def __init__(self, dim: int) -> None:

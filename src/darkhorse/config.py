@@ -307,6 +307,9 @@ class ModelConfig:
     # previous-token head learned first: none | embed (the residual stream's input) | kv (only what layer 0's
     # keys and values are computed from); darkhorse only (exports refuse it)
     smear: str = "none"
+    # the smear's per-channel scale at the start: 0 starts as the model without it (the gate learns from the
+    # second step); 1 mixes half the previous token in from the first (the gate starts at 0.5)
+    smear_scale: float = 0.0
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -330,6 +333,7 @@ class ModelConfig:
             "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
+        check_range("model.smear_scale", self.smear_scale, ge=0)
         check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
         _require(
             self.value_embeds == 0 or self.attention == "gqa",

@@ -116,7 +116,7 @@ def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(atten
         assert new == recomputed[len(prompt) :]
 
 
-def test_the_smear_is_optimised_as_a_vector_and_counted():
+def test_the_smear_is_optimised_as_a_vector_counted_and_starts_at_its_scale():
     from darkhorse.train.optim import split_parameters
 
     model, plain = Transformer(ModelConfig(**SMALL, smear="kv")), Transformer(ModelConfig(**SMALL))
@@ -124,6 +124,18 @@ def test_the_smear_is_optimised_as_a_vector_and_counted():
     assert {id(model.smear.gate), id(model.smear.scale)} <= {id(p) for p in vectors}  # no weight decay
     assert model.num_params() - plain.num_params() == 2 * 32
     assert model.flops_per_token(12) - plain.flops_per_token(12) == 6 * 2 * 32  # the gate's dot, the mix
+    torch.manual_seed(0)
+    started = Transformer(ModelConfig(**SMALL, smear="kv", smear_scale=1.0))
+    torch.manual_seed(0)
+    zero = Transformer(ModelConfig(**SMALL, smear="kv"))
+    assert torch.equal(started.smear.scale, torch.ones(32)) and not zero.smear.scale.any()
+    assert all(
+        torch.equal(p, q)
+        for (n, p), (_, q) in zip(started.named_parameters(), zero.named_parameters(), strict=True)
+        if n != "smear.scale"
+    )
+    with pytest.raises(ConfigError, match="model.smear_scale must be >= 0"):
+        ModelConfig(**SMALL, smear="kv", smear_scale=-1.0)
     with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv"):
         ModelConfig(**SMALL, smear="keys")
     with pytest.raises(ConfigError, match="model.smear=kv needs model.residual=plain"):

@@ -180,16 +180,17 @@ class Smear(nn.Module):
     previous token; a 2-layer model must first grow a previous-token head in layer 0 for that, the slow,
     seed-dependent phase of learning to copy. The smear hands layer 0 the previous token directly. The gate is
     read off the current token (a BOS can learn to shut it); `scale` is per channel, so the model can give the
-    previous token channels of its own. Both start at zero: the model starts as it would without the smear
-    (and its other weights draw the same initial values), and `scale` gets a gradient from the first step.
+    previous token channels of its own. The gate starts at zero (0.5 after the sigmoid) and `scale` at
+    `model.smear_scale`: at 0 the model starts as it would without the smear and `scale` gets a gradient from
+    the first step; either way the other weights draw the same initial values.
     With `model.smear=kv` only layer 0's keys and values read the result; the residual stream keeps x_t.
     `flops_per_token` counts its 2 x dim parameters as a matmul's (the gate's dot product, the mix).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, scale: float = 0.0) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
-        self.scale = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.full((dim,), scale))
 
     def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """`x` (batch, seq, dim) the tokens' embeddings, `previous` the embeddings one position back (zeros

@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
         if config.smear != "none":
-            self.smear = Smear(config.dim)
+            self.smear = Smear(config.dim, config.smear_scale)
         kv_width = config.n_kv_heads * config.head_dim
         self.value_embeds = nn.ModuleList(
             nn.Embedding(config.padded_vocab_size, kv_width) for _ in range(config.value_embeds)

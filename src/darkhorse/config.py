@@ -304,6 +304,14 @@ class ModelConfig:
     # value embeddings (modded-nanogpt): the first N layers each look the input tokens up in a table of their
     # own and add the result to their attention values; 0 = off
     value_embeds: int = 0
+    # smear (modded-nanogpt, nanochat): each token's embedding gets a learned, gated share of the previous
+    # token's, so layer 0's keys already carry "what came before me" and copying (induction) needs no
+    # previous-token head learned first: none | embed (the residual stream's input) | kv (only what layer 0's
+    # keys and values are computed from); darkhorse only (exports refuse it)
+    smear: str = "none"
+    # the smear's per-channel scale at the start: 0 starts as the model without it (the gate learns from the
+    # second step); 1 mixes half the previous token in from the first (the gate starts at 0.5)
+    smear_scale: float = 0.0
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -317,11 +325,17 @@ class ModelConfig:
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         _one_of("model.ffn_activation", self.ffn_activation, ("swiglu", "gelu", "relu2"))
         _one_of("model.positions", self.positions, ("rope", "learned"))
+        _one_of("model.smear", self.smear, ("none", "embed", "kv"))
+        _require(
+            self.smear != "kv" or self.residual == "plain",
+            "model.smear=kv needs model.residual=plain (layer 0's keys read one stream)",
+        )
         _require(
             self.positions == "rope" or self.attention == "gqa",
             "model.positions=learned needs model.attention=gqa (MLA carries its positions in RoPE channels)",
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
+        check_range("model.smear_scale", self.smear_scale, ge=0)
         check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
         _require(
             self.value_embeds == 0 or self.attention == "gqa",

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from darkhorse.cli import SUBCOMMANDS, main
-from darkhorse.commands.demo import MARKER, _claim_out_dir, _goal_lines, _next_commands, probe_step_seconds
+from darkhorse.commands.demo import (
+    MARKER,
+    _claim_out_dir,
+    _export_skipped,
+    _goal_lines,
+    _next_commands,
+    probe_step_seconds,
+)
 from darkhorse.config import load_run_config
 from darkhorse.data.demo_corpus import SKILLS
 from darkhorse.errors import DarkhorseError
@@ -68,7 +75,19 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset):
     commands = _next_commands(out, checkpoint, out / "prepared", load_run_config(preset))
     assert all(command.split()[1] in SUBCOMMANDS for command in commands)
     assert any(command.startswith("darkhorse chat --checkpoint runs/demo/run/final") for command in commands)
-    assert "darkhorse export --checkpoint runs/demo/run/final --format gguf --out runs/demo/demo.gguf" in commands
+    export = "darkhorse export --checkpoint runs/demo/run/final --format gguf --out runs/demo/demo.gguf"
+    assert (export in commands) == (_export_skipped(load_run_config(preset)) is None)
+
+
+def test_a_model_llama_cpp_cannot_run_gets_no_export_command_but_a_line_that_says_why():
+    """genesis-demo's smear (model.smear=kv) has no llama.cpp architecture; model.smear=none exports."""
+    for smear, exported in (("kv", False), ("embed", False), ("none", True)):
+        config = load_run_config("genesis-demo", overrides=[f"model.smear={smear}"])
+        commands = _next_commands(Path("runs/demo"), Path("runs/demo/run/final"), Path("runs/demo/prepared"), config)
+        assert any(command.startswith("darkhorse export") for command in commands) == exported
+        reason = f"no GGUF export for this model: model.smear={smear} (each token's embedding mixed with the previous"
+        assert _export_skipped(config) is None if exported else _export_skipped(config).startswith(reason)
+    assert load_run_config("genesis-demo").model.smear == "kv"
 
 
 def test_goal_lines_judge_addition_sort_and_all_skills():

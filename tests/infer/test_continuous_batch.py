@@ -26,6 +26,14 @@ def build(**overrides) -> Transformer:
     return model.eval()
 
 
+def smeared(model: Transformer) -> Transformer:
+    """The smear starts at zero (as the model without it): give it values."""
+    with torch.no_grad():
+        model.smear.gate.normal_()
+        model.smear.scale.normal_()
+    return model
+
+
 MODELS = {
     "gqa": lambda: build(),
     "mla-moe": lambda: build(
@@ -34,6 +42,7 @@ MODELS = {
         mla=MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
         moe=MoEConfig(n_routed_experts=4, experts_per_token=2, moe_intermediate_size=64, capacity_factor=0.0),
     ),  # fmt: skip
+    "gqa-smear": lambda: smeared(build(smear="embed")),  # the tokens so far are cached too, and move with their row
 }
 
 

@@ -23,16 +23,20 @@ GENESIS = dict(
 PROMPTS = [[5, 17, 42, 8, 3], [1, 2], [9, 9, 9, 60, 61, 62, 63]]
 
 
-def genesis_model(block_scale: float | None = None) -> Transformer:
+def genesis_model(block_scale: float | None = None, smear: str = "none") -> Transformer:
     """A random genesis model with MTP; its drafts are almost always wrong.
 
     With `block_scale` the main model's blocks are scaled down, so it mostly predicts from the current token
     alone (context still flips some picks), and the MTP module is made to predict from the next token alone
-    (block off, eh_proj passing the embedding): its drafts are then mostly, not always, right."""
+    (block off, eh_proj passing the embedding): its drafts are then mostly, not always, right. `smear`: a
+    `model.smear` with random values (a rejected draft's token is overwritten in its token cache too)."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**GENESIS))
+    model = Transformer(ModelConfig(**GENESIS, smear=smear))
     with torch.no_grad():  # sharper logits so greedy choices are not near-ties
         model.embed.weight.mul_(8)
+        if smear != "none":
+            model.smear.gate.normal_()
+            model.smear.scale.normal_()
         if block_scale is not None:
             for name, param in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
@@ -67,8 +71,9 @@ def decode(model: Transformer, prompts, **options) -> tuple[list[list[int]], Eng
         (lambda: genesis_model(), (0.0, 0.3)),
         (lambda: genesis_model(block_scale=0.3), (1.0, 1.0)),
         (lambda: every_third_draft_wrong(genesis_model(block_scale=0.3)), (0.4, 0.9)),
+        (lambda: every_third_draft_wrong(genesis_model(block_scale=0.3, smear="embed")), (0.3, 0.9)),
     ],
-    ids=["drafts-wrong", "drafts-right", "two-drafts-in-three-right"],
+    ids=["drafts-wrong", "drafts-right", "two-drafts-in-three-right", "smear-two-drafts-in-three-right"],
 )
 def test_speculative_greedy_writes_what_plain_greedy_writes(model, acceptance):
     model = model()

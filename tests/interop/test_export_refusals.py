@@ -25,6 +25,7 @@ UNEXPORTABLE = {
         "--format safetensors or pt; model.positions=learned (absolute position embeddings) has no transformers",
     ),
     "value-embeds": (ModelConfig(value_embeds=1, **GQA), "model.value_embeds=1 (value embeddings) has no transformers"),
+    "smear": (ModelConfig(smear="kv", **GQA), "model.smear=kv (each token's embedding mixed with the previous"),
     "mixtral-sigmoid-shared": (
         ModelConfig(ffn="moe", moe=MoEConfig(**{**MIXTRAL_MOE, "scoring": "sigmoid", "n_shared_experts": 1}), **GQA),
         "model.moe.scoring=sigmoid (Mixtral routes by softmax); model.moe.n_shared_experts > 0",

@@ -67,3 +67,76 @@ def test_value_embeddings_are_optimised_as_embeddings_and_need_gqa():
         ModelConfig(**SMALL, value_embeds=1, attention="mla")
     with pytest.raises(ConfigError, match="model.value_embeds must be"):
         ModelConfig(**SMALL, value_embeds=3)
+
+
+def smeared(model: Transformer) -> Transformer:
+    """`model` with its smear (which starts at zero, as the model without it) given random values."""
+    with torch.no_grad():
+        model.smear.gate.normal_()
+        model.smear.scale.normal_()
+    return model
+
+
+@pytest.mark.parametrize(("attention", "smear"), [("gqa", "embed"), ("mla", "embed"), ("gqa", "kv"), ("mla", "kv")])
+def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention, smear):
+    from darkhorse.config import MLAConfig
+    from darkhorse.infer.dense_forward import DenseForward
+    from darkhorse.infer.engine import Engine
+
+    mla = MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    shape = {**SMALL, "attention": attention, "mla": mla, "n_kv_heads": 2 if attention == "gqa" else 4}
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig(**shape)).eval()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**shape, smear=smear)).eval()
+    state = model.state_dict()
+    assert sorted(set(state) - set(plain.state_dict())) == ["smear.gate", "smear.scale"]
+    assert all(torch.equal(value, state[name]) for name, value in plain.state_dict().items())  # the same draws
+    tokens = torch.randint(0, 128, (3, 14))
+    assert torch.equal(model(tokens).logits, plain(tokens).logits)
+    model(tokens, tokens).loss.backward()
+    assert model.smear.scale.grad.abs().sum() > 0  # the smear learns from the first step
+
+    full = smeared(model)(tokens).logits
+    assert not torch.allclose(full, plain(tokens).logits)
+    cache = model.new_cache(3, 14)
+    steps = [model(tokens[:, :6], cache=cache).logits, model(tokens[:, 6:9], cache=cache, start_pos=6).logits]
+    steps += [model(tokens[:, i : i + 1], cache=cache, start_pos=i).logits for i in range(9, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    cache = model.new_cache(3, 14)  # rows at their own positions (continuous batching)
+    model(tokens[:, :4], cache=cache)
+    at = torch.tensor([4, 4, 4])
+    torch.testing.assert_close(model(tokens[:, 4:7], cache=cache, start_pos=at).logits, full[:, 4:7])
+    assert not DenseForward.supports(model)  # the dense and native steps do not compute the smear
+    prompts = [tokens[0, :5].tolist(), tokens[1, :8].tolist()]
+    for prompt, new in zip(prompts, Engine(model).generate(prompts, max_new_tokens=5), strict=True):
+        recomputed = list(prompt)
+        for _ in range(5):
+            recomputed.append(int(model(torch.tensor([recomputed])).logits[0, -1].argmax()))
+        assert new == recomputed[len(prompt) :]
+
+
+def test_the_smear_is_optimised_as_a_vector_counted_and_starts_at_its_scale():
+    from darkhorse.train.optim import split_parameters
+
+    model, plain = Transformer(ModelConfig(**SMALL, smear="kv")), Transformer(ModelConfig(**SMALL))
+    _, _, _, vectors = split_parameters(model)
+    assert {id(model.smear.gate), id(model.smear.scale)} <= {id(p) for p in vectors}  # no weight decay
+    assert model.num_params() - plain.num_params() == 2 * 32
+    assert model.flops_per_token(12) - plain.flops_per_token(12) == 6 * 2 * 32  # the gate's dot, the mix
+    torch.manual_seed(0)
+    started = Transformer(ModelConfig(**SMALL, smear="kv", smear_scale=1.0))
+    torch.manual_seed(0)
+    zero = Transformer(ModelConfig(**SMALL, smear="kv"))
+    assert torch.equal(started.smear.scale, torch.ones(32)) and not zero.smear.scale.any()
+    assert all(
+        torch.equal(p, q)
+        for (n, p), (_, q) in zip(started.named_parameters(), zero.named_parameters(), strict=True)
+        if n != "smear.scale"
+    )
+    with pytest.raises(ConfigError, match="model.smear_scale must be >= 0"):
+        ModelConfig(**SMALL, smear="kv", smear_scale=-1.0)
+    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv"):
+        ModelConfig(**SMALL, smear="keys")
+    with pytest.raises(ConfigError, match="model.smear=kv needs model.residual=plain"):
+        ModelConfig(**SMALL, smear="kv", residual="mhc")

@@ -23,8 +23,8 @@ Every formula is the model's; only the order of float operations differs (groupe
 RoPE channel order inside q.k), so logits agree with `Transformer.forward`'s to float rounding
 (tests/infer/test_dense_forward.py; tests/infer/test_engine.py holds the greedy tokens equal to a cache-free
 recompute). Training never comes here: it runs `Transformer.forward`, unchanged. Other models (MLA, MoE,
-mHC, attention biases, non-fp32 weights, LoRA layers, hooks, anything that is not a plain
-`Transformer`) decode through their own forward (`ModelForward`).
+mHC, attention biases, value embeddings, the embedding smear, non-fp32 weights, LoRA layers, hooks, anything
+that is not a plain `Transformer`) decode through their own forward (`ModelForward`).
 
 Measured (bench/bench_eval.py, docs/benchmarks.md "Eval throughput"): a left-padded one-call prefill of
 ragged prompts with a per-row pad mask was slower than feeding the longer prompts' tails token by token
@@ -98,6 +98,7 @@ class DenseForward:
             or config.attention_bias
             or (config.ffn_activation, config.positions, config.logit_softcap) != ("swiglu", "rope", 0.0)
             or config.value_embeds
+            or config.smear != "none"
         ):
             return False
         if any(p.dtype != torch.float32 for p in model.parameters()):

@@ -36,7 +36,8 @@ def refusal(target: str, reasons: list[str], source: str | Path | None = None) -
 
 def architecture_refusals(config: ModelConfig) -> list[str]:
     """Blocks that no exported architecture (Llama, Qwen, Mixtral, DeepSeek; llama.cpp's kin) computes:
-    mHC residual streams, ungated MLPs, learned absolute positions, soft-capped logits, value embeddings."""
+    mHC residual streams, ungated MLPs, learned absolute positions, soft-capped logits, value embeddings,
+    the embedding smear."""
     instead = "has no transformers or llama.cpp architecture here; use --format safetensors or pt"
     return failed(
         (config.residual != "plain", f"model.residual={config.residual} (hyper-connections) {instead}"),
@@ -44,6 +45,10 @@ def architecture_refusals(config: ModelConfig) -> list[str]:
         (config.positions != "rope", f"model.positions={config.positions} (absolute position embeddings) {instead}"),
         (config.logit_softcap > 0, f"model.logit_softcap={config.logit_softcap:g} (soft-capped logits) {instead}"),
         (config.value_embeds > 0, f"model.value_embeds={config.value_embeds} (value embeddings) {instead}"),
+        (
+            config.smear != "none",
+            f"model.smear={config.smear} (each token's embedding mixed with the previous token's) {instead}",
+        ),
     )
 
 

@@ -6,7 +6,8 @@ i + head_dim/2, so the q and k rows are permuted per head on the way out (the sa
 llama.cpp's own `convert_hf_to_gguf.py` applies to HF Llama weights); nothing else changes.
 MLA + MoE models become `deepseek2` (see `deepseek2_plan`). YaRN settings are written as llama.cpp's
 rope-scaling keys when llama.cpp computes the same thing (`_check_yarn`); mHC residual streams, ungated
-MLPs, learned positions and soft-capped logits (`capabilities.architecture_refusals`) are refused.
+MLPs, learned positions, soft-capped logits, value embeddings and the embedding smear
+(`capabilities.architecture_refusals`) are refused.
 
 The file is written with the `gguf` package in two passes: first every tensor's name, shape and
 type (computed from the config, no weights loaded), then the weights one tensor at a time, so peak

@@ -185,12 +185,15 @@ class GroupedQueryAttention(nn.Module):
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
         value_embed: torch.Tensor | None = None,
+        kv_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`value_embed`: (batch, seq, n_kv_heads * head_dim) added to the values (model.value_embeds)."""
+        """`value_embed`: (batch, seq, n_kv_heads * head_dim) added to the values (model.value_embeds);
+        `kv_input`: what keys and values are computed from, where not `x` (model.smear=kv)."""
         batch, seq, _ = x.shape
+        kv_x = x if kv_input is None else kv_input
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x) if value_embed is None else self.v_proj(x) + value_embed
+        k = self.k_proj(kv_x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(kv_x) if value_embed is None else self.v_proj(kv_x) + value_embed
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -293,12 +296,16 @@ class MultiHeadLatentAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: LatentCache | None = None,
         start_pos: int | torch.Tensor = 0,
+        kv_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`kv_input`: what the latent and the rope key are computed from, where not `x` (model.smear=kv)."""
         batch, seq, _ = x.shape
         cos, sin = rope
         q = self._queries(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x if kv_input is None else kv_input).split(
+            [self.latent_dim, self.rope_dim], dim=-1
+        )
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (batch, 1, seq, c)
         q_rope, k_rope = self._rope(q_rope, k_rope.unsqueeze(1), cos, sin)  # the rope key: one head for all
         if cache is None:

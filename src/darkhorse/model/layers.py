@@ -171,3 +171,29 @@ def dense_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn_activation == "swiglu":
         return SwiGLU(config.dim, config.ffn_dim)
     return MLP(config.dim, config.ffn_dim, config.ffn_activation)
+
+
+class Smear(nn.Module):
+    """`model.smear`: x_t + scale * sigmoid(gate . rms_norm(x_t)) * x_{t-1} on the token embeddings.
+
+    An induction head (copy what followed the last occurrence of this token) needs each key to know its
+    previous token; a 2-layer model must first grow a previous-token head in layer 0 for that, the slow,
+    seed-dependent phase of learning to copy. The smear hands layer 0 the previous token directly. The gate is
+    read off the current token (a BOS can learn to shut it); `scale` is per channel, so the model can give the
+    previous token channels of its own. The gate starts at zero (0.5 after the sigmoid) and `scale` at
+    `model.smear_scale`: at 0 the model starts as it would without the smear and `scale` gets a gradient from
+    the first step; either way the other weights draw the same initial values.
+    With `model.smear=kv` only layer 0's keys and values read the result; the residual stream keeps x_t.
+    `flops_per_token` counts its 2 x dim parameters as a matmul's (the gate's dot product, the mix).
+    """
+
+    def __init__(self, dim: int, scale: float = 0.0) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.full((dim,), scale))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """`x` (batch, seq, dim) the tokens' embeddings, `previous` the embeddings one position back (zeros
+        where there is none)."""
+        gate = torch.sigmoid(F.rms_norm(x, (x.shape[-1],)) @ self.gate)
+        return x + gate.unsqueeze(-1) * self.scale * previous

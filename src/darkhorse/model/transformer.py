@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from darkhorse.config import ModelConfig
-from darkhorse.model.attention import build_attention, row_positions
+from darkhorse.model.attention import RowCache, build_attention, row_positions
 from darkhorse.model.kernels import IGNORE_INDEX, linear_cross_entropy
-from darkhorse.model.layers import RMSNorm, dense_ffn, rope_tables
+from darkhorse.model.layers import RMSNorm, Smear, dense_ffn, rope_tables
 from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
 from darkhorse.model.moe import MoE
 from darkhorse.model.mtp import MTPModule
@@ -66,12 +66,15 @@ class Block(nn.Module):
         return self.ffn(h, domains, cache=cache, start_pos=start_pos)
 
     def forward(
-        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None
+        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None, kv_input=None
     ) -> torch.Tensor:
         """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too; `value_embed`:
-        this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes."""
+        this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes; `kv_input`:
+        what the keys and values are computed from where it is not `x` (layer 0 with model.smear=kv)."""
         attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
         values = {} if value_embed is None else {"value_embed": value_embed}
+        if kv_input is not None:
+            values["kv_input"] = self.attn_norm(kv_input)
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos, **values))
             return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
@@ -98,6 +101,17 @@ class LayerCache:
         return self.attn.nbytes + self.ffn.nbytes
 
 
+class TokenCache(RowCache):
+    """The token id at each position, (batch, 1, max_len, 1): what `model.smear` looks one position back at
+    while decoding. Kept by position, not as "the last token", so a decode that rewinds (a rejected MTP draft)
+    or rows at different positions read the right one."""
+
+    FIELDS = ("tokens",)
+
+    def __init__(self, batch: int, max_len: int, device) -> None:
+        self.tokens = torch.zeros(batch, 1, max_len, 1, dtype=torch.long, device=device)
+
+
 class Transformer(nn.Module):
     kernels = "torch"  # the output head's loss: torch (chunked) or liger (model/kernels.py)
 
@@ -107,6 +121,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.dim)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
+        if config.smear != "none":
+            self.smear = Smear(config.dim, config.smear_scale)
         kv_width = config.n_kv_heads * config.head_dim
         self.value_embeds = nn.ModuleList(
             nn.Embedding(config.padded_vocab_size, kv_width) for _ in range(config.value_embeds)
@@ -169,9 +185,13 @@ class Transformer(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence reaches position {end} > max_seq_len {self.config.max_seq_len}")
         positions = row_positions(start_pos, seq) if per_row else torch.arange(start_pos, end, device=tokens.device)
-        x = self.embed(tokens)
+        x, kv_input = self.embed(tokens), None
+        if hasattr(self, "smear"):
+            smeared = self.smear(x, self._previous_embeddings(tokens, x, cache, start_pos, positions))
+            x, kv_input = (smeared, None) if self.config.smear == "embed" else (x, smeared)
         if hasattr(self, "pos_embed"):
             x, rope = x + self.pos_embed(positions), None
+            kv_input = None if kv_input is None else kv_input + self.pos_embed(positions)
         elif per_row:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         else:
@@ -181,13 +201,25 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             value_embed = self.value_embeds[i](tokens) if i < len(self.value_embeds) else None
+            layer_args = (x, rope, layer_cache, start_pos, domains, value_embed, kv_input if i == 0 else None)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, layer_cache, start_pos, domains, value_embed, use_reentrant=False)
+                x = checkpoint(layer, *layer_args, use_reentrant=False)
             else:
-                x = layer(x, rope, layer_cache, start_pos, domains, value_embed)
+                x = layer(*layer_args)
         if self.config.residual == "mhc":
             x = merge_streams(x)
         return self.norm(x)
+
+    def _previous_embeddings(self, tokens, x, cache, start_pos, positions) -> torch.Tensor:
+        """The embedding one position back of each token (zeros at position 0); while decoding, the earlier
+        tokens come from the cache's `TokenCache` (its last entry), which this records `tokens` in. Without a
+        cache a chunk's first token has no previous one (as at position 0)."""
+        if cache is None:
+            return F.pad(x[:, :-1], (0, 0, 1, 0))
+        stored = cache[len(self.layers)]._write("tokens", tokens[:, None, :, None], start_pos)[:, 0, :, 0]
+        back = (positions if positions.dim() == 2 else positions.expand(len(tokens), -1)) - 1
+        previous = self.embed(stored.gather(1, back.clamp(min=0)))
+        return previous * (back >= 0).unsqueeze(-1).to(previous.dtype)
 
     def forward(
         self,
@@ -267,7 +299,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> list:
         """Per layer, the attention's cache; a `LayerCache` where a MoE routes by running sums over the text
-        (the domain posterior, the group context)."""
+        (the domain posterior, the group context). With `model.smear`, one more entry after the layers': the
+        tokens so far (`TokenCache`)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         caches = []
@@ -276,6 +309,8 @@ class Transformer(nn.Module):
             if isinstance(layer.ffn, MoE) and layer.ffn_takes_domains and layer.ffn.keeps_decode_state():
                 cache = LayerCache(cache, layer.ffn.new_cache(batch, max_len, device))
             caches.append(cache)
+        if hasattr(self, "smear"):
+            caches.append(TokenCache(batch, max_len, device))
         return caches
 
     # -- hooks the trainer calls ----------------------------------------------------------------

@@ -66,6 +66,20 @@ def test_no_heldout_problem_or_question_appears_in_training(corpus):
     assert len({(e.skill, e.key) for e in corpus.heldout}) == len(corpus.heldout)
 
 
+def test_heldout_sums_are_new_facts_and_heldout_times_facts_new_stories():
+    """A held-out word problem's + or - fact never trains; its * or / fact does, in another story."""
+    corpus = build_demo_corpus(seed=0)
+
+    def facts(examples, ops):
+        expressions = [e.reasoning.split(" = ")[0] for e in examples if e.skill == "word_problem"]
+        return {x for x in expressions if x.split()[1] in ops}
+
+    for ops in ("+-", "*/"):
+        heldout = facts(corpus.heldout, ops)
+        trained = facts(corpus.train, ops)
+        assert heldout and (heldout.isdisjoint(trained) if ops == "+-" else heldout <= trained)
+
+
 def test_problem_keys_ignore_operand_and_list_order():
     """'What is 38 + 47?' in training would leak the held-out 'What is 47 + 38?'."""
     assert addition_problem(47, 38).key == addition_problem(38, 47).key

@@ -142,13 +142,17 @@ def make_word_problem(rng: random.Random) -> Example:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         question = f"{name} shares {a * b} {item} equally among {b} friends. How many does each friend get?"
         expression, result = f"{a * b} / {b}", a
+    # + and - draw from 2,000+ facts, so a held-out one is a sum the model must work out. * and / draw from
+    # the 64 facts of a times table, which is recalled, not worked out: holding the fact out would ask for a
+    # fact no training record states, so a held-out one is a new story about a fact training states.
+    key = f"wp:{expression}" if kind < 2 else f"wp:{question}"
     return Example(
         domain="math",
         skill="word_problem",
         question=question,
         reasoning=f"{expression} = {result}",
         answer=str(result),
-        key=f"wp:{expression}",
+        key=key,
     )
 
 

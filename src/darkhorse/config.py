@@ -312,6 +312,9 @@ class ModelConfig:
     # the smear's per-channel scale at the start: 0 starts as the model without it (the gate learns from the
     # second step); 1 mixes half the previous token in from the first (the gate starts at 0.5)
     smear_scale: float = 0.0
+    # how many tokens back the smear reaches: 1 the previous token; K mixes x_{t-1} .. x_{t-K}, each with a gate
+    # and scale of its own (a short causal depthwise convolution, cf. Allen-Zhu's "Canon layers")
+    smear_width: int = 1
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -336,6 +339,7 @@ class ModelConfig:
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
         check_range("model.smear_scale", self.smear_scale, ge=0)
+        check_range("model.smear_width", self.smear_width, ge=1, le=8)
         check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
         _require(
             self.value_embeds == 0 or self.attention == "gqa",

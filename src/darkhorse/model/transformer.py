@@ -102,9 +102,9 @@ class LayerCache:
 
 
 class TokenCache(RowCache):
-    """The token id at each position, (batch, 1, max_len, 1): what `model.smear` looks one position back at
-    while decoding. Kept by position, not as "the last token", so a decode that rewinds (a rejected MTP draft)
-    or rows at different positions read the right one."""
+    """The token id at each position, (batch, 1, max_len, 1): what `model.smear` looks 1 .. `model.smear_width`
+    positions back at while decoding. Kept by position, not as "the last token", so a decode that rewinds (a
+    rejected MTP draft) or rows at different positions read the right one."""
 
     FIELDS = ("tokens",)
 
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
         if config.smear != "none":
-            self.smear = Smear(config.dim, config.smear_scale)
+            self.smear = Smear(config.dim, config.smear_scale, config.smear_width)
         kv_width = config.n_kv_heads * config.head_dim
         self.value_embeds = nn.ModuleList(
             nn.Embedding(config.padded_vocab_size, kv_width) for _ in range(config.value_embeds)
@@ -211,14 +211,16 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _previous_embeddings(self, tokens, x, cache, start_pos, positions) -> torch.Tensor:
-        """The embedding one position back of each token (zeros at position 0); while decoding, the earlier
-        tokens come from the cache's `TokenCache` (its last entry), which this records `tokens` in. Without a
-        cache a chunk's first token has no previous one (as at position 0)."""
+        """The embeddings 1 .. `model.smear_width` positions back of each token, (batch, seq, width, dim) (zeros
+        before position 0); while decoding, the earlier tokens come from the cache's `TokenCache` (its last
+        entry), which this records `tokens` in. Without a cache a chunk's first tokens have none (as at 0)."""
+        width, seq = self.config.smear_width, tokens.shape[1]
         if cache is None:
-            return F.pad(x[:, :-1], (0, 0, 1, 0))
+            return torch.stack([F.pad(x, (0, 0, back, 0))[:, :seq] for back in range(1, width + 1)], 2)
         stored = cache[len(self.layers)]._write("tokens", tokens[:, None, :, None], start_pos)[:, 0, :, 0]
-        back = (positions if positions.dim() == 2 else positions.expand(len(tokens), -1)) - 1
-        previous = self.embed(stored.gather(1, back.clamp(min=0)))
+        rows = positions if positions.dim() == 2 else positions.expand(len(tokens), -1)
+        back = rows.unsqueeze(-1) - torch.arange(1, width + 1, device=rows.device)
+        previous = self.embed(stored.gather(1, back.clamp(min=0).flatten(1))).view(*back.shape, -1)
         return previous * (back >= 0).unsqueeze(-1).to(previous.dtype)
 
     def forward(

@@ -307,7 +307,8 @@ class ModelConfig:
     # smear (modded-nanogpt, nanochat): each token's embedding gets a learned, gated share of the previous
     # token's, so layer 0's keys already carry "what came before me" and copying (induction) needs no
     # previous-token head learned first: none | embed (the residual stream's input) | kv (only what layer 0's
-    # keys and values are computed from); darkhorse only (exports refuse it)
+    # keys and values are computed from) | attn (what layer 0's attention reads, queries too); darkhorse only
+    # (exports refuse it)
     smear: str = "none"
     # the smear's per-channel scale at the start: 0 starts as the model without it (the gate learns from the
     # second step); 1 mixes half the previous token in from the first (the gate starts at 0.5)
@@ -328,10 +329,10 @@ class ModelConfig:
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         _one_of("model.ffn_activation", self.ffn_activation, ("swiglu", "gelu", "relu2"))
         _one_of("model.positions", self.positions, ("rope", "learned"))
-        _one_of("model.smear", self.smear, ("none", "embed", "kv"))
+        _one_of("model.smear", self.smear, ("none", "embed", "kv", "attn"))
         _require(
-            self.smear != "kv" or self.residual == "plain",
-            "model.smear=kv needs model.residual=plain (layer 0's keys read one stream)",
+            self.smear in ("none", "embed") or self.residual == "plain",
+            f"model.smear={self.smear} needs model.residual=plain (layer 0's keys read one stream)",
         )
         _require(
             self.positions == "rope" or self.attention == "gqa",

@@ -80,7 +80,7 @@ def smeared(model: Transformer) -> Transformer:
 @pytest.mark.parametrize(
     ("attention", "smear", "width"),
     [("gqa", "embed", 1), ("mla", "embed", 1), ("gqa", "kv", 1), ("mla", "kv", 1)]
-    + [("gqa", "embed", 2), ("mla", "kv", 3)],
+    + [("gqa", "embed", 2), ("mla", "kv", 3), ("gqa", "attn", 1), ("mla", "attn", 3)],
 )
 def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention, smear, width):
     from darkhorse.config import MLAConfig
@@ -148,7 +148,7 @@ def test_the_smear_is_optimised_as_a_vector_counted_and_starts_at_its_scale():
         ModelConfig(**SMALL, smear="kv", smear_scale=-1.0)
     with pytest.raises(ConfigError, match="model.smear_width must be >= 1"):
         ModelConfig(**SMALL, smear="kv", smear_width=0)
-    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv"):
+    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv, attn"):
         ModelConfig(**SMALL, smear="keys")
     with pytest.raises(ConfigError, match="model.smear=kv needs model.residual=plain"):
         ModelConfig(**SMALL, smear="kv", residual="mhc")

@@ -183,7 +183,8 @@ class Smear(nn.Module):
     previous token channels of its own. The gate starts at zero (0.5 after the sigmoid) and `scale` at
     `model.smear_scale`: at 0 the model starts as it would without the smear and `scale` gets a gradient from
     the first step; either way the other weights draw the same initial values.
-    With `model.smear=kv` only layer 0's keys and values read the result; the residual stream keeps x_t.
+    With `model.smear=kv` only layer 0's keys and values read the result, with `attn` its queries too; the
+    residual stream keeps x_t.
     `model.smear_width` K > 1 adds x_{t-2} .. x_{t-K} the same way, each offset with its own gate and scale
     (`far_gate`, `far_scale`: (K - 1) x dim, kept flat so the optimiser treats them as the vectors they are).
     `flops_per_token` counts its 2 x K x dim parameters as a matmul's (the gates' dot products, the mix).

@@ -25,8 +25,9 @@ a shared expert, balanced by ALF). Its layers cost a token about what the dense 
 the MTP module, which made a CPU step ~1.7x longer without learning faster per step; that time buys a
 batch of 14 instead of 8 (`model.mtp_depth=1 train.batch_size=8` is the earlier demo, MTP included).
 Layer 0's attention sees a gated share of the previous token's embedding (model.smear=attn), so copying
-from the prompt (sort, compare) needs no previous-token head learned first: it is learned in more seeds
-(`model.smear=kv`, keys and values only, is the demo before; `model.smear=none` the one before that).
+from the prompt (sort, compare) needs no previous-token head learned first: it was learned in 4 of 5
+seeds measured (`model.smear=kv`, keys and values only, the demo before: 3 of 5; `model.smear=none` the
+one before that).
 llama.cpp and transformers do not compute it, so the demo suggests no GGUF export (`none` exports).
 docs/benchmarks.md, "Demo accuracy", has the figures over seeds.
 

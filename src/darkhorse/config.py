@@ -307,11 +307,15 @@ class ModelConfig:
     # smear (modded-nanogpt, nanochat): each token's embedding gets a learned, gated share of the previous
     # token's, so layer 0's keys already carry "what came before me" and copying (induction) needs no
     # previous-token head learned first: none | embed (the residual stream's input) | kv (only what layer 0's
-    # keys and values are computed from); darkhorse only (exports refuse it)
+    # keys and values are computed from) | attn (what layer 0's attention reads, queries too); darkhorse only
+    # (exports refuse it)
     smear: str = "none"
     # the smear's per-channel scale at the start: 0 starts as the model without it (the gate learns from the
     # second step); 1 mixes half the previous token in from the first (the gate starts at 0.5)
     smear_scale: float = 0.0
+    # how many tokens back the smear reaches: 1 the previous token; K mixes x_{t-1} .. x_{t-K}, each with a gate
+    # and scale of its own (a short causal depthwise convolution, cf. Allen-Zhu's "Canon layers")
+    smear_width: int = 1
     residual: str = "plain"  # plain | mhc
     mtp_depth: int = 0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -325,10 +329,10 @@ class ModelConfig:
         _one_of("model.residual", self.residual, ("plain", "mhc"))
         _one_of("model.ffn_activation", self.ffn_activation, ("swiglu", "gelu", "relu2"))
         _one_of("model.positions", self.positions, ("rope", "learned"))
-        _one_of("model.smear", self.smear, ("none", "embed", "kv"))
+        _one_of("model.smear", self.smear, ("none", "embed", "kv", "attn"))
         _require(
-            self.smear != "kv" or self.residual == "plain",
-            "model.smear=kv needs model.residual=plain (layer 0's keys read one stream)",
+            self.smear in ("none", "embed") or self.residual == "plain",
+            f"model.smear={self.smear} needs model.residual=plain (layer 0's keys read one stream)",
         )
         _require(
             self.positions == "rope" or self.attention == "gqa",
@@ -336,6 +340,7 @@ class ModelConfig:
         )
         check_range("model.logit_softcap", self.logit_softcap, ge=0)
         check_range("model.smear_scale", self.smear_scale, ge=0)
+        check_range("model.smear_width", self.smear_width, ge=1, le=8)
         check_range("model.value_embeds", self.value_embeds, ge=0, le=self.n_layers)
         _require(
             self.value_embeds == 0 or self.attention == "gqa",

@@ -80,14 +80,14 @@ def test_next_commands_are_real_commands_that_fit_the_model(preset):
 
 
 def test_a_model_llama_cpp_cannot_run_gets_no_export_command_but_a_line_that_says_why():
-    """genesis-demo's smear (model.smear=kv) has no llama.cpp architecture; model.smear=none exports."""
-    for smear, exported in (("kv", False), ("embed", False), ("none", True)):
+    """genesis-demo's smear (model.smear=attn) has no llama.cpp architecture; model.smear=none exports."""
+    for smear, exported in (("attn", False), ("kv", False), ("embed", False), ("none", True)):
         config = load_run_config("genesis-demo", overrides=[f"model.smear={smear}"])
         commands = _next_commands(Path("runs/demo"), Path("runs/demo/run/final"), Path("runs/demo/prepared"), config)
         assert any(command.startswith("darkhorse export") for command in commands) == exported
         reason = f"no GGUF export for this model: model.smear={smear} (each token's embedding mixed with the previous"
         assert _export_skipped(config) is None if exported else _export_skipped(config).startswith(reason)
-    assert load_run_config("genesis-demo").model.smear == "kv"
+    assert load_run_config("genesis-demo").model.smear == "attn"
 
 
 def test_goal_lines_judge_addition_sort_and_all_skills():

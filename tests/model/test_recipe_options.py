@@ -72,13 +72,17 @@ def test_value_embeddings_are_optimised_as_embeddings_and_need_gqa():
 def smeared(model: Transformer) -> Transformer:
     """`model` with its smear (which starts at zero, as the model without it) given random values."""
     with torch.no_grad():
-        model.smear.gate.normal_()
-        model.smear.scale.normal_()
+        for param in model.smear.parameters():
+            param.normal_()
     return model
 
 
-@pytest.mark.parametrize(("attention", "smear"), [("gqa", "embed"), ("mla", "embed"), ("gqa", "kv"), ("mla", "kv")])
-def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention, smear):
+@pytest.mark.parametrize(
+    ("attention", "smear", "width"),
+    [("gqa", "embed", 1), ("mla", "embed", 1), ("gqa", "kv", 1), ("mla", "kv", 1)]
+    + [("gqa", "embed", 2), ("mla", "kv", 3), ("gqa", "attn", 1), ("mla", "attn", 3)],
+)
+def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(attention, smear, width):
     from darkhorse.config import MLAConfig
     from darkhorse.infer.dense_forward import DenseForward
     from darkhorse.infer.engine import Engine
@@ -88,14 +92,16 @@ def test_the_smear_starts_as_the_model_without_it_and_decodes_as_it_trains(atten
     torch.manual_seed(0)
     plain = Transformer(ModelConfig(**shape)).eval()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**shape, smear=smear)).eval()
+    model = Transformer(ModelConfig(**shape, smear=smear, smear_width=width)).eval()
     state = model.state_dict()
-    assert sorted(set(state) - set(plain.state_dict())) == ["smear.gate", "smear.scale"]
+    far = ["smear.far_gate", "smear.far_scale"] if width > 1 else []
+    assert sorted(set(state) - set(plain.state_dict())) == [*far, "smear.gate", "smear.scale"]
     assert all(torch.equal(value, state[name]) for name, value in plain.state_dict().items())  # the same draws
     tokens = torch.randint(0, 128, (3, 14))
     assert torch.equal(model(tokens).logits, plain(tokens).logits)
     model(tokens, tokens).loss.backward()
     assert model.smear.scale.grad.abs().sum() > 0  # the smear learns from the first step
+    assert width == 1 or model.smear.far_scale.grad.abs().sum() > 0
 
     full = smeared(model)(tokens).logits
     assert not torch.allclose(full, plain(tokens).logits)
@@ -124,6 +130,10 @@ def test_the_smear_is_optimised_as_a_vector_counted_and_starts_at_its_scale():
     assert {id(model.smear.gate), id(model.smear.scale)} <= {id(p) for p in vectors}  # no weight decay
     assert model.num_params() - plain.num_params() == 2 * 32
     assert model.flops_per_token(12) - plain.flops_per_token(12) == 6 * 2 * 32  # the gate's dot, the mix
+    wide = Transformer(ModelConfig(**SMALL, smear="kv", smear_width=3))  # 3 offsets, each a gate and a scale
+    assert set(map(id, wide.smear.parameters())) <= {id(p) for p in split_parameters(wide)[3]}
+    assert wide.num_params() - plain.num_params() == 3 * 2 * 32
+    assert wide.flops_per_token(12) - plain.flops_per_token(12) == 6 * 3 * 2 * 32
     torch.manual_seed(0)
     started = Transformer(ModelConfig(**SMALL, smear="kv", smear_scale=1.0))
     torch.manual_seed(0)
@@ -136,7 +146,9 @@ def test_the_smear_is_optimised_as_a_vector_counted_and_starts_at_its_scale():
     )
     with pytest.raises(ConfigError, match="model.smear_scale must be >= 0"):
         ModelConfig(**SMALL, smear="kv", smear_scale=-1.0)
-    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv"):
+    with pytest.raises(ConfigError, match="model.smear_width must be >= 1"):
+        ModelConfig(**SMALL, smear="kv", smear_width=0)
+    with pytest.raises(ConfigError, match="model.smear must be one of none, embed, kv, attn"):
         ModelConfig(**SMALL, smear="keys")
     with pytest.raises(ConfigError, match="model.smear=kv needs model.residual=plain"):
         ModelConfig(**SMALL, smear="kv", residual="mhc")

@@ -24,9 +24,11 @@ a shared expert, balanced by ALF). Its layers cost a token about what the dense 
 (0.39M active parameters against 0.46M) and it learns the skills in fewer steps. It trains without
 the MTP module, which made a CPU step ~1.7x longer without learning faster per step; that time buys a
 batch of 14 instead of 8 (`model.mtp_depth=1 train.batch_size=8` is the earlier demo, MTP included).
-Layer 0's keys and values see a gated share of the previous token's embedding (model.smear=kv), so
-copying from the prompt (sort, compare) was learned in 5 of 6 seeds measured (4 of 6 without); llama.cpp
-and transformers do not compute that, so the demo suggests no GGUF export (`model.smear=none` exports).
+Layer 0's attention sees a gated share of the previous token's embedding (model.smear=attn), so copying
+from the prompt (sort, compare) needs no previous-token head learned first: it was learned in 4 of 5
+seeds measured (`model.smear=kv`, keys and values only, the demo before: 3 of 5; `model.smear=none` the
+one before that).
+llama.cpp and transformers do not compute it, so the demo suggests no GGUF export (`none` exports).
 docs/benchmarks.md, "Demo accuracy", has the figures over seeds.
 
 --minutes is the trainer's wall-clock budget (train.minutes): the learning-rate decay follows the time

@@ -183,17 +183,29 @@ class Smear(nn.Module):
     previous token channels of its own. The gate starts at zero (0.5 after the sigmoid) and `scale` at
     `model.smear_scale`: at 0 the model starts as it would without the smear and `scale` gets a gradient from
     the first step; either way the other weights draw the same initial values.
-    With `model.smear=kv` only layer 0's keys and values read the result; the residual stream keeps x_t.
-    `flops_per_token` counts its 2 x dim parameters as a matmul's (the gate's dot product, the mix).
+    With `model.smear=kv` only layer 0's keys and values read the result, with `attn` its queries too; the
+    residual stream keeps x_t.
+    `model.smear_width` K > 1 adds x_{t-2} .. x_{t-K} the same way, each offset with its own gate and scale
+    (`far_gate`, `far_scale`: (K - 1) x dim, kept flat so the optimiser treats them as the vectors they are).
+    `flops_per_token` counts its 2 x K x dim parameters as a matmul's (the gates' dot products, the mix).
     """
 
-    def __init__(self, dim: int, scale: float = 0.0) -> None:
+    def __init__(self, dim: int, scale: float = 0.0, width: int = 1) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.full((dim,), scale))
+        if width > 1:
+            self.far_gate = nn.Parameter(torch.zeros((width - 1) * dim))
+            self.far_scale = nn.Parameter(torch.full(((width - 1) * dim,), scale))
 
     def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """`x` (batch, seq, dim) the tokens' embeddings, `previous` the embeddings one position back (zeros
-        where there is none)."""
-        gate = torch.sigmoid(F.rms_norm(x, (x.shape[-1],)) @ self.gate)
-        return x + gate.unsqueeze(-1) * self.scale * previous
+        """`x` (batch, seq, dim) the tokens' embeddings, `previous` (batch, seq, width, dim) the embeddings 1 ..
+        width positions back (zeros where there is none)."""
+        normed = F.rms_norm(x, (x.shape[-1],))
+        gate = torch.sigmoid(normed @ self.gate)
+        mixed = x + gate.unsqueeze(-1) * self.scale * previous[:, :, 0]
+        if not hasattr(self, "far_gate"):
+            return mixed
+        far_gate, far_scale = self.far_gate.view(-1, x.shape[-1]), self.far_scale.view(-1, x.shape[-1])
+        gates = torch.sigmoid(normed @ far_gate.T)
+        return mixed + (gates.unsqueeze(-1) * far_scale * previous[:, :, 1:]).sum(2)

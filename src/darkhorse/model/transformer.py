@@ -66,11 +66,20 @@ class Block(nn.Module):
         return self.ffn(h, domains, cache=cache, start_pos=start_pos)
 
     def forward(
-        self, x, rope, cache=None, start_pos: int | torch.Tensor = 0, domains=None, value_embed=None, kv_input=None
+        self,
+        x,
+        rope,
+        cache=None,
+        start_pos: int | torch.Tensor = 0,
+        domains=None,
+        value_embed=None,
+        kv_input=None,
+        attn_input=None,
     ) -> torch.Tensor:
         """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too; `value_embed`:
         this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes; `kv_input`:
-        what the keys and values are computed from where it is not `x` (layer 0 with model.smear=kv)."""
+        what the keys and values are computed from where it is not `x` (layer 0 with model.smear=kv);
+        `attn_input`: what the whole attention, queries too, reads where not `x` (layer 0, model.smear=attn)."""
         attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
         values = {} if value_embed is None else {"value_embed": value_embed}
         if kv_input is not None:
@@ -78,7 +87,9 @@ class Block(nn.Module):
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos, **values))
             return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
-        x = x + self.attn(self.attn_norm(x), rope, attn_cache, start_pos, **values)
+        x = x + self.attn(
+            self.attn_norm(x if attn_input is None else attn_input), rope, attn_cache, start_pos, **values
+        )
         return x + self._ffn(x, domains, ffn_cache, start_pos)
 
 
@@ -102,9 +113,9 @@ class LayerCache:
 
 
 class TokenCache(RowCache):
-    """The token id at each position, (batch, 1, max_len, 1): what `model.smear` looks one position back at
-    while decoding. Kept by position, not as "the last token", so a decode that rewinds (a rejected MTP draft)
-    or rows at different positions read the right one."""
+    """The token id at each position, (batch, 1, max_len, 1): what `model.smear` looks 1 .. `model.smear_width`
+    positions back at while decoding. Kept by position, not as "the last token", so a decode that rewinds (a
+    rejected MTP draft) or rows at different positions read the right one."""
 
     FIELDS = ("tokens",)
 
@@ -122,7 +133,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
         if config.smear != "none":
-            self.smear = Smear(config.dim, config.smear_scale)
+            self.smear = Smear(config.dim, config.smear_scale, config.smear_width)
         kv_width = config.n_kv_heads * config.head_dim
         self.value_embeds = nn.ModuleList(
             nn.Embedding(config.padded_vocab_size, kv_width) for _ in range(config.value_embeds)
@@ -185,23 +196,24 @@ class Transformer(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence reaches position {end} > max_seq_len {self.config.max_seq_len}")
         positions = row_positions(start_pos, seq) if per_row else torch.arange(start_pos, end, device=tokens.device)
-        x, kv_input = self.embed(tokens), None
+        x, smeared = self.embed(tokens), None  # smeared: what layer 0's attention reads besides x (kv, attn)
         if hasattr(self, "smear"):
             smeared = self.smear(x, self._previous_embeddings(tokens, x, cache, start_pos, positions))
-            x, kv_input = (smeared, None) if self.config.smear == "embed" else (x, smeared)
+            x, smeared = (smeared, None) if self.config.smear == "embed" else (x, smeared)
         if hasattr(self, "pos_embed"):
             x, rope = x + self.pos_embed(positions), None
-            kv_input = None if kv_input is None else kv_input + self.pos_embed(positions)
+            smeared = None if smeared is None else smeared + self.pos_embed(positions)
         elif per_row:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         else:
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
         if self.config.residual == "mhc":
             x = expand_streams(x, self.config.mhc.expansion)
+        first = (smeared, None) if self.config.smear == "kv" else (None, smeared)  # layer 0's kv_input, attn_input
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             value_embed = self.value_embeds[i](tokens) if i < len(self.value_embeds) else None
-            layer_args = (x, rope, layer_cache, start_pos, domains, value_embed, kv_input if i == 0 else None)
+            layer_args = (x, rope, layer_cache, start_pos, domains, value_embed, *(first if i == 0 else (None, None)))
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, *layer_args, use_reentrant=False)
             else:
@@ -211,14 +223,16 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _previous_embeddings(self, tokens, x, cache, start_pos, positions) -> torch.Tensor:
-        """The embedding one position back of each token (zeros at position 0); while decoding, the earlier
-        tokens come from the cache's `TokenCache` (its last entry), which this records `tokens` in. Without a
-        cache a chunk's first token has no previous one (as at position 0)."""
+        """The embeddings 1 .. `model.smear_width` positions back of each token, (batch, seq, width, dim) (zeros
+        before position 0); while decoding, the earlier tokens come from the cache's `TokenCache` (its last
+        entry), which this records `tokens` in. Without a cache a chunk's first tokens have none (as at 0)."""
+        width, seq = self.config.smear_width, tokens.shape[1]
         if cache is None:
-            return F.pad(x[:, :-1], (0, 0, 1, 0))
+            return torch.stack([F.pad(x, (0, 0, back, 0))[:, :seq] for back in range(1, width + 1)], 2)
         stored = cache[len(self.layers)]._write("tokens", tokens[:, None, :, None], start_pos)[:, 0, :, 0]
-        back = (positions if positions.dim() == 2 else positions.expand(len(tokens), -1)) - 1
-        previous = self.embed(stored.gather(1, back.clamp(min=0)))
+        rows = positions if positions.dim() == 2 else positions.expand(len(tokens), -1)
+        back = rows.unsqueeze(-1) - torch.arange(1, width + 1, device=rows.device)
+        previous = self.embed(stored.gather(1, back.clamp(min=0).flatten(1))).view(*back.shape, -1)
         return previous * (back >= 0).unsqueeze(-1).to(previous.dtype)
 
     def forward(

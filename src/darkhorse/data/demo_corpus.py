@@ -262,8 +262,8 @@ def _snippet(rng: random.Random) -> tuple[str, str, str]:
         start, n = rng.randint(0, 20), rng.randint(2, 5)
         added = n * (n - 1) // 2
         code = f"total = {start}\nfor i in range({n}):\n    total += i\nprint(total)"
-        terms = " + ".join(map(str, range(n)))
-        return code, str(start + added), f"{terms} = {added}, {_sum_in_columns(start, added)}"
+        terms = " + ".join(map(str, [start, *range(n)]))  # the start first, copied while it is near
+        return code, str(start + added), f"{terms} = {_sum_in_columns(start, added)}"
     if kind == 5:
         x, limit = rng.randint(0, 9), rng.randint(1, 8)
         word = "big" if x > limit else "small"

@@ -145,6 +145,32 @@ def test_python_snippets_print_what_the_answer_says(corpus):
         assert printed.getvalue() == example.answer + "\n", code
 
 
+def test_python_traces_work_each_step_truly(corpus):
+    """Every sum, difference, listing and sorting a trace writes is true of the snippet."""
+    seen = set()
+    for example in corpus.heldout + corpus.train[:1500]:
+        if example.skill != "python":
+            continue
+        code, trace = example.question.split("\n", 1)[1], example.reasoning
+        for expression, value in re.findall(r"(\d+(?:[+-]\d+)+)=(\d+)", trace):  # column steps, running sums
+            assert eval(expression) == int(value), trace  # digits and + - only: produced by the generator
+        if match := re.search(r"= (-\()?(\d+) ([+-]) (\d+)\)?: ", trace):  # a + b, a - b, the loop's last sum
+            a, op, b = int(match[2]), match[3], int(match[4])
+            value = (a + b if op == "+" else a - b) * (-1 if match[1] else 1)
+            assert trace.endswith(f"so {value}") and example.answer == str(value), trace
+            seen.add(op)
+        if listing := re.findall(r"(-?\d+):(\w)", trace):  # xs[i] and reversal: items under their index
+            items = re.search(r'"(\w+)"|\[([\d, ]+)\]', code)
+            items = list(items[1]) if items[1] else items[2].split(", ")
+            assert all(items[int(k)] == v for k, v in listing), trace
+            seen.add("listing")
+        if "sorted " in trace:
+            xs = _numbers(code)
+            assert trace.split("sorted ")[1].split(", so")[0] == ", ".join(map(str, sorted(xs)))
+            seen.add("sorted")
+    assert seen == {"+", "-", "listing", "sorted"}
+
+
 def test_jsonl_records_are_chat_records_with_domain_and_skill(tmp_path, corpus):
     path = tmp_path / "train.jsonl"
     assert write_jsonl(corpus.heldout[:10], path) == 10

@@ -216,30 +216,54 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
 
 
+def _sum_in_columns(a: int, b: int) -> str:
+    """`a + b` worked as the addition skill adds, so a snippet's sums share its most-trained lookup."""
+    return f"{a} + {b}: " + ", ".join(_column_addition_steps(a, b)) + f", so {a + b}"
+
+
+def _difference_in_columns(a: int, b: int) -> str:
+    """`a - b` in the multi-digit skill's borrow columns; below zero as `-(b - a)`."""
+    if a < b:
+        return f"-({b} - {a}): " + ", ".join(_column_subtraction_steps(b, a)) + f", so {a - b}"
+    return f"{a} - {b}: " + ", ".join(_column_subtraction_steps(a, b)) + f", so {a - b}"
+
+
+def _from_the_end(items: list[str], count: int) -> str:
+    """The last `count` items, each under its negative index (`-1:e -2:g`): reversal and xs[-i] share it."""
+    return " ".join(f"{-k}:{items[-k]}" for k in range(1, count + 1))
+
+
 def _snippet(rng: random.Random) -> tuple[str, str, str]:
-    """(code, printed output, trace) for one of several small programs."""
+    """(code, printed output, trace) for one of several small programs.
+
+    Traces work the answer in steps other skills train (columns, sorting) or in a listing the answer is
+    copied from, not as a fact recalled in one token (docs/experiments.md, eighth session)."""
     kind = rng.randrange(8)
     if kind == 0:
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         op = rng.choice("+-*")
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return f"a = {a}\nb = {b}\nprint(a {op} b)", str(result), f"a {op} b = {a} {op} {b} = {result}"
+        worked = {"+": _sum_in_columns, "-": _difference_in_columns}.get(op)
+        trace = f"a {op} b = " + (worked(a, b) if worked else f"{a} {op} {b} = {result}")
+        return f"a = {a}\nb = {b}\nprint(a {op} b)", str(result), trace
     if kind == 1:
         word = _word(rng)
         return f'print(len("{word}"))', str(len(word)), f'"{word}" has {len(word)} characters'
     if kind == 2:
         word = _word(rng)
-        return f'print("{word}"[::-1])', word[::-1], f'"{word}" reversed is {word[::-1]}'
+        return f'print("{word}"[::-1])', word[::-1], f"{_from_the_end(list(word), len(word))}, so {word[::-1]}"
     if kind == 3:
         xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         i = rng.randrange(-len(xs), len(xs))
-        return f"xs = {xs}\nprint(xs[{i}])", str(xs[i]), f"xs[{i}] is {xs[i]}"
+        items = list(map(str, xs))
+        listing = _from_the_end(items, -i) if i < 0 else " ".join(f"{k}:{items[k]}" for k in range(i + 1))
+        return f"xs = {xs}\nprint(xs[{i}])", str(xs[i]), f"xs[{i}]: {listing}, so {xs[i]}"
     if kind == 4:
         start, n = rng.randint(0, 20), rng.randint(2, 5)
-        total = start + n * (n - 1) // 2
-        terms = " + ".join(map(str, [start, *range(n)]))
+        added = n * (n - 1) // 2
         code = f"total = {start}\nfor i in range({n}):\n    total += i\nprint(total)"
-        return code, str(total), f"{terms} = {total}"
+        terms = " + ".join(map(str, [start, *range(n)]))  # the start first, copied while it is near
+        return code, str(start + added), f"{terms} = {_sum_in_columns(start, added)}"
     if kind == 5:
         x, limit = rng.randint(0, 9), rng.randint(1, 8)
         word = "big" if x > limit else "small"
@@ -252,7 +276,15 @@ def _snippet(rng: random.Random) -> tuple[str, str, str]:
     xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
     fn = rng.choice(("max", "min", "sum"))
     result = {"max": max, "min": min, "sum": sum}[fn](xs)
-    return f"print({fn}({xs}))", str(result), f"{fn} of {xs} is {result}"
+    if fn == "sum":  # running sums
+        steps, total = [], xs[0]
+        for x in xs[1:]:
+            steps.append(f"{total}+{x}={total + x}")
+            total += x
+        worked = ", ".join(steps)
+    else:  # sorted as the sort skill sorts, then its first or last
+        worked = "sorted " + ", ".join(map(str, sorted(xs)))
+    return f"print({fn}({xs}))", str(result), f"{fn}: {worked}, so {result}"
 
 
 def make_python(rng: random.Random) -> Example:
@@ -275,7 +307,9 @@ SKILLS: dict[str, Skill] = {
         Skill("word_problem", "math", make_word_problem, 1.0),
         Skill("compare", "math", make_compare, 1.0),
         Skill("sort", "lists", make_sort, 4.0),
-        Skill("python", "code", make_python, 1.0),
+        # At 1 (8.9% of the tokens) 1,500 steps never taught the model to read a snippet: python ~20% in every
+        # run. At 3 with the worked traces 48 / 50 / 26% in seeds 0-2 (docs/experiments.md, eighth session).
+        Skill("python", "code", make_python, 3.0),
     )
 }
 

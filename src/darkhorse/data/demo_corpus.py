@@ -156,16 +156,26 @@ def make_word_problem(rng: random.Random) -> Example:
     )
 
 
+def _sum_in_columns(a: int, b: int) -> str:
+    """`a + b` worked as the addition skill adds, so word problems and snippets share its most-trained lookup."""
+    return f"{a} + {b}: " + ", ".join(_column_addition_steps(a, b)) + f", so {a + b}"
+
+
+def _difference_in_columns(a: int, b: int) -> str:
+    """`a - b` in the multi-digit skill's borrow columns; below zero as `-(b - a)`."""
+    stated = f"{a} - {b}" if a >= b else f"-({b} - {a})"
+    return f"{stated}: " + ", ".join(_column_subtraction_steps(max(a, b), min(a, b))) + f", so {a - b}"
+
+
 def in_columns(example: Example) -> Example:
     """A word problem's + or - worked in columns, as the addition skill adds; * and / as they are.
 
     Only the second mix has them: in the first they delayed the copying jump (docs/experiments.md)."""
-    expression, result = example.reasoning.split(" = ")
-    a, op, b = expression.split()
+    a, op, b = example.reasoning.split(" = ")[0].split()
     if op not in "+-":
         return example
-    steps = _column_addition_steps(int(a), int(b)) if op == "+" else _column_subtraction_steps(int(a), int(b))
-    return dataclasses.replace(example, reasoning=f"{expression}: " + ", ".join(steps) + f", so {result}")
+    worked = _sum_in_columns if op == "+" else _difference_in_columns
+    return dataclasses.replace(example, reasoning=worked(int(a), int(b)))
 
 
 def make_compare(rng: random.Random) -> Example:
@@ -214,18 +224,6 @@ SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 def _word(rng: random.Random) -> str:
     """A made-up pronounceable word, so string snippets come in thousands of variants."""
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
-
-
-def _sum_in_columns(a: int, b: int) -> str:
-    """`a + b` worked as the addition skill adds, so a snippet's sums share its most-trained lookup."""
-    return f"{a} + {b}: " + ", ".join(_column_addition_steps(a, b)) + f", so {a + b}"
-
-
-def _difference_in_columns(a: int, b: int) -> str:
-    """`a - b` in the multi-digit skill's borrow columns; below zero as `-(b - a)`."""
-    if a < b:
-        return f"-({b} - {a}): " + ", ".join(_column_subtraction_steps(b, a)) + f", so {a - b}"
-    return f"{a} - {b}: " + ", ".join(_column_subtraction_steps(a, b)) + f", so {a - b}"
 
 
 def _from_the_end(items: list[str], count: int) -> str:

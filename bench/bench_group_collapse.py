@@ -20,14 +20,12 @@ import torch
 
 from darkhorse import checkpoint as ckpt
 from darkhorse.data.prepared import open_prepared
-from darkhorse.train.routing import moe_layers
+from darkhorse.train.routing import entropy_bits, moe_layers
 
 
 def effective_experts(load: torch.Tensor) -> float:
-    """exp(entropy) of a load vector: 1 when one expert takes every token, n when n share them evenly."""
-    share = load / load.sum().clamp(min=1)
-    share = share[share > 0]
-    return float(torch.exp(-(share * share.log()).sum()))
+    """2 ** entropy of a load vector: 1 when one expert takes every token, n when n share them evenly."""
+    return 2 ** entropy_bits(load)
 
 
 @torch.no_grad()

@@ -151,6 +151,26 @@ def test_muon_steps_matrices_and_stacks_as_torch_muon_steps_each_matrix_and_resu
             assert torch.equal(matrix.detach(), experts[-1].detach()), (shape, step)
 
 
+def test_muon_steps_matrices_of_one_shape_together_as_torch_muon_steps_each():
+    """Same-shape matrices share one batched Newton-Schulz (a small model's many small ones cost overhead):
+    the same update as torch's per-matrix Muon up to bf16 rounding, tall and wide, a lone shape bit for bit."""
+    torch.manual_seed(0)
+    options = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "original"}
+    starts = [torch.randn(8, 5), torch.randn(8, 5), torch.randn(5, 8), torch.randn(5, 8), torch.randn(6, 6)]
+    ours = [nn.Parameter(start.clone()) for start in starts]
+    theirs = [nn.Parameter(start.clone()) for start in starts]
+    optimizer, reference = Muon(ours, **options), torch.optim.Muon(theirs, **options)
+    for _ in range(3):
+        for mine, other in zip(ours, theirs, strict=True):
+            mine.grad = torch.randn_like(mine)
+            other.grad = mine.grad.clone()
+        optimizer.step()
+        reference.step()
+        for mine, other in zip(ours[:4], theirs[:4], strict=True):
+            torch.testing.assert_close(mine.detach(), other.detach(), atol=1e-4, rtol=0)
+        assert torch.equal(ours[4].detach(), theirs[4].detach())
+
+
 def test_muon_loads_the_per_expert_state_of_older_checkpoints():
     """Until 2026-11-30 a stack's momentum was saved as one entry per expert: such a checkpoint resumes."""
     stack, matrix = nn.Parameter(torch.randn(3, 4, 4)), nn.Parameter(torch.randn(4, 4))

@@ -12,6 +12,7 @@ import pytest
 from darkhorse.cli import SUBCOMMANDS, main
 from darkhorse.commands.demo import (
     MARKER,
+    QUICK,
     _claim_out_dir,
     _export_skipped,
     _goal_lines,
@@ -127,16 +128,22 @@ def test_step_probe_times_a_real_step_and_keeps_a_thread_setting(capsys, prepare
 
 
 @pytest.mark.slow
-def test_a_second_mix_is_prepared_in_the_first_ones_tokenizer_and_read_after_source_steps(tmp_path):
+def test_the_second_mix_starts_half_way_in_the_first_ones_tokenizer_and_source_steps_0_turns_it_off(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "train.source_steps=3"]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
     second = json.loads((out / "prepared-second" / "meta.json").read_text())
     assert second["tokenizer_sha256"] == json.loads((out / "prepared" / "meta.json").read_text())["tokenizer_sha256"]
     assert second["splits"]["val"]["tokens"] == 0  # validation stays the first mix's
     records = [json.loads(line) for line in (out / "data" / "second.jsonl").read_text().splitlines()]
     assert any(r["skill"] == "word_problem" and ": " in r["reasoning"] for r in records)  # + and - in columns
-    trained_on = json.loads((out / "run" / "final" / "meta.json").read_text())["data"]
-    assert [Path(source["path"]).name for source in trained_on] == ["prepared", "prepared-second"]
+    final = json.loads((out / "run" / "final" / "meta.json").read_text())
+    assert [Path(source["path"]).name for source in final["data"]] == ["prepared", "prepared-second"]
+    assert final["config"]["train"]["source_steps"] == QUICK["max_steps"] // 2
+
+    assert main(["demo", "--quick", "--out", str(out), "train.source_steps=0"]) == 0
+    final = json.loads((out / "run" / "final" / "meta.json").read_text())
+    assert [Path(source["path"]).name for source in final["data"]] == ["prepared"]
+    assert not (out / "prepared-second").exists() and not (out / "data" / "second.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ STEPS = 30
 RUNS = {
     "tiny-cpu": ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"],
     "genesis-tiny": ["model.n_layers=2", "model.moe.n_routed_experts=4"],
+    "genesis-demo": [],  # the demo's recipe (Muon + AdamW, WSD, the smear) at its own shape
     # the forge presets' recipe (Muon + AdamW, WSD on Llama blocks) at tiny-cpu's test shape
     "forge-nano": [
         "model.n_layers=2",

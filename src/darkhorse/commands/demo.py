@@ -14,10 +14,12 @@ experts (for a MoE model), and print where everything went. The loss is on the a
 each record only (train.loss_mask): the random numbers in the questions cannot be learned, the
 worked steps and answers can.
 
-`train.source_steps=N` makes training a curriculum of two mixes: the first N steps read the skills as
-weighted in `demo_corpus.SKILLS`, the rest `SECOND_WEIGHTS`, with more multi-digit arithmetic and word
-problems, whose + and - are worked in columns there as addition is. At N=750 of 1,500 steps it raised all
-skills and lowered sort in each of 3 seeds (docs/experiments.md, sixth session), so it is not the default.
+Training is a curriculum of two mixes: the first half of the steps (of those expected, with --minutes)
+reads the skills as weighted in `demo_corpus.SKILLS`, the rest `SECOND_WEIGHTS`, with more multi-digit
+arithmetic and word problems, whose + and - are worked in columns there as addition is. `train.source_steps=N`
+moves the switch to step N; `train.source_steps=0` trains on the first mix alone. With Muon (genesis-demo's
+optimizer) the model copies numbers by step ~400, so the second half's arithmetic no longer costs sort its
+jump (with AdamW it did: docs/experiments.md, sixth and ninth sessions).
 
 The default is the headline architecture at toy size: genesis-demo is MLA + an 8-expert MoE (top-1 +
 a shared expert, balanced by ALF). Its layers cost a token about what the dense demo-cpu model's do
@@ -34,7 +36,8 @@ docs/benchmarks.md, "Demo accuracy", has the figures over seeds.
 --minutes is the trainer's wall-clock budget (train.minutes): the learning-rate decay follows the time
 spent and training stops when it is spent, so the schedule runs to its end however the machine's load
 moves. A few steps are timed first (on CPU with 1 thread and with all cores, and the faster is kept);
-that speed only sizes the warmup and the evaluation interval. --max-steps makes a run repeatable.
+that speed only sizes the warmup, the evaluation interval and where the second mix starts. --max-steps
+makes a run repeatable.
 
 OUT (default runs/demo) gets data/ (train.jsonl, heldout.jsonl; second.jsonl with a second mix), prepared/
 (and prepared-second/), run/ (checkpoints, metrics.jsonl, loss.png), eval.json and demo.json. An earlier
@@ -179,13 +182,14 @@ def _build_config(args: argparse.Namespace, prepared, console) -> Any:
         if args.max_steps is not None:
             steps = args.max_steps
             budget = [f"train.max_steps={steps}"]
-        else:  # the clock ends the run; the expected step count only sizes warmup and evaluations
+        else:  # the clock ends the run; the expected step count only sizes warmup, evaluations and the mixes
             steps = max(20, int(args.minutes * 60 / step_seconds))
             budget = [f"train.minutes={args.minutes}", "train.max_steps=0"]
             console.print(f"training for {args.minutes:g} minutes, about {steps} steps at this speed")
     budget += [
         f"train.warmup_steps={max(1, steps // 20)}",
         f"train.eval_interval={max(1, steps // 4)}",
+        f"train.source_steps={max(1, steps // 2)}",  # the second mix from half way
     ]
     return load_run_config(preset=args.preset, overrides=demo + budget + args.overrides)
 

@@ -398,6 +398,9 @@ class TrainConfig:
     wsd_decay_fraction: float = 0.2
     optimizer: str = "adamw"  # adamw | muon (Muon on 2-D/3-D matrices)
     muon_lr: float = 0.02
+    # Muon's Newton-Schulz in bf16 (torch's choice) or fp32; auto: bf16 on CUDA and on CPUs with native bf16
+    # (AVX512-BF16, AMX), fp32 elsewhere, where a bf16 matmul is emulated and ~30x slower than fp32's
+    muon_precision: str = "auto"
     embedding_lr: float = 0.0  # the token (and position) embeddings' lr; 0 = train.lr
     head_lr: float = 0.0  # an untied output head's lr (model.tie_embeddings=false); 0 = train.lr
     scalar_optimizer: str = "adamw"  # adamw | lion: for embeddings, norms and other non-matrix params
@@ -431,6 +434,7 @@ class TrainConfig:
         _one_of("train.recipe", self.recipe, ("tuned", "classic"))
         _one_of("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
         _one_of("train.optimizer", self.optimizer, ("adamw", "muon"))
+        _one_of("train.muon_precision", self.muon_precision, ("auto", "bf16", "fp32"))
         _one_of("train.scalar_optimizer", self.scalar_optimizer, ("adamw", "lion"))
         _one_of("train.dtype", self.dtype, ("fp32", "bf16", "fp16"))
         if isinstance(self.compile, str):

@@ -32,7 +32,6 @@ STEPS = 30
 RUNS = {
     "tiny-cpu": ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"],
     "genesis-tiny": ["model.n_layers=2", "model.moe.n_routed_experts=4"],
-    "genesis-demo": [],  # the demo's recipe (Muon + AdamW, WSD, the smear) at its own shape
     # the forge presets' recipe (Muon + AdamW, WSD on Llama blocks) at tiny-cpu's test shape
     "forge-nano": [
         "model.n_layers=2",
@@ -48,6 +47,7 @@ COMMON = [
     f"train.max_steps={STEPS}", "model.vocab_size=64", "model.max_seq_len=64", "train.seq_len=32",
     "train.batch_size=4", "train.warmup_steps=5", "train.log_interval=1", "train.eval_interval=0",
     "train.save_interval=0", "train.seed=1234",
+    "train.muon_precision=bf16",  # the curves were recorded so; auto picks fp32 on CPUs without native bf16
 ]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from darkhorse.config import TrainConfig
-from darkhorse.train.optim import Lion, Muon, build_optimizers, split_parameters
+from darkhorse.train.optim import Lion, Muon, build_optimizers, newton_schulz_dtype, split_parameters
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 
 
@@ -169,6 +169,41 @@ def test_muon_steps_matrices_of_one_shape_together_as_torch_muon_steps_each():
         for mine, other in zip(ours[:4], theirs[:4], strict=True):
             torch.testing.assert_close(mine.detach(), other.detach(), atol=1e-4, rtol=0)
         assert torch.equal(ours[4].detach(), theirs[4].detach())
+
+
+def test_muon_precision_auto_is_bf16_only_where_bf16_matmuls_run_natively(monkeypatch):
+    """An AVX2 CPU emulates bf16 matmuls (~50x slower than fp32's): there Newton-Schulz runs in fp32."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert newton_schulz_dtype("bf16", cpu) == torch.bfloat16 and newton_schulz_dtype("fp32", cuda) == torch.float32
+    assert newton_schulz_dtype("auto", cuda) == torch.bfloat16
+    for avx512_bf16, amx, expected in [
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert newton_schulz_dtype("auto", cpu) == expected
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ((muon, _),) = [build_optimizers(model, TrainConfig(optimizer="muon", muon_precision="fp32"), cpu)]
+    assert muon.ns_dtype == torch.float32
+
+
+def test_muon_in_fp32_steps_as_in_bf16_up_to_bf16_rounding():
+    torch.manual_seed(0)
+    starts = [torch.randn(8, 5), torch.randn(8, 5), torch.randn(3, 5, 8), torch.randn(6, 6)]
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        params = [nn.Parameter(start.clone()) for start in starts]
+        optimizer = Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="original", ns_dtype=dtype)
+        torch.manual_seed(1)
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn_like(param)
+            optimizer.step()
+        runs[dtype] = [(param.detach() - start) for param, start in zip(params, starts, strict=True)]
+    for bf16_step, fp32_step in zip(runs[torch.bfloat16], runs[torch.float32], strict=True):
+        assert (bf16_step - fp32_step).norm() < 0.03 * fp32_step.norm()
 
 
 def test_muon_loads_the_per_expert_state_of_older_checkpoints():

@@ -60,8 +60,8 @@ class Lion(torch.optim.Optimizer):
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024): momentum orthogonalised by a Newton-Schulz iteration, for 2-D weight
     matrices and 3-D expert stacks `[experts, out, in]` (one matrix per expert, all of a stack in one
-    batched iteration, as are all matrices of one shape). torch.optim.Muon's update (a matrix's bit for bit, a stack's up to bf16 rounding,
-    as batched matmuls may round otherwise), which takes 2-D matrices only.
+    batched iteration, as are all matrices of one shape). With `ns_dtype` bf16, torch.optim.Muon's update
+    (a lone matrix's bit for bit, batched ones up to bf16 rounding), which takes 2-D matrices only.
 
     Under FSDP the parameters are DTensor shards: a stack, sharded by experts, is orthogonalised where
     it lies (whole experts on each rank); a matrix, sharded by rows, is gathered whole, orthogonalised
@@ -78,6 +78,7 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -89,6 +90,7 @@ class Muon(torch.optim.Optimizer):
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
         }
+        self.ns_dtype = ns_dtype  # not a group setting: a checkpoint resumes on a machine that picks another
         super().__init__(params, defaults)
         for group in self.param_groups:
             for param in group["params"]:
@@ -117,7 +119,7 @@ class Muon(torch.optim.Optimizer):
                 alone = update.ndim == 3 or _is_dtensor(update)  # a stack is batched already; a shard is FSDP's
                 same_shape.setdefault(id(param) if alone else update.shape, []).append((param, update))
             for members in same_shape.values():
-                ns = group["ns_coefficients"], group["ns_steps"], group["eps"]
+                ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 if len(members) == 1:
                     updates = [_orthogonalised(members[0][1], *ns)]
                 else:
@@ -160,30 +162,34 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def _orthogonalised(
-    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """`orthogonalise` for a plain tensor or an FSDP shard (see `Muon`)."""
     if not _is_dtensor(update):
-        return orthogonalise(update, coefficients, steps, eps)
+        return orthogonalise(update, coefficients, steps, eps, dtype)
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh, placements = update.device_mesh, update.placements
     if update.ndim == 3 and all(p in (Shard(0), Replicate()) for p in placements):  # whole experts here
-        local = orthogonalise(update.to_local(), coefficients, steps, eps).contiguous()
+        local = orthogonalise(update.to_local(), coefficients, steps, eps, dtype).contiguous()
         return DTensor.from_local(local, mesh, placements, shape=update.shape, stride=update.stride())
-    whole = orthogonalise(update.full_tensor(), coefficients, steps, eps).contiguous()
+    whole = orthogonalise(update.full_tensor(), coefficients, steps, eps, dtype).contiguous()
     return DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, placements)
 
 
 def orthogonalise(
-    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    update: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Muon's quintic Newton-Schulz iteration toward the nearest (semi-)orthogonal matrix, in bf16, over
+    """Muon's quintic Newton-Schulz iteration toward the nearest (semi-)orthogonal matrix, in `dtype`, over
     the last two dims of `update` (a batch of matrices at once). Each matrix is first scaled to unit
     Frobenius norm; wide matrices are iterated as they are, tall ones transposed."""
     a, b, c = coefficients
     tall = update.size(-2) > update.size(-1)
-    x = update.bfloat16()
+    x = update.to(dtype)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
@@ -192,6 +198,21 @@ def orthogonalise(
         gram = x @ x.mT
         x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
+
+
+def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """train.muon_precision as a dtype: `auto` is bf16 (torch's Muon) where bf16 matmuls run natively (CUDA,
+    CPUs with AVX512-BF16 or AMX) and fp32 elsewhere: on an AVX2 CPU a bf16 batched matmul is emulated, ~50x
+    slower than fp32's (genesis-demo's Muon step 763 against 32 ms, with oneDNN held to AVX2 on a Xeon)."""
+    if precision != "auto":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
 
 
 def muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
@@ -263,7 +284,10 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
 
     optimizers: list[torch.optim.Optimizer] = []
     if hidden:
-        optimizers.append(Muon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original"))
+        ns_dtype = newton_schulz_dtype(train.muon_precision, device)
+        optimizers.append(
+            Muon(hidden, lr=train.muon_lr, weight_decay=train.weight_decay, adjust_lr_fn="original", ns_dtype=ns_dtype)
+        )
     if groups:
         if train.scalar_optimizer == "lion":
             optimizers.append(Lion(groups, lr=train.lr))

@@ -31,6 +31,9 @@ from the prompt (sort, compare) needs no previous-token head learned first: it w
 seeds measured (`model.smear=kv`, keys and values only, the demo before: 3 of 5; `model.smear=none` the
 one before that).
 llama.cpp and transformers do not compute it, so the demo suggests no GGUF export (`none` exports).
+Its matrices train with Muon (lr 0.01; `train.optimizer=adamw` is the demo before): the model copies numbers
+by step ~400 instead of ~1,000, and over 7 seeds at 1,500 steps it met all three goals (addition and sort
+>= 90%, all skills >= 70%) in each.
 docs/benchmarks.md, "Demo accuracy", has the figures over seeds.
 
 --minutes is the trainer's wall-clock budget (train.minutes): the learning-rate decay follows the time

@@ -399,7 +399,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon on 2-D/3-D matrices)
     muon_lr: float = 0.02
     # Muon's Newton-Schulz in bf16 (torch's choice) or fp32; auto: bf16 on CUDA and on CPUs with native bf16
-    # (AVX512-BF16, AMX), fp32 elsewhere, where a bf16 matmul is emulated and ~30x slower than fp32's
+    # (AVX512-BF16, AMX), fp32 elsewhere, where a bf16 matmul is emulated and 20-50x slower than fp32's
     muon_precision: str = "auto"
     embedding_lr: float = 0.0  # the token (and position) embeddings' lr; 0 = train.lr
     head_lr: float = 0.0  # an untied output head's lr (model.tie_embeddings=false); 0 = train.lr

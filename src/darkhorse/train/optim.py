@@ -202,7 +202,7 @@ def orthogonalise(
 
 def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
     """train.muon_precision as a dtype: `auto` is bf16 (torch's Muon) where bf16 matmuls run natively (CUDA,
-    CPUs with AVX512-BF16 or AMX) and fp32 elsewhere: on an AVX2 CPU a bf16 batched matmul is emulated, ~50x
+    CPUs with AVX512-BF16 or AMX) and fp32 elsewhere: on an AVX2 CPU a bf16 matmul is emulated, 20-50x
     slower than fp32's (genesis-demo's Muon step 763 against 32 ms, with oneDNN held to AVX2 on a Xeon)."""
     if precision != "auto":
         return torch.bfloat16 if precision == "bf16" else torch.float32

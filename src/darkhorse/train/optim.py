@@ -107,6 +107,7 @@ class Muon(torch.optim.Optimizer):
             # matrices of one shape share one batched iteration: a small model's many small Newton-Schulz
             # calls cost more in overhead than in arithmetic (genesis-demo's Muon step 20 -> 16 ms on CPU)
             same_shape: dict[object, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+            ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -119,7 +120,6 @@ class Muon(torch.optim.Optimizer):
                 alone = update.ndim == 3 or _is_dtensor(update)  # a stack is batched already; a shard is FSDP's
                 same_shape.setdefault(id(param) if alone else update.shape, []).append((param, update))
             for members in same_shape.values():
-                ns = group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 if len(members) == 1:
                     updates = [_orthogonalised(members[0][1], *ns)]
                 else:

@@ -17,9 +17,8 @@ worked steps and answers can.
 Training is a curriculum of two mixes: the first half of the steps (of those expected, with --minutes)
 reads the skills as weighted in `demo_corpus.SKILLS`, the rest `SECOND_WEIGHTS`, with more multi-digit
 arithmetic and word problems, whose + and - are worked in columns there as addition is. `train.source_steps=N`
-moves the switch to step N; `train.source_steps=0` trains on the first mix alone. With Muon (genesis-demo's
-optimizer) the model copies numbers by step ~400, so the second half's arithmetic no longer costs sort its
-jump (with AdamW it did: docs/experiments.md, sixth and ninth sessions).
+moves the switch to step N; `train.source_steps=0` trains on the first mix alone. With AdamW the second mix
+cost sort its copying jump; with Muon (below) the jump comes before it (docs/experiments.md, ninth session).
 
 The default is the headline architecture at toy size: genesis-demo is MLA + an 8-expert MoE (top-1 +
 a shared expert, balanced by ALF). Its layers cost a token about what the dense demo-cpu model's do

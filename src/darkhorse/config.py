@@ -154,6 +154,10 @@ class MoEConfig:
     # group per domain: tagged tokens route inside their group, the router learns to predict it)
     domain_routing: str = "none"
     domain_prior: bool = False  # the older spelling of domain_routing=prior
+    # isolated: the routed experts each domain owns, in the prepared data's domain order (they sum to
+    # n_routed_experts); empty = an equal share each. A domain owning more experts owns more groups: the
+    # group size is the counts' greatest common divisor, so exports keep DeepSeek's equal groups
+    domain_experts: list[int] = field(default_factory=list)
     group_loss_weight: float = 0.1  # isolated: weight of the router's group-prediction loss
     # its logits are the group scores (sums of two sigmoids, in [0, 2]) / this: below 1 the loss can
     # saturate once the right group leads, where at 1 even perfect routing pays ~0.24 nats and keeps pushing
@@ -191,6 +195,10 @@ class MoEConfig:
             "model.moe.domain_prior and domain_routing=isolated exclude each other",
         )
         self.domain_prior = self.domain_routing == "prior"
+        _require(
+            not self.domain_experts or self.domain_routing == "isolated",
+            "model.moe.domain_experts partitions the experts among domains: it needs model.moe.domain_routing=isolated",
+        )
         if self.domain_routing == "isolated" and self.n_domains > 0:
             self._partition_by_domain()
         _require(
@@ -243,24 +251,51 @@ class MoEConfig:
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 
     def _partition_by_domain(self) -> None:
-        """Isolated routing: the routed experts split into one group of equal size per domain, in order."""
+        """Isolated routing: the routed experts split into contiguous groups of equal size, in domain
+        order; each domain owns `domain_experts` of them (an equal share when none are given)."""
         experts, domains = self.n_routed_experts, self.n_domains
         _require(
             experts >= domains,
             f"model.moe.domain_routing=isolated needs at least one routed expert per domain: "
             f"{experts} routed experts for {domains} domains",
         )
+        counts = self.domain_expert_counts()
+        if self.domain_experts:
+            _require(
+                len(counts) == domains and min(counts) >= 1 and sum(counts) == experts,
+                f"model.moe.domain_experts={counts} must give each of the {domains} domains at least one "
+                f"routed expert, {experts} in all",
+            )
+        else:
+            even = [experts // domains + (d < experts % domains) for d in range(domains)]
+            _require(
+                experts % domains == 0,
+                f"model.moe.domain_routing=isolated splits the routed experts into equal groups, one per domain: "
+                f"{experts} routed experts do not divide into {domains} domains (use a multiple of {domains}, "
+                f"or say how many each domain owns, e.g. model.moe.domain_experts=[{','.join(map(str, even))}])",
+            )
+        # groups as large as every domain's experts allow (n_groups given: as large as it says)
+        size = math.gcd(*counts) if self.n_groups == 1 else experts // max(1, self.n_groups)
         _require(
-            experts % domains == 0,
-            f"model.moe.domain_routing=isolated splits the routed experts into equal groups, one per domain: "
-            f"{experts} routed experts do not divide into {domains} domains (use a multiple of {domains})",
+            self.n_groups == 1 or (experts % self.n_groups == 0 and all(count % size == 0 for count in counts)),
+            f"model.moe.domain_routing=isolated needs every domain's experts ({', '.join(map(str, counts))}) "
+            f"to be whole expert groups: not model.moe.n_groups={self.n_groups}",
         )
-        _require(
-            self.n_groups in (1, domains),
-            f"model.moe.domain_routing=isolated uses one expert group per domain ({domains}), "
-            f"not model.moe.n_groups={self.n_groups}",
-        )
-        self.n_groups = domains
+        self.n_groups = experts // size
+        # a token's k experts fit in its top groups: one group per domain, or enough small ones
+        self.topk_groups = min(self.n_groups, max(self.topk_groups, -(-self.experts_per_token // size)))
+
+    def limiting_groups(self) -> tuple[int, int]:
+        """(n_groups, topk_groups) for an engine with DeepSeek's group-limited routing (HF, llama.cpp): (1, 1)
+        where the limit changes nothing (every group kept, or groups of one expert with k of them kept)."""
+        single = self.n_groups == self.n_routed_experts and self.topk_groups >= self.experts_per_token
+        return (1, 1) if single or self.topk_groups == self.n_groups else (self.n_groups, self.topk_groups)
+
+    def domain_expert_counts(self) -> list[int]:
+        """The routed experts each domain owns with isolated routing (contiguous, in domain order)."""
+        if self.domain_experts:
+            return list(self.domain_experts)
+        return [self.n_routed_experts // self.n_domains] * self.n_domains if self.n_domains else []
 
 
 @dataclass
@@ -543,6 +578,11 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
             return number
         if target is str:
             return str(value)
+        if target == list[int]:  # YAML's [2, 3, 4], or "2,3,4" from a command line
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError(value)
+            return [_coerce(item, int, key) for item in items if not (isinstance(item, str) and not item.strip())]
     except (TypeError, ValueError, OverflowError):
         name = getattr(target, "__name__", str(target))
         raise ConfigError(f"config key '{key}' expects {name}, got {value!r}") from None

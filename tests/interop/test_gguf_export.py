@@ -394,12 +394,19 @@ def test_tensors_the_gguf_cannot_hold_are_named(tiny_dense_checkpoint, tmp_path)
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize(("groups", "used"), [(2, 1), (2, 2)])
-def test_deepseek2_group_limited_routing_matches(tiny_genesis_checkpoint, tmp_path, groups, used):
-    """Experts in 2 groups of 2: top-1 group routing, and top-2 of 2 (no limit, written as 1 group)."""
-    checkpoint = copy_with_model_config(
-        tiny_genesis_checkpoint, tmp_path / "grouped", lambda m: m["moe"].update(n_groups=groups, topk_groups=used)
-    )
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {"n_groups": 2, "topk_groups": 1},
+        {"n_groups": 2, "topk_groups": 2},
+        {"domain_routing": "isolated", "n_domains": 2, "domain_experts": [3, 1]},
+    ],
+    ids=["top-1-of-2", "top-2-of-2", "unequal-domain-groups"],
+)
+def test_deepseek2_group_limited_routing_matches(tiny_genesis_checkpoint, tmp_path, moe):
+    """Experts in 2 groups of 2: top-1 group routing, and top-2 of 2 (no limit, written as 1 group); domains
+    owning 3 and 1 experts: 4 groups of one, 2 of them kept (no limit either)."""
+    checkpoint = copy_with_model_config(tiny_genesis_checkpoint, tmp_path / "grouped", lambda m: m["moe"].update(moe))
     out = export_gguf(checkpoint, tmp_path / "grouped.gguf", "f32")
     check_against_darkhorse(checkpoint, out, "f32")
 

@@ -214,6 +214,19 @@ def test_deepseek_export_of_a_group_context_routes_each_token_by_its_own_scores(
     torch.testing.assert_close(hf_logits(out), own_scores, atol=1e-4, rtol=0)
 
 
+def test_deepseek_export_of_unequal_domain_groups_matches(tmp_path, tokenizer_file):
+    """Domains owning 3 and 1 experts route in groups of one expert, which transformers cannot hold (it ranks a
+    group by its two best experts): with k of them kept that is no limit, exported as one group."""
+    deepseek = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    moe = dataclasses.replace(deepseek.moe, domain_routing="isolated", n_domains=2, domain_experts=[3, 1])
+    assert (moe.n_groups, moe.topk_groups) == (4, 2)
+    checkpoint = make_checkpoint(tmp_path / "ckpt", dataclasses.replace(deepseek, moe=moe), tokenizer_file)
+    out = export_checkpoint(checkpoint, tmp_path / "hf", "hf")
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["n_group"], hf["topk_group"]) == (1, 1)
+    torch.testing.assert_close(hf_logits(out), our_logits(checkpoint), atol=1e-4, rtol=0)
+
+
 def test_deepseek_export_of_all_rope_heads_matches(tmp_path, tokenizer_file):
     """qk_nope_head_dim 0 (every q/k dim positional) exports and transformers agrees."""
     base = ARCHITECTURES["DeepseekV3ForCausalLM"]

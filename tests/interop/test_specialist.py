@@ -55,6 +55,21 @@ def test_specialist_keeps_its_domains_groups_and_the_shared_part(context, tmp_pa
     )
 
 
+def test_specialist_of_unequal_domain_groups_keeps_its_domains_experts(tmp_path, make_prepared):
+    """Domains owning 3, 2 and 1 experts (groups of one): the specialist keeps its domain's experts whole."""
+    run = train_isolated(tmp_path, make_prepared, extra=("model.moe.domain_experts=[3, 2, 1]",))
+    full, config, _ = ckpt.load_model(run)
+    tokens = torch.randint(0, config.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        everything = ckpt.load_model(cut_specialist(run, ["a", "b", "c"], tmp_path / "all"))[0]
+        assert torch.equal(everything(tokens).logits, full(tokens).logits)
+    specialist, small, _ = ckpt.load_model(cut_specialist(run, ["b"], tmp_path / "b"))
+    assert (small.model.moe.n_routed_experts, small.model.moe.domain_experts) == (2, [2])
+    assert torch.equal(specialist.layers[0].ffn.experts.up_proj, full.layers[0].ffn.experts.up_proj[3:5])
+    pair = ckpt.load_model(cut_specialist(run, ["a", "c"], tmp_path / "ac"))[1].model.moe
+    assert (pair.n_routed_experts, pair.domain_experts, pair.n_groups) == (4, [3, 1], 4)  # the full model's groups
+
+
 def test_specialist_of_an_unknown_domain_lists_the_models_domains(isolated_run, tmp_path):
     with pytest.raises(DarkhorseError, match=r"--domains legal: .* has the domains a, b, c"):
         cut_specialist(isolated_run, ["b", "legal"], tmp_path / "x")

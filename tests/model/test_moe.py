@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -344,10 +345,92 @@ def test_isolated_alf_balances_within_each_group():
     assert bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0, 0.0, 0.0])  # no group favoured over another
 
 
+def unequal_layer(counts: list[int], **moe) -> MoE:
+    config = moe_config(
+        domain_routing="isolated", n_domains=len(counts), n_routed_experts=sum(counts), domain_experts=counts, **moe
+    )
+    return MoE(config, layer_idx=0).train()
+
+
+def test_unequal_domain_experts_are_groups_of_their_common_size():
+    """A domain owning more experts owns more groups; exports route groups of one expert freely (the same)."""
+    moe = unequal_layer([4, 2, 3], experts_per_token=1).moe
+    assert (moe.n_groups, moe.topk_groups, moe.limiting_groups()) == (9, 1, (1, 1))
+    moe = unequal_layer([4, 2, 2]).moe  # k = 2: groups of two, one of them per token
+    assert (moe.n_groups, moe.topk_groups, moe.limiting_groups()) == (4, 1, (4, 1))
+    moe = unequal_layer([2, 1, 1]).moe  # k = 2 in groups of one: two groups per token, no limit at all
+    assert (moe.n_groups, moe.topk_groups, moe.limiting_groups()) == (4, 2, (1, 1))
+    moe = unequal_layer([7] * 4 + [6] * 6).moe  # Genesis's 64 experts across 10 domains
+    assert (moe.n_groups, moe.topk_groups, moe.limiting_groups()) == (64, 2, (1, 1))
+    from darkhorse.train.routing import isolated_partition
+
+    line = isolated_partition(unequal_layer([4, 2, 3], experts_per_token=1).moe, ["code", "lists", "math"])
+    assert "9 routed experts in 9 groups of 1 (experts code 0-3, lists 4-5, math 6-8)" in line
+
+
+def test_domain_experts_read_from_a_command_line_or_yaml():
+    for value in ("4,2,3", "[4, 2, 3]"):
+        overrides = [
+            "model.moe.domain_routing=isolated",
+            "model.moe.n_routed_experts=9",
+            f"model.moe.domain_experts={value}",
+        ]
+        assert load_run_config("genesis-demo", overrides=overrides).model.moe.domain_experts == [4, 2, 3]
+    with pytest.raises(ConfigError, match="model.moe.domain_experts' expects int"):
+        load_run_config("genesis-demo", overrides=["model.moe.domain_routing=isolated", "model.moe.domain_experts=4,x"])
+
+
+@pytest.mark.parametrize(
+    ("counts", "experts", "message"),
+    [
+        ([4, 2], 9, "each of the 3 domains at least one routed expert, 9 in all"),
+        ([5, 2, 3], 9, "9 in all"),
+        ([9, 0, 0], 9, "at least one"),
+    ],
+)
+def test_domain_experts_that_do_not_fit_the_domains_are_refused(counts, experts, message):
+    config = moe_config(domain_routing="isolated", n_routed_experts=experts, experts_per_token=1)
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(config.moe, n_domains=3, domain_experts=counts)
+    with pytest.raises(ConfigError, match="needs model.moe.domain_routing=isolated"):
+        moe_config(domain_experts=[4, 4])
+
+
+def test_unequal_groups_route_tagged_tokens_inside_their_domains_experts():
+    torch.manual_seed(0)
+    layer = unequal_layer([4, 2, 3], experts_per_token=1)
+    domains = torch.tensor([[0] * 12 + [1] * 12 + [2] * 12 + [255] * 24], dtype=torch.uint8)
+    experts = chosen_experts(layer, torch.randn(1, 60, 32), domains)[:, 0]
+    owner = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    assert torch.equal(owner[experts[:36]], domains[0, :36].long())
+    assert len(experts[:12].unique()) > 1  # a domain's several groups all take tokens
+    assert len(owner[experts[36:]].unique()) > 1  # untagged tokens route freely
+
+
+def test_group_loss_of_a_domain_owning_several_groups_is_their_summed_probability():
+    torch.manual_seed(0)
+    layer = unequal_layer([4, 2, 2], group_loss_weight=1.0)  # groups of two: domain 0 owns groups 0 and 1
+    layer.gate.weight.data.normal_()
+    x, domains = torch.randn(1, 12, 32), torch.tensor([[0, 1, 2] * 4])
+    layer(x, domains=domains)
+    groups = layer.gate(x.view(12, 32)).scores.view(12, 4, 2).sum(-1).softmax(-1)
+    by_domain = torch.stack([groups[:, :2].sum(-1), groups[:, 2], groups[:, 3]], dim=-1)
+    expected = F.nll_loss(by_domain.log(), domains[0])
+    assert float(layer.take_losses()["group"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_unequal_alf_balances_among_each_domains_experts():
+    layer = unequal_layer([4, 2, 3], experts_per_token=1, bias_update_rate=0.1)
+    layer.load_since_step.copy_(torch.tensor([5.0, 1, 1, 1, 2, 2, 9, 0, 0]))
+    layer.after_optimizer_step(1)
+    bias = layer.gate.e_score_correction_bias  # each domain's mean bias stays 0: no domain favoured
+    assert bias.tolist() == pytest.approx([-0.15, 0.05, 0.05, 0.05, 0.0, 0.0, -0.4 / 3, 0.2 / 3, 0.2 / 3])
+
+
 def test_isolated_refusals():
     with pytest.raises(ConfigError, match="at least one routed expert per domain: 2 routed experts for 3 domains"):
         moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=2, experts_per_token=1)
-    with pytest.raises(ConfigError, match="do not divide into 3 domains"):
+    with pytest.raises(ConfigError, match=r"do not divide into 3 domains .*domain_experts=\[3,3,2\]"):
         moe_config(domain_routing="isolated", n_domains=3, n_routed_experts=8)
     with pytest.raises(ConfigError, match="needs model.moe.n_domains"):
         MoE(moe_config(domain_routing="isolated"), layer_idx=0)

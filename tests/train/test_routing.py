@@ -144,3 +144,16 @@ def test_held_out_group_accuracy_is_only_reported_where_groups_are_domains():
     report = held_out_isolation(model, tokens, domains, 16, None, ["a", "b", "c"])
     assert [layer["layer"] for layer in report["layers"]] == [0, 1]
     assert ["token_group_accuracy" in layer for layer in report["layers"]] == [False, True]
+
+
+def test_held_out_group_accuracy_reads_each_experts_domain_with_unequal_groups():
+    """Domains owning 4, 2 and 3 experts: every token sent to expert 3 is predicted as domain 0 (code 0-3)."""
+    isolated = ["model.moe.domain_routing=isolated", "model.moe.n_domains=3", "model.moe.n_routed_experts=9"]
+    model = tiny_moe("model.moe.first_k_dense=0", "model.moe.domain_experts=[4, 2, 3]", *isolated).eval()
+    for layer in moe_layers(model):
+        layer.gate.e_score_correction_bias[3] = 100.0
+    tokens, domains = torch.randint(0, 128, (48,)), torch.tensor([0] * 32 + [1] * 16)
+    report = held_out_isolation(model, tokens, domains, 16, None, ["a", "b", "c"])
+    for row in report["layers"]:
+        assert row["token_group_accuracy"] == pytest.approx(2 / 3)
+        assert row["document_group_accuracy"] == pytest.approx(1 / 2)

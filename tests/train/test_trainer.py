@@ -283,6 +283,18 @@ def test_isolated_routing_refuses_untagged_data_and_too_few_experts(tmp_path, ma
     config = isolated_config("model.moe.n_routed_experts=2", "model.moe.experts_per_token=1")
     with pytest.raises(DarkhorseError, match="2 routed experts for 3 domains"):
         plan_run(config, [(tagged, 1.0)], tmp_path / "run2")
+    config = isolated_config("model.moe.domain_experts=[4, 2]")  # the data has 3 domains
+    with pytest.raises(DarkhorseError, match=r"domain_experts=\[4, 2\] must give each of the 3 domains"):
+        plan_run(config, [(tagged, 1.0)], tmp_path / "run3")
+
+
+def test_unequal_domain_groups_train_and_say_their_partition(tmp_path, make_prepared, capsys):
+    data = make_prepared(tmp_path / "tagged", domains=True)
+    config = isolated_config("train.max_steps=2", "model.moe.domain_experts=[3, 2, 1]")
+    train(config, [(data, 1.0)], tmp_path / "run", verbose=True, live=False)
+    assert "6 routed experts in 6 groups of 1 (experts a 0-2, b 3-4, c 5)" in capsys.readouterr().out
+    _, saved, _ = ckpt.load_model(tmp_path / "run" / "final")
+    assert (saved.model.moe.domain_experts, saved.model.moe.n_groups, saved.model.moe.topk_groups) == ([3, 2, 1], 6, 2)
 
 
 def test_resumed_dashboard_continues_the_loss_sparkline(tmp_path, prepared_dir):

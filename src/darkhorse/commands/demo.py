@@ -229,6 +229,7 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
     """Share of each domain's validation tokens sent to each expert, per MoE layer (None if dense)."""
     import torch
 
+    from darkhorse.model.moe import expert_domains
     from darkhorse.train.routing import moe_layers, route_windows
 
     if not moe_layers(model) or prepared.domains("val") is None:
@@ -242,11 +243,11 @@ def _routing_table(model, prepared, seq_len: int) -> tuple[Any, dict[str, Any]] 
     moe = model.config.moe
     table = Table(title="routing on validation tokens: % of each domain's tokens per expert")
     table.add_column("layer / domain")
-    group_size = moe.n_routed_experts // moe.n_groups
+    owners = expert_domains(moe).tolist() if moe.domain_routing == "isolated" else []
     for expert in range(moe.n_routed_experts):
         label = f"e{expert}"
-        if moe.domain_routing == "isolated":  # each expert under its group's domain, so the isolation shows
-            label += f"\n{prepared.domain_names[expert // group_size]}"
+        if owners:  # each expert under its group's domain, so the isolation shows
+            label += f"\n{prepared.domain_names[owners[expert]]}"
         table.add_column(label, justify="right")
     for layer in report["layers"]:
         if not any(map(sum, layer["counts"])):  # e.g. the MTP block, which plain decoding does not run

@@ -305,10 +305,10 @@ def add_deepseek2_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_expert_feed_forward_length(moe.moe_intermediate_size)
     writer.add_expert_weights_scale(moe.routed_scaling_factor)
     writer.add_expert_weights_norm(moe.norm_topk_prob)
-    # llama.cpp wants topk_groups < n_groups; keeping every group is the same as having one.
-    limited = moe.topk_groups < moe.n_groups
-    writer.add_expert_group_count(moe.n_groups if limited else 1)
-    writer.add_expert_group_used_count(moe.topk_groups if limited else 1)
+    # llama.cpp wants topk_groups < n_groups: a limit that changes nothing is written as one group
+    n_groups, topk_groups = moe.limiting_groups()
+    writer.add_expert_group_count(n_groups)
+    writer.add_expert_group_used_count(topk_groups)
     gating = gguf.ExpertGatingFuncType.SIGMOID if moe.scoring == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
     writer.add_expert_gating_func(gating)
     add_yarn_metadata(writer, cfg)

@@ -20,6 +20,7 @@ EXPERT_TENSOR = re.compile(r"\.ffn\.(gate\.weight|gate\.e_score_correction_bias|
 def cut_specialist(checkpoint: str | Path, domains: list[str], out: str | Path) -> Path:
     """Write to `out` a checkpoint keeping `domains`' expert groups of the isolated `checkpoint`."""
     from darkhorse.model import Transformer
+    from darkhorse.model.moe import expert_domains
 
     model, config, meta = ckpt.load_model(checkpoint)
     moe = config.model.moe
@@ -35,10 +36,16 @@ def cut_specialist(checkpoint: str | Path, domains: list[str], out: str | Path) 
     if unknown or not domains:
         raise DarkhorseError(f"--domains {','.join(unknown)}: {checkpoint} has the domains {', '.join(names)}")
     kept = sorted({names.index(name) for name in domains})
-    size = moe.n_routed_experts // moe.n_groups
-    experts = torch.cat([torch.arange(d * size, (d + 1) * size) for d in kept])
+    owner = expert_domains(moe)
+    experts = torch.cat([(owner == d).nonzero().view(-1) for d in kept])
+    counts = moe.domain_expert_counts()
     small_moe = dataclasses.replace(
-        moe, n_routed_experts=len(experts), n_domains=len(kept), n_groups=len(kept), topk_groups=1
+        moe,
+        n_routed_experts=len(experts),
+        n_domains=len(kept),
+        domain_experts=[counts[d] for d in kept] if moe.domain_experts else [],
+        n_groups=len(experts) // (moe.n_routed_experts // moe.n_groups),  # the full model's groups, kept whole
+        topk_groups=1,
     )
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, moe=small_moe))
     state = {

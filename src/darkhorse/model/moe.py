@@ -250,7 +250,14 @@ class MoE(nn.Module):
             self.register_buffer("domain_prior_mask", domain_expert_mask(moe.n_domains, n_experts), persistent=False)
             self.register_buffer("domain_prior_scale", torch.ones(()))
         if moe.domain_routing == "isolated":
-            self.register_buffer("domain_group_mask", domain_group_mask(moe.n_domains, n_experts), persistent=False)
+            owner = expert_domains(moe)
+            self.register_buffer("expert_domain", owner, persistent=False)
+            self.register_buffer("domain_group_mask", domain_group_mask(owner, moe.n_domains), persistent=False)
+            # [n_domains, n_groups]: the groups each domain owns (one each unless domain_experts is unequal)
+            group_owner = owner.view(moe.n_groups, -1)[:, 0]
+            self.register_buffer(
+                "domain_groups", group_owner == torch.arange(moe.n_domains).unsqueeze(1), persistent=False
+            )
         if moe.group_context:  # per-token group evidence, averaged causally; zero = each token's own scores
             # built without drawing random numbers, so every other weight starts as without the context
             self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False, device="meta")
@@ -416,12 +423,11 @@ class MoE(nn.Module):
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
                 groups = group_scores(routing.scores[tagged], moe.n_groups)
-                own = F.cross_entropy(groups / moe.group_loss_temperature, ids[tagged])
+                own = F.cross_entropy(self._domain_logits(groups / moe.group_loss_temperature), ids[tagged])
                 self.pending_losses["group"] = weight * own
                 if context is not None:
-                    with_context = groups.detach() + context[tagged]
-                    loss = F.cross_entropy(with_context, ids[tagged])
-                    self.pending_losses["group_context"] = weight * loss
+                    with_context = self._domain_logits(groups.detach() + context[tagged])
+                    self.pending_losses["group_context"] = weight * F.cross_entropy(with_context, ids[tagged])
         if moe.aux_loss_alpha > 0:
             n_experts, top_k = moe.n_routed_experts, moe.experts_per_token
             chosen = torch.zeros(batch * seq, n_experts, device=routing.scores.device)
@@ -432,6 +438,13 @@ class MoE(nn.Module):
             self.pending_losses["aux"] = moe.aux_loss_alpha * (fraction * probability).sum(-1).mean()
         if moe.z_loss_weight > 0:
             self.pending_losses["z"] = moe.z_loss_weight * routing.logits.logsumexp(-1).square().mean()
+
+    def _domain_logits(self, groups: torch.Tensor) -> torch.Tensor:
+        """[T, n_groups] group logits -> [T, n_domains]: a domain's probability is its groups' summed (the
+        logits themselves where each domain owns one group)."""
+        if self.moe.n_groups == self.moe.n_domains:
+            return groups
+        return groups.unsqueeze(1).masked_fill(~self.domain_groups, float("-inf")).logsumexp(-1)
 
     def take_losses(self) -> dict[str, torch.Tensor]:
         """Loss terms of the last training forward (cleared so a later forward never reuses them)."""
@@ -455,11 +468,10 @@ class MoE(nn.Module):
         if self.moe.bias_update_rate > 0:
             bias = self.gate.e_score_correction_bias
             if self.moe.domain_routing == "isolated":
-                # balance within each domain's group, and keep every group's mean bias at 0 so that the
-                # bias never favours one group over another when routing picks the group
-                grouped = load.view(self.moe.n_groups, -1)
-                bias += self.moe.bias_update_rate * torch.sign(grouped.mean(-1, keepdim=True) - grouped).view(-1)
-                bias.view(self.moe.n_groups, -1).sub_(bias.view(self.moe.n_groups, -1).mean(-1, keepdim=True))
+                # balance among each domain's experts, and keep every domain's mean bias at 0 so that the
+                # bias never favours one domain over another when routing picks the group
+                bias += self.moe.bias_update_rate * torch.sign(self._domain_mean(load) - load)
+                bias.sub_(self._domain_mean(bias))
             else:
                 bias += self.moe.bias_update_rate * torch.sign(load.mean() - load).float()
         self.last_load = (load / load.mean()).tolist()
@@ -468,19 +480,31 @@ class MoE(nn.Module):
         load.zero_()
         self.dropped_since_step.zero_()
 
+    def _domain_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """[E] -> [E]: each expert's value replaced by the mean over its domain's experts."""
+        owner = self.expert_domain
+        sums = torch.zeros(self.moe.n_domains, dtype=values.dtype, device=values.device).index_add_(0, owner, values)
+        return (sums / self.domain_group_mask[:-1].sum(1).to(values.dtype))[owner]
+
     def _top_share(self, load: torch.Tensor) -> float:
         """How far the busiest expert is from balance towards taking every token it could take (0 = its
         balanced share, k of the experts it competes with; 1 = all the tokens): among the layer's experts, or
-        with isolated routing its group's (a domain's share of the data is no collapse). An absolute share
+        with isolated routing its domain's (a domain's share of the data is no collapse). An absolute share
         would warn on balanced load wherever k is a large part of the experts (k = 2 in groups of 4: 50%
         each). 0 where there are no more experts than a token uses, so there is no choice to collapse."""
         top_k = self.moe.experts_per_token
-        grouped = load.view(self.moe.n_groups if self.moe.domain_routing == "isolated" else 1, -1)
-        if grouped.shape[1] <= top_k:
-            return 0.0
-        share = float((grouped.max(-1).values * top_k / grouped.sum(-1).clamp(min=1)).max())
-        balanced = top_k / grouped.shape[1]
-        return (share - balanced) / (1 - balanced)
+        if self.moe.domain_routing == "isolated":
+            owner = self.expert_domain
+            domains = [load[owner == d] for d in range(self.moe.n_domains)]
+        else:
+            domains = [load]
+        shares = []
+        for competing in domains:
+            if len(competing) > top_k:
+                share = float(competing.max() * top_k / competing.sum().clamp(min=1))
+                balanced = top_k / len(competing)
+                shares.append((share - balanced) / (1 - balanced))
+        return max(shares, default=0.0)
 
     def _check_collapse(self, top_share: float) -> None:
         self.collapse_streak = self.collapse_streak + 1 if top_share >= self.moe.collapse_share else 0
@@ -553,8 +577,15 @@ def domain_expert_mask(n_domains: int, n_experts: int) -> torch.Tensor:
     return torch.cat([mask.float(), torch.zeros(1, n_experts)])
 
 
-def domain_group_mask(n_domains: int, n_experts: int) -> torch.Tensor:
-    """[n_domains + 1, E] bool, True where expert e is in domain d's group (equal contiguous groups,
-    as group-limited routing lays them out); the last row, for untagged tokens, allows every expert."""
-    group = torch.arange(n_experts) // (n_experts // n_domains)
-    return torch.cat([group == torch.arange(n_domains).unsqueeze(1), torch.ones(1, n_experts, dtype=torch.bool)])
+def expert_domains(moe: MoEConfig) -> torch.Tensor:
+    """[E] long: the domain owning each routed expert with isolated routing (contiguous, in domain order)."""
+    counts = moe.domain_expert_counts()
+    repeats = torch.tensor(counts, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(counts)), repeats, output_size=sum(counts))  # also on meta
+
+
+def domain_group_mask(owner: torch.Tensor, n_domains: int) -> torch.Tensor:
+    """[n_domains + 1, E] bool, True where expert e is in domain d's groups (`owner`: each expert's
+    domain); the last row, for untagged tokens, allows every expert."""
+    mask = owner == torch.arange(n_domains).unsqueeze(1)
+    return torch.cat([mask, torch.ones(1, len(owner), dtype=torch.bool)])

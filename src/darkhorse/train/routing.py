@@ -36,8 +36,11 @@ def mutual_information(counts: torch.Tensor) -> float:
 def isolated_partition(moe: MoEConfig, domain_names: list[str]) -> str:
     """One line saying which routed experts each domain's group holds (domain_routing=isolated)."""
     size = moe.n_routed_experts // moe.n_groups
-    names = [domain_names[d] if d < len(domain_names) else f"domain {d}" for d in range(moe.n_groups)]
-    groups = ", ".join(f"{name} {d * size}-{(d + 1) * size - 1}" for d, name in enumerate(names))
+    counts = moe.domain_expert_counts()
+    names = [domain_names[d] if d < len(domain_names) else f"domain {d}" for d in range(len(counts))]
+    firsts = [sum(counts[:d]) for d in range(len(counts))]
+    spans = [f"{first}-{first + n - 1}" if n > 1 else str(first) for first, n in zip(firsts, counts, strict=True)]
+    groups = ", ".join(f"{name} {span}" for name, span in zip(names, spans, strict=True))
     shared = f" + {moe.n_shared_experts} shared for every token" if moe.n_shared_experts else ""
     free = f"; MoE layers before layer {moe.isolated_from_layer} route freely" if moe.isolated_from_layer else ""
     return (
@@ -59,8 +62,8 @@ class RoutingCounter:
         self.layers = moe_layers(model)
         self.load: dict[int, torch.Tensor] = {}
         self.domain_counts: dict[int, torch.Tensor] = {}
-        # record_groups: per layer, the expert group of each full-sequence call's tokens ([batch, seq] per call)
-        self.token_groups: dict[int, list[torch.Tensor]] | None = (
+        # record_groups: per layer, the first expert of each full-sequence call's tokens ([batch, seq] per call)
+        self.token_experts: dict[int, list[torch.Tensor]] | None = (
             {layer.layer_idx: [] for layer in self.layers} if record_groups else None
         )
         self._domains: torch.Tensor | None = None
@@ -89,9 +92,8 @@ class RoutingCounter:
         # an MTP module at depth k routes the last seq - k positions of every row
         batch, seq = self._domains.shape
         routed = routing.experts.shape[0] // batch
-        if self.token_groups is not None and routed == seq:
-            group_size = router.moe.n_routed_experts // router.moe.n_groups
-            self.token_groups[layer_idx].append((routing.experts[:, 0] // group_size).view(batch, seq).cpu())
+        if self.token_experts is not None and routed == seq:
+            self.token_experts[layer_idx].append(routing.experts[:, 0].view(batch, seq).cpu())
         rows = self._domains[:, seq - routed :].reshape(-1, 1).long().expand_as(routing.experts).reshape(-1)
         counts = self.domain_counts[layer_idx]
         counts.view(-1).index_add_(0, rows * counts.shape[1] + experts, ones)
@@ -243,10 +245,10 @@ def held_out_isolation(
         if (
             layer.moe.domain_routing == "isolated"
             and layer.routes_by_domain()
-            and layer.moe.n_groups == len(domain_names)
+            and layer.moe.n_domains == len(domain_names)
         ):
-            groups = torch.cat(counter.token_groups[layer.layer_idx])[real]
-            row.update(group_accuracy(groups, domains, starts, layer.moe.n_groups))
+            groups = layer.expert_domain[torch.cat(counter.token_experts[layer.layer_idx])[real]]
+            row.update(group_accuracy(groups, domains, starts, layer.moe.n_domains))
         layers.append(row)
     moe = counter.layers[0].moe if counter.layers else None
     report = {
@@ -262,8 +264,9 @@ def held_out_isolation(
 
 
 def group_accuracy(groups: torch.Tensor, domains: torch.Tensor, starts: torch.Tensor, n_groups: int) -> dict[str, Any]:
-    """Per token, whether its expert group is its domain's; per document (a new one at each True of
-    `starts`), whether the group most of its tokens pick is. Tokens tagged >= n_groups are left out."""
+    """Per token, whether its expert group is its domain's (`groups`: the domain owning each token's
+    group); per document (a new one at each True of `starts`), whether the group most of its tokens pick
+    is. Tokens tagged >= n_groups are left out."""
     starts = starts.clone()
     starts[0] = True
     document = starts.long().cumsum(0) - 1

@@ -48,6 +48,7 @@ class DeepseekV3Adapter(HFAdapter):
         mla, moe = config.mla, config.moe
         hf = super().config_to_hf(config, tokens, dtype)
         del hf["mlp_bias"]
+        n_group, topk_group = moe.limiting_groups()  # transformers needs groups of at least two experts
         hf.update(
             num_key_value_heads=config.n_heads,  # MLA: every head has its own keys and values
             head_dim=mla.qk_rope_head_dim,
@@ -61,8 +62,8 @@ class DeepseekV3Adapter(HFAdapter):
             n_routed_experts=moe.n_routed_experts,
             n_shared_experts=moe.n_shared_experts,
             num_experts_per_tok=moe.experts_per_token,
-            n_group=moe.n_groups,
-            topk_group=moe.topk_groups,
+            n_group=n_group,
+            topk_group=topk_group,
             routed_scaling_factor=moe.routed_scaling_factor,
             norm_topk_prob=moe.norm_topk_prob,
             scoring_func="sigmoid",

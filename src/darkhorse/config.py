@@ -287,9 +287,9 @@ class MoEConfig:
 
     def limiting_groups(self) -> tuple[int, int]:
         """(n_groups, topk_groups) for an engine with DeepSeek's group-limited routing (HF, llama.cpp): (1, 1)
-        where the limit changes nothing (every group kept, or groups of one expert with k of them kept)."""
-        single = self.n_groups == self.n_routed_experts and self.topk_groups >= self.experts_per_token
-        return (1, 1) if single or self.topk_groups == self.n_groups else (self.n_groups, self.topk_groups)
+        where the limit changes nothing (every group kept, or groups of one expert, of which at least k are)."""
+        unlimited = self.n_groups in (self.topk_groups, self.n_routed_experts)
+        return (1, 1) if unlimited else (self.n_groups, self.topk_groups)
 
     def domain_expert_counts(self) -> list[int]:
         """The routed experts each domain owns with isolated routing (contiguous, in domain order)."""

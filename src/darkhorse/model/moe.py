@@ -440,10 +440,8 @@ class MoE(nn.Module):
             self.pending_losses["z"] = moe.z_loss_weight * routing.logits.logsumexp(-1).square().mean()
 
     def _domain_logits(self, groups: torch.Tensor) -> torch.Tensor:
-        """[T, n_groups] group logits -> [T, n_domains]: a domain's probability is its groups' summed (the
-        logits themselves where each domain owns one group)."""
-        if self.moe.n_groups == self.moe.n_domains:
-            return groups
+        """[T, n_groups] group logits -> [T, n_domains]: a domain's probability is its groups' summed (exactly
+        the group's logit where a domain owns one group)."""
         return groups.unsqueeze(1).masked_fill(~self.domain_groups, float("-inf")).logsumexp(-1)
 
     def take_losses(self) -> dict[str, torch.Tensor]:

@@ -4,9 +4,10 @@ itself with one lever changed, at equal wall-clock on the same tokens.
 The baseline is a config of our own model: AdamW, cosine decay to 0.1x, GELU MLP (ungated, at 1.5x
 ffn_dim so it has SwiGLU's parameter count), learned absolute positions, tied embeddings, at the
 preset's pre-issue-17 lr (BASELINE_LR). What it keeps of ours: RMSNorm, no biases, GQA as the preset has it.
-Each pair trains as two `darkhorse train --minutes M` processes side by side, one thread each, same seed
-(so the same windows in the same order), evaluating once at the end on the same val batches; the
-ratio of their val bits-per-byte is the figure (below 1: the first contender wins).
+Each pair trains as two `darkhorse train --minutes M` processes with the same seed (so the same windows in the
+same order), evaluating once at the end on the same val batches; the ratio of their val bits-per-byte is the
+figure (below 1: the first contender wins). On CPU the two run side by side, one thread each; with `--device
+cuda` one after the other, each with the GPU to itself.
 
 Corpora, prepared once into WORK (reused when present): `package`, Python sources, markdown docs and
 package READMEs from the installed packages (bench/domain_corpus_from_packages.py), and `demo`, the
@@ -14,6 +15,7 @@ chat skills of `darkhorse demo` (data/demo_corpus.py; the loss, and so val bpb, 
 
     .venv/bin/python bench/bench_recipe.py --preset tiny-cpu --minutes 2.5 --work /tmp/recipe
     .venv/bin/python bench/bench_recipe.py --against default --levers muon wsd --minutes 2.5 --work /tmp/recipe
+    .venv/bin/python bench/bench_recipe.py --preset forge-nano --device cuda --minutes 5 --work /tmp/recipe
 """
 
 from __future__ import annotations
@@ -131,20 +133,26 @@ def train_pair(
     seed: int,
     eval_steps: int,
     base: list[str],
+    device: str,
 ) -> list[dict]:
-    """Train both contenders side by side, one thread each; their logged losses and final val figures."""
+    """Train both contenders (on CPU side by side, one thread each; on a GPU one after the other); their
+    logged losses and final val figures."""
     options = ["--preset", preset, "--data", data, "--minutes", minutes]
     overrides = [
         "train.max_steps=0", f"train.seed={seed}", "train.eval_interval=1000000000", f"train.eval_steps={eval_steps}",
-        "train.save_interval=0", "train.log_interval=25", "train.device=cpu",
+        "train.save_interval=0", "train.log_interval=25", f"train.device={device}",
     ]  # fmt: skip
+    side_by_side = device == "cpu"
     processes = []
     for name in names:
         out = runs / f"{data.name}-{name}-{seed}"
         if out.exists():
             subprocess.run(["rm", "-rf", out], check=True)
         args = ["train", *options, "--out", out, *overrides, *contender(name, preset, base)]
-        processes.append((name, out, darkhorse(*args, threads=1, wait=False)))
+        process = darkhorse(*args, threads=1 if side_by_side else None, wait=False)
+        if not side_by_side:
+            process.wait()  # the next one starts with the device to itself
+        processes.append((name, out, process))
     results = []
     for name, out, process in processes:
         if process.wait():
@@ -179,10 +187,12 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=40, help="val batches scored at the end")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--log", type=Path, help="append each pair's results (losses included) here as JSON lines")
+    parser.add_argument("--device", default="cpu", help="cpu (the pair side by side) or cuda[:N] (one after the other)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     dirs = prepare_corpora(args.work, args.vocab_size)
-    print(f"{args.preset}, {args.minutes:g} min per run, 2 processes x 1 thread; load {os.getloadavg()[0]:.2f}")
+    how = "2 processes x 1 thread" if args.device == "cpu" else f"one after the other on {args.device}"
+    print(f"{args.preset}, {args.minutes:g} min per run, {how}; load {os.getloadavg()[0]:.2f}")
     if args.base:
         print(f"default and levers with: {' '.join(args.base)}")
     print(f"{'corpus':<9}{'lever':<14}{'first bpb':>10}{'steps':>7}{'lever bpb':>10}{'steps':>7}{'ratio':>8}")
@@ -190,8 +200,10 @@ def main() -> None:
         for lever in args.levers:
             ratios = []
             for repeat in range(args.repeats):
-                pair = train_pair(args.preset, (args.against, lever), dirs[corpus], args.work / "runs",
-                                  args.minutes, args.seed + repeat, args.eval_steps, args.base)  # fmt: skip
+                pair = train_pair(
+                    args.preset, (args.against, lever), dirs[corpus], args.work / "runs", args.minutes,
+                    args.seed + repeat, args.eval_steps, args.base, args.device,
+                )  # fmt: skip
                 first, second = pair
                 ratios.append(second["val_bpb"] / first["val_bpb"])
                 print(

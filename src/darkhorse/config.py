@@ -426,6 +426,9 @@ class TrainConfig:
     seq_warmup_steps: int = 0
     max_steps: int = 1000  # with a time budget (minutes), a cap; 0 = none
     minutes: float = 0.0  # wall-clock budget: the schedule follows the time spent and the run stops at it; 0 = off
+    # with a time budget, a step floor: the run goes on past the clock until this many steps, and the schedule
+    # follows whichever of time and steps is less far along (a slow machine still gets the steps); 0 = none
+    min_steps: int = 0
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -487,6 +490,9 @@ class TrainConfig:
         if self.minutes == 0:
             _require(self.max_steps > 0, f"train.max_steps must be > 0 without train.minutes, got {self.max_steps}")
         check_range("train.max_steps", self.max_steps, ge=0)  # 0: no step cap under a time budget
+        check_range("train.min_steps", self.min_steps, ge=0)
+        if self.min_steps:  # max_steps still caps it, as it caps the budget
+            _require(self.minutes > 0, f"train.min_steps ({self.min_steps}) is a floor under train.minutes, which is 0")
         for name in (
             "warmup_steps",
             "batch_warmup_steps",

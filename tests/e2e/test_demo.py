@@ -51,6 +51,9 @@ def test_rejects_a_file_as_out_and_a_bad_budget(tmp_path, capsys):
         with pytest.raises(SystemExit) as refused:
             main(["demo", *budget, "--out", str(tmp_path / "d")])
         assert refused.value.code == 2 and f"argument {budget[0]}: must be > 0" in capsys.readouterr().err
+    for fixed in (["--max-steps", "300"], ["--quick"]):
+        assert main(["demo", *fixed, "--min-steps", "100", "--out", str(tmp_path / "d")]) == 2
+        assert "--min-steps is a floor under --minutes" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

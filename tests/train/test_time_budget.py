@@ -78,6 +78,51 @@ def test_a_budget_run_stops_when_the_time_is_spent_with_the_decay_at_its_end(tmp
     assert ckpt.load_trainer_state(result.checkpoint)["spent_seconds"] == 6.0
 
 
+def test_a_step_floor_holds_the_schedule_to_the_steps_where_the_clock_runs_out_first():
+    train = TrainConfig(schedule="wsd", minutes=1.0, max_steps=0, min_steps=20, warmup_steps=2, min_lr_ratio=0.1)
+    spent = [100.0]  # the budget is spent already: the steps say how far along the run is
+    multiplier = lr_multiplier(train, lambda: spent[0])
+    assert multiplier(14) == 1.0  # step 14 ends 15/20 = 75% of the way: stable
+    assert 0.1 < multiplier(17) < 1.0  # 90%: half way down the decay
+    assert multiplier(19) == pytest.approx(0.1)  # the 20th step runs at the floor
+    spent[0] = 20.0  # step 17 ends at 21.2 s of 60: time is less far along than the steps (18 of 20) and leads
+    assert multiplier(17) == 1.0
+    with pytest.raises(ConfigError, match="train.min_steps .* a floor under train.minutes"):
+        load_run_config("tiny-cpu", overrides=["train.min_steps=20"])
+    with pytest.raises(ConfigError, match="train.min_steps"):
+        budget_config("train.min_steps=-1")
+
+
+def test_a_budget_run_with_a_step_floor_goes_on_past_the_clock_and_resumes_exactly(tmp_path, prepared_dir):
+    """The fake clock spends the budget in 12 steps; a floor of 20 holds the run on, the decay over its last
+    20% of the steps; cut at 14 by max_steps (it caps the floor too) and resumed, the run is bit-identical."""
+    whole = run(budget_config("train.min_steps=20"), [(prepared_dir, 1.0)], tmp_path / "whole")
+    assert whole.step == 20 and whole.checkpoint.name == "final"
+    records = steps_logged(tmp_path / "whole")
+    lrs = [records[step]["lr"] for step in range(1, 21)]
+    assert set(lrs[1:16]) == {1e-3} and all(a > b for a, b in zip(lrs[15:], lrs[16:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4) and records[20]["spent_s"] == 10.0
+    line = plain_line(records[12], 0, 4.0, budget_s=6.0, min_steps=20)
+    assert line.startswith("step 12 of at least 20 (6s of 6s) | loss") and line.endswith("ETA 4s")
+    capped = run(budget_config("train.min_steps=20", "train.max_steps=14"), [(prepared_dir, 1.0)], tmp_path / "split")
+    assert capped.step == 14
+    resumed = run(budget_config("train.min_steps=20"), [], tmp_path / "split", resume=True)
+    assert resumed.step == 20
+    split = steps_logged(tmp_path / "split")
+    assert [(r["loss"], r["lr"], r["spent_s"]) for r in records.values()] == [
+        (r["loss"], r["lr"], r["spent_s"]) for r in split.values()
+    ]
+
+
+def test_the_dashboard_counts_down_the_steps_a_floor_still_asks_for():
+    from darkhorse.train.dashboard import Dashboard
+
+    dashboard = Dashboard(".", max_steps=0, start_step=0, budget_s=6.0, min_steps=20, train_tokens=1, verbose=False)
+    assert dashboard.eta({"step": 12, "spent_s": 6.0}) == pytest.approx(4.0)  # 8 steps at 0.5 s
+    assert dashboard.eta({"step": 4, "spent_s": 2.0}) == pytest.approx(8.0)  # the clock's 4 s, the steps' 8 s
+    assert dashboard.eta({"step": 20, "spent_s": 10.0}) == 0.0
+
+
 @pytest.mark.parametrize("warmup", [[], ["train.batch_warmup_steps=8", "train.seq_warmup_steps=8"]])
 def test_a_budget_run_resumes_exactly_and_max_steps_still_caps(tmp_path, prepared_dir, warmup):
     """Also with the batch and the windows still growing (issue 17) where the run is cut."""
@@ -141,9 +186,18 @@ def test_demo_trains_on_the_clock_and_keeps_max_steps_exact(monkeypatch):
 
     monkeypatch.setattr(demo, "probe_step_seconds", lambda config, data, console: 0.1)
     prepared = SimpleNamespace(vocab_size=512, path=None)
-    args = SimpleNamespace(quick=False, seed=0, preset="demo-cpu", overrides=[], minutes=0.5, max_steps=None)
+    args = SimpleNamespace(
+        quick=False, seed=0, preset="demo-cpu", overrides=[], minutes=0.5, max_steps=None, min_steps=0
+    )
     timed = demo._build_config(args, prepared, Console(quiet=True)).train
-    assert (timed.minutes, timed.max_steps, timed.warmup_steps, timed.eval_interval) == (0.5, 0, 15, 75)
+    assert (timed.minutes, timed.max_steps, timed.min_steps, timed.warmup_steps, timed.eval_interval) == (
+        0.5, 0, 0, 15, 75
+    )  # fmt: skip
+    args.min_steps = None  # the default floor: 30 s buy 300 steps here, so the demo expects its 1,500
+    floored = demo._build_config(args, prepared, Console(quiet=True)).train
+    assert (floored.min_steps, floored.warmup_steps, floored.source_steps) == (demo.MIN_STEPS, 75, 750)
+    args.minutes = 5.0  # 3,000 steps in the budget: the floor is no limit
+    assert demo._build_config(args, prepared, Console(quiet=True)).train.source_steps == 1500
     args.max_steps = 40
     stepped = demo._build_config(args, prepared, Console(quiet=True)).train
-    assert (stepped.minutes, stepped.max_steps) == (0, 40)
+    assert (stepped.minutes, stepped.max_steps, stepped.min_steps) == (0, 40, 0)

@@ -20,17 +20,18 @@ RUN_DIR gets step-NNNNNN/ checkpoints (the newest train.keep_last kept), final/,
 current step, save a checkpoint and exit with status 130 or 143; --resume then continues with exactly
 the same losses, from the newest intact checkpoint (a damaged one is reported and skipped). One run
 at a time uses a RUN_DIR: a second is refused, naming the first one's pid.
-A resumed run keeps its config; only max-steps, minutes, the intervals, keep_last, device, compile,
-kernels and max_bad_steps may change. With a terminal the progress shows as a live view, otherwise as one
-line per --log-interval.
+A resumed run keeps its config; only max-steps, minutes, min_steps, the intervals, keep_last, device,
+compile, kernels and max_bad_steps may change. With a terminal the progress shows as a live view,
+otherwise as one line per --log-interval.
 
 --minutes N (train.minutes) is a wall-clock budget: the lr schedule's decay (cosine over the whole
 budget, wsd over its last train.wsd_decay_fraction) follows the share of the budget spent rather
 than of the steps, so it lands on the budget's end however the machine's load moves,
 and the run stops (saving final/) once the budget is spent. Warmup stays in steps. There is no step
-cap unless --max-steps (or train.max_steps=K) gives one. The time spent is saved with every
-checkpoint, so --resume spends only what is left (setup and the time between runs do not count), and
-`--resume --minutes 20` makes the budget 20 minutes in all.
+cap unless --max-steps (or train.max_steps=K) gives one; train.min_steps=K is a floor: the run goes
+on past the clock until K steps, the decay following whichever of time and steps is less far along.
+The time spent is saved with every checkpoint, so --resume spends only what is left (setup and the
+time between runs do not count), and `--resume --minutes 20` makes the budget 20 minutes in all.
 
 Several processes (train.parallel=ddp, or fsdp: ZeRO-3 sharding with sharded checkpoints):
   darkhorse train --nproc 2 --preset d20 --data DIR --out runs/d20      torchrun on this machine

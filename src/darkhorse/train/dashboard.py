@@ -48,17 +48,25 @@ def format_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s:.0f}"
 
 
-def progress_text(record: dict[str, Any], max_steps: int, budget_s: float = 0.0) -> str:
-    """`step 120/1000`; under a time budget `step 120 (2m30s of 10m00s)`, with `/cap` when max_steps caps it."""
+def progress_text(record: dict[str, Any], max_steps: int, budget_s: float = 0.0, min_steps: int = 0) -> str:
+    """`step 120/1000`; under a time budget `step 120 (2m30s of 10m00s)`, with `/cap` when max_steps caps it
+    and `of at least N` when train.min_steps holds it on past the clock."""
     if not budget_s:
         return f"step {record['step']}/{max_steps}"
     cap = f"/{max_steps}" if max_steps else ""
-    return f"step {record['step']}{cap} ({format_duration(record['spent_s'])} of {format_duration(budget_s)})"
+    floor = f" of at least {min_steps}" if min_steps else ""
+    return f"step {record['step']}{cap}{floor} ({format_duration(record['spent_s'])} of {format_duration(budget_s)})"
 
 
-def plain_line(record: dict[str, Any], max_steps: int, eta_s: float | None, budget_s: float = 0.0) -> str:
+def plain_line(
+    record: dict[str, Any], max_steps: int, eta_s: float | None, budget_s: float = 0.0, min_steps: int = 0
+) -> str:
     """`step 120/1000 | loss 3.412 | lr 3.0e-04 | 12.3k tok/s | MFU 4.1% | mem 1.2 GiB | ETA 3m12s`."""
-    parts = [progress_text(record, max_steps, budget_s), f"loss {record['loss']:.3f}", f"lr {record['lr']:.1e}"]
+    parts = [
+        progress_text(record, max_steps, budget_s, min_steps),
+        f"loss {record['loss']:.3f}",
+        f"lr {record['lr']:.1e}",
+    ]
     parts.append(f"{format_rate(record['tokens_per_s'])} tok/s")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
@@ -118,6 +126,7 @@ class Dashboard:
         max_steps: int,
         start_step: int,
         budget_s: float = 0.0,
+        min_steps: int = 0,
         train_tokens: int,
         verbose: bool = True,
         live: bool | None = None,
@@ -127,14 +136,15 @@ class Dashboard:
         log_file: Path | None = None,
     ) -> None:
         """`history`: the records a resumed run already logged, so the loss sparkline goes on where it was.
-        `budget_s`: a time budget (train.minutes): progress and ETA follow the records' `spent_s`.
+        `budget_s`: a time budget (train.minutes): progress and ETA follow the records' `spent_s`, and their
+        steps too while under `min_steps` (train.min_steps).
         `record=False` writes no metrics (ranks other than 0); `log_file` also gets every printed line."""
         self.metrics_file = Path(run_dir) / METRICS_FILE
         self.record, self.log_file = record, log_file
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)
         self.max_steps, self.start_step, self.train_tokens = max_steps, start_step, train_tokens
-        self.budget_s = budget_s
+        self.budget_s, self.min_steps = budget_s, min_steps
         self.verbose, self.logger = verbose, logger
         self.live_view = None
         self.losses: list[float] = [record["loss"] for record in history if "loss" in record]
@@ -160,9 +170,12 @@ class Dashboard:
             self.logger.close()
 
     def eta(self, record: dict[str, Any]) -> float | None:
-        if self.budget_s:
-            return max(self.budget_s - record["spent_s"], 0.0)
         step = record["step"]
+        if self.budget_s:
+            left = self.budget_s - record["spent_s"]
+            if self.min_steps and 0 < step < self.min_steps:  # the steps the floor still asks for, at this pace
+                left = max(left, record["spent_s"] / step * (self.min_steps - step))
+            return max(left, 0.0)
         done = step - self.start_step
         if done <= 0:
             return None
@@ -189,7 +202,7 @@ class Dashboard:
         self._append(record)
         self.losses.append(record["loss"])
         self.latest = record
-        line = plain_line(record, self.max_steps, self.eta(record), self.budget_s)
+        line = plain_line(record, self.max_steps, self.eta(record), self.budget_s, self.min_steps)
         self._log(line)
         if not self.verbose:
             return
@@ -228,9 +241,11 @@ class Dashboard:
         header.add_column(ratio=1)
         header.add_column(justify="right")
         total, completed = (self.budget_s, record["spent_s"]) if self.budget_s else (self.max_steps, record["step"])
+        if self.min_steps:  # the bar follows whichever of time and steps is less far along
+            completed = min(completed, self.budget_s * record["step"] / self.min_steps)
         header.add_row(
             ProgressBar(total=total, completed=completed),
-            f" {progress_text(record, self.max_steps, self.budget_s)}  "
+            f" {progress_text(record, self.max_steps, self.budget_s, self.min_steps)}  "
             f"ETA {format_duration(eta) if eta is not None else '-'}",
         )
         table = Table.grid(padding=(0, 2))

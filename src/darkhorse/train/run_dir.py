@@ -42,6 +42,7 @@ LOCK_FILE = ".lock"
 RESUMABLE_KEYS = (
     "max_steps",
     "minutes",
+    "min_steps",
     "eval_interval",
     "eval_steps",
     "save_interval",

@@ -48,19 +48,29 @@ def lr_multiplier(train: TrainConfig, spent: Callable[[], float] | None = None) 
     return multiplier
 
 
+def budget_share(spent_s: float, steps: int, train: TrainConfig) -> float:
+    """How far a time-budget run is after `steps` steps in `spent_s` seconds, from 0 to 1: the share of
+    `train.minutes` spent, or of `train.min_steps` taken when that is less (the floor holds the run on
+    past the clock). The run is over at 1."""
+    share = spent_s / (train.minutes * 60)
+    if train.min_steps:
+        share = min(share, steps / train.min_steps)
+    return min(share, 1.0)
+
+
 def budget_multiplier(train: TrainConfig, spent: Callable[[], float]) -> Callable[[int], float]:
     """The schedule driven by wall-clock time: warmup stays in steps, the decay (cosine over the
-    whole budget, wsd over its last `wsd_decay_fraction`) follows the share of
-    `train.minutes` that will be spent when step `step` ends, projected from the mean step time so
-    far (`spent()` seconds over `step` steps). The decay lands on the budget's end however the
-    machine's load moves, and the step that ends it runs at `min_lr_ratio`."""
-    warmup, floor, budget = train.warmup_steps, train.min_lr_ratio, train.minutes * 60
+    whole budget, wsd over its last `wsd_decay_fraction`) follows `budget_share` as it will be when
+    step `step` ends, the time projected from the mean step time so far (`spent()` seconds over
+    `step` steps). The decay lands on the budget's end however the machine's load moves, and the
+    step that ends it runs at `min_lr_ratio`."""
+    warmup, floor = train.warmup_steps, train.min_lr_ratio
     decay_start = 0.0 if train.schedule == "cosine" else 1.0 - train.wsd_decay_fraction
 
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(spent() * (step + 1) / step / budget, 1.0) if step else 0.0
+        progress = budget_share(spent() * (step + 1) / step, step + 1, train) if step else 0.0
         if train.schedule == "constant" or progress < decay_start:
             return 1.0
         return _cosine((progress - decay_start) / (1.0 - decay_start), floor)

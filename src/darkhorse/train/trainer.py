@@ -68,7 +68,7 @@ from darkhorse.train.plan import Layout, plan_layout
 from darkhorse.train.reports import write_run_reports
 from darkhorse.train.routing import RoutingCounter, held_out_isolation, isolated_partition, isolation_lines
 from darkhorse.train.run_dir import RunPlan, claimed_run_dir, plan_run, read_history
-from darkhorse.train.schedule import build_schedulers, lr_multiplier
+from darkhorse.train.schedule import budget_share, build_schedulers, lr_multiplier
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_PROMPT_TOKENS = 8
@@ -269,6 +269,7 @@ class Trainer:
             max_steps=self.train_cfg.max_steps,
             start_step=self.step,
             budget_s=self.train_cfg.minutes * 60,
+            min_steps=self.train_cfg.min_steps,
             train_tokens=self.loader.train_tokens,
             verbose=verbose and main,
             live=live,
@@ -293,10 +294,11 @@ class Trainer:
         return seconds
 
     def finished(self) -> bool:
-        """Whether the run is over: max_steps reached (0: no cap) or its time budget spent."""
+        """Whether the run is over: max_steps reached (0: no cap) or its time budget spent (and its
+        min_steps taken)."""
         cfg = self.train_cfg
         out_of_steps = cfg.max_steps > 0 and self.step >= cfg.max_steps
-        return out_of_steps or (cfg.minutes > 0 and self.spent >= cfg.minutes * 60)
+        return out_of_steps or (cfg.minutes > 0 and budget_share(self.spent, self.step, cfg) >= 1.0)
 
     def _fit_to_world(self, plan: RunPlan) -> RunConfig:
         """The run's config, with the micro-batch per rank that keeps a resumed run's global batch
@@ -523,7 +525,9 @@ class Trainer:
             )
         length = f"{cfg.max_steps} steps"
         if cfg.minutes:
-            length = f"{cfg.minutes:g} minutes" + (f" (at most {cfg.max_steps} steps)" if cfg.max_steps else "")
+            limits = [f"at least {cfg.min_steps}"] if cfg.min_steps else []
+            limits += [f"at most {cfg.max_steps}"] if cfg.max_steps else []
+            length = f"{cfg.minutes:g} minutes" + (f" ({' and '.join(limits)} steps)" if limits else "")
         say(
             f"training {self.config.name or 'model'}: {self.model.num_params():,} parameters on {self.device} "
             f"({cfg.dtype}, {self.kernels} kernels{', compiled' if self.compiled else ''}), "

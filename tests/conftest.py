@@ -33,7 +33,10 @@ TINY_CYCLE = (
 
 def _tiny_corpus() -> list[str]:
     """Windows of one fixed word cycle (every word has one successor: confident, tie-free greedy
-    decoding after a few dozen steps) plus a few chat turns so the special tokens appear."""
+    decoding after a few dozen steps) plus chat turns "after one?" -> "two".
+
+    The chat turns repeat 8 times: seen once each, 40 steps left replies empty or one character on some
+    CPUs' rounding, and the chat, eval and page tests need a model that answers in words."""
     from darkhorse.data.chat_format import render_conversation
 
     cycle = list(TINY_CYCLE) * 3
@@ -41,7 +44,7 @@ def _tiny_corpus() -> list[str]:
     texts += [
         render_conversation([{"role": "user", "content": f"after {w}?"}, {"role": "assistant", "content": w2}])
         for w, w2 in zip(TINY_CYCLE, TINY_CYCLE[1:], strict=False)
-    ]
+    ] * 8
     return texts
 
 
@@ -87,7 +90,7 @@ def tiny_words() -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def tiny_dense_checkpoint(tmp_path_factory):
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dense") / "final")
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-dense") / "final", steps=120)
 
 
 # -- prepared data dirs written directly in the on-disk format (trainer tests) ----------------------

@@ -162,6 +162,10 @@ class MoEConfig:
     # its logits are the group scores (sums of two sigmoids, in [0, 2]) / this: below 1 the loss can
     # saturate once the right group leads, where at 1 even perfect routing pays ~0.24 nats and keeps pushing
     group_loss_temperature: float = 1.0
+    # isolated: the group loss's gradient reaches only the first N dims of the router's input (0 = all),
+    # so the residual stream is asked to carry the domain in those dims alone (kinds3, width 256: -0.5 to
+    # -1.7% bits/byte against the whole stream at N=16, docs/experiments.md, thirteenth session)
+    group_loss_dims: int = 0
     # isolated: the group loss's weight rises linearly from 0 to group_loss_weight over this many steps
     # (0 = full weight from the start), so the LM shapes the residual stream before the loss pushes it
     group_loss_warmup: int = 0
@@ -231,6 +235,7 @@ class MoEConfig:
             "group_loss_weight",
             "group_loss_warmup",
             "isolated_from_layer",
+            "group_loss_dims",
         ):
             _require(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0")
         _require(
@@ -247,6 +252,10 @@ class MoEConfig:
         _require(
             not self.group_context or self.domain_routing == "isolated",
             "model.moe.group_context ranks the domains' expert groups: it needs model.moe.domain_routing=isolated",
+        )
+        _require(
+            self.group_loss_dims == 0 or self.domain_routing == "isolated",
+            "model.moe.group_loss_dims shapes the group loss: it needs model.moe.domain_routing=isolated",
         )
         _require(self.collapse_steps >= 1, "model.moe.collapse_steps must be >= 1")
 
@@ -402,6 +411,10 @@ class ModelConfig:
             _require(
                 0 <= self.moe.first_k_dense <= self.n_layers,
                 "model.moe.first_k_dense must be between 0 and model.n_layers",
+            )
+            _require(
+                self.moe.group_loss_dims <= self.dim,
+                f"model.moe.group_loss_dims ({self.moe.group_loss_dims}) must be at most model.dim ({self.dim})",
             )
 
     @property

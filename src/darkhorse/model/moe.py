@@ -63,6 +63,10 @@ class Router(nn.Module):
         """[T, E] fp32 logits (a LoRA router adds its low-rank term here)."""
         return F.linear(x.float(), self.weight.float())
 
+    def scores_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """[T, E] expert affinities: sigmoid (DeepSeek-V3) or softmax scoring of the logits."""
+        return logits.sigmoid() if self.moe.scoring == "sigmoid" else logits.softmax(dim=-1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -73,7 +77,7 @@ class Router(nn.Module):
         (the document's group posterior)."""
         moe = self.moe
         logits = self.router_logits(x)
-        scores = logits.sigmoid() if moe.scoring == "sigmoid" else logits.softmax(dim=-1)
+        scores = self.scores_of(logits)
         selection = scores.detach() + self.e_score_correction_bias.float()
         if selection_bonus is not None:
             selection = selection + selection_bonus
@@ -392,7 +396,7 @@ class MoE(nn.Module):
 
         if self.training:
             self._record(counts, kept)
-            self._collect_losses(routing, batch, seq, domains, context)
+            self._collect_losses(routing, batch, seq, domains, context, flat)
         return out.view(batch, seq, dim)
 
     def _apply_capacity(
@@ -410,7 +414,13 @@ class MoE(nn.Module):
         self.dropped_since_step += (counts - kept).sum()
 
     def _collect_losses(
-        self, routing: Routing, batch: int, seq: int, domains: torch.Tensor | None, context: torch.Tensor | None
+        self,
+        routing: Routing,
+        batch: int,
+        seq: int,
+        domains: torch.Tensor | None,
+        context: torch.Tensor | None,
+        flat: torch.Tensor,
     ) -> None:
         """Optional sequence-wise balance loss (DeepSeek-V3 eq. 17-20), router z-loss, and with isolated
         routing the group-prediction loss (with a group context, on the scores with and without it, so
@@ -422,7 +432,12 @@ class MoE(nn.Module):
             tagged = ids < moe.n_domains
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
-                groups = group_scores(routing.scores[tagged], moe.n_groups)
+                scores = routing.scores
+                if moe.group_loss_dims > 0:  # the same scores, with the rest of the stream out of its gradient
+                    reserved = moe.group_loss_dims
+                    read = torch.cat([flat[:, :reserved], flat[:, reserved:].detach()], dim=-1)
+                    scores = self.gate.scores_of(self.gate.router_logits(read))
+                groups = group_scores(scores[tagged], moe.n_groups)
                 own = F.cross_entropy(self._domain_logits(groups / moe.group_loss_temperature), ids[tagged])
                 self.pending_losses["group"] = weight * own
                 if context is not None:

@@ -432,12 +432,12 @@ class MoE(nn.Module):
             tagged = ids < moe.n_domains
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
-                scores = routing.scores
+                scores = routing.scores[tagged]
                 if moe.group_loss_dims > 0:  # the same scores, with the rest of the stream out of its gradient
-                    reserved = moe.group_loss_dims
-                    read = torch.cat([flat[:, :reserved], flat[:, reserved:].detach()], dim=-1)
+                    reserved, rows = moe.group_loss_dims, flat[tagged]
+                    read = torch.cat([rows[:, :reserved], rows[:, reserved:].detach()], dim=-1)
                     scores = self.gate.scores_of(self.gate.router_logits(read))
-                groups = group_scores(scores[tagged], moe.n_groups)
+                groups = group_scores(scores, moe.n_groups)
                 own = F.cross_entropy(self._domain_logits(groups / moe.group_loss_temperature), ids[tagged])
                 self.pending_losses["group"] = weight * own
                 if context is not None:

@@ -433,7 +433,7 @@ class MoE(nn.Module):
             if bool(tagged.any()):
                 # cross-entropy of the tag against the scores group-limited routing ranks groups by
                 scores = routing.scores[tagged]
-                if moe.group_loss_dims > 0:  # the same scores, with the rest of the stream out of its gradient
+                if 0 < moe.group_loss_dims < flat.shape[-1]:  # the same scores, the rest of the stream detached
                     reserved, rows = moe.group_loss_dims, flat[tagged]
                     read = torch.cat([rows[:, :reserved], rows[:, reserved:].detach()], dim=-1)
                     scores = self.gate.scores_of(self.gate.router_logits(read))

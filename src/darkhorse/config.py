@@ -447,6 +447,9 @@ class TrainConfig:
     muon_precision: str = "auto"
     embedding_lr: float = 0.0  # the token (and position) embeddings' lr; 0 = train.lr
     head_lr: float = 0.0  # an untied output head's lr (model.tie_embeddings=false); 0 = train.lr
+    # the MoE routers' lr on the element-wise optimizer (AdamW or Lion, as the embeddings); 0 = trained as the
+    # other matrices (by Muon at muon_lr under optimizer=muon)
+    router_lr: float = 0.0
     scalar_optimizer: str = "adamw"  # adamw | lion: for embeddings, norms and other non-matrix params
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -516,6 +519,7 @@ class TrainConfig:
         check_range("train.muon_lr", self.muon_lr, gt=0)
         check_range("train.embedding_lr", self.embedding_lr, ge=0)
         check_range("train.head_lr", self.head_lr, ge=0)
+        check_range("train.router_lr", self.router_lr, ge=0)
         check_range("train.mtp_weight", self.mtp_weight, ge=0)
         check_range("train.beta1", self.beta1, ge=0, lt=1)
         check_range("train.beta2", self.beta2, ge=0, lt=1)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from darkhorse.config import TrainConfig
+from darkhorse.config import TrainConfig, load_run_config
+from darkhorse.model import Transformer
+from darkhorse.model.moe import Router
 from darkhorse.train.optim import Lion, Muon, build_optimizers, newton_schulz_dtype, split_parameters
 from darkhorse.train.schedule import build_schedulers, lr_multiplier
 
@@ -79,6 +81,32 @@ def test_parameters_split_into_matrices_embeddings_and_vectors():
     for optimizer in build_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu")):
         for group in optimizer.param_groups:
             assert not any(p is model.routing_bias for p in group["params"])  # buffers are never optimized
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_router_lr_takes_the_routers_to_their_own_element_wise_group(optimizer):
+    config = load_run_config("genesis-tiny", overrides=["model.n_layers=3", "model.vocab_size=64", "model.mtp_depth=0"])
+    model = Transformer(config.model)
+    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
+    assert len(routers) == 2  # genesis-tiny's first layer is dense
+
+    def routers_group(train: TrainConfig) -> tuple[str, float, bool]:
+        """(optimizer, lr, whether the group holds the routers alone) of the one group with the routers."""
+        (found,) = [
+            (type(built).__name__, group["lr"], {id(p) for p in group["params"]} == routers)
+            for built in build_optimizers(model, train, torch.device("cpu"))
+            for group in built.param_groups
+            if {id(p) for p in group["params"]} & routers
+        ]
+        return found
+
+    default = TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02)
+    assert routers_group(default) == (("Muon", 0.02, False) if optimizer == "muon" else ("AdamW", 3e-3, False))
+    assert routers_group(TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02, router_lr=1e-3)) == (
+        "AdamW",
+        1e-3,
+        True,
+    )
 
 
 @pytest.mark.parametrize("scalar_optimizer", ["adamw", "lion"])

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from darkhorse.config import TrainConfig
+from darkhorse.model.moe import Router
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch's Muon defaults
 LION_BETAS = (0.9, 0.99)  # Chen et al. (2023), as the nanochat-train recipe uses
@@ -249,13 +250,14 @@ def split_parameters(
     return hidden, embeddings, head, vectors
 
 
-def _element_wise_groups(embeddings: list, head: list, vectors: list, train: TrainConfig) -> list[dict]:
-    """Embeddings and head at their own lr (train.embedding_lr, train.head_lr; 0 = train.lr), decayed;
-    1-D params at train.lr, undecayed. Empty groups are left out."""
+def _element_wise_groups(embeddings: list, head: list, routers: list, vectors: list, train: TrainConfig) -> list[dict]:
+    """Embeddings and head at their own lr (train.embedding_lr, train.head_lr; 0 = train.lr) and routers at
+    train.router_lr, decayed; 1-D params at train.lr, undecayed. Empty groups are left out."""
     decay = {"weight_decay": train.weight_decay}
     groups = [
         {"params": embeddings, "lr": train.embedding_lr or train.lr, **decay},
         {"params": head, "lr": train.head_lr or train.lr, **decay},
+        {"params": routers, "lr": train.router_lr, **decay},
         {"params": vectors, "lr": train.lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
@@ -273,10 +275,16 @@ def build_optimizers(model: nn.Module, train: TrainConfig, device: torch.device)
     """The optimizers for `train.optimizer`; call after the model is on its device.
 
     Weight decay applies to matrices only (norm gains and other 1-D params stay undecayed); the
-    embeddings and an untied head take their own lr when train.embedding_lr / train.head_lr give one.
+    embeddings, an untied head and the MoE routers take their own lr when train.embedding_lr /
+    train.head_lr / train.router_lr give one (the routers then on the element-wise optimizer).
     """
     hidden, embeddings, head, vectors = split_parameters(model)
-    groups = _element_wise_groups(embeddings, head, vectors, train)
+    routers: list[nn.Parameter] = []
+    if train.router_lr > 0:  # a router is a small classifier: its own lr, off Muon's orthogonalised steps
+        router_ids = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
+        routers = [p for p in hidden if id(p) in router_ids]
+        hidden = [p for p in hidden if id(p) not in router_ids]
+    groups = _element_wise_groups(embeddings, head, routers, vectors, train)
     if train.optimizer == "adamw":
         if hidden:
             groups.insert(0, {"params": hidden, "lr": train.lr, "weight_decay": train.weight_decay})

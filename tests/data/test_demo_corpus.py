@@ -134,6 +134,18 @@ def test_compare_and_sort_answers_are_correct(corpus):
             assert example.reasoning is None
 
 
+def test_half_the_training_sort_lists_are_close_numbers_and_the_heldout_ones_are_not(corpus):
+    """Sort fails on close numbers, so training draws half its lists from 20 consecutive numbers; the
+    held-out lists stay uniform over 10-99, so the score means what it meant."""
+
+    def close_share(examples):
+        spans = [max(n) - min(n) for n in (_numbers(e.question) for e in examples if e.skill == "sort")]
+        return sum(span <= 19 for span in spans) / len(spans)
+
+    assert 0.45 < close_share(corpus.train) < 0.6
+    assert close_share(corpus.heldout) < 0.1
+
+
 def test_python_snippets_print_what_the_answer_says(corpus):
     for example in corpus.heldout + corpus.train[:1500]:
         if example.skill != "python":

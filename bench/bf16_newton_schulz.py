@@ -1,6 +1,7 @@
 """Run a darkhorse command as a CPU with native bf16 matmuls (AMX, AVX512-BF16) would train it, on a CPU
-without them: Muon's Newton-Schulz iteration is rounded to bf16 after every operation, as the bf16 iteration
-is, but its products are fp32 matmuls (a real bf16 matmul is emulated at ~9x the demo's step on an AVX2 CPU).
+without them: Muon's Newton-Schulz iteration (darkhorse's own, in fp32) has every operation's result rounded
+to bf16, as the bf16 iteration's are, but its products are fp32 matmuls (a real bf16 matmul is emulated at ~9x
+the demo's step on an AVX2 CPU).
 
 Where `train.muon_precision=auto` picks fp32 (no native bf16), this is how the bf16 machines' demo seeds are
 measured here. The rounding order inside a product differs from oneDNN's, so it is a proxy: `--check` prints
@@ -16,6 +17,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from darkhorse.config import load_run_config
 from darkhorse.model import Transformer
@@ -24,8 +26,14 @@ from darkhorse.train import optim
 bf16_orthogonalise = optim.orthogonalise
 
 
-def bf16_rounded(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.bfloat16).float()
+class Bf16Rounding(TorchFunctionMode):
+    """Every fp32 tensor a torch function returns, rounded to bf16: fp32 arithmetic on bf16 values."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.dtype == torch.float32:
+            return result.to(torch.bfloat16).float()  # the mode is off inside its own handler
+        return result
 
 
 def orthogonalise_rounded(
@@ -35,17 +43,9 @@ def orthogonalise_rounded(
     eps: float,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """`optim.orthogonalise` in bf16 values with fp32 arithmetic (`dtype` is ignored: the machine's pick)."""
-    a, b, c = coefficients
-    tall = update.size(-2) > update.size(-1)
-    x = bf16_rounded(update.float())
-    if tall:
-        x = x.mT
-    x = bf16_rounded(x / bf16_rounded(x.norm(dim=(-2, -1), keepdim=True)).clamp(min=eps))
-    for _ in range(steps):
-        gram = bf16_rounded(x @ x.mT)
-        x = bf16_rounded(a * x + bf16_rounded(b * gram + c * (gram @ gram)) @ x)
-    return x.mT if tall else x
+    """`optim.orthogonalise` in fp32 with each result rounded to bf16 (`dtype` is ignored: the machine's pick)."""
+    with Bf16Rounding():
+        return bf16_orthogonalise(update, coefficients, steps, eps, torch.float32)
 
 
 def check() -> int:

@@ -23,7 +23,7 @@ from darkhorse.config import load_run_config
 from darkhorse.model import Transformer
 from darkhorse.train import optim
 
-bf16_orthogonalise = optim.orthogonalise
+darkhorse_orthogonalise = optim.orthogonalise  # before `main` swaps it out
 
 
 class Bf16Rounding(TorchFunctionMode):
@@ -45,7 +45,7 @@ def orthogonalise_rounded(
 ) -> torch.Tensor:
     """`optim.orthogonalise` in fp32 with each result rounded to bf16 (`dtype` is ignored: the machine's pick)."""
     with Bf16Rounding():
-        return bf16_orthogonalise(update, coefficients, steps, eps, torch.float32)
+        return darkhorse_orthogonalise(update, coefficients, steps, eps, torch.float32)
 
 
 def check() -> int:
@@ -55,8 +55,8 @@ def check() -> int:
     for shape in sorted({tuple(param.shape) for param in hidden}):
         update = torch.randn(*shape)
         args = optim.NS_COEFFICIENTS, 5, 1e-7
-        real = bf16_orthogonalise(update, *args, torch.bfloat16).float()
-        fp32 = bf16_orthogonalise(update, *args, torch.float32)
+        real = darkhorse_orthogonalise(update, *args, torch.bfloat16).float()
+        fp32 = darkhorse_orthogonalise(update, *args, torch.float32)
         proxy = orthogonalise_rounded(update, *args)
         proxy_gap, fp32_gap = ((result - real).norm() / real.norm() for result in (proxy, fp32))
         closer = closer and proxy_gap < fp32_gap

@@ -89,14 +89,18 @@ def test_the_posterior_and_the_context_need_isolated_routing():
         MoEConfig(domain_routing="isolated", n_domains=2, domain_posterior=1.5)
 
 
-def posterior_model(weight: float, context: bool = False) -> Transformer:
+def fresh_model(weight: float, context: bool) -> Transformer:
     torch.manual_seed(0)
     moe = MoEConfig(n_routed_experts=6, experts_per_token=2, n_shared_experts=1, moe_intermediate_size=32,
                     domain_routing="isolated", n_domains=3, domain_posterior=weight, group_context=context)  # fmt: skip
     mla = MLAConfig(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     config = ModelConfig(vocab_size=100, n_layers=3, dim=64, n_heads=4, max_seq_len=64, attention="mla",
                          ffn="moe", moe=moe, mla=mla, mtp_depth=1)  # fmt: skip
-    model = Transformer(config)
+    return Transformer(config)
+
+
+def posterior_model(weight: float, context: bool = False) -> Transformer:
+    model = fresh_model(weight, context)
     with torch.no_grad():  # sharper logits so greedy choices are not near-ties
         model.embed.weight.mul_(8)
         for name, weight in model.named_parameters():
@@ -136,3 +140,13 @@ def test_every_decode_path_routes_as_the_whole_text_does(weight: float, context:
             batch.add(pending.pop(0))
         batch.step()
     assert [row.tokens for row in rows] == plain * 2
+
+
+def test_the_group_context_starts_at_zero_and_leaves_the_other_weights_as_without_it():
+    """Switching the head on must not redraw the model: every other initial weight is the same."""
+    with_context, without = fresh_model(0.0, context=True), fresh_model(0.0, context=False)
+    weights = dict(with_context.named_parameters())
+    heads = {name for name in weights if name.endswith("group_context.weight")}
+    assert heads and all(not weights[name].any() for name in heads)
+    for name, param in without.named_parameters():
+        assert torch.equal(weights[name], param), name

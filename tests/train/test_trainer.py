@@ -249,6 +249,23 @@ def test_a_resumed_group_loss_warmup_goes_on_where_it_was(tmp_path, make_prepare
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+def test_a_group_context_leaves_the_rest_of_the_model_trained_exactly_as_without_it(tmp_path, make_prepared):
+    """The head reads detached hidden states, starts at zero and is clipped apart: switching it on adds the
+    head and changes nothing else (it redrew every seed's weights before)."""
+    data = make_prepared(tmp_path / "tagged", domains=True)
+    settings = ["train.max_steps=3", "train.grad_clip=0.05", "model.moe.group_loss_weight=1.0"]  # clipping on
+    weights = {}
+    for context in (False, True):
+        run = train(isolated_config(*settings, f"model.moe.group_context={context}"), [(data, 1.0)],
+                    tmp_path / str(context), verbose=False).checkpoint  # fmt: skip
+        weights[context] = dict(ckpt.load_model(run)[0].named_parameters())
+    heads = {name for name in weights[True] if name.endswith("group_context.weight")}
+    assert heads and all(weights[True][name].abs().sum() > 0 for name in heads)  # it learned
+    assert set(weights[True]) - heads == set(weights[False])
+    for name, param in weights[False].items():
+        assert torch.equal(weights[True][name], param), name
+
+
 def test_isolated_routing_says_its_partition_and_reports_held_out_isolation(tmp_path, make_prepared, capsys):
     data = make_prepared(tmp_path / "tagged", domains=True)
     train(isolated_config("train.max_steps=2"), [(data, 1.0)], tmp_path / "run", verbose=True, live=False)

@@ -22,7 +22,12 @@ from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
 from darkhorse.model.moe import MoE
 from darkhorse.model.mtp import MTPModule
 
-__all__ = ["IGNORE_INDEX", "ModelOutput", "Transformer"]
+__all__ = ["IGNORE_INDEX", "SIDE_HEADS", "ModelOutput", "Transformer"]
+
+# Side heads: trained on detached hidden states (the group context's evidence). They start at zero, adding
+# nothing until they learn, draw no init randomness and are clipped apart from the model (the trainer), so
+# switching one on leaves the rest of the model's training exactly as it was.
+SIDE_HEADS = ("group_context.weight",)
 
 
 @dataclass
@@ -162,7 +167,9 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
-            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+            if name.endswith(SIDE_HEADS):
+                nn.init.zeros_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 if self.config.zero_init_out:
                     nn.init.zeros_(param)
                 else:

@@ -32,6 +32,7 @@ from darkhorse.data.prepare import default_cache_dir
 from darkhorse.errors import DarkhorseError
 from darkhorse.model import Transformer
 from darkhorse.model.kernels import resolve_kernels, use_kernels
+from darkhorse.model.transformer import SIDE_HEADS
 from darkhorse.train.dashboard import Dashboard, ExternalLogger
 from darkhorse.train.device import memory_in_use, out_of_memory_as_advice, resolve_device
 from darkhorse.train.distributed import (
@@ -469,8 +470,12 @@ class Trainer:
             return loss, {}, None
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for name, p in grads if not name.endswith(SIDE_HEADS)]
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
+        side_heads = [p for name, p in grads if name.endswith(SIDE_HEADS)]
+        if side_heads:  # apart: their gradients must not scale the model's
+            torch.nn.utils.clip_grad_norm_(side_heads, max_norm)
         if self.experts:
             grad_norm = clip_gradients(params, self.experts, max_norm)
         else:

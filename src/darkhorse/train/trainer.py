@@ -470,11 +470,13 @@ class Trainer:
             return loss, {}, None
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grads = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
-        params = [p for name, p in grads if not name.endswith(SIDE_HEADS)]
+        params: list[torch.nn.Parameter] = []
+        side_heads: list[torch.nn.Parameter] = []  # clipped apart: their gradients must not scale the model's
+        for name, param in self.model.named_parameters():
+            if param.grad is not None:
+                (side_heads if name.endswith(SIDE_HEADS) else params).append(param)
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
-        side_heads = [p for name, p in grads if name.endswith(SIDE_HEADS)]
-        if side_heads:  # apart: their gradients must not scale the model's
+        if side_heads:
             torch.nn.utils.clip_grad_norm_(side_heads, max_norm)
         if self.experts:
             grad_norm = clip_gradients(params, self.experts, max_norm)

@@ -21,6 +21,7 @@ import torch
 from darkhorse import checkpoint as ckpt
 from darkhorse.data.prepared import open_prepared
 from darkhorse.model import Transformer
+from darkhorse.model.moe import RANKING_ROLES
 from darkhorse.train.routing import held_out_isolation, isolation_lines, moe_layers
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, config, meta = with_context_head(args.checkpoint)
     data = open_prepared(args.prepared)
-    heads = [layer.group_context.weight for layer in moe_layers(model)]
+    heads = [layer.group_context.weight for layer in moe_layers(model) if layer.group_role in RANKING_ROLES]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for head in heads:

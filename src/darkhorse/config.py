@@ -178,9 +178,10 @@ class MoEConfig:
     # group's share of the tokens so far that chose it (a causal domain posterior); 0 = each token's own
     # scores, as exported models (HF, GGUF) route
     domain_posterior: float = 0.0
-    # isolated: rank the groups by a token's own group scores plus a learned context feature, the causal
-    # running mean of per-token group evidence (a linear read of each token's hidden state) from the text's
-    # start, trained by the group loss; darkhorse inference only (exports rank by the token's own scores)
+    # isolated: the first isolated MoE layer ranks the groups by a token's own group scores plus a learned
+    # context feature, the causal running mean of per-token group evidence (a linear read of each token's
+    # hidden state) from the text's start, trained by the group loss; the later isolated layers route in the
+    # groups it chose (an MTP block ranks its own); darkhorse inference only (exports rank by own scores)
     group_context: bool = False
     domain_prior_bonus: float = 1.0
     domain_prior_anneal_steps: int = 200

@@ -5,6 +5,8 @@ the text comes at once or through any decode path."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from darkhorse.config import MLAConfig, ModelConfig, MoEConfig
 from darkhorse.errors import ConfigError
 from darkhorse.infer.engine import ContinuousBatch, Engine, Row
 from darkhorse.model import Transformer
-from darkhorse.model.moe import MoE
+from darkhorse.model.moe import MoE, group_scores
 
 
 def chosen_groups(layer: MoE, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -150,3 +152,26 @@ def test_the_group_context_starts_at_zero_and_leaves_the_other_weights_as_withou
     assert heads and all(not weights[name].any() for name in heads)
     for name, param in without.named_parameters():
         assert torch.equal(weights[name], param), name
+
+
+def test_later_isolated_layers_route_in_the_groups_the_first_one_chose():
+    """One group decision a token: the first isolated layer ranks with its context head, the later ones follow
+    it (they carry no head), and an MTP block, which reads other positions, ranks its own."""
+    model = posterior_model(0.0, context=True)
+    heads = {name for name, _ in model.named_parameters() if name.endswith("group_context.weight")}
+    assert heads == {"layers.1.ffn.group_context.weight", "mtp.0.block.ffn.group_context.weight"}
+    chosen, own = {}, {}
+
+    def record(layer: MoE, router, args, routing) -> None:
+        chosen[layer.layer_idx] = layer.expert_domain[routing.experts[:, 0]]
+        selection = routing.scores + router.e_score_correction_bias
+        own[layer.layer_idx] = group_scores(selection, layer.moe.n_groups).argmax(-1)
+
+    moe_layers = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    for layer in moe_layers:
+        layer.gate.register_forward_hook(partial(record, layer))
+    with torch.no_grad():
+        model(torch.randint(0, 100, (4, 24)))
+    assert torch.equal(chosen[2], chosen[1])
+    assert not torch.equal(own[2], chosen[2])  # by its own scores layer 2 would have chosen otherwise
+    assert [layer.keeps_decode_state() for layer in moe_layers] == [True, False]  # a follower needs no cache

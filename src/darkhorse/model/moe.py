@@ -9,7 +9,8 @@ Tensors of one MoE layer (`layers.{i}.ffn.` prefix) and what the exporters map t
     experts.down_proj [E, D, I]           HF mlp.experts.{j}.down_proj.weight = down_proj[j]   GGUF ffn_down_exps
     shared_experts.{gate,up,down}_proj.weight   SwiGLU of width n_shared * I                GGUF ffn_*_shexp
     domain_prior_scale []                 only with moe.domain_prior (annealing state; exporters drop it)
-    group_context.weight [G, D]           only with moe.group_context (darkhorse inference; exporters drop it)
+    group_context.weight [G, D]           only with moe.group_context, in the layers that rank groups
+                                          (`group_decision_role`; darkhorse inference; exporters drop it)
 
 (Mixtral: `block_sparse_moe.gate.weight`, `experts.{j}.w1/w3/w2` = gate/up/down_proj[j], no shared experts.)
 
@@ -26,7 +27,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,33 @@ from darkhorse.model.attention import RowCache
 from darkhorse.model.layers import SwiGLU, silu_mul
 
 log = logging.getLogger("darkhorse")
+
+
+@dataclass
+class GroupDecision:
+    """One forward's expert-group ranking [T, n_groups]: made by the first domain-isolated MoE layer, read by
+    the later ones (model.moe.group_context)."""
+
+    ranking: torch.Tensor | None = None
+
+
+# the group_decision_role()s that rank groups themselves, so carry a group context head
+RANKING_ROLES = ("lead", "own")
+
+
+def group_decision_role(config: ModelConfig, layer_idx: int) -> str:
+    """Who ranks a token's expert groups with model.moe.group_context: "lead", the main stack's first
+    domain-isolated MoE layer, by its own group scores plus its context head; "follow", the later isolated
+    layers, route in the groups it chose (one decision a token, as DEMix keeps one domain posterior a
+    document: on kinds3 a later layer's own head lost it up to 2.7 points of H(domain), and following cost
+    nothing, docs/experiments.md); "own", an MTP block's MoE, which reads other positions, by its own head;
+    "" without a context (layers that route freely, or no group_context)."""
+    moe = config.moe
+    if not (moe.group_context and moe.domain_routing == "isolated") or layer_idx < moe.isolated_from_layer:
+        return ""
+    if layer_idx >= config.n_layers:
+        return "own"
+    return "lead" if layer_idx == max(moe.first_k_dense, moe.isolated_from_layer) else "follow"
 
 
 @dataclass
@@ -262,7 +289,8 @@ class MoE(nn.Module):
             self.register_buffer(
                 "domain_groups", group_owner == torch.arange(moe.n_domains).unsqueeze(1), persistent=False
             )
-        if moe.group_context:  # per-token group evidence, averaged causally; zero = each token's own scores
+        self.group_role = group_decision_role(config, layer_idx)
+        if self.group_role in RANKING_ROLES:  # per-token group evidence, averaged causally; zero = own scores
             # built without drawing random numbers, so every other weight starts as without the context
             self.group_context = nn.Linear(config.dim, moe.n_groups, bias=False, device="meta")
             self.group_context.weight = nn.Parameter(torch.zeros(moe.n_groups, config.dim))
@@ -302,7 +330,8 @@ class MoE(nn.Module):
 
     def keeps_decode_state(self) -> bool:
         """Whether routing reads running sums over the text so far (a cache carries them between steps)."""
-        return self.moe.n_groups > 1 and (self.moe.domain_posterior > 0 or self.moe.group_context)
+        moe = self.moe
+        return moe.n_groups > 1 and self.group_role != "follow" and (moe.domain_posterior > 0 or moe.group_context)
 
     def new_cache(self, batch: int, max_len: int, device) -> GroupPosteriorCache:
         return GroupPosteriorCache(batch, max_len, self.moe.n_groups, device)
@@ -330,7 +359,7 @@ class MoE(nn.Module):
         context: torch.Tensor | None,
         groups: torch.Tensor,
     ) -> torch.Tensor:
-        """What ranks a token's groups instead of its own [T, n_groups] group scores: plus the group context
+        """What ranks a token's groups instead of its own [T, n_groups] group scores (`groups`): plus the group context
         (`context`), then, at inference with `domain_posterior` W, the causal domain posterior (after DEMix):
         (1 - W) x those scores + W x each group's share of the votes of the tokens so far (a token votes for
         its best group; the prompt and what was generated count)."""
@@ -343,6 +372,30 @@ class MoE(nn.Module):
         weight = self.moe.domain_posterior
         return ((1 - weight) * own + weight * self._running_mean(votes, "votes", cache, start_pos)).view_as(groups)
 
+    def _group_ranking(
+        self,
+        shape: tuple[int, int],
+        cache: GroupPosteriorCache | None,
+        start_pos: int | torch.Tensor,
+        context: torch.Tensor | None,
+        decision: GroupDecision | None,
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the router ranks groups by, from the tokens' own group scores (None: by those): a following
+        layer takes the leading layer's ranking from `decision`, which the leading layer records."""
+        if self.group_role == "follow" and decision is not None and decision.ranking is not None:
+            chosen = decision.ranking
+            return lambda own: chosen
+        if context is None and not self.uses_posterior():
+            return None
+
+        def rank(own: torch.Tensor) -> torch.Tensor:
+            ranking = self._rank_groups(shape, cache, start_pos, context, own)
+            if self.group_role == "lead" and decision is not None:
+                decision.ranking = ranking
+            return ranking
+
+        return rank
+
     def forward(
         self,
         x: torch.Tensor,
@@ -350,9 +403,11 @@ class MoE(nn.Module):
         use_grouped_mm: bool | None = None,
         cache: GroupPosteriorCache | None = None,
         start_pos: int | torch.Tensor = 0,
+        decision: GroupDecision | None = None,
     ) -> torch.Tensor:
         """`domains` (per-token ids) matter only with domain routing, and only while training; `cache` and
-        `start_pos` only to the domain posterior at inference."""
+        `start_pos` only to the domain posterior and group context at inference; `decision` only to the
+        group context (the first isolated layer's ranking, which the later ones route by)."""
         batch, seq, dim = x.shape
         # A gradient-checkpointing recompute runs this again inside backward: its loss terms must not
         # leak into the next forward, and its load counts double (shares and signs unchanged).
@@ -361,13 +416,11 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # cast the T rows once, not their T*K gathered copies
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
         context = None
-        if self.moe.group_context and self.moe.n_groups > 1:
+        if self.group_role in RANKING_ROLES and self.moe.n_groups > 1:
             # read off detached hidden states: the context head learns, the LM's residual stream is not pushed
             evidence = self.group_context(flat.detach().float()).view(batch, seq, -1)
             context = self._running_mean(evidence, "context", cache, start_pos).view(batch * seq, -1)
-        ranking = None
-        if context is not None or self.uses_posterior():
-            ranking = partial(self._rank_groups, (batch, seq), cache, start_pos, context)
+        ranking = self._group_ranking((batch, seq), cache, start_pos, context, decision)
         routing = self.gate(flat, self._selection_bonus(domains), ranking)
         n_experts, top_k = self.moe.n_routed_experts, self.moe.experts_per_token
 

@@ -19,7 +19,7 @@ from darkhorse.model.attention import RowCache, build_attention, row_positions
 from darkhorse.model.kernels import IGNORE_INDEX, linear_cross_entropy
 from darkhorse.model.layers import RMSNorm, Smear, dense_ffn, rope_tables
 from darkhorse.model.mhc import HyperConnection, expand_streams, merge_streams
-from darkhorse.model.moe import MoE
+from darkhorse.model.moe import GroupDecision, MoE
 from darkhorse.model.mtp import MTPModule
 
 __all__ = ["IGNORE_INDEX", "SIDE_HEADS", "ModelOutput", "Transformer"]
@@ -64,11 +64,11 @@ class Block(nn.Module):
             self.attn_hc = HyperConnection(config)
             self.ffn_hc = HyperConnection(config)
 
-    def _ffn(self, h: torch.Tensor, domains: torch.Tensor | None, cache, start_pos) -> torch.Tensor:
+    def _ffn(self, h: torch.Tensor, domains: torch.Tensor | None, cache, start_pos, decision) -> torch.Tensor:
         h = self.ffn_norm(h)
         if not self.ffn_takes_domains:
             return self.ffn(h)
-        return self.ffn(h, domains, cache=cache, start_pos=start_pos)
+        return self.ffn(h, domains, cache=cache, start_pos=start_pos, decision=decision)
 
     def forward(
         self,
@@ -80,22 +80,24 @@ class Block(nn.Module):
         value_embed=None,
         kv_input=None,
         attn_input=None,
+        group_decision: GroupDecision | None = None,
     ) -> torch.Tensor:
         """`cache`: the attention's, or a `LayerCache` where the FFN keeps decode state too; `value_embed`:
         this layer's value embeddings of the tokens (model.value_embeds), which only GQA takes; `kv_input`:
         what the keys and values are computed from where it is not `x` (layer 0 with model.smear=kv);
-        `attn_input`: what the whole attention, queries too, reads where not `x` (layer 0, model.smear=attn)."""
+        `attn_input`: what the whole attention, queries too, reads where not `x` (layer 0, model.smear=attn);
+        `group_decision`: the forward's expert-group ranking, shared by its domain-isolated MoE layers."""
         attn_cache, ffn_cache = (cache.attn, cache.ffn) if isinstance(cache, LayerCache) else (cache, None)
         values = {} if value_embed is None else {"value_embed": value_embed}
         if kv_input is not None:
             values["kv_input"] = self.attn_norm(kv_input)
         if hasattr(self, "attn_hc"):
             x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), rope, attn_cache, start_pos, **values))
-            return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos))
+            return self.ffn_hc(x, lambda h: self._ffn(h, domains, ffn_cache, start_pos, group_decision))
         x = x + self.attn(
             self.attn_norm(x if attn_input is None else attn_input), rope, attn_cache, start_pos, **values
         )
-        return x + self._ffn(x, domains, ffn_cache, start_pos)
+        return x + self._ffn(x, domains, ffn_cache, start_pos, group_decision)
 
 
 class LayerCache:
@@ -217,14 +219,15 @@ class Transformer(nn.Module):
         if self.config.residual == "mhc":
             x = expand_streams(x, self.config.mhc.expansion)
         first = (smeared, None) if self.config.smear == "kv" else (None, smeared)  # layer 0's kv_input, attn_input
+        decision = GroupDecision()  # the first isolated MoE layer's group ranking, for the later ones
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             value_embed = self.value_embeds[i](tokens) if i < len(self.value_embeds) else None
             layer_args = (x, rope, layer_cache, start_pos, domains, value_embed, *(first if i == 0 else (None, None)))
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, *layer_args, use_reentrant=False)
+                x = checkpoint(layer, *layer_args, use_reentrant=False, group_decision=decision)
             else:
-                x = layer(*layer_args)
+                x = layer(*layer_args, group_decision=decision)
         if self.config.residual == "mhc":
             x = merge_streams(x)
         return self.norm(x)

@@ -125,7 +125,7 @@ class DeepseekV3Adapter(HFAdapter):
             return dense_mlp_maps(ours, theirs + "mlp.")
         names = {p: f"{theirs}mlp.experts.{{j}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
         return [
-            *moe_router_maps(config, ours, theirs + "mlp.gate"),
+            *moe_router_maps(config, layer, ours, theirs + "mlp.gate"),
             *expert_maps(config, ours, names, theirs + "mlp.experts."),
             *dense_mlp_maps(ours + "shared_experts.", theirs + "mlp.shared_experts."),
         ]

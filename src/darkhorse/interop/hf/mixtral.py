@@ -62,6 +62,7 @@ class MixtralAdapter(MistralAdapter):
         names = {p: f"{theirs}block_sparse_moe.experts.{{j}}.{w}.weight" for p, w in MIXTRAL_EXPERT_NAMES.items()}
         router = moe_router_maps(
             config,
+            layer,
             ours,
             theirs + "block_sparse_moe.gate",
             bias_refusal=capabilities.MIXTRAL_SELECTION_BIAS,

@@ -13,6 +13,7 @@ import torch
 from darkhorse.config import ModelConfig
 from darkhorse.errors import DarkhorseError
 from darkhorse.interop.safetensors_io import SafetensorsDir
+from darkhorse.model.moe import RANKING_ROLES, group_decision_role
 
 Tensor = torch.Tensor
 
@@ -116,9 +117,9 @@ def dense_mlp_maps(ours: str, theirs: str) -> list[TensorMap]:
     return [TensorMap(f"{ours}{p}_proj.weight", (f"{theirs}{p}_proj.weight",)) for p in ("gate", "up", "down")]
 
 
-def moe_router_maps(config: ModelConfig, ours: str, router: str, bias_refusal: str = "") -> list[TensorMap]:
+def moe_router_maps(config: ModelConfig, layer: int, ours: str, router: str, bias_refusal: str = "") -> list[TensorMap]:
     """Router weight, ALF selection bias, (training-only) domain-prior state and (darkhorse-only) group
-    context of one MoE layer."""
+    context of MoE layer `layer`."""
     maps: list[TensorMap] = [TensorMap(ours + "gate.weight", (router + ".weight",))]
     if bias_refusal:
         maps.append(OursOnly(ours + "gate.e_score_correction_bias", (), refusal=bias_refusal))
@@ -126,7 +127,7 @@ def moe_router_maps(config: ModelConfig, ours: str, router: str, bias_refusal: s
         maps.append(TensorMap(ours + "gate.e_score_correction_bias", (router + ".e_score_correction_bias",)))
     if config.moe.domain_prior:
         maps.append(OursOnly(ours + "domain_prior_scale", (), fill=1.0))
-    if config.moe.group_context:  # darkhorse inference only: exports rank groups by each token's own scores
+    if group_decision_role(config, layer) in RANKING_ROLES:  # darkhorse only: exports rank by own scores
         maps.append(OursOnly(ours + "group_context.weight", ()))
     return maps
 

@@ -257,6 +257,25 @@ def test_lion_update_is_the_sign_of_the_interpolated_momentum():
     assert math.isclose(optimizer.state[param]["exp_avg"][1].item(), -2.0 * 0.01, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", [Lion, Muon])
+def test_a_step_with_a_closure_computes_the_gradient_first_and_returns_its_loss(optimizer):
+    """torch's optimizer protocol (LBFGS-style callers): step(closure) re-evaluates, with grad on."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 4))
+    before = weight.detach().clone()
+    opt = optimizer([weight], lr=0.1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = weight.square().sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.equal(loss, before.square().sum())
+    assert not torch.equal(weight.detach(), before)  # it stepped on the gradient the closure made
+
+
 def test_untied_head_and_embeddings_take_their_own_learning_rates():
     model = ToyMoE()
     model.lm_head.weight = nn.Parameter(torch.randn(16, 8) * 0.02)  # untie

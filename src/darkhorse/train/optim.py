@@ -21,6 +21,14 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch
 LION_BETAS = (0.9, 0.99)  # Chen et al. (2023), as the nanochat-train recipe uses
 
 
+def loss_of(closure: Callable[[], float] | None) -> float | None:
+    """What `step(closure)` returns under torch's optimizer protocol: the closure's loss, with grad on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023): the sign of an interpolated momentum, so every update has size lr.
 
@@ -38,10 +46,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
@@ -100,10 +105,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         for group in self.param_groups:
             # matrices of one shape share one batched iteration: a small model's many small Newton-Schulz
             # calls cost more in overhead than in arithmetic (genesis-demo's Muon step 20 -> 16 ms on CPU)
